@@ -1,1 +1,15 @@
-//! Shared pieces of the devshare backends.
+//! Shared pieces of the devshare vhost-user backends: daemon lifecycle ([`daemon`]),
+//! descriptor-chain access ([`chain`]), configuration ([`config`]) and counters ([`stats`]).
+
+pub mod chain;
+pub mod config;
+pub mod daemon;
+pub mod pit;
+pub mod stats;
+
+/// Starts logging to stderr; `RUST_LOG` overrides the default level (`info`).
+pub fn init_logging() {
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .try_init();
+}

@@ -1,0 +1,302 @@
+//! Descriptor-chain access: turns a guest's descriptor chain into validated slices of guest
+//! memory and moves bytes between them and host file descriptors without staging copies.
+//!
+//! Every backend takes chains from guest rings through [`GuestBuffers::parse`], so the checks a
+//! hostile or buggy driver can trip (addresses outside guest memory, readable descriptors after
+//! writable ones, loops, broken indirect tables, oversize chains) live in one place.
+
+use std::io;
+use std::ops::Deref;
+use std::os::fd::{AsRawFd, RawFd};
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{
+    GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice,
+};
+
+/// Guest memory as every backend maps it (no dirty-page bitmap: live migration is not offered).
+pub type Memory = GuestMemoryMmap<()>;
+/// Guest memory that the vhost-user front-end may replace at run time.
+pub type MemoryAtomic = GuestMemoryAtomic<Memory>;
+
+/// Largest chain accepted, in bytes. Far above any real virtio-console or virtio-net buffer.
+pub const MAX_CHAIN_BYTES: usize = 1 << 30;
+/// Most segments one chain may be split into (descriptors, or regions they straddle).
+pub const MAX_CHAIN_SEGMENTS: usize = 1024;
+
+/// Why a descriptor chain was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    /// The head or a `next` link points at nothing readable: a loop, an index past the table,
+    /// a descriptor table outside memory or a broken indirect table.
+    #[error(
+        "descriptor chain from head {head} is broken (loop, bad next index or bad indirect table)"
+    )]
+    Broken {
+        /// Head index of the chain.
+        head: u16,
+    },
+    /// A buffer is not (entirely) inside guest memory.
+    #[error("descriptor {addr:#x}+{len} of chain {head} lies outside guest memory")]
+    OutsideMemory {
+        /// Head index of the chain.
+        head: u16,
+        /// Guest physical address of the buffer.
+        addr: u64,
+        /// Length of the buffer.
+        len: u32,
+    },
+    /// A device-readable descriptor follows a device-writable one (virtio 1.2, 2.7.4.2).
+    #[error("chain {head} has a device-readable descriptor after a device-writable one")]
+    ReadableAfterWritable {
+        /// Head index of the chain.
+        head: u16,
+    },
+    /// The chain is larger than [`MAX_CHAIN_BYTES`] or has more than [`MAX_CHAIN_SEGMENTS`] parts.
+    #[error("chain {head} is too large")]
+    TooLarge {
+        /// Head index of the chain.
+        head: u16,
+    },
+}
+
+/// The validated buffers of one descriptor chain: first the device-readable part (what the
+/// guest sends), then the device-writable part (where the device answers).
+pub struct GuestBuffers<'a> {
+    head: u16,
+    readable: Vec<VolatileSlice<'a, ()>>,
+    writable: Vec<VolatileSlice<'a, ()>>,
+    readable_len: usize,
+    writable_len: usize,
+}
+
+impl<'a> GuestBuffers<'a> {
+    /// Walks `chain` (following indirect tables) and maps every buffer into `mem`.
+    pub fn parse<M>(chain: &DescriptorChain<M>, mem: &'a Memory) -> Result<Self, ChainError>
+    where
+        M: Deref + Clone,
+        M::Target: vm_memory::GuestMemory,
+    {
+        let head = chain.head_index();
+        let mut bufs = GuestBuffers {
+            head,
+            readable: Vec::new(),
+            writable: Vec::new(),
+            readable_len: 0,
+            writable_len: 0,
+        };
+        let mut last: Option<Descriptor> = None;
+        for desc in chain.clone() {
+            bufs.push(mem, &desc)?;
+            last = Some(desc);
+        }
+        match last {
+            // The iterator stops early, without an error, on a loop or a bad link; a last
+            // descriptor that still says "next" is how that shows.
+            Some(d) if !d.has_next() => Ok(bufs),
+            _ => Err(ChainError::Broken { head }),
+        }
+    }
+
+    fn push(&mut self, mem: &'a Memory, desc: &Descriptor) -> Result<(), ChainError> {
+        let head = self.head;
+        let len = desc.len() as usize;
+        let outside = || ChainError::OutsideMemory {
+            head,
+            addr: desc.addr().0,
+            len: desc.len(),
+        };
+        if desc.is_write_only() {
+            self.writable_len += len;
+        } else {
+            if !self.writable.is_empty() {
+                return Err(ChainError::ReadableAfterWritable { head });
+            }
+            self.readable_len += len;
+        }
+        if self.readable_len + self.writable_len > MAX_CHAIN_BYTES {
+            return Err(ChainError::TooLarge { head });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        desc.addr().0.checked_add(len as u64).ok_or_else(outside)?;
+        let list = if desc.is_write_only() {
+            &mut self.writable
+        } else {
+            &mut self.readable
+        };
+        let mut mapped = 0usize;
+        for slice in mem.get_slices(GuestAddress(desc.addr().0), len) {
+            let slice = slice.map_err(|_| outside())?;
+            mapped += slice.len();
+            if list.len() >= MAX_CHAIN_SEGMENTS {
+                return Err(ChainError::TooLarge { head });
+            }
+            list.push(slice);
+        }
+        if mapped != len {
+            return Err(outside());
+        }
+        Ok(())
+    }
+
+    /// Head index of the chain, to hand back with `add_used`.
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// Bytes the guest offered to the device.
+    pub fn readable_len(&self) -> usize {
+        self.readable_len
+    }
+
+    /// Bytes the device may write.
+    pub fn writable_len(&self) -> usize {
+        self.writable_len
+    }
+
+    /// Copies readable bytes starting at `offset` into `out`; returns how many were copied.
+    pub fn read_at(&self, offset: usize, out: &mut [u8]) -> usize {
+        let mut done = 0;
+        for_each_range(&self.readable, offset, out.len(), |s| {
+            done += s.copy_to(&mut out[done..]);
+        });
+        done
+    }
+
+    /// Copies `data` into the writable part starting at `offset`; returns how many bytes fit.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> usize {
+        let mut done = 0;
+        for_each_range(&self.writable, offset, data.len(), |s| {
+            let n = s.len().min(data.len() - done);
+            s.copy_from(&data[done..done + n]);
+            done += n;
+        });
+        done
+    }
+
+    /// Writes readable bytes from `offset` on straight from guest memory to `fd` (one
+    /// `writev`). Returns what the kernel took; may be short for non-blocking descriptors.
+    pub fn write_readable_to(&self, fd: &impl AsRawFd, offset: usize) -> io::Result<usize> {
+        let iov = iovecs(&self.readable, offset, usize::MAX, false);
+        if iov.is_empty() {
+            return Ok(0);
+        }
+        writev(fd.as_raw_fd(), &iov)
+    }
+
+    /// Reads from `fd` straight into the writable part from `offset` on (one `readv`), at most
+    /// `max` bytes. Returns the byte count; 0 means end of file.
+    pub fn read_writable_from(
+        &self,
+        fd: &impl AsRawFd,
+        offset: usize,
+        max: usize,
+    ) -> io::Result<usize> {
+        let iov = iovecs(&self.writable, offset, max, true);
+        if iov.is_empty() {
+            return Ok(0);
+        }
+        readv(fd.as_raw_fd(), &iov)
+    }
+
+    /// Copies readable bytes of `self` (from `src_offset`) into the writable part of `dst`
+    /// (from `dst_offset`), guest memory to guest memory, possibly of two different guests.
+    /// Returns the number of bytes copied.
+    pub fn copy_to(&self, src_offset: usize, dst: &GuestBuffers<'_>, dst_offset: usize) -> usize {
+        let want = self
+            .readable_len
+            .saturating_sub(src_offset)
+            .min(dst.writable_len.saturating_sub(dst_offset));
+        let mut src_parts = Vec::new();
+        for_each_range(&self.readable, src_offset, want, |s| src_parts.push(s));
+        let mut dst_parts = Vec::new();
+        for_each_range(&dst.writable, dst_offset, want, |s| dst_parts.push(s));
+        let (mut si, mut di, mut so, mut doff, mut done) = (0, 0, 0, 0, 0);
+        while si < src_parts.len() && di < dst_parts.len() {
+            let (s, d) = (&src_parts[si], &dst_parts[di]);
+            let n = (s.len() - so).min(d.len() - doff);
+            // Both offsets are in range: n never exceeds the remaining length of either slice.
+            if let (Ok(s2), Ok(d2)) = (s.subslice(so, n), d.subslice(doff, n)) {
+                s2.copy_to_volatile_slice(d2);
+            }
+            so += n;
+            doff += n;
+            done += n;
+            if so == s.len() {
+                si += 1;
+                so = 0;
+            }
+            if doff == d.len() {
+                di += 1;
+                doff = 0;
+            }
+        }
+        done
+    }
+}
+
+/// Calls `f` with the sub-slices of `list` covering `len` bytes from `offset`.
+fn for_each_range<'a>(
+    list: &[VolatileSlice<'a, ()>],
+    mut offset: usize,
+    mut len: usize,
+    mut f: impl FnMut(VolatileSlice<'a, ()>),
+) {
+    for s in list {
+        if len == 0 {
+            break;
+        }
+        if offset >= s.len() {
+            offset -= s.len();
+            continue;
+        }
+        let n = (s.len() - offset).min(len);
+        if let Ok(part) = s.subslice(offset, n) {
+            f(part);
+        }
+        offset = 0;
+        len -= n;
+    }
+}
+
+fn iovecs(
+    list: &[VolatileSlice<'_, ()>],
+    offset: usize,
+    max: usize,
+    _for_write: bool,
+) -> Vec<libc::iovec> {
+    let mut iov = Vec::with_capacity(list.len());
+    for_each_range(list, offset, max, |s| {
+        iov.push(libc::iovec {
+            iov_base: s.ptr_guard_mut().as_ptr().cast(),
+            iov_len: s.len(),
+        })
+    });
+    iov.truncate(libc::UIO_MAXIOV as usize);
+    iov
+}
+
+fn writev(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+    // SAFETY: every iovec points into guest memory mapped for the lifetime of the borrowed
+    // `Memory` that produced the slices, and the kernel only reads from them.
+    let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn readv(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+    // SAFETY: every iovec points into device-writable guest memory mapped for the lifetime of
+    // the borrowed `Memory`; the kernel writes at most `iov_len` bytes into each.
+    let n = unsafe { libc::readv(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
