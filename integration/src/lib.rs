@@ -1,1 +1,2 @@
 //! Test harnesses.
+pub mod frontend;
