@@ -1,2 +1,4 @@
 //! Test harnesses.
 pub mod frontend;
+pub mod qemu;
+pub mod workspace;
