@@ -17,6 +17,9 @@ use super::Error;
 /// Alignment of buffers from [`GuestRam::alloc`]: one cache line, so buffers never share one.
 pub const DEFAULT_ALIGN: u64 = 64;
 
+/// Guest addresses below this are never handed out by the allocator.
+const NULL_GUARD: u64 = 4096;
+
 /// A buffer in guest memory: a guest-physical address and a length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestBuffer {
@@ -89,7 +92,12 @@ impl GuestRam {
         }
         let mem = GuestMemoryMmap::from_regions(regions)
             .map_err(|e| Error::MemoryLayout(e.to_string()))?;
-        let cursors = mem.iter().map(|r| r.start_addr().raw_value()).collect();
+        // Page 0 stays unused: real guests never put rings there, and some device code treats a
+        // ring at guest address 0 as "not configured".
+        let cursors = mem
+            .iter()
+            .map(|r| r.start_addr().raw_value().max(NULL_GUARD))
+            .collect();
         Ok(GuestRam {
             inner: Arc::new(RamInner {
                 mem,
@@ -104,7 +112,7 @@ impl GuestRam {
     }
 
     /// Allocate `len` bytes aligned to [`DEFAULT_ALIGN`]. Memory is never freed: size the RAM for
-    /// the whole test.
+    /// the whole test. The first page of guest memory is never handed out.
     pub fn alloc(&self, len: u32) -> Result<GuestBuffer, Error> {
         self.alloc_aligned(len, DEFAULT_ALIGN)
     }

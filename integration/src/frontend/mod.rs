@@ -240,6 +240,14 @@ pub enum Error {
         /// The driver's last consumed index.
         last_used: u16,
     },
+    /// The operation needs a queue with nothing in flight.
+    #[error("queue {queue} has {count} chains in flight")]
+    InFlight {
+        /// Queue index.
+        queue: u16,
+        /// Chains in flight.
+        count: u16,
+    },
     /// Writing the kick eventfd failed.
     #[error("kicking queue {queue}: {source}")]
     Kick {

@@ -192,10 +192,12 @@ impl DriverQueue {
         let desc_len = DESC_SIZE * n;
         let avail_len = 6 + 2 * n;
         let used_len = 6 + 8 * n;
-        // Separate pages keep the driver-written and device-written areas off shared cache lines.
-        let desc = ram.alloc_aligned(len32(desc_len)?, 4096)?;
-        let avail = ram.alloc_aligned(len32(avail_len)?, 4096)?;
-        let used = ram.alloc_aligned(len32(used_len)?, 4096)?;
+        // Whole pages each: the driver-written and device-written areas never share a cache
+        // line, and no test buffer shares a page with a ring.
+        let page = |len: u64| len32(len.next_multiple_of(4096));
+        let desc = ram.alloc_aligned(page(desc_len)?, 4096)?;
+        let avail = ram.alloc_aligned(page(avail_len)?, 4096)?;
+        let used = ram.alloc_aligned(page(used_len)?, 4096)?;
         for b in [desc, avail, used] {
             zero(ram, b)?;
         }
@@ -315,6 +317,28 @@ impl DriverQueue {
         self.stopped_base = base;
     }
 
+    /// Before the queue is first attached: act as if `idx` buffers had already gone through it,
+    /// so the avail and used indices start at `idx` (e.g. 65530, to cross the 16-bit wrap
+    /// early). Errors if chains are in flight.
+    pub fn start_at(&mut self, idx: u16) -> Result<(), Error> {
+        if self.in_flight() != 0 {
+            return Err(Error::InFlight {
+                queue: self.index,
+                count: self.in_flight(),
+            });
+        }
+        self.avail_idx = idx;
+        self.kicked_idx = idx;
+        self.last_used = idx;
+        self.avail_idx_atomic()
+            .store(idx.to_le(), Ordering::Release);
+        self.used_idx_atomic().store(idx.to_le(), Ordering::Release);
+        if self.event_idx {
+            self.store_used_event(idx);
+        }
+        Ok(())
+    }
+
     /// The eventfd the driver writes to notify the device.
     pub fn kick_fd(&self) -> &EventFd {
         &self.kick
@@ -340,7 +364,7 @@ impl DriverQueue {
         }
         let start = self.free.len() - n;
         let mut writable = 0u64;
-        for k in 0..n {
+        for (k, seg) in segs.iter().enumerate() {
             let id = self.free[self.free.len() - 1 - k];
             let last = k + 1 == n;
             let next = if last {
@@ -348,7 +372,6 @@ impl DriverQueue {
             } else {
                 self.free[self.free.len() - 2 - k]
             };
-            let seg = &segs[k];
             let mut flags = if last { 0 } else { DESC_F_NEXT };
             if seg.device_writable {
                 flags |= DESC_F_WRITE;
