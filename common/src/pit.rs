@@ -84,9 +84,10 @@ pub struct UnknownPolicy(pub String);
 impl FromStr for LostTickPolicy {
     type Err = UnknownPolicy;
 
-    /// Parses QEMU's spelling (`delay`, `discard`); case does not matter, as in QEMU.
+    /// Parses QEMU's spelling, `delay` or `discard`: lower case only, as QEMU itself
+    /// refuses `DISCARD`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
+        match s {
             "delay" => Ok(LostTickPolicy::Delay),
             "discard" => Ok(LostTickPolicy::Discard),
             _ => Err(UnknownPolicy(s.to_owned())),
@@ -112,7 +113,8 @@ mod tests {
     #[test]
     fn parses_qemu_spellings_and_rejects_others() {
         assert_eq!("delay".parse(), Ok(LostTickPolicy::Delay));
-        assert_eq!("Discard".parse(), Ok(LostTickPolicy::Discard));
+        assert_eq!("discard".parse(), Ok(LostTickPolicy::Discard));
+        assert!("Discard".parse::<LostTickPolicy>().is_err());
         // QEMU's generic LostTickPolicy also has "slew", which kvm-pit refuses.
         assert!("slew".parse::<LostTickPolicy>().is_err());
         assert!("".parse::<LostTickPolicy>().is_err());

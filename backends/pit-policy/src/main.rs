@@ -1,1 +1,263 @@
-fn main() {}
+//! `kvm-pit-policy`: choose, check and prove KVM's in-kernel PIT lost-tick policy.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use devshare_common::pit::{qemu_args, LostTickPolicy};
+use kvm_pit_policy::cmdline::{read_pit, PitVerdict};
+use kvm_pit_policy::inspect::{inspect_all, inspect_pid, QemuPit};
+use kvm_pit_policy::lab::{run_lab, LabConfig};
+use kvm_pit_policy::plot::write_png;
+use kvm_pit_policy::stall::{parse_duration, StallPattern};
+
+/// Choose, check and measure what KVM does with PIT timer ticks a guest misses.
+///
+/// Guests that keep time by counting PIT (i8254) ticks -- older Linux, some Windows
+/// versions, many RTOSes -- fall behind when their vCPU is descheduled. KVM's in-kernel PIT
+/// can keep the missed ticks and deliver them later ("delay", reinjection on, QEMU's
+/// default) or drop them ("discard"). QEMU chooses once, at start.
+#[derive(Parser, Debug)]
+#[command(name = "kvm-pit-policy", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the QEMU options that set the policy; warn if the rest of the command line
+    /// makes them moot.
+    ///
+    /// Example: kvm-pit-policy qemu-args --policy delay -- -accel kvm -M q35
+    QemuArgs {
+        /// delay (re-inject missed ticks; QEMU's default) or discard (drop them).
+        #[arg(long, value_parser = parse_policy)]
+        policy: LostTickPolicy,
+        /// Exit with status 2 when there is a warning.
+        #[arg(long)]
+        strict: bool,
+        /// The rest of the QEMU command line (after `--`), to check that the option applies.
+        #[arg(last = true)]
+        qemu: Vec<String>,
+    },
+    /// Report the policy in effect in running QEMUs (all of them, or --pid), or why they
+    /// have no in-kernel PIT.
+    ///
+    /// The command line is read from /proc and checked against the kernel: a KVM VM fd
+    /// shows KVM is in use, a `kvm-pit/<pid>` kernel thread shows the in-kernel PIT exists.
+    Inspect {
+        /// A QEMU process id; repeat for several. Default: every running qemu-system-*.
+        #[arg(long)]
+        pid: Vec<u32>,
+        /// Print JSON (an array, one object per process) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the experiment: a tiny guest on /dev/kvm counts PIT ticks while its vCPU is
+    /// withheld; once per policy, side by side.
+    ///
+    /// Needs /dev/kvm with the in-kernel irqchip and PIT. Numbers come from the guest's own
+    /// tick counter; "expected" is wall-clock time times the programmed PIT rate.
+    Lab {
+        /// PIT rate to program, in Hz (the 16-bit divisor rounds it; KVM caps periodic PIT
+        /// timers near 5 kHz).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(19..=5000))]
+        rate: u32,
+        /// When to withhold the vCPU: STALL/PERIOD (e.g. 50ms/150ms: 50 ms of every 150 ms),
+        /// random:MIN-MAX/RUNMIN-RUNMAX (stalls of MIN..MAX after runs of RUNMIN..RUNMAX),
+        /// or none.
+        #[arg(long, default_value = "50ms/150ms")]
+        stall: StallPattern,
+        /// How long the stall pattern runs (e.g. 3s, 1500ms).
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        duration: Duration,
+        /// How long the guest runs undisturbed afterwards, to catch up.
+        #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+        settle: Duration,
+        /// Seed for random stall patterns (both policies get the same stalls).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Run only this policy (default: both).
+        #[arg(long, value_parser = parse_policy)]
+        policy: Option<LostTickPolicy>,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Also draw ticks over time for each policy into this PNG file.
+        #[arg(long, value_name = "FILE.png")]
+        plot: Option<PathBuf>,
+    },
+}
+
+fn parse_policy(text: &str) -> Result<LostTickPolicy, String> {
+    text.parse().map_err(|e| format!("{e}"))
+}
+
+fn main() -> ExitCode {
+    devshare_common::init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::QemuArgs {
+            policy,
+            strict,
+            qemu,
+        } => qemu_args_command(policy, strict, qemu),
+        Command::Inspect { pid, json } => inspect_command(&pid, json),
+        Command::Lab {
+            rate,
+            stall,
+            duration,
+            settle,
+            seed,
+            policy,
+            json,
+            plot,
+        } => {
+            let config = LabConfig {
+                rate_hz: rate,
+                duration,
+                settle,
+                pattern: stall.clone(),
+                seed,
+                ..LabConfig::default()
+            };
+            let policies = policy.map_or(LostTickPolicy::ALL.to_vec(), |p| vec![p]);
+            lab_command(&config, &stall.to_string(), &policies, json, plot)
+        }
+    }
+}
+
+fn qemu_args_command(policy: LostTickPolicy, strict: bool, mut qemu: Vec<String>) -> ExitCode {
+    let ours = qemu_args(policy);
+    println!("{}", ours.join(" "));
+    if qemu.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    // One quoted string is taken as a whole command line.
+    if qemu.len() == 1 && qemu[0].contains(char::is_whitespace) {
+        qemu = qemu[0].split_whitespace().map(str::to_owned).collect();
+    }
+    // Tolerate the binary itself at the front.
+    if qemu.first().is_some_and(|a| {
+        a.rsplit('/')
+            .next()
+            .unwrap_or(a)
+            .starts_with("qemu-system-")
+    }) {
+        qemu.remove(0);
+    }
+    let mut warnings = Vec::new();
+    let before = read_pit(&qemu);
+    if let Some(existing) = &before.policy_option {
+        if existing != policy.as_str() {
+            warnings.push(format!(
+                "the command line already sets kvm-pit.lost_tick_policy={existing}: put these \
+                 options after it (the last -global wins) or remove it"
+            ));
+        }
+    }
+    qemu.extend(ours);
+    let reading = read_pit(&qemu);
+    match &reading.verdict {
+        PitVerdict::InKernel { .. } => {}
+        PitVerdict::NoInKernelPit { reason } => warnings.push(format!(
+            "the option is moot with this command line: {reason}"
+        )),
+        PitVerdict::Rejected { reason } => {
+            warnings.push(format!("QEMU would refuse this command line: {reason}"))
+        }
+    }
+    warnings.extend(reading.notes.iter().map(|n| format!("note: {n}")));
+    for w in &warnings {
+        eprintln!("kvm-pit-policy: warning: {w}");
+    }
+    if strict && !warnings.is_empty() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn inspect_command(pids: &[u32], json: bool) -> ExitCode {
+    let mut reports: Vec<QemuPit> = Vec::new();
+    let mut failed = false;
+    if pids.is_empty() {
+        match inspect_all() {
+            Ok(all) => reports = all,
+            Err(e) => {
+                eprintln!("kvm-pit-policy: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        for &pid in pids {
+            match inspect_pid(pid) {
+                Ok(r) => reports.push(r),
+                Err(e) => {
+                    eprintln!("kvm-pit-policy: {e}");
+                    failed = true;
+                }
+            }
+        }
+    }
+    if json {
+        match serde_json::to_string_pretty(&reports) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("kvm-pit-policy: cannot encode JSON: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else if reports.is_empty() && pids.is_empty() {
+        println!("no running QEMU (qemu-system-*) found");
+    } else {
+        for r in &reports {
+            println!("{}", r.summary());
+            for note in &r.reading.notes {
+                println!("    note: {note}");
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn lab_command(
+    config: &LabConfig,
+    pattern: &str,
+    policies: &[LostTickPolicy],
+    json: bool,
+    plot: Option<PathBuf>,
+) -> ExitCode {
+    let report = match run_lab(config, pattern, policies) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kvm-pit-policy: lab failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("kvm-pit-policy: cannot encode JSON: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", report.table());
+    }
+    if let Some(path) = plot {
+        if let Err(e) = write_png(&report, &path) {
+            eprintln!("kvm-pit-policy: {e}");
+            return ExitCode::FAILURE;
+        }
+        eprintln!("plot written to {}", path.display());
+    }
+    ExitCode::SUCCESS
+}
