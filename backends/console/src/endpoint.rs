@@ -747,6 +747,22 @@ impl Endpoint {
         }
     }
 
+    /// Serial endpoints whose device was closed after a hang-up: tries to open it again with
+    /// the same settings (a USB adapter plugged back in). `Ok(true)` when it is open again;
+    /// `Ok(false)` when there was nothing to reopen (other kinds, or still open).
+    pub fn reopen(&mut self) -> Result<bool, EndpointError> {
+        let Kind::Serial(serial) = &mut self.kind else {
+            return Ok(false);
+        };
+        if serial.fd.is_some() {
+            return Ok(false);
+        }
+        let mut reopened = open_serial(&serial.settings)?;
+        serial.fd = reopened.fd.take();
+        log::info!("{}: reopened", self.describe());
+        Ok(true)
+    }
+
     /// Terminal size `(cols, rows)` of a PTY, as last set on it (TIOCSWINSZ by the program
     /// on the slave); None for other kinds and while no size was ever set (0x0). PTY masters
     /// get no notification of size changes, so the engine re-reads this, e.g. on input.

@@ -546,6 +546,37 @@ fn serial_applies_line_settings_and_carries_data() {
     assert!(ep.watch_fds().is_empty());
     assert!(ep.serial_line().is_none());
     assert!(ep.describe().ends_with("(closed)"), "{}", ep.describe());
+    // The device node is gone with its PTY: reopening fails and names it.
+    let e = ep.reopen().unwrap_err();
+    assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+}
+
+#[test]
+fn serial_reopens_after_a_hang_up() {
+    let (far_end, device, path) = serial_line_pair();
+    let mut ep = open(&format!("serial:{},baud=9600", path.display()));
+    assert!(!ep.reopen().unwrap(), "nothing to reopen while open");
+    // Hang the line up the way a modem drop does; the device node stays.
+    // SAFETY: TIOCVHANGUP takes no argument; the fd is open.
+    let rc = unsafe { libc::ioctl(device.as_raw_fd(), libc::TIOCVHANGUP) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    let fd = ep.input_fd().unwrap().as_raw_fd();
+    wait_readable(fd);
+    let mut buf = [0u8; 8];
+    let e = ep.read_input(&mut buf).unwrap_err();
+    assert!(matches!(e, EndpointError::Detached { .. }), "{e}");
+    assert!(!ep.is_attached());
+    let e = ep.write_output(&[IoSlice::new(b"x")]).unwrap_err();
+    assert!(matches!(e, EndpointError::NotAttached { .. }), "{e}");
+
+    assert!(ep.reopen().unwrap());
+    assert!(ep.is_attached());
+    let line = ep.serial_line().unwrap().unwrap();
+    assert_eq!(line.baud, 9600);
+    write_all_output(&mut ep, &[IoSlice::new(b"back")]);
+    assert_eq!(read_exact_fd(far_end.as_fd(), 4), b"back");
+    write_fd(far_end.as_fd(), b"up");
+    assert_eq!(read_from_endpoint(&mut ep, 2), b"up");
 }
 
 #[test]
