@@ -61,6 +61,9 @@ command -v apt-get >/dev/null || die "this script expects a Debian system with a
 export DEBIAN_FRONTEND=noninteractive
 T0=$(date +%s)
 mkdir -p "$CACHE"
+# One setup at a time per cache (the demo and the tests may both call it).
+exec 9>"$CACHE/.lock"
+flock 9
 
 # ---------------------------------------------------------------------------------------------
 # 1. Host packages
@@ -132,11 +135,24 @@ EOF
     mv "$QEMU_LAUNCHER.tmp" "$QEMU_LAUNCHER"
 }
 
+# An interrupted debootstrap can leave /proc or /sys mounted inside its target: unmount them
+# before deleting the tree, or rm would walk into the host's proc and sys.
+remove_tree() {
+    local dir=$1 mnt
+    [ -e "$dir" ] || return 0
+    awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r | while read -r mnt; do
+        umount -l "$mnt"
+    done
+    rm -rf "$dir"
+}
+
 build_qemu_rootfs() {
     local mirror tmp
     mirror=$(debian_mirror) || die "no Debian mirror found in /etc/apt/sources.list.d/debian.sources"
     tmp="$QEMU_ROOT.partial"
-    rm -rf "$tmp" "$QEMU_ROOT" "$QEMU_ROOT.stamp"
+    rm -f "$QEMU_ROOT.stamp"
+    remove_tree "$tmp"
+    remove_tree "$QEMU_ROOT"
     say "building the QEMU rootfs (debootstrap trixie from $mirror, takes about a minute)"
     run_logged debootstrap --variant=minbase trixie "$tmp" "$mirror"
     echo "deb $mirror trixie-backports main" >"$tmp/etc/apt/sources.list.d/backports.list"

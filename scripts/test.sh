@@ -1,0 +1,121 @@
+#!/bin/bash
+# Runs every check and test of devshare, the same way locally and in CI (.ci/run calls it).
+# Every step runs even when an earlier one failed (except setup); the exit code is 0 only if all
+# passed:
+#   1. scripts/setup.sh       Debian packages, QEMU >= 10.2, guest kernel + initramfs (cached)
+#   2. cargo fmt --check      formatting
+#   3. cargo clippy           lints, warnings are errors
+#   4. cargo build --bins     the backends the end-to-end tests start
+#   5. cargo test --workspace unit tests, frontend-driven tests, real QEMU guests
+#
+# Usage: scripts/test.sh [--help] [-- CARGO_TEST_ARGS...]
+#   Arguments after `--` go to `cargo test` (e.g. `-- boot` to run only matching tests).
+# Environment:
+#   DEVSHARE_TEST_PROFILE  `debug` (default) or `release`: the cargo profile of steps 4 and 5.
+#                          Debug keeps overflow checks on in the tests; the guests run under TCG,
+#                          which is far slower than a debug backend, so debug is fast enough.
+#   DEVSHARE_ACCEL         QEMU accelerator of the guests (default tcg)
+#   DEVSHARE_CACHE         setup.sh's cache (default /var/cache/devshare)
+#   CARGO_TARGET_DIR       honoured as usual
+set -euo pipefail
+
+case "${1:-}" in
+    --help | -h) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+    --) shift ;;
+    "") ;;
+    *) echo "test.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
+esac
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+PROFILE=${DEVSHARE_TEST_PROFILE:-debug}
+case "$PROFILE" in
+    debug) PROFILE_ARGS=() ;;
+    release) PROFILE_ARGS=(--release) ;;
+    *) echo "test.sh: DEVSHARE_TEST_PROFILE must be debug or release, not '$PROFILE'" >&2; exit 2 ;;
+esac
+
+STEP_TIMES=()
+step_start=0
+step() {
+    step_end
+    CURRENT_STEP=$1
+    step_start=$(date +%s)
+    echo
+    echo "=== $1"
+}
+step_end() {
+    if [ "$step_start" != 0 ]; then
+        STEP_TIMES+=("$(printf '%-8s %4d s' "$CURRENT_STEP" $(($(date +%s) - step_start)))")
+    fi
+    step_start=0
+}
+die() { echo "test.sh: error: $*" >&2; exit 1; }
+T0=$(date +%s)
+
+step setup
+if [ "$(id -u)" = 0 ]; then
+    scripts/setup.sh --quiet
+elif [ -r "${DEVSHARE_CACHE:-/var/cache/devshare}/env" ]; then
+    echo "not root: using the existing test bed in ${DEVSHARE_CACHE:-/var/cache/devshare}"
+else
+    die "run as root once (scripts/setup.sh needs apt-get and debootstrap)"
+fi
+
+step toolchain
+# rustup installs cargo into ~/.cargo/bin, which a non-login shell may not have on PATH.
+if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain with rustup"
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        echo "installing the $component component"
+        rustup component add "$component" || die "cargo $component is missing and 'rustup component add $component' failed"
+    fi
+done
+cargo --version
+
+# fmt and clippy findings do not stop the run: the tests still run and report, and the
+# script fails at the end.
+FAILED=()
+step fmt
+cargo fmt --all -- --check || FAILED+=(fmt)
+
+step clippy
+cargo clippy --workspace --all-targets -- -D warnings || FAILED+=(clippy)
+
+step build
+cargo build --workspace --bins "${PROFILE_ARGS[@]}" || FAILED+=(build)
+
+step test
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace "${PROFILE_ARGS[@]}" -- "$@" 2>&1 | tee "$log" || FAILED+=(test)
+step_end
+
+echo
+echo "=== summary"
+printf '%s\n' "${STEP_TIMES[@]}"
+echo "total    $(($(date +%s) - T0)) s"
+# One closing line over every test binary (cargo prints one "test result:" per binary).
+totals=$(awk '/^test result:/ {
+        for (i = 1; i <= NF; i++) {
+            if ($(i) ~ /^passed;?$/) passed += $(i - 1)
+            if ($(i) ~ /^failed;?$/) failed += $(i - 1)
+            if ($(i) ~ /^ignored;?$/) ignored += $(i - 1)
+        }
+        results++
+    }
+    END {
+        if (results == 0) { print "no test results found in the output of cargo test"; exit }
+        printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored
+    }' "$log")
+if [ "${#FAILED[@]}" -gt 0 ]; then
+    echo "FAILED steps: ${FAILED[*]}"
+    echo "$totals"
+    exit 1
+fi
+echo "all steps passed"
+echo "$totals"
