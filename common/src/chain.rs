@@ -177,6 +177,20 @@ impl<'a> GuestBuffers<'a> {
         done
     }
 
+    /// The readable bytes from `offset` on as I/O slices over guest memory, for a `writev`
+    /// done elsewhere.
+    pub fn readable_io_slices(&self, offset: usize) -> Vec<io::IoSlice<'_>> {
+        let mut v = Vec::with_capacity(self.readable.len());
+        for_each_range(&self.readable, offset, usize::MAX, |s| {
+            // SAFETY: the slice lies in guest memory mapped for the lifetime of the borrowed
+            // `Memory`; bytes are plain data, so a guest changing them concurrently can at
+            // worst change what is sent, never break memory safety.
+            let bytes = unsafe { std::slice::from_raw_parts(s.ptr_guard().as_ptr(), s.len()) };
+            v.push(io::IoSlice::new(bytes));
+        });
+        v
+    }
+
     /// Writes readable bytes from `offset` on straight from guest memory to `fd` (one
     /// `writev`). Returns what the kernel took; may be short for non-blocking descriptors.
     pub fn write_readable_to(&self, fd: &impl AsRawFd, offset: usize) -> io::Result<usize> {
@@ -200,6 +214,13 @@ impl<'a> GuestBuffers<'a> {
             return Ok(0);
         }
         readv(fd.as_raw_fd(), &iov)
+    }
+
+    /// The readable bytes from `offset` on (at most `max`) as `iovec`s pointing into guest
+    /// memory, for batched system calls such as `sendmmsg`. The pointers stay valid while the
+    /// `Memory` this chain was parsed against is borrowed.
+    pub fn readable_iovecs(&self, offset: usize, max: usize) -> Vec<libc::iovec> {
+        iovecs(&self.readable, offset, max, false)
     }
 
     /// Copies readable bytes of `self` (from `src_offset`) into the writable part of `dst`

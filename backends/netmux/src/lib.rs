@@ -1,1 +1,169 @@
-//! See the crate description.
+//! vhost-user-netmux: one process that serves several guests, each on its own vhost-user-net
+//! socket, and switches their frames to and from one host link (the uplink).
+//!
+//! Layout: [`config`] (what to serve), [`switch`] (where a frame goes, pure logic),
+//! [`virtio_net`] (wire formats and offload rules), [`port`] (a guest port and its RX side),
+//! [`uplink`] (AF_PACKET and TAP links), [`fabric`] (the running switch), [`vhu_net`] (the
+//! vhost-user device of one connection).
+
+pub mod config;
+pub mod fabric;
+pub mod port;
+pub mod switch;
+pub mod uplink;
+pub mod vhu_net;
+pub mod virtio_net;
+
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use devshare_common::daemon::{serve, DaemonError, ServeOptions};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{Config, UplinkSpec};
+use crate::fabric::Fabric;
+use crate::port::Port;
+use crate::switch::SwitchTable;
+use crate::uplink::{AfPacket, Tap, Uplink, UplinkError, UplinkStats};
+use crate::vhu_net::NetBackend;
+
+/// Why the switch could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NetmuxError {
+    /// The uplink could not be opened.
+    #[error(transparent)]
+    Uplink(#[from] UplinkError),
+    /// The stats socket could not be created.
+    #[error("cannot serve statistics on {path}: {source}")]
+    Stats {
+        /// Socket path.
+        path: std::path::PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    /// A port's socket could not be served.
+    #[error("port {port}: {source}")]
+    Port {
+        /// Port name.
+        port: String,
+        /// Underlying error.
+        source: DaemonError,
+    },
+}
+
+/// Opens the configured uplink.
+pub fn open_uplink(spec: &UplinkSpec) -> Result<Box<dyn Uplink>, UplinkError> {
+    Ok(match spec {
+        UplinkSpec::AfPacket(i) => Box::new(AfPacket::open(i)?),
+        UplinkSpec::Tap(n) => Box::new(Tap::open(n)?),
+    })
+}
+
+/// Builds the switch for `config` around an opened uplink.
+pub fn build_fabric(config: &Config, uplink: Box<dyn Uplink>) -> Arc<Fabric> {
+    let entries: Vec<_> = config.ports.iter().map(|p| (p.mac, p.vlan)).collect();
+    Arc::new(Fabric {
+        table: SwitchTable::new(&entries, config.mode, config.anti_spoof),
+        ports: config
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Arc::new(Port::new(i, p.clone())))
+            .collect(),
+        uplink,
+        uplink_stats: UplinkStats::default(),
+    })
+}
+
+/// Runs the switch until the process is killed: the uplink receive thread, the stats socket
+/// and one vhost-user daemon per guest port. Returns only if a port's socket cannot be served.
+pub fn run(config: Config) -> Result<(), NetmuxError> {
+    let uplink = open_uplink(&config.uplink)?;
+    log::info!(
+        "uplink {}, {} port(s), {:?} mode, anti-spoofing {}",
+        uplink.describe(),
+        config.ports.len(),
+        config.mode,
+        if config.anti_spoof { "on" } else { "off" }
+    );
+    let fabric = build_fabric(&config, uplink);
+    if let Some(path) = &config.stats_socket {
+        let f = fabric.clone();
+        devshare_common::stats::serve_json(path, move || f.snapshot().to_string()).map_err(
+            |source| NetmuxError::Stats {
+                path: path.clone(),
+                source,
+            },
+        )?;
+    }
+    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(NetmuxError::Thread)?;
+    {
+        let f = fabric.clone();
+        thread::Builder::new()
+            .name("uplink-rx".into())
+            .spawn(move || {
+                if let Err(e) = f.run_uplink_rx(&stop) {
+                    log::error!("uplink receive thread stopped: {e}");
+                }
+            })
+            .map_err(NetmuxError::Thread)?;
+    }
+    let mut workers = Vec::new();
+    for (i, pc) in config.ports.iter().enumerate() {
+        let f = fabric.clone();
+        let mtu = config.mtu;
+        let opts = ServeOptions::new(pc.name.clone(), pc.transport.clone());
+        let handle = thread::Builder::new()
+            .name(format!("port-{}", pc.name))
+            .spawn(move || serve_port(&f, i, mtu, &opts))
+            .map_err(NetmuxError::Thread)?;
+        workers.push(handle);
+    }
+    for w in workers {
+        match w.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => log::error!("a port thread panicked"),
+        }
+    }
+    Ok(())
+}
+
+/// Serves one port's socket for good. A failure to listen at all is returned; anything else
+/// is logged and retried, so one port's trouble never stops the others.
+fn serve_port(
+    fabric: &Arc<Fabric>,
+    index: usize,
+    mtu: u16,
+    opts: &ServeOptions,
+) -> Result<(), NetmuxError> {
+    let port = fabric.ports[index].clone();
+    loop {
+        let res = serve(
+            opts,
+            || NetBackend::new(fabric.clone(), index, mtu).map_err(|e| e.to_string()),
+            || {
+                port.mark_disconnected();
+                log::info!("{}: guest gone; other ports unaffected", port.config.name);
+            },
+        );
+        match res {
+            Ok(()) => return Ok(()),
+            Err(e @ DaemonError::Listen { .. }) => {
+                return Err(NetmuxError::Port {
+                    port: port.config.name.clone(),
+                    source: e,
+                })
+            }
+            Err(e) => {
+                log::error!("{}: {e}; serving again in 1 s", port.config.name);
+                port.mark_disconnected();
+                thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}

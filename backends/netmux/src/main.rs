@@ -1,1 +1,189 @@
-fn main() {}
+//! `vhost-user-netmux`: share one host NIC among several QEMU guests over vhost-user-net.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use devshare_common::config::load_toml;
+use vhost_user_netmux::config::{
+    Config, ConfigError, ConfigFile, FileError, Mode, PortConfig, UplinkSpec,
+};
+
+const AFTER_HELP: &str = "\
+Each guest gets its own vhost-user socket and MAC. Frames for a guest's MAC go to that guest,
+broadcast and multicast go to every port but the sender, anything else leaves via the uplink.
+
+Example: two guests sharing eth0
+
+  vhost-user-netmux --uplink af-packet:eth0 \\
+      --port name=vm1,socket=/run/vm1.sock,mac=52:54:00:00:00:01 \\
+      --port name=vm2,socket=/run/vm2.sock,mac=52:54:00:00:00:02,queues=2 \\
+      --stats-socket /run/netmux.stats
+
+  vhost-user-netmux --uplink af-packet:eth0 --port ... --print-qemu-args   # QEMU options
+  vhost-user-netmux stats --socket /run/netmux.stats                       # counters (JSON)
+
+A TOML file (--config) may hold the same settings:
+
+  uplink = \"af-packet:eth0\"
+  mode = \"bridge\"            # or \"private\"
+  stats_socket = \"/run/netmux.stats\"
+  [[port]]
+  name = \"vm1\"
+  socket = \"/run/vm1.sock\"
+  mac = \"52:54:00:00:00:01\"
+  vlan = 10                  # optional: tagged on the uplink
+  queues = 2                 # optional: queue pairs (QEMU queues=2)
+  client = false             # true: connect to a QEMU started with server=on
+
+RUST_LOG=debug shows per-frame refusals.";
+
+/// Share one host network link among several QEMU guests, each on its own vhost-user-net
+/// socket, switching frames by destination MAC.
+#[derive(Parser, Debug)]
+#[command(name = "vhost-user-netmux", version, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the counters of a running netmux (reads its --stats-socket).
+    Stats {
+        /// The running netmux's stats socket.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// TOML configuration file; ports given with --port are added to its [[port]] tables and
+    /// other options given here override it.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// The shared host link: af-packet:IFACE (an existing interface, put in promiscuous mode)
+    /// or tap:NAME (a TAP device, created if missing).
+    #[arg(long, value_name = "KIND:NAME")]
+    uplink: Option<String>,
+
+    /// A guest port: socket=PATH,mac=MAC[,name=NAME][,vlan=ID][,queues=N][,client].
+    /// Repeat for each guest. With `client` the backend connects to a QEMU listening on PATH.
+    #[arg(long = "port", value_name = "SPEC")]
+    ports: Vec<String>,
+
+    /// bridge: guests reach each other and the uplink; private: guests reach only the uplink.
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+
+    /// Accept frames whose source MAC is not the sending guest's (spoofed frames are dropped
+    /// and counted by default).
+    #[arg(long)]
+    no_anti_spoof: bool,
+
+    /// MTU offered to guests [default: 1500].
+    #[arg(long)]
+    mtu: Option<u32>,
+
+    /// Serve counters as JSON on this Unix socket (read with `vhost-user-netmux stats`).
+    #[arg(long, value_name = "PATH")]
+    stats_socket: Option<PathBuf>,
+
+    /// Print the QEMU options for each port and exit.
+    #[arg(long)]
+    print_qemu_args: bool,
+
+    /// Guest memory size (MiB) used in --print-qemu-args.
+    #[arg(long, default_value_t = 512, value_name = "MIB")]
+    guest_mem: u64,
+}
+
+impl TryFrom<&RunArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: &RunArgs) -> Result<Config, ConfigError> {
+        let file = match &a.config {
+            Some(path) => load_toml::<ConfigFile>(path).map_err(|e| FileError(e.to_string()))?,
+            None => ConfigFile {
+                uplink: None,
+                mode: None,
+                anti_spoof: None,
+                mtu: None,
+                stats_socket: None,
+                port: Vec::new(),
+            },
+        };
+        let uplink: UplinkSpec = a
+            .uplink
+            .as_deref()
+            .or(file.uplink.as_deref())
+            .ok_or(ConfigError::NoUplink)?
+            .parse()?;
+        let mut ports = Vec::new();
+        for (i, p) in file.port.into_iter().enumerate() {
+            ports.push(PortConfig::from_file(p, i)?);
+        }
+        for spec in &a.ports {
+            let i = ports.len();
+            ports.push(PortConfig::parse_spec(spec, i)?);
+        }
+        let mtu = a.mtu.or(file.mtu).unwrap_or(1500);
+        let mtu = u16::try_from(mtu).map_err(|_| ConfigError::Mtu(mtu))?;
+        Config {
+            uplink,
+            ports,
+            mode: a.mode.or(file.mode).unwrap_or_default(),
+            anti_spoof: !a.no_anti_spoof && file.anti_spoof.unwrap_or(true),
+            mtu,
+            stats_socket: a.stats_socket.clone().or(file.stats_socket),
+        }
+        .validate()
+    }
+}
+
+fn main() -> ExitCode {
+    devshare_common::init_logging();
+    let cli = Cli::parse();
+    if let Some(Command::Stats { socket }) = &cli.command {
+        return match devshare_common::stats::query(socket) {
+            Ok(doc) => {
+                let pretty = serde_json::from_str::<serde_json::Value>(&doc)
+                    .and_then(|v| serde_json::to_string_pretty(&v))
+                    .unwrap_or(doc);
+                println!("{pretty}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cannot read stats from {}: {e}", socket.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let config = match Config::try_from(&cli.run) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vhost-user-netmux: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.run.print_qemu_args {
+        for (i, p) in config.ports.iter().enumerate() {
+            println!("# guest on port {} ({})", p.name, p.mac);
+            if let Some(args) = config.qemu_args(i, cli.run.guest_mem) {
+                println!("{}", args.join(" \\\n  "));
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    match vhost_user_netmux::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,568 @@
+//! What one netmux process serves: the uplink, the guest ports and the switching policy, read
+//! from the command line or a TOML file and checked before anything is opened.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use devshare_common::daemon::Transport;
+use serde::Deserialize;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A MAC address did not parse.
+    #[error("'{0}' is not a MAC address (expected six hex bytes like 52:54:00:12:34:56)")]
+    Mac(String),
+    /// A port MAC is not a unicast address.
+    #[error("port {port}: MAC {mac} is multicast or all zeros; a guest needs a unicast MAC")]
+    MacNotUnicast {
+        /// Port name.
+        port: String,
+        /// The address.
+        mac: MacAddr,
+    },
+    /// The uplink spec did not parse.
+    #[error("'{0}' is not an uplink (expected af-packet:IFACE or tap:NAME)")]
+    Uplink(String),
+    /// A `--port` spec did not parse.
+    #[error("port spec '{spec}': {reason}")]
+    PortSpec {
+        /// The spec as given.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Two ports would share a MAC in the same VLAN (frames could not be told apart).
+    #[error("ports {first} and {second} both use MAC {mac} in the same VLAN")]
+    DuplicateMac {
+        /// First port.
+        first: String,
+        /// Second port.
+        second: String,
+        /// The shared MAC.
+        mac: MacAddr,
+    },
+    /// Two ports use the same socket path or the same name.
+    #[error("two ports use the same {what} '{value}'")]
+    Duplicate {
+        /// "socket" or "name".
+        what: &'static str,
+        /// The repeated value.
+        value: String,
+    },
+    /// A VLAN id is outside 1..=4094.
+    #[error("port {port}: VLAN id {vlan} is outside 1..=4094")]
+    Vlan {
+        /// Port name.
+        port: String,
+        /// The id.
+        vlan: u16,
+    },
+    /// A queue-pair count is outside the supported range.
+    #[error("port {port}: queues={queues} is outside 1..={max}")]
+    Queues {
+        /// Port name.
+        port: String,
+        /// Requested queue pairs.
+        queues: u16,
+        /// Largest supported.
+        max: u16,
+    },
+    /// The MTU is outside what Ethernet and virtio-net can carry.
+    #[error("mtu {0} is outside 68..=65535")]
+    Mtu(u32),
+    /// No guest port was configured.
+    #[error("no guest port configured (give at least one --port or [[port]] table)")]
+    NoPorts,
+    /// No uplink was configured.
+    #[error("no uplink configured (give --uplink af-packet:IFACE or tap:NAME)")]
+    NoUplink,
+    /// The TOML file could not be used.
+    #[error(transparent)]
+    File(#[from] FileError),
+}
+
+/// Wraps the common TOML loader's error so [`ConfigError`] can compare equal in tests.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FileError(pub String);
+
+impl PartialEq for FileError {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+impl Eq for FileError {}
+
+/// Most queue pairs one guest port may have (one worker thread each).
+pub const MAX_QUEUE_PAIRS: u16 = 8;
+
+/// An Ethernet MAC address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// The broadcast address ff:ff:ff:ff:ff:ff.
+    pub const BROADCAST: MacAddr = MacAddr([0xff; 6]);
+
+    /// Group (multicast or broadcast) addresses have the low bit of the first byte set.
+    pub fn is_multicast(&self) -> bool {
+        self.0[0] & 1 == 1
+    }
+
+    /// Reads the address from the first six bytes of `b`.
+    pub fn from_slice(b: &[u8]) -> Option<MacAddr> {
+        let a: [u8; 6] = b.get(..6)?.try_into().ok()?;
+        Some(MacAddr(a))
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split([':', '-']);
+        for byte in out.iter_mut() {
+            let p = parts.next().ok_or_else(|| ConfigError::Mac(s.into()))?;
+            if p.is_empty() || p.len() > 2 {
+                return Err(ConfigError::Mac(s.into()));
+            }
+            *byte = u8::from_str_radix(p, 16).map_err(|_| ConfigError::Mac(s.into()))?;
+        }
+        if parts.next().is_some() {
+            return Err(ConfigError::Mac(s.into()));
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+/// The one host-side link all guests share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UplinkSpec {
+    /// A raw packet socket on an existing interface, put in promiscuous mode.
+    AfPacket(String),
+    /// A TAP device (created if missing) with a virtio-net header and offloads.
+    Tap(String),
+}
+
+impl FromStr for UplinkSpec {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::Uplink(s.into());
+        let (kind, name) = s.split_once(':').ok_or_else(bad)?;
+        // Interface names are at most 15 bytes (IFNAMSIZ - 1) and cannot contain '/' or spaces.
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+            return Err(bad());
+        }
+        match kind {
+            "af-packet" | "af_packet" | "packet" => Ok(UplinkSpec::AfPacket(name.into())),
+            "tap" => Ok(UplinkSpec::Tap(name.into())),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for UplinkSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UplinkSpec::AfPacket(i) => write!(f, "af-packet:{i}"),
+            UplinkSpec::Tap(i) => write!(f, "tap:{i}"),
+        }
+    }
+}
+
+/// Who guests may reach directly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Guests reach each other through the switch and the uplink.
+    #[default]
+    Bridge,
+    /// Guests reach only the uplink; frames between guests are dropped and counted.
+    Private,
+}
+
+/// One guest's port, as configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortConfig {
+    /// Name used in logs and statistics.
+    pub name: String,
+    /// Where the guest's QEMU meets this port.
+    pub transport: Transport,
+    /// The guest's MAC: frames to it are delivered here, frames from it must carry it.
+    pub mac: MacAddr,
+    /// 802.1Q VLAN id the port's frames carry on the uplink; `None` means untagged.
+    pub vlan: Option<u16>,
+    /// Queue pairs offered to the guest (virtio-net MQ), one worker thread each.
+    pub queue_pairs: u16,
+}
+
+/// The validated configuration of the whole process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The shared host link.
+    pub uplink: UplinkSpec,
+    /// Guest ports, in the order given.
+    pub ports: Vec<PortConfig>,
+    /// Bridge or private switching.
+    pub mode: Mode,
+    /// Drop frames whose source MAC is not the sending port's.
+    pub anti_spoof: bool,
+    /// MTU offered to guests (virtio-net `mtu` config field).
+    pub mtu: u16,
+    /// Unix socket serving JSON counters, if any.
+    pub stats_socket: Option<PathBuf>,
+}
+
+/// A `[[port]]` table of the TOML file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortFile {
+    /// Port name (defaults to `port<N>`).
+    pub name: Option<String>,
+    /// vhost-user socket path.
+    pub socket: PathBuf,
+    /// Guest MAC.
+    pub mac: String,
+    /// VLAN id on the uplink.
+    pub vlan: Option<u16>,
+    /// Queue pairs.
+    pub queues: Option<u16>,
+    /// Connect to a listening QEMU (`server=on`) instead of listening.
+    #[serde(default)]
+    pub client: bool,
+}
+
+/// The TOML configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// `af-packet:IFACE` or `tap:NAME`.
+    pub uplink: Option<String>,
+    /// `bridge` or `private`.
+    pub mode: Option<Mode>,
+    /// Source-MAC checking (default on).
+    pub anti_spoof: Option<bool>,
+    /// MTU offered to guests.
+    pub mtu: Option<u32>,
+    /// Stats socket path.
+    pub stats_socket: Option<PathBuf>,
+    /// Guest ports.
+    #[serde(default)]
+    pub port: Vec<PortFile>,
+}
+
+impl PortConfig {
+    /// Parses a command-line port spec:
+    /// `socket=PATH,mac=MAC[,name=NAME][,vlan=ID][,queues=N][,client]`.
+    pub fn parse_spec(spec: &str, index: usize) -> Result<PortConfig, ConfigError> {
+        let err = |reason: String| ConfigError::PortSpec {
+            spec: spec.into(),
+            reason,
+        };
+        let mut file = PortFile {
+            name: None,
+            socket: PathBuf::new(),
+            mac: String::new(),
+            vlan: None,
+            queues: None,
+            client: false,
+        };
+        let mut have_socket = false;
+        for item in spec.split(',').filter(|s| !s.is_empty()) {
+            let (key, value) = match item.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (item, None),
+            };
+            let need = |v: Option<&'_ str>| -> Result<String, ConfigError> {
+                v.map(str::to_string)
+                    .ok_or_else(|| err(format!("'{key}' needs a value")))
+            };
+            match key {
+                "socket" | "path" => {
+                    file.socket = PathBuf::from(need(value)?);
+                    have_socket = true;
+                }
+                "mac" => file.mac = need(value)?,
+                "name" => file.name = Some(need(value)?),
+                "vlan" => {
+                    file.vlan = Some(
+                        need(value)?
+                            .parse()
+                            .map_err(|_| err("vlan must be a number".into()))?,
+                    )
+                }
+                "queues" => {
+                    file.queues = Some(
+                        need(value)?
+                            .parse()
+                            .map_err(|_| err("queues must be a number".into()))?,
+                    )
+                }
+                "client" if value.is_none() => file.client = true,
+                other => return Err(err(format!("unknown key '{other}'"))),
+            }
+        }
+        if !have_socket {
+            return Err(err("socket=PATH is required".into()));
+        }
+        if file.mac.is_empty() {
+            return Err(err("mac=MAC is required".into()));
+        }
+        PortConfig::from_file(file, index)
+    }
+
+    /// Checks one `[[port]]` table; `index` names unnamed ports.
+    pub fn from_file(f: PortFile, index: usize) -> Result<PortConfig, ConfigError> {
+        let name = f.name.unwrap_or_else(|| format!("port{index}"));
+        let mac: MacAddr = f.mac.parse()?;
+        if mac.is_multicast() || mac == MacAddr::default() {
+            return Err(ConfigError::MacNotUnicast { port: name, mac });
+        }
+        if let Some(v) = f.vlan {
+            if !(1..=4094).contains(&v) {
+                return Err(ConfigError::Vlan {
+                    port: name,
+                    vlan: v,
+                });
+            }
+        }
+        let queues = f.queues.unwrap_or(1);
+        if !(1..=MAX_QUEUE_PAIRS).contains(&queues) {
+            return Err(ConfigError::Queues {
+                port: name,
+                queues,
+                max: MAX_QUEUE_PAIRS,
+            });
+        }
+        let transport = if f.client {
+            Transport::Connect(f.socket)
+        } else {
+            Transport::Listen(f.socket)
+        };
+        Ok(PortConfig {
+            name,
+            transport,
+            mac,
+            vlan: f.vlan,
+            queue_pairs: queues,
+        })
+    }
+}
+
+impl Config {
+    /// Checks the parts taken together: at least one port, no shared MAC within a VLAN, no
+    /// shared socket or name, a sane MTU.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        if self.ports.is_empty() {
+            return Err(ConfigError::NoPorts);
+        }
+        if !(68..=65535).contains(&u32::from(self.mtu)) {
+            return Err(ConfigError::Mtu(self.mtu.into()));
+        }
+        let mut sockets = HashSet::new();
+        let mut names = HashSet::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            if !sockets.insert(p.transport.path().to_owned()) {
+                return Err(ConfigError::Duplicate {
+                    what: "socket",
+                    value: p.transport.path().display().to_string(),
+                });
+            }
+            if !names.insert(p.name.clone()) {
+                return Err(ConfigError::Duplicate {
+                    what: "name",
+                    value: p.name.clone(),
+                });
+            }
+            if let Some(q) = self.ports[..i]
+                .iter()
+                .find(|q| q.mac == p.mac && q.vlan == p.vlan)
+            {
+                return Err(ConfigError::DuplicateMac {
+                    first: q.name.clone(),
+                    second: p.name.clone(),
+                    mac: p.mac,
+                });
+            }
+        }
+        Ok(self)
+    }
+
+    /// The QEMU options that attach a guest to port `index` (one line per option).
+    pub fn qemu_args(&self, index: usize, mem_mib: u64) -> Option<Vec<String>> {
+        let p = self.ports.get(index)?;
+        let id = format!("nm{index}");
+        let path = p.transport.path().display();
+        let server = match p.transport {
+            // The backend listens: QEMU is the client and should come back after a restart.
+            Transport::Listen(_) => ",reconnect-ms=1000".to_string(),
+            Transport::Connect(_) => ",server=on,wait=off".to_string(),
+        };
+        let mut dev = format!(
+            "virtio-net-pci,netdev={id},mac={},host_mtu={}",
+            p.mac, self.mtu
+        );
+        if p.queue_pairs > 1 {
+            // One MSI-X vector per queue plus config and control queue.
+            dev.push_str(&format!(",mq=on,vectors={}", 2 * p.queue_pairs + 2));
+        }
+        Some(vec![
+            format!("-object memory-backend-memfd,id=mem,size={mem_mib}M,share=on"),
+            "-machine q35,memory-backend=mem".to_string(),
+            format!("-chardev socket,id={id}c,path={path}{server}"),
+            format!(
+                "-netdev vhost-user,id={id},chardev={id}c,queues={}",
+                p.queue_pairs
+            ),
+            format!("-device {dev}"),
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip_and_errors() {
+        let m: MacAddr = "52:54:00:aB:0c:ff".parse().unwrap();
+        assert_eq!(m.0, [0x52, 0x54, 0, 0xab, 0x0c, 0xff]);
+        assert_eq!(m.to_string(), "52:54:00:ab:0c:ff");
+        assert!(!m.is_multicast());
+        assert!(MacAddr::BROADCAST.is_multicast());
+        for bad in [
+            "",
+            "52:54:00:ab:0c",
+            "52:54:00:ab:0c:ff:00",
+            "52:54:00:ab:0c:fg",
+            "525:4:00:ab:0c:ff",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn uplink_specs() {
+        assert_eq!(
+            "af-packet:veth0".parse::<UplinkSpec>().unwrap(),
+            UplinkSpec::AfPacket("veth0".into())
+        );
+        assert_eq!(
+            "tap:nm0".parse::<UplinkSpec>().unwrap(),
+            UplinkSpec::Tap("nm0".into())
+        );
+        for bad in [
+            "veth0",
+            "af-packet:",
+            "tap:a/b",
+            "foo:eth0",
+            "tap:0123456789abcdef",
+        ] {
+            assert!(bad.parse::<UplinkSpec>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn port_specs() {
+        let p = PortConfig::parse_spec(
+            "socket=/tmp/a.sock,mac=52:54:00:00:00:01,vlan=10,queues=2,name=vm1",
+            0,
+        )
+        .unwrap();
+        assert_eq!(p.name, "vm1");
+        assert_eq!(p.vlan, Some(10));
+        assert_eq!(p.queue_pairs, 2);
+        assert_eq!(p.transport, Transport::Listen("/tmp/a.sock".into()));
+        let c =
+            PortConfig::parse_spec("socket=/tmp/b.sock,mac=52:54:00:00:00:02,client", 3).unwrap();
+        assert_eq!(c.name, "port3");
+        assert_eq!(c.transport, Transport::Connect("/tmp/b.sock".into()));
+        for bad in [
+            "mac=52:54:00:00:00:01",
+            "socket=/tmp/a",
+            "socket=/tmp/a,mac=01:00:5e:00:00:01",
+            "socket=/tmp/a,mac=52:54:00:00:00:01,vlan=4095",
+            "socket=/tmp/a,mac=52:54:00:00:00:01,queues=0",
+            "socket=/tmp/a,mac=52:54:00:00:00:01,queues=9",
+            "socket=/tmp/a,mac=52:54:00:00:00:01,colour=red",
+        ] {
+            assert!(PortConfig::parse_spec(bad, 0).is_err(), "{bad}");
+        }
+    }
+
+    fn config(ports: &[&str]) -> Config {
+        Config {
+            uplink: UplinkSpec::AfPacket("eth0".into()),
+            ports: ports
+                .iter()
+                .enumerate()
+                .map(|(i, s)| PortConfig::parse_spec(s, i).unwrap())
+                .collect(),
+            mode: Mode::Bridge,
+            anti_spoof: true,
+            mtu: 1500,
+            stats_socket: None,
+        }
+    }
+
+    #[test]
+    fn whole_config_checks() {
+        assert_eq!(config(&[]).validate(), Err(ConfigError::NoPorts));
+        let ok = config(&[
+            "socket=/a,mac=52:54:00:00:00:01",
+            "socket=/b,mac=52:54:00:00:00:01,vlan=5",
+        ]);
+        assert!(ok.validate().is_ok(), "same MAC in different VLANs is fine");
+        let dup = config(&[
+            "socket=/a,mac=52:54:00:00:00:01",
+            "socket=/b,mac=52:54:00:00:00:01",
+        ]);
+        assert!(matches!(
+            dup.validate(),
+            Err(ConfigError::DuplicateMac { .. })
+        ));
+        let dup_sock = config(&[
+            "socket=/a,mac=52:54:00:00:00:01",
+            "socket=/a,mac=52:54:00:00:00:02",
+        ]);
+        assert!(matches!(
+            dup_sock.validate(),
+            Err(ConfigError::Duplicate { .. })
+        ));
+        let mut bad_mtu = config(&["socket=/a,mac=52:54:00:00:00:01"]);
+        bad_mtu.mtu = 10;
+        assert_eq!(bad_mtu.validate(), Err(ConfigError::Mtu(10)));
+    }
+
+    #[test]
+    fn qemu_args_name_the_socket_and_mac() {
+        let c = config(&[
+            "socket=/a,mac=52:54:00:00:00:01",
+            "socket=/b,mac=52:54:00:00:00:02,queues=2,client",
+        ]);
+        let a = c.qemu_args(0, 256).unwrap().join(" ");
+        assert!(a.contains("path=/a,reconnect-ms=1000"));
+        assert!(a.contains("mac=52:54:00:00:00:01"));
+        let b = c.qemu_args(1, 256).unwrap().join(" ");
+        assert!(b.contains("server=on"));
+        assert!(b.contains("queues=2"));
+        assert!(b.contains("mq=on"));
+        assert!(c.qemu_args(2, 256).is_none());
+    }
+}

@@ -1,0 +1,254 @@
+//! The switching decision, free of I/O: where a frame goes given where it came from and its
+//! MAC addresses. Guest MACs are static (from the configuration), so there is no learning:
+//! a frame for a guest's MAC goes to that guest, group addresses are flooded, and unknown
+//! unicast from a guest leaves through the uplink.
+
+use std::collections::HashMap;
+
+use crate::config::{MacAddr, Mode};
+
+/// Where a frame entered the switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ingress {
+    /// From the guest port with this index.
+    Port(usize),
+    /// From the uplink, with the VLAN it was tagged with (if any).
+    Uplink {
+        /// 802.1Q VLAN id, `None` for untagged frames.
+        vlan: Option<u16>,
+    },
+}
+
+/// Why the switch refused a frame. Each reason has its own counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// A guest sent a frame whose source MAC is not its own.
+    Spoofed,
+    /// Private mode: a guest addressed another guest.
+    Private,
+    /// A guest addressed itself.
+    Hairpin,
+    /// A unicast frame from the uplink for no guest of ours.
+    NotForUs,
+    /// A frame from the uplink claims a guest's MAC as its source (a loop or a forgery).
+    LocalSource,
+}
+
+/// The switch's answer for one frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Deliver to this guest port only.
+    Port(usize),
+    /// Send out of the uplink only.
+    Uplink,
+    /// Deliver to every port [`SwitchTable::floods_to`] accepts, and to the uplink if the
+    /// frame came from a guest.
+    Flood,
+    /// Refuse the frame.
+    Drop(DropReason),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PortEntry {
+    mac: MacAddr,
+    vlan: Option<u16>,
+}
+
+/// MAC-to-port table plus the switching policy.
+#[derive(Debug)]
+pub struct SwitchTable {
+    mode: Mode,
+    anti_spoof: bool,
+    ports: Vec<PortEntry>,
+    by_mac: HashMap<(Option<u16>, MacAddr), usize>,
+}
+
+impl SwitchTable {
+    /// Builds the table from each port's (MAC, VLAN), in port-index order.
+    pub fn new(ports: &[(MacAddr, Option<u16>)], mode: Mode, anti_spoof: bool) -> SwitchTable {
+        let ports: Vec<PortEntry> = ports
+            .iter()
+            .map(|&(mac, vlan)| PortEntry { mac, vlan })
+            .collect();
+        let by_mac = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ((p.vlan, p.mac), i))
+            .collect();
+        SwitchTable {
+            mode,
+            anti_spoof,
+            ports,
+            by_mac,
+        }
+    }
+
+    /// Number of guest ports.
+    pub fn len(&self) -> usize {
+        self.ports.len()
+    }
+
+    /// True when there are no guest ports.
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
+
+    /// The VLAN a port's frames carry on the uplink.
+    pub fn vlan_of(&self, port: usize) -> Option<u16> {
+        self.ports.get(port).and_then(|p| p.vlan)
+    }
+
+    /// Decides where a frame from `from` with these addresses goes.
+    pub fn route(&self, from: Ingress, src: MacAddr, dst: MacAddr) -> Verdict {
+        match from {
+            Ingress::Port(i) => {
+                let Some(me) = self.ports.get(i) else {
+                    return Verdict::Drop(DropReason::Spoofed);
+                };
+                if self.anti_spoof && src != me.mac {
+                    return Verdict::Drop(DropReason::Spoofed);
+                }
+                if dst.is_multicast() {
+                    return Verdict::Flood;
+                }
+                match self.by_mac.get(&(me.vlan, dst)) {
+                    Some(&j) if j == i => Verdict::Drop(DropReason::Hairpin),
+                    Some(_) if self.mode == Mode::Private => Verdict::Drop(DropReason::Private),
+                    Some(&j) => Verdict::Port(j),
+                    None => Verdict::Uplink,
+                }
+            }
+            Ingress::Uplink { vlan } => {
+                if self.by_mac.contains_key(&(vlan, src)) {
+                    return Verdict::Drop(DropReason::LocalSource);
+                }
+                if dst.is_multicast() {
+                    return Verdict::Flood;
+                }
+                match self.by_mac.get(&(vlan, dst)) {
+                    Some(&j) => Verdict::Port(j),
+                    None => Verdict::Drop(DropReason::NotForUs),
+                }
+            }
+        }
+    }
+
+    /// Whether a flooded frame from `from` reaches guest port `to`: same VLAN, not the sender,
+    /// and (in private mode) only when the frame came from the uplink.
+    pub fn floods_to(&self, from: Ingress, to: usize) -> bool {
+        let Some(dest) = self.ports.get(to) else {
+            return false;
+        };
+        match from {
+            Ingress::Port(i) => {
+                i != to
+                    && self.mode == Mode::Bridge
+                    && self.ports.get(i).map(|p| p.vlan) == Some(dest.vlan)
+            }
+            Ingress::Uplink { vlan } => dest.vlan == vlan,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mac(last: u8) -> MacAddr {
+        MacAddr([0x52, 0x54, 0, 0, 0, last])
+    }
+
+    const EXT: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x99]);
+    const MCAST: MacAddr = MacAddr([0x33, 0x33, 0, 0, 0, 1]);
+
+    fn table(mode: Mode) -> SwitchTable {
+        SwitchTable::new(
+            &[(mac(1), None), (mac(2), None), (mac(3), Some(7))],
+            mode,
+            true,
+        )
+    }
+
+    fn flood_set(t: &SwitchTable, from: Ingress) -> Vec<usize> {
+        (0..t.len()).filter(|&p| t.floods_to(from, p)).collect()
+    }
+
+    #[test]
+    fn bridge_unicast_between_guests_and_to_uplink() {
+        let t = table(Mode::Bridge);
+        assert_eq!(t.route(Ingress::Port(0), mac(1), mac(2)), Verdict::Port(1));
+        assert_eq!(t.route(Ingress::Port(1), mac(2), mac(1)), Verdict::Port(0));
+        assert_eq!(t.route(Ingress::Port(0), mac(1), EXT), Verdict::Uplink);
+        // Port 2 is in VLAN 7: guest 1's MAC is not known there, so it leaves tagged.
+        assert_eq!(t.route(Ingress::Port(2), mac(3), mac(1)), Verdict::Uplink);
+        assert_eq!(
+            t.route(Ingress::Port(0), mac(1), mac(1)),
+            Verdict::Drop(DropReason::Hairpin)
+        );
+    }
+
+    #[test]
+    fn anti_spoofing() {
+        let t = table(Mode::Bridge);
+        assert_eq!(
+            t.route(Ingress::Port(0), mac(2), mac(3)),
+            Verdict::Drop(DropReason::Spoofed)
+        );
+        assert_eq!(
+            t.route(Ingress::Port(0), EXT, MacAddr::BROADCAST),
+            Verdict::Drop(DropReason::Spoofed)
+        );
+        let lax = SwitchTable::new(&[(mac(1), None), (mac(2), None)], Mode::Bridge, false);
+        assert_eq!(lax.route(Ingress::Port(0), EXT, mac(2)), Verdict::Port(1));
+    }
+
+    #[test]
+    fn flooding_respects_sender_vlan_and_mode() {
+        let t = table(Mode::Bridge);
+        assert_eq!(
+            t.route(Ingress::Port(0), mac(1), MacAddr::BROADCAST),
+            Verdict::Flood
+        );
+        assert_eq!(flood_set(&t, Ingress::Port(0)), vec![1]);
+        assert_eq!(flood_set(&t, Ingress::Port(2)), Vec::<usize>::new());
+        assert_eq!(flood_set(&t, Ingress::Uplink { vlan: None }), vec![0, 1]);
+        assert_eq!(flood_set(&t, Ingress::Uplink { vlan: Some(7) }), vec![2]);
+        assert_eq!(t.route(Ingress::Port(1), mac(2), MCAST), Verdict::Flood);
+    }
+
+    #[test]
+    fn private_mode_blocks_guest_to_guest_only() {
+        let t = table(Mode::Private);
+        assert_eq!(
+            t.route(Ingress::Port(0), mac(1), mac(2)),
+            Verdict::Drop(DropReason::Private)
+        );
+        assert_eq!(t.route(Ingress::Port(0), mac(1), EXT), Verdict::Uplink);
+        assert_eq!(flood_set(&t, Ingress::Port(0)), Vec::<usize>::new());
+        assert_eq!(
+            t.route(Ingress::Uplink { vlan: None }, EXT, mac(2)),
+            Verdict::Port(1)
+        );
+        assert_eq!(flood_set(&t, Ingress::Uplink { vlan: None }), vec![0, 1]);
+    }
+
+    #[test]
+    fn uplink_frames() {
+        let t = table(Mode::Bridge);
+        let up = Ingress::Uplink { vlan: None };
+        assert_eq!(t.route(up, EXT, mac(1)), Verdict::Port(0));
+        assert_eq!(
+            t.route(up, EXT, mac(3)),
+            Verdict::Drop(DropReason::NotForUs)
+        );
+        assert_eq!(
+            t.route(Ingress::Uplink { vlan: Some(7) }, EXT, mac(3)),
+            Verdict::Port(2)
+        );
+        assert_eq!(
+            t.route(up, mac(2), MacAddr::BROADCAST),
+            Verdict::Drop(DropReason::LocalSource)
+        );
+        assert_eq!(t.route(up, EXT, EXT), Verdict::Drop(DropReason::NotForUs));
+    }
+}

@@ -1,0 +1,228 @@
+//! The vhost-user-net device of one guest connection: feature negotiation, configuration space,
+//! and the TX worker that takes frames from the guest's rings and hands them to the switch.
+//!
+//! A fresh [`NetBackend`] is built for every connection; what must survive a reconnect (the
+//! port's counters and identity) lives in its [`Port`]. Each queue pair gets its own worker
+//! thread.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use devshare_common::chain::{GuestBuffers, MemoryAtomic};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::fabric::{Fabric, Outbox};
+use crate::port::{Port, RxPath, Vring};
+use crate::virtio_net::{config_space, device_features, Negotiated};
+
+/// Ring size offered to the front-end.
+pub const QUEUE_SIZE: usize = 1024;
+/// Frames taken from a TX ring before the batch is sent and completed.
+const TX_BATCH: usize = 64;
+
+struct Shared {
+    fabric: Arc<Fabric>,
+    port: Arc<Port>,
+    features: Arc<AtomicU64>,
+    mem: Mutex<Option<MemoryAtomic>>,
+    exits: Vec<(EventConsumer, EventNotifier)>,
+    mtu: u16,
+}
+
+/// The vhost-user backend of one connection to one guest port.
+#[derive(Clone)]
+pub struct NetBackend(Arc<Shared>);
+
+impl NetBackend {
+    /// A backend for a new connection to `fabric.ports[port]`.
+    pub fn new(fabric: Arc<Fabric>, port: usize, mtu: u16) -> io::Result<NetBackend> {
+        let port = fabric
+            .ports
+            .get(port)
+            .cloned()
+            .ok_or_else(|| io::Error::other(format!("no port {port}")))?;
+        let exits = (0..port.config.queue_pairs)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(NetBackend(Arc::new(Shared {
+            fabric,
+            port,
+            features: Arc::new(AtomicU64::new(0)),
+            mem: Mutex::new(None),
+            exits,
+            mtu,
+        })))
+    }
+
+    fn pairs(&self) -> usize {
+        usize::from(self.0.port.config.queue_pairs)
+    }
+
+    fn memory(&self) -> Option<MemoryAtomic> {
+        self.0
+            .mem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Takes every frame the guest queued on TX virtqueue `vring` (queue pair `pair`).
+    fn process_tx(&self, pair: usize, vring: &Vring) -> io::Result<()> {
+        let Some(atomic) = self.memory() else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let hdr_len = Negotiated(self.0.features.load(Ordering::Acquire)).hdr_len();
+        let fabric = &self.0.fabric;
+        let port = &self.0.port;
+        let mut outbox = Outbox::default();
+        loop {
+            let mut state = vring.get_mut();
+            // Notifications off while draining; re-armed below, then re-checked for frames
+            // that raced in.
+            let _ = state.disable_notification();
+            let mut more = true;
+            while more {
+                let chains: Vec<_> = match state.get_queue_mut().iter(&*mem) {
+                    Ok(iter) => iter.take(TX_BATCH).collect(),
+                    Err(e) => {
+                        // A corrupt avail index: nothing sensible can be taken from this ring
+                        // until the guest resets it.
+                        port.stats.drop_bad_chain.inc();
+                        log::debug!("{}: TX ring unusable: {e}", port.config.name);
+                        return Ok(());
+                    }
+                };
+                more = chains.len() == TX_BATCH;
+                if chains.is_empty() {
+                    break;
+                }
+                // Parsed chains borrow `mem`; keep them until the uplink batch is sent.
+                let mut parsed: Vec<GuestBuffers<'_>> = Vec::with_capacity(chains.len());
+                for chain in &chains {
+                    match GuestBuffers::parse(chain, &mem) {
+                        Ok(b) if b.writable_len() == 0 => parsed.push(b),
+                        Ok(_) | Err(_) => port.stats.drop_bad_chain.inc(),
+                    }
+                }
+                for b in &parsed {
+                    fabric.forward_from_guest(port.index, pair, b, hdr_len, &mut outbox);
+                }
+                fabric.flush_uplink(&mut outbox);
+                drop(parsed);
+                let queue = state.get_queue_mut();
+                for chain in &chains {
+                    // Fails only for a head index past the ring, which the guest invented.
+                    if queue.add_used(&*mem, chain.head_index(), 0).is_err() {
+                        port.stats.drop_bad_chain.inc();
+                    }
+                }
+                outbox.signals.flush(&fabric.ports);
+            }
+            if state.needs_notification().unwrap_or(true) {
+                let _ = state.signal_used_queue();
+            }
+            match state.enable_notification() {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        2 * self.pairs()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        device_features(self.0.port.config.queue_pairs)
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.0.features.store(features, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn reset_device(&self) {
+        self.0.port.detach();
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {}
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg = config_space(
+            self.0.port.config.mac,
+            self.0.port.config.queue_pairs,
+            self.0.mtu,
+        );
+        let start = offset as usize;
+        let end = start.saturating_add(size as usize);
+        if start >= cfg.len() || end > cfg.len() {
+            // Out of range: an empty answer makes the front-end's request fail cleanly.
+            return Vec::new();
+        }
+        cfg[start..end].to_vec()
+    }
+
+    fn update_memory(&self, mem: MemoryAtomic) -> io::Result<()> {
+        *self.0.mem.lock().unwrap_or_else(PoisonError::into_inner) = Some(mem);
+        self.0.port.mark_connected();
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.pairs()).map(|p| 0b11u64 << (2 * p)).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = self.0.exits.get(thread_index)?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        let q = usize::from(device_event);
+        if q >= vrings.len() {
+            return Ok(());
+        }
+        // Every ring start or kick lands here first; the first one tells the port where its
+        // RX rings are (the library hands vrings to no other callback).
+        if let Some(mem) = self.memory() {
+            self.0
+                .port
+                .ensure_attached(|| RxPath::new(vrings, mem, self.0.features.clone()));
+        }
+        if q % 2 == 1 {
+            self.process_tx(q / 2, &vrings[q])?;
+        }
+        // An RX kick only means new buffers: frames are never queued here waiting for them.
+        Ok(())
+    }
+}
