@@ -962,15 +962,7 @@ fn ring_layout_and_kick_suppression() -> Result<(), Error> {
     ));
 
     // Without EVENT_IDX, the used ring's NO_NOTIFY flag suppresses kicks.
-    let mut q2 = DriverQueue::new(
-        &ram,
-        QueueConfig {
-            index: 1,
-            size,
-            event_idx: false,
-            indirect_max: 0,
-        },
-    )?;
+    let mut q2 = DriverQueue::new(&ram, QueueConfig::new(1, size))?;
     q2.add_chain(&[Segment::readable(buf.prefix(1))])?;
     q2.raw_set_used_flags(1);
     assert!(!q2.kick()?);

@@ -125,6 +125,18 @@ pub struct QueueConfig {
     pub indirect_max: u16,
 }
 
+impl QueueConfig {
+    /// A queue without EVENT_IDX or indirect tables; set the fields to change that.
+    pub fn new(index: u16, size: u16) -> QueueConfig {
+        QueueConfig {
+            index,
+            size,
+            event_idx: false,
+            indirect_max: 0,
+        }
+    }
+}
+
 /// Guest-physical addresses of a queue's three areas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingLayout {
