@@ -390,6 +390,9 @@ impl GuestBuilder {
     }
 
     /// Builds the initrd (base + per-test archive) and starts QEMU.
+    ///
+    /// QEMU is killed when the thread that called `spawn` exits (so a crashed test leaves no
+    /// guest behind): spawn a guest in the thread that owns it, not in a short-lived helper.
     pub fn spawn(self) -> Result<Guest> {
         let bed = match &self.bed {
             Some(bed) => bed.clone(),
