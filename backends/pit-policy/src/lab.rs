@@ -27,6 +27,10 @@ pub const CATCH_UP_TOLERANCE_TICKS: i64 = 2;
 /// Where the vCPU is parked for its stalls and how long it waits to leave `KVM_RUN`.
 const KICK_RETRY: Duration = Duration::from_micros(200);
 const KICK_TIMEOUT: Duration = Duration::from_secs(2);
+/// A reading of the counter counts only if it took at most this long.
+const TIGHT_READ: Duration = Duration::from_micros(20);
+/// Time zero needs a tick seen within this window.
+const BRACKET: Duration = Duration::from_micros(200);
 /// How long the guest gets to take its first PIT tick before the lab gives up.
 const FIRST_TICK_TIMEOUT: Duration = Duration::from_secs(3);
 /// Where the lab maps guest RAM; KVM on Intel needs a 3-page TSS area in real mode.
@@ -104,6 +108,20 @@ impl GuestRam {
         // SAFETY: the mapping is `len` bytes, writable, and not yet shared with anyone.
         unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), ptr.as_ptr(), len) };
         Ok(GuestRam { ptr, len })
+    }
+
+    /// The counter with the moment it was read, retried until the read itself was not
+    /// interrupted for longer than [`TIGHT_READ`] (the midpoint is the moment).
+    fn read_tight(&self) -> (Instant, u32) {
+        loop {
+            let before = Instant::now();
+            let ticks = self.ticks();
+            let after = Instant::now();
+            let took = after.duration_since(before);
+            if took <= TIGHT_READ {
+                return (before + took / 2, ticks);
+            }
+        }
     }
 
     /// The guest's tick counter as the guest last wrote it.
@@ -255,7 +273,7 @@ impl Default for LabConfig {
 /// One reading of the guest's counter.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Sample {
-    /// Seconds since the guest's first tick.
+    /// Seconds since time zero, when the guest loaded the PIT counter.
     pub t: f64,
     /// Ticks the guest had counted.
     pub ticks: u32,
@@ -266,14 +284,20 @@ pub struct Sample {
 pub struct PolicyRun {
     /// The policy set with `KVM_REINJECT_CONTROL`.
     pub policy: LostTickPolicy,
-    /// Seconds from the first tick to the final reading.
+    /// Seconds from time zero to the final reading.
     pub elapsed_s: f64,
-    /// Ticks due by wall clock and programmed rate.
+    /// When (seconds since time zero) the figures below were taken: the reading after the
+    /// last stall where the guest was least behind.
+    pub measured_at_s: f64,
+    /// Ticks due then, by wall clock and programmed rate.
     pub expected_ticks: u64,
-    /// Ticks the guest counted.
+    /// Ticks the guest had counted then.
     pub counted_ticks: u64,
-    /// `expected - counted` at the end, after the settle time.
+    /// `expected - counted`: ticks that never arrived. Ticks still pending for
+    /// re-injection are late, not lost, so this is the smallest lag after the last stall.
     pub lost_ticks: i64,
+    /// The lag at the final reading (includes ticks still on their way).
+    pub behind_at_end: i64,
     /// `lost / expected`, in percent.
     pub lost_percent: f64,
     /// Number of stalls performed.
@@ -288,7 +312,7 @@ pub struct PolicyRun {
     /// The counter over time.
     #[serde(skip)]
     pub samples: Vec<Sample>,
-    /// The stalls as `(start, end)` seconds since the first tick.
+    /// The stalls as `(start, end)` seconds since time zero.
     #[serde(skip)]
     pub stall_windows: Vec<(f64, f64)>,
 }
@@ -463,9 +487,9 @@ impl Drop for VcpuThread {
     }
 }
 
-/// Ticks due at `t` seconds after the tick numbered `first`.
-fn expected_at(first: u32, t: f64, rate: f64) -> i64 {
-    i64::from(first) + (t * rate).floor() as i64
+/// Ticks due `t` seconds after the PIT started at `rate` Hz.
+fn expected_at(t: f64, rate: f64) -> i64 {
+    (t * rate).floor() as i64
 }
 
 /// Runs the guest under `policy` with `config`'s stall pattern and measures it.
@@ -479,22 +503,31 @@ pub fn run_policy(policy: LostTickPolicy, config: &LabConfig) -> Result<PolicyRu
     let ram = vm.ram.clone();
     let mut cpu = VcpuThread::start(vcpu)?;
 
-    // Time zero is the guest's first tick, seen by polling its counter.
+    // The stall schedule starts at a tick the host saw happen: the counter stepped by one
+    // between two readings at most BRACKET apart. (The exact time zero for "expected" is
+    // fixed after the run, from all samples.)
     let started = Instant::now();
+    let (mut last_at, mut last) = ram.read_tight();
     let (t0, first) = loop {
-        let ticks = ram.ticks();
-        if ticks > 0 {
-            break (Instant::now(), ticks);
+        thread::sleep(Duration::from_micros(50));
+        let (at, ticks) = ram.read_tight();
+        if ticks == last.wrapping_add(1) && at.duration_since(last_at) <= BRACKET {
+            break (at, ticks);
         }
+        (last_at, last) = (at, ticks);
         if cpu.finished() {
             return Err(cpu.failure(None));
         }
         if started.elapsed() > FIRST_TICK_TIMEOUT {
-            return Err(LabError::GuestSilent(FIRST_TICK_TIMEOUT));
+            if ticks == 0 {
+                return Err(LabError::GuestSilent(FIRST_TICK_TIMEOUT));
+            }
+            // Ticking, but never caught in the act: the host is very busy; time it loosely.
+            log::warn!("{policy}: no tick seen within {BRACKET:?}; the schedule starts late");
+            break (at, ticks);
         }
-        thread::sleep(Duration::from_micros(50));
     };
-    log::debug!("{policy}: first tick after {:?}", t0 - started);
+    log::debug!("{policy}: tick {first} seen {:?} after start", t0 - started);
 
     let windows = config.pattern.windows(config.duration, config.seed);
     let total = config.duration + config.settle;
@@ -505,13 +538,11 @@ pub fn run_policy(policy: LostTickPolicy, config: &LabConfig) -> Result<PolicyRu
     let mut stall_windows = Vec::with_capacity(windows.len());
     let mut next = 0;
     let mut stall_started: Option<Duration> = None;
-    let mut max_behind = 0i64;
     loop {
-        let elapsed = t0.elapsed();
-        let ticks = ram.ticks();
+        let (at, ticks) = ram.read_tight();
+        let elapsed = at.duration_since(t0);
         let t = elapsed.as_secs_f64();
         samples.push(Sample { t, ticks });
-        max_behind = max_behind.max(expected_at(first, t, rate) - i64::from(ticks));
         if elapsed >= total {
             break;
         }
@@ -545,26 +576,55 @@ pub fn run_policy(policy: LostTickPolicy, config: &LabConfig) -> Result<PolicyRu
     }
     cpu.stop()?;
 
-    let last = samples.last().copied().unwrap_or(Sample {
-        t: 0.0,
-        ticks: first,
-    });
-    let expected = expected_at(first, last.t, rate).max(1);
-    let lost = expected - i64::from(last.ticks);
+    // Re-anchor time zero where the PIT started. A tick is never delivered before it is
+    // due, so for every sample `t - ticks/rate` is at or after the PIT's start, and the
+    // smallest of them is the tightest bound. Ticks delivered late (by a stall or a busy
+    // host), including the one the live loop anchored on, cannot pull it off.
+    let zero = samples
+        .iter()
+        .map(|s| s.t - f64::from(s.ticks) / rate)
+        .fold(f64::INFINITY, f64::min);
+    let zero = if zero.is_finite() { zero } else { 0.0 };
+    for s in &mut samples {
+        s.t -= zero;
+    }
+    for w in &mut stall_windows {
+        *w = (w.0 - zero, w.1 - zero);
+    }
+    let behind = |s: &Sample| expected_at(s.t, rate) - i64::from(s.ticks);
+    let max_behind = samples.iter().map(behind).max().unwrap_or(0);
+
+    // A tick still pending (re-injected later) is late, not lost; a lost tick never comes
+    // back. So the ticks lost for good are the smallest lag seen once the stalls are over.
+    let stalls_over = stall_windows
+        .last()
+        .map_or(config.duration.as_secs_f64(), |w| w.1);
+    let last = samples
+        .last()
+        .copied()
+        .unwrap_or(Sample { t: 0.0, ticks: 0 });
+    let settled = samples
+        .iter()
+        .filter(|s| s.t >= stalls_over)
+        .min_by_key(|s| behind(s))
+        .copied()
+        .unwrap_or(last);
+    let expected = expected_at(settled.t, rate).max(1);
+    let lost = expected - i64::from(settled.ticks);
     let catch_up_ms = stall_windows.last().and_then(|&(_, end)| {
         samples
             .iter()
             .filter(|s| s.t >= end)
-            .find(|s| {
-                expected_at(first, s.t, rate) - i64::from(s.ticks) <= CATCH_UP_TOLERANCE_TICKS
-            })
+            .find(|s| behind(s) <= CATCH_UP_TOLERANCE_TICKS)
             .map(|s| (s.t - end) * 1000.0)
     });
     Ok(PolicyRun {
         policy,
         elapsed_s: last.t,
+        measured_at_s: settled.t,
         expected_ticks: expected as u64,
-        counted_ticks: u64::from(last.ticks),
+        counted_ticks: u64::from(settled.ticks),
+        behind_at_end: expected_at(last.t, rate) - i64::from(last.ticks),
         lost_ticks: lost,
         lost_percent: 100.0 * lost as f64 / expected as f64,
         stalls: stall_windows.len(),
@@ -626,8 +686,12 @@ impl LabReport {
                 .map(|m| format!(", /dev/kvm from {m}"))
                 .unwrap_or_default()
         );
+        out.push_str(
+            "expected/counted/lost: at the reading after the last stall where the guest was \
+             least behind\n(ticks still pending are late, not lost); end lag: at the final reading\n\n",
+        );
         out.push_str(&format!(
-            "{:<9} {:>9} {:>9} {:>7} {:>8} {:>7} {:>10} {:>10} {:>13}\n",
+            "{:<9} {:>9} {:>9} {:>7} {:>8} {:>7} {:>10} {:>10} {:>12} {:>11}\n",
             "policy",
             "expected",
             "counted",
@@ -636,7 +700,8 @@ impl LabReport {
             "stalls",
             "stalled s",
             "max behind",
-            "catch-up ms"
+            "catch-up ms",
+            "end lag"
         ));
         for r in &self.runs {
             let catch_up = match (r.catch_up_ms, r.stalls) {
@@ -645,7 +710,7 @@ impl LabReport {
                 (None, _) => "never".to_owned(),
             };
             out.push_str(&format!(
-                "{:<9} {:>9} {:>9} {:>7} {:>8.2} {:>7} {:>10.3} {:>10} {:>13}\n",
+                "{:<9} {:>9} {:>9} {:>7} {:>8.2} {:>7} {:>10.3} {:>10} {:>12} {:>11}\n",
                 r.policy.as_str(),
                 r.expected_ticks,
                 r.counted_ticks,
@@ -654,7 +719,8 @@ impl LabReport {
                 r.stalls,
                 r.stalled_s,
                 r.max_behind_ticks,
-                catch_up
+                catch_up,
+                r.behind_at_end
             ));
         }
         out
@@ -666,9 +732,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn expected_counts_from_first_tick() {
-        assert_eq!(expected_at(1, 0.0, 1000.0), 1);
-        assert_eq!(expected_at(1, 0.0999, 1000.0), 100);
-        assert_eq!(expected_at(3, 1.0, 100.0), 103);
+    fn expected_counts_whole_periods() {
+        assert_eq!(expected_at(0.0, 1000.0), 0);
+        assert_eq!(expected_at(0.0999, 1000.0), 99);
+        assert_eq!(expected_at(1.0, 100.0), 100);
     }
 }

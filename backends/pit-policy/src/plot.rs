@@ -277,11 +277,11 @@ fn colour_of(policy: LostTickPolicy) -> u8 {
     }
 }
 
+/// Ticks behind the wall clock at each sample (sample times start where the PIT did).
 fn behind(run: &PolicyRun, rate: f64) -> impl Iterator<Item = (f64, f64)> + '_ {
-    let first = run.samples.first().map_or(0.0, |s| f64::from(s.ticks));
     run.samples
         .iter()
-        .map(move |s| (s.t, first + (s.t * rate).floor() - f64::from(s.ticks)))
+        .map(move |s| (s.t, (s.t * rate).floor() - f64::from(s.ticks)))
 }
 
 /// Renders `report` as PNG bytes.
@@ -354,7 +354,7 @@ pub fn render(report: &LabReport) -> Result<Vec<u8>, PlotError> {
     for run in &report.runs {
         lag.series(&mut c, behind(run, rate), colour_of(run.policy));
     }
-    let x_title = "time since the first tick (s); shaded: vcpu withheld";
+    let x_title = "time since the pit started (s); shaded: vcpu withheld";
     c.text(
         LEFT + (WIDTH - LEFT - RIGHT - text_width(x_title)) / 2,
         HEIGHT - 30,
