@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod fabric;
+pub mod link;
 pub mod port;
 pub mod switch;
 pub mod uplink;
@@ -18,11 +19,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use devshare_common::daemon::{serve, DaemonError, ServeOptions};
+use devshare_common::daemon::ServeOptions;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Config, UplinkSpec};
 use crate::fabric::Fabric;
+use crate::link::{serve, LinkError};
 use crate::port::Port;
 use crate::switch::SwitchTable;
 use crate::uplink::{AfPacket, Tap, Uplink, UplinkError, UplinkStats};
@@ -51,7 +53,7 @@ pub enum NetmuxError {
         /// Port name.
         port: String,
         /// Underlying error.
-        source: DaemonError,
+        source: LinkError,
     },
 }
 
@@ -153,7 +155,7 @@ fn serve_port(
         );
         match res {
             Ok(()) => return Ok(()),
-            Err(e @ DaemonError::Listen { .. }) => {
+            Err(e @ LinkError::Listen { .. }) => {
                 return Err(NetmuxError::Port {
                     port: port.config.name.clone(),
                     source: e,

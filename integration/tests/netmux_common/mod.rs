@@ -1,0 +1,326 @@
+//! Shared pieces of the netmux end-to-end tests: a network namespace with a veth pair standing
+//! in for the host NIC, the netmux process, and guests attached to its ports.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use devshare_integration::process::BackendProcess;
+use devshare_integration::qemu::{Guest, GuestBuilder, ScratchDir};
+
+/// How long a guest may take to boot and finish its part under TCG on a busy 2-core machine.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(400);
+
+/// Address of the namespace's end of the veth (the "far side" of the NIC).
+pub const NS_IP: &str = "10.77.0.254";
+
+/// Guest `i`'s MAC and IP address.
+pub fn guest_mac(i: usize) -> String {
+    format!("52:54:00:77:00:{:02x}", i + 1)
+}
+
+/// Guest `i`'s IPv4 address.
+pub fn guest_ip(i: usize) -> String {
+    format!("10.77.0.{}", i + 1)
+}
+
+fn run(cmd: &str, args: &[&str]) -> Output {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    out
+}
+
+fn run_ok(cmd: &str, args: &[&str]) {
+    let out = run(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace holding one end of a veth pair; the other end, in the root namespace,
+/// is the netmux uplink. Both are removed on drop.
+pub struct NetNs {
+    /// Namespace name.
+    pub name: String,
+    /// The root-namespace end of the veth (give it to `--uplink af-packet:`).
+    pub host_if: String,
+}
+
+impl NetNs {
+    /// Creates the namespace, the veth pair and the address [`NS_IP`]/24 inside.
+    pub fn new() -> NetNs {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let id = format!(
+            "{}{}",
+            std::process::id() % 100_000,
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let ns = NetNs {
+            name: format!("nmxns{id}"),
+            host_if: format!("nmxh{id}"),
+        };
+        let peer = format!("nmxp{id}");
+        run_ok("ip", &["netns", "add", &ns.name]);
+        run_ok(
+            "ip",
+            &[
+                "link",
+                "add",
+                &ns.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer,
+            ],
+        );
+        run_ok("ip", &["link", "set", &peer, "netns", &ns.name]);
+        run_ok("ip", &["link", "set", &ns.host_if, "up"]);
+        ns.exec_ok(&format!(
+            "ip addr add {NS_IP}/24 dev {peer} && ip link set {peer} up && ip link set lo up"
+        ));
+        ns
+    }
+
+    /// Runs `sh -c script` inside the namespace.
+    pub fn exec(&self, script: &str) -> Output {
+        run("ip", &["netns", "exec", &self.name, "sh", "-c", script])
+    }
+
+    /// Like [`NetNs::exec`], failing the test on a non-zero exit.
+    pub fn exec_ok(&self, script: &str) -> String {
+        let out = self.exec(script);
+        assert!(
+            out.status.success(),
+            "in {}: {script}: {}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Spawns `sh -c script` inside the namespace without waiting.
+    pub fn spawn(&self, script: &str) -> std::process::Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, "sh", "-c", script])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn in namespace")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace destroys its veth end, which takes the pair with it; the
+        // explicit delete covers a namespace that never got its end.
+        let _ = run("ip", &["link", "del", &self.host_if]);
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// One guest port as the tests configure it.
+#[derive(Clone, Debug)]
+pub struct PortSpec {
+    /// Index (MAC and IP derive from it).
+    pub index: usize,
+    /// Queue pairs.
+    pub queues: u16,
+    /// Backend connects to a listening QEMU.
+    pub client: bool,
+}
+
+impl PortSpec {
+    /// A single-queue, backend-listens port.
+    pub fn new(index: usize) -> PortSpec {
+        PortSpec {
+            index,
+            queues: 1,
+            client: false,
+        }
+    }
+}
+
+/// A running netmux with its scratch directory.
+pub struct Netmux {
+    /// The process.
+    pub process: BackendProcess,
+    /// Sockets and logs live here.
+    pub dir: ScratchDir,
+    /// The ports it serves.
+    pub ports: Vec<PortSpec>,
+}
+
+impl Netmux {
+    /// Socket path of port `i`.
+    pub fn socket(dir: &Path, i: usize) -> PathBuf {
+        dir.join(format!("g{i}.sock"))
+    }
+
+    /// The stats socket.
+    pub fn stats_path(&self) -> PathBuf {
+        self.dir.path().join("stats.sock")
+    }
+
+    /// Starts netmux on `uplink_if` with `ports` and `extra` options; waits for the sockets of
+    /// ports where it listens.
+    pub fn start(name: &str, uplink_if: &str, ports: &[PortSpec], extra: &[&str]) -> Netmux {
+        let dir = ScratchDir::new(name).expect("scratch dir");
+        let mut args: Vec<String> = vec![
+            "--uplink".into(),
+            format!("af-packet:{uplink_if}"),
+            "--stats-socket".into(),
+            dir.path().join("stats.sock").display().to_string(),
+        ];
+        for p in ports {
+            let mut spec = format!(
+                "name=g{},socket={},mac={},queues={}",
+                p.index,
+                Self::socket(dir.path(), p.index).display(),
+                guest_mac(p.index),
+                p.queues
+            );
+            if p.client {
+                spec.push_str(",client");
+            }
+            args.push("--port".into());
+            args.push(spec);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = dir.path().join("netmux.log");
+        let mut process =
+            BackendProcess::spawn("vhost-user-netmux", &args, &log).expect("start netmux");
+        for p in ports.iter().filter(|p| !p.client) {
+            process
+                .wait_for_path(&Self::socket(dir.path(), p.index), Duration::from_secs(20))
+                .expect("netmux socket");
+        }
+        process
+            .wait_for_path(&dir.path().join("stats.sock"), Duration::from_secs(20))
+            .expect("stats socket");
+        Netmux {
+            process,
+            dir,
+            ports: ports.to_vec(),
+        }
+    }
+
+    /// The counters, as JSON, read through the `stats` subcommand.
+    pub fn stats(&self) -> serde_json::Value {
+        let bin = devshare_integration::workspace::binary("vhost-user-netmux").unwrap();
+        let out = Command::new(bin)
+            .args(["stats", "--socket"])
+            .arg(self.stats_path())
+            .output()
+            .expect("run stats");
+        assert!(
+            out.status.success(),
+            "stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("stats JSON")
+    }
+
+    /// Counter `key` (e.g. `rx_packets` or `drops/spoofed`) of port `g<i>`.
+    pub fn port_counter(&self, i: usize, key: &str) -> u64 {
+        let stats = self.stats();
+        let port = stats["ports"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["name"] == format!("g{i}")))
+            .cloned()
+            .unwrap_or_else(|| panic!("no port g{i} in {stats}"));
+        let mut v = &port;
+        for part in key.split('/') {
+            v = &v[part];
+        }
+        v.as_u64()
+            .unwrap_or_else(|| panic!("no counter {key} in {port}"))
+    }
+
+    /// The netmux log so far.
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+}
+
+/// QEMU options attaching a guest to port `p` of `nm`.
+pub fn guest_net_args(nm: &Netmux, p: &PortSpec) -> Vec<String> {
+    let sock = Netmux::socket(nm.dir.path(), p.index);
+    let chardev = if p.client {
+        format!("socket,id=nmc,path={},server=on,wait=off", sock.display())
+    } else {
+        format!("socket,id=nmc,path={},reconnect-ms=500", sock.display())
+    };
+    let mut dev = format!("virtio-net-pci,netdev=nm,mac={}", guest_mac(p.index));
+    if p.queues > 1 {
+        dev.push_str(&format!(",mq=on,vectors={}", 2 * p.queues + 2));
+    }
+    vec![
+        "-chardev".into(),
+        chardev,
+        "-netdev".into(),
+        format!("vhost-user,id=nm,chardev=nmc,queues={}", p.queues),
+        "-device".into(),
+        dev,
+    ]
+}
+
+/// Shell functions every guest script starts with: bring eth0 up with the guest's address,
+/// and `reach IP` which pings until the first answer (up to ~90 s).
+pub fn guest_prelude(i: usize) -> String {
+    format!(
+        r#"
+ip link set eth0 up
+ip addr add {ip}/24 dev eth0
+reach() {{
+    n=0
+    while [ $n -lt 90 ]; do
+        ping -c 1 -W 1 "$1" >/dev/null 2>&1 && return 0
+        n=$((n+1))
+    done
+    return 1
+}}
+"#,
+        ip = guest_ip(i)
+    )
+}
+
+/// A guest on port `p` of `nm` running `script` (after [`guest_prelude`]).
+pub fn guest_builder(nm: &Netmux, p: &PortSpec, script: &str) -> GuestBuilder {
+    let mut b = Guest::builder()
+        .name(&format!("netmux-g{}", p.index))
+        .args(guest_net_args(nm, p))
+        .script(&format!("{}\n{script}", guest_prelude(p.index)));
+    if p.queues > 1 {
+        b = b.cpus(u32::from(p.queues));
+    }
+    b
+}
+
+/// Waits for a console line with `pattern` and returns it, failing with the netmux log.
+pub fn expect_line(g: &mut Guest, nm: &Netmux, pattern: &str, timeout: Duration) -> String {
+    match g.wait_for_line(pattern, timeout) {
+        Ok(l) => l,
+        Err(e) => panic!("{e}\n--- netmux log ---\n{}", nm.log()),
+    }
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    f()
+}
