@@ -628,7 +628,7 @@ pub fn run_policy(policy: LostTickPolicy, config: &LabConfig) -> Result<PolicyRu
         lost_ticks: lost,
         lost_percent: 100.0 * lost as f64 / expected as f64,
         stalls: stall_windows.len(),
-        stalled_s: stall_windows.iter().map(|(s, e)| e - s).sum(),
+        stalled_s: stall_windows.iter().fold(0.0, |sum, (s, e)| sum + (e - s)),
         max_behind_ticks: max_behind,
         catch_up_ms,
         samples,
