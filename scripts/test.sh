@@ -14,6 +14,7 @@
 #   DEVSHARE_TEST_PROFILE  `debug` (default) or `release`: the cargo profile of steps 4 and 5.
 #                          Debug keeps overflow checks on in the tests; the guests run under TCG,
 #                          which is far slower than a debug backend, so debug is fast enough.
+#   DEVSHARE_TEST_TIMEOUT  time limit of `cargo test` in seconds (default 3000)
 #   DEVSHARE_ACCEL         QEMU accelerator of the guests (default tcg)
 #   DEVSHARE_CACHE         setup.sh's cache (default /var/cache/devshare)
 #   CARGO_TARGET_DIR       honoured as usual
@@ -36,6 +37,8 @@ case "$PROFILE" in
     *) echo "test.sh: DEVSHARE_TEST_PROFILE must be debug or release, not '$PROFILE'" >&2; exit 2 ;;
 esac
 
+TEST_TIMEOUT=${DEVSHARE_TEST_TIMEOUT:-3000}
+
 STEP_TIMES=()
 step_start=0
 step() {
@@ -47,7 +50,7 @@ step() {
 }
 step_end() {
     if [ "$step_start" != 0 ]; then
-        STEP_TIMES+=("$(printf '%-8s %4d s' "$CURRENT_STEP" $(($(date +%s) - step_start)))")
+        STEP_TIMES+=("$(printf '%-9s %4d s' "$CURRENT_STEP" $(($(date +%s) - step_start)))")
     fi
     step_start=0
 }
@@ -92,13 +95,18 @@ cargo build --workspace --bins "${PROFILE_ARGS[@]}" || FAILED+=(build)
 step test
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace "${PROFILE_ARGS[@]}" -- "$@" 2>&1 | tee "$log" || FAILED+=(test)
+# --no-fail-fast: one failing test binary must not hide the results of the others. The time
+# limit turns a hung test into a failure well inside CI's budget; timeout(1) signals the whole
+# process group, and the guests die with the test threads that spawned them.
+timeout --kill-after=30 "$TEST_TIMEOUT" \
+    cargo test --workspace --no-fail-fast "${PROFILE_ARGS[@]}" -- "$@" 2>&1 | tee "$log" ||
+    FAILED+=(test)
 step_end
 
 echo
 echo "=== summary"
 printf '%s\n' "${STEP_TIMES[@]}"
-echo "total    $(($(date +%s) - T0)) s"
+printf '%-9s %4d s\n' total $(($(date +%s) - T0))
 # One closing line over every test binary (cargo prints one "test result:" per binary).
 totals=$(awk '/^test result:/ {
         for (i = 1; i <= NF; i++) {
