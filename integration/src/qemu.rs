@@ -48,8 +48,9 @@ const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 /// How many console lines an error message shows.
 const ERROR_CONSOLE_LINES: usize = 60;
 
-/// Errors of the QEMU runner.
-#[derive(Debug, thiserror::Error)]
+/// Errors of the QEMU runner. `Debug` prints the same text as `Display`, so a test's
+/// `unwrap()`/`expect()` shows the console tail readably instead of one escaped string.
+#[derive(thiserror::Error)]
 pub enum QemuError {
     /// Neither the environment nor setup.sh's env file says where a piece of the test bed is.
     #[error("QEMU not found: run scripts/setup.sh ({0} is not set and {1} does not exist)")]
@@ -139,6 +140,12 @@ pub enum QemuError {
         /// Console tail and QEMU's stderr.
         report: String,
     },
+}
+
+impl std::fmt::Debug for QemuError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// Result alias of this module.

@@ -6,8 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-/// Errors finding a binary.
-#[derive(Debug, thiserror::Error)]
+/// Errors finding a binary. `Debug` prints the `Display` text, for readable `unwrap()`s.
+#[derive(thiserror::Error)]
 pub enum BinaryError {
     /// The binary is not in any of the places looked at.
     #[error("binary {name} not found (looked in {searched}): build it with `cargo build --workspace --bins`")]
@@ -17,6 +17,12 @@ pub enum BinaryError {
         /// The directories searched, comma separated.
         searched: String,
     },
+}
+
+impl std::fmt::Debug for BinaryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// The path of the workspace binary `name` (e.g. `vhost-user-console`), built in the same

@@ -164,3 +164,27 @@ fn guest_without_script_offers_a_shell() {
         "a killed shell guest cannot report an exit code"
     );
 }
+
+#[test]
+fn guest_that_dies_before_its_script_ends_is_an_error() {
+    init_logging();
+    // The script powers the guest off itself, so /init never reports an exit code: the runner
+    // must say so rather than invent one.
+    let mut guest = Guest::builder()
+        .name("boot-no-exit-code")
+        .script("echo about-to-vanish\npoweroff -f\nsleep 60\n")
+        .spawn()
+        .expect("spawn QEMU");
+    let err = guest
+        .wait_exit(DEFAULT_TIMEOUT)
+        .expect_err("a guest without an exit code must not pass");
+    let message = err.to_string();
+    assert!(
+        message.contains("without the guest reporting an exit code"),
+        "wrong error: {message}"
+    );
+    assert!(
+        message.contains("about-to-vanish"),
+        "error lacks the console tail: {message}"
+    );
+}
