@@ -70,7 +70,7 @@ flock 9
 # ---------------------------------------------------------------------------------------------
 # debootstrap: the trixie rootfs for QEMU; cpio/gzip/busybox-static: the initramfs;
 # iproute2/socat: network namespaces and socket plumbing in tests and the demo;
-# python3/pkg-config: helper scripts and -sys crates; libudev-dev: serialport's optional udev.
+# python3/pkg-config: helper scripts and -sys crates; gcc/libc6-dev: rustc's linker.
 HOST_PACKAGES=(debootstrap cpio gzip busybox-static iproute2 socat python3 pkg-config
     ca-certificates gcc libc6-dev)
 
