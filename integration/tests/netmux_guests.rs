@@ -70,3 +70,309 @@ fn three_guests_reach_each_other_and_the_namespace() {
         assert_eq!(nm.port_counter(i, "drops/spoofed"), 0);
     }
 }
+
+/// Retries `nc HOST PORT < FILE` until a listener takes it (the peer may still be booting).
+const SEND_FN: &str = r#"
+send() {
+    n=0
+    until nc "$1" "$2" < "$3"; do
+        n=$((n+1)); [ $n -gt 90 ] && return 1
+        sleep 1
+    done
+}
+"#;
+
+fn value_after<'a>(console: &'a str, tag: &str) -> &'a str {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once(tag).map(|(_, v)| v.trim()))
+        .unwrap_or_else(|| panic!("no '{tag}' line in:\n{console}"))
+}
+
+#[test]
+fn sixteen_mib_tcp_between_guests_and_with_the_namespace() {
+    let ns = NetNs::new();
+    let ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
+    let nm = Netmux::start("netmux-tcp", &ns.host_if, &ports, &[]);
+    let scratch = devshare_integration::qemu::ScratchDir::new("netmux-tcp-ns").unwrap();
+    let ns_blob = scratch.path().join("blob");
+    let ns_sum = ns.exec_ok(&format!(
+        "dd if=/dev/urandom of={} bs=1M count=16 2>/dev/null && sha256sum {} | cut -d' ' -f1",
+        ns_blob.display(),
+        ns_blob.display()
+    ));
+    // The namespace receives guest 0's file.
+    let hold = scratch.path().join("hold");
+    let ns_rx = ns.spawn(&format!(
+        "mkfifo {h} && busybox nc -l -p 5001 <>{h} | sha256sum | cut -d' ' -f1",
+        h = hold.display()
+    ));
+
+    let sender = format!(
+        "{SEND_FN}
+dd if=/dev/urandom of=/tmp/blob bs=1M count=16 2>/dev/null
+echo \"NETMUX sum $(sha256sum /tmp/blob | cut -d' ' -f1)\"
+reach {g1}; reach {NS_IP}
+send {g1} 5000 /tmp/blob && echo NETMUX sent-g2g
+send {NS_IP} 5001 /tmp/blob && echo NETMUX sent-ns
+echo NETMUX-DONE
+sleep 1000
+",
+        g1 = guest_ip(1)
+    );
+    // A listener whose stdin ends shuts its side down at once, and busybox nc on the other end
+    // then quits mid-transfer: give listeners a stdin that never ends (a FIFO opened read-write).
+    let receiver = "
+mkfifo /tmp/hold
+nc -l -p 5000 <>/tmp/hold > /tmp/got
+echo \"NETMUX got-g2g $(sha256sum /tmp/got | cut -d' ' -f1)\"
+rm /tmp/got
+echo NETMUX listening-ns
+nc -l -p 5002 <>/tmp/hold > /tmp/got
+echo \"NETMUX got-ns $(sha256sum /tmp/got | cut -d' ' -f1)\"
+echo NETMUX-DONE
+sleep 1000
+";
+    let mut g1 = guest_builder(&nm, &ports[1], receiver).spawn().unwrap();
+    let mut g0 = guest_builder(&nm, &ports[0], &sender).spawn().unwrap();
+
+    expect_line(&mut g1, &nm, "NETMUX listening-ns", GUEST_TIMEOUT);
+    // Guest 1 now listens for the namespace's file.
+    ns.exec_ok(&format!(
+        "n=0; until busybox nc {} 5002 < {}; do n=$((n+1)); [ $n -gt 60 ] && exit 1; sleep 1; done",
+        guest_ip(1),
+        ns_blob.display()
+    ));
+    expect_line(&mut g1, &nm, "NETMUX-DONE", GUEST_TIMEOUT);
+    expect_line(&mut g0, &nm, "NETMUX-DONE", GUEST_TIMEOUT);
+    let c0 = g0.console_output();
+    let c1 = g1.console_output();
+    let sent_sum = value_after(&c0, "NETMUX sum ");
+    assert!(
+        c0.contains("NETMUX sent-g2g") && c0.contains("NETMUX sent-ns"),
+        "{c0}"
+    );
+    assert_eq!(
+        value_after(&c1, "NETMUX got-g2g "),
+        sent_sum,
+        "guest-to-guest copy differs: {}\n{c1}",
+        nm.stats()
+    );
+    let out = ns_rx.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        sent_sum,
+        "guest-to-namespace copy differs"
+    );
+    assert_eq!(
+        value_after(&c1, "NETMUX got-ns "),
+        ns_sum.trim(),
+        "namespace-to-guest copy differs"
+    );
+    // 16 MiB each way went through the counters.
+    assert!(nm.port_counter(0, "tx_bytes") > 32 << 20);
+    assert!(nm.port_counter(1, "rx_bytes") > 32 << 20);
+}
+
+#[test]
+fn private_mode_blocks_guest_to_guest_but_not_the_uplink() {
+    let ns = NetNs::new();
+    let ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
+    let nm = Netmux::start(
+        "netmux-private",
+        &ns.host_if,
+        &ports,
+        &["--mode", "private"],
+    );
+    let mut guests = Vec::new();
+    for p in &ports {
+        let other = 1 - p.index;
+        let script = format!(
+            "
+if reach {NS_IP}; then echo NETMUX uplink ok; else echo NETMUX uplink FAIL; fi
+if ping -c 5 -W 1 {oip} >/dev/null 2>&1; then echo NETMUX peer REACHED; else echo NETMUX peer blocked; fi
+echo \"NETMUX neigh $(ip neigh show {oip})\"
+echo NETMUX-DONE
+sleep 1000
+",
+            oip = guest_ip(other),
+        );
+        guests.push(guest_builder(&nm, p, &script).spawn().unwrap());
+    }
+    for g in guests.iter_mut() {
+        expect_line(g, &nm, "NETMUX-DONE", GUEST_TIMEOUT);
+        let c = g.console_output();
+        assert!(c.contains("NETMUX uplink ok"), "{c}");
+        assert!(c.contains("NETMUX peer blocked"), "{c}");
+    }
+    // Not even ARP crossed: neither guest learned the other's MAC.
+    for (i, g) in guests.iter().enumerate() {
+        let c = g.console_output();
+        assert!(
+            !c.contains(&guest_mac(1 - i)),
+            "guest {i} saw its peer:\n{c}"
+        );
+    }
+}
+
+#[test]
+fn forged_source_mac_never_reaches_the_others() {
+    let ns = NetNs::new();
+    let ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
+    let nm = Netmux::start("netmux-spoof", &ns.host_if, &ports, &[]);
+    const FORGED: &str = "52:54:00:77:00:99";
+    let watcher = format!(
+        "
+reach {NS_IP}
+echo NETMUX ready
+while :; do echo \"NETMUX neigh $(ip neigh show {g0})\"; sleep 1; done
+",
+        g0 = guest_ip(0)
+    );
+    let forger = format!(
+        "
+reach {NS_IP}
+ip neigh flush dev eth0
+ip link set eth0 down
+ip link set eth0 address {FORGED}
+ip link set eth0 up
+if ping -c 5 -W 1 {g1} >/dev/null 2>&1; then echo NETMUX forged REACHED; else echo NETMUX forged lost; fi
+if ping -c 5 -W 1 {NS_IP} >/dev/null 2>&1; then echo NETMUX forged-ns REACHED; else echo NETMUX forged-ns lost; fi
+echo NETMUX forged-done
+ip link set eth0 down
+ip link set eth0 address {real}
+ip link set eth0 up
+if reach {g1}; then echo NETMUX real ok; else echo NETMUX real FAIL; fi
+echo NETMUX-DONE
+sleep 1000
+",
+        g1 = guest_ip(1),
+        real = guest_mac(0)
+    );
+    let mut g1 = guest_builder(&nm, &ports[1], &watcher).spawn().unwrap();
+    expect_line(&mut g1, &nm, "NETMUX ready", GUEST_TIMEOUT);
+    let mut g0 = guest_builder(&nm, &ports[0], &forger).spawn().unwrap();
+    expect_line(&mut g0, &nm, "NETMUX forged-done", GUEST_TIMEOUT);
+    let dropped = nm.port_counter(0, "drops/spoofed");
+    expect_line(&mut g0, &nm, "NETMUX-DONE", GUEST_TIMEOUT);
+    let c0 = g0.console_output();
+    assert!(c0.contains("NETMUX forged lost"), "{c0}");
+    assert!(c0.contains("NETMUX forged-ns lost"), "{c0}");
+    assert!(c0.contains("NETMUX real ok"), "{c0}");
+    // ARP requests and pings with the forged source: 10 pings' worth at least.
+    assert!(dropped >= 5, "spoofed drops: {dropped}\n{}", nm.stats());
+    // Neither the other guest nor the namespace ever saw the forged address.
+    let c1 = g1.console_output();
+    assert!(
+        !c1.contains(FORGED),
+        "guest 1 learned the forged MAC:\n{c1}"
+    );
+    let ns_neigh = ns.exec_ok("ip neigh show");
+    assert!(
+        !ns_neigh.contains(FORGED),
+        "namespace learned it: {ns_neigh}"
+    );
+}
+
+#[test]
+fn a_restarted_guest_does_not_disturb_the_others() {
+    let ns = NetNs::new();
+    let ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
+    let nm = Netmux::start("netmux-restart", &ns.host_if, &ports, &[]);
+    let steady = format!(
+        "
+reach {NS_IP}
+echo NETMUX ready
+while :; do
+    if ping -c 1 -W 3 {NS_IP} >/dev/null 2>&1; then echo NETMUX tick ok; else echo NETMUX tick FAIL; fi
+    sleep 1
+done
+"
+    );
+    let flaky = format!(
+        "
+if reach {g0} && reach {NS_IP}; then echo NETMUX up ok; else echo NETMUX up FAIL; fi
+sleep 1000
+",
+        g0 = guest_ip(0)
+    );
+    let mut g0 = guest_builder(&nm, &ports[0], &steady).spawn().unwrap();
+    expect_line(&mut g0, &nm, "NETMUX ready", GUEST_TIMEOUT);
+    let mut g1 = guest_builder(&nm, &ports[1], &flaky).spawn().unwrap();
+    assert!(expect_line(&mut g1, &nm, "NETMUX up", GUEST_TIMEOUT).contains("ok"));
+    g1.kill().unwrap();
+    drop(g1);
+    assert!(
+        eventually(std::time::Duration::from_secs(30), || nm
+            .port_counter(1, "disconnects")
+            >= 1),
+        "netmux did not notice the guest going away: {}",
+        nm.stats()
+    );
+    let mut g1 = guest_builder(&nm, &ports[1], &flaky).spawn().unwrap();
+    assert!(expect_line(&mut g1, &nm, "NETMUX up", GUEST_TIMEOUT).contains("ok"));
+    for _ in 0..3 {
+        expect_line(&mut g0, &nm, "NETMUX tick", GUEST_TIMEOUT);
+    }
+    let c0 = g0.console_output();
+    assert!(
+        !c0.contains("NETMUX tick FAIL"),
+        "steady guest lost traffic:\n{c0}"
+    );
+    assert!(nm.port_counter(1, "connects") >= 2);
+    assert_eq!(nm.port_counter(0, "disconnects"), 0);
+}
+
+#[test]
+fn a_multiqueue_guest_works() {
+    let ns = NetNs::new();
+    let mut mq = PortSpec::new(0);
+    mq.queues = 2;
+    let ports = vec![mq, PortSpec::new(1)];
+    let nm = Netmux::start("netmux-mq", &ns.host_if, &ports, &[]);
+    let mq_script = format!(
+        "
+echo \"NETMUX queues $(ls /sys/class/net/eth0/queues | tr '\\n' ' ')\"
+echo \"NETMUX cpus $(nproc)\"
+if reach {g1} && reach {NS_IP}; then echo NETMUX reach ok; else echo NETMUX reach FAIL; fi
+# Several flows, so both queue pairs carry traffic.
+for port in 1 2 3 4; do
+    dd if=/dev/zero bs=64k count=16 2>/dev/null | nc {NS_IP} 600$port
+done
+echo NETMUX-DONE
+sleep 1000
+",
+        g1 = guest_ip(1)
+    );
+    let scratch = devshare_integration::qemu::ScratchDir::new("netmux-mq-ns").unwrap();
+    let listeners: Vec<_> = (1..=4)
+        .map(|p| {
+            let h = scratch.path().join(format!("hold{p}"));
+            ns.spawn(&format!(
+                "mkfifo {h} && busybox nc -l -p 600{p} <>{h} | wc -c",
+                h = h.display()
+            ))
+        })
+        .collect();
+    let peer = "echo NETMUX-DONE; sleep 1000";
+    let mut g1 = guest_builder(&nm, &ports[1], peer).spawn().unwrap();
+    let mut g0 = guest_builder(&nm, &ports[0], &mq_script).spawn().unwrap();
+    expect_line(&mut g0, &nm, "NETMUX-DONE", GUEST_TIMEOUT);
+    expect_line(&mut g1, &nm, "NETMUX-DONE", GUEST_TIMEOUT);
+    let c0 = g0.console_output();
+    let queues = value_after(&c0, "NETMUX queues ");
+    for q in ["rx-0", "rx-1", "tx-0", "tx-1"] {
+        assert!(queues.contains(q), "guest sees queues '{queues}'");
+    }
+    assert!(c0.contains("NETMUX reach ok"), "{c0}");
+    for l in listeners {
+        let out = l.wait_with_output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "1048576",
+            "{}\n{c0}",
+            nm.stats()
+        );
+    }
+}

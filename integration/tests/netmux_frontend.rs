@@ -1,0 +1,287 @@
+//! vhost-user-netmux driven by the frontend harness (a vhost-user front-end playing the guest
+//! driver): counters match the frames sent, and malformed descriptor chains are refused and
+//! counted while the process and the other port keep working. Needs root (the uplink is a
+//! veth whose far end sits in a test namespace).
+
+mod netmux_common;
+
+use std::time::Duration;
+
+use devshare_integration::frontend::{
+    Connection, Descriptor, DriverQueue, GuestBuffer, GuestRam, Segment, VhostUserProtocolFeatures,
+    DESC_F_NEXT, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1,
+};
+use netmux_common::*;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+
+const WAIT: Duration = Duration::from_secs(10);
+const HDR: usize = 12;
+
+/// One port driven by the harness.
+struct HarnessGuest {
+    ram: GuestRam,
+    conn: Connection,
+    rx: DriverQueue,
+    tx: DriverQueue,
+}
+
+fn mac_bytes(i: usize) -> [u8; 6] {
+    [0x52, 0x54, 0x00, 0x77, 0x00, (i + 1) as u8]
+}
+
+impl HarnessGuest {
+    fn attach(nm: &Netmux, i: usize) -> HarnessGuest {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let mut conn = Connection::connect(Netmux::socket(nm.dir.path(), i)).unwrap();
+        let agreed = conn
+            .handshake(
+                1 << VIRTIO_F_VERSION_1
+                    | 1 << VIRTIO_NET_F_MRG_RXBUF
+                    | VHOST_USER_F_PROTOCOL_FEATURES,
+                VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::REPLY_ACK,
+            )
+            .unwrap();
+        assert!(agreed.has(VIRTIO_F_VERSION_1));
+        // The port's MAC is offered in the device configuration space.
+        let cfg = conn.get_config(0, 6).unwrap();
+        assert_eq!(cfg, mac_bytes(i));
+        conn.set_mem_table(&ram).unwrap();
+        let rx = conn.start_queue(&ram, 0, 256).unwrap();
+        let tx = conn.start_queue(&ram, 1, 256).unwrap();
+        HarnessGuest { ram, conn, rx, tx }
+    }
+
+    /// Posts `n` receive buffers of 2 KiB.
+    fn post_rx(&mut self, n: usize) -> Vec<GuestBuffer> {
+        let bufs: Vec<_> = (0..n)
+            .map(|_| {
+                let b = self.ram.alloc(2048).unwrap();
+                self.rx.add_chain(&[Segment::writable(b)]).unwrap();
+                b
+            })
+            .collect();
+        self.rx.kick().unwrap();
+        bufs
+    }
+
+    /// Sends one buffer holding `bytes` and waits for the device to hand it back.
+    fn send(&mut self, bytes: &[u8]) {
+        let b = self.ram.alloc(bytes.len() as u32).unwrap();
+        self.ram.fill(b, bytes).unwrap();
+        self.tx.add_chain(&[Segment::readable(b)]).unwrap();
+        self.tx.kick().unwrap();
+        self.tx.wait_used(WAIT).unwrap();
+    }
+}
+
+/// virtio-net header (no offloads) + Ethernet frame of `len` bytes from `src` to `dst`.
+fn frame(dst: [u8; 6], src: [u8; 6], seq: u32, len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; HDR];
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x88, 0xb5]); // local experimental ethertype
+    f.extend_from_slice(&seq.to_be_bytes());
+    while f.len() < HDR + len {
+        f.push((f.len() % 251) as u8);
+    }
+    f
+}
+
+fn uplink_counter(nm: &Netmux, key: &str) -> u64 {
+    nm.stats()["uplink"][key].as_u64().unwrap()
+}
+
+#[test]
+fn counters_match_the_frames_sent() {
+    let ns = NetNs::new();
+    let ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
+    let nm = Netmux::start("netmux-counters", &ns.host_if, &ports, &[]);
+    let mut a = HarnessGuest::attach(&nm, 0);
+    let mut b = HarnessGuest::attach(&nm, 1);
+    const N: usize = 100;
+    b.post_rx(N + 1);
+    for seq in 0..N as u32 {
+        a.send(&frame(mac_bytes(1), mac_bytes(0), seq, 60 + seq as usize));
+    }
+    let used = b.rx.wait_used_n(N, WAIT).unwrap();
+    for (k, u) in used.iter().enumerate() {
+        let want = frame(mac_bytes(1), mac_bytes(0), k as u32, 60 + k);
+        assert_eq!(u.len as usize, want.len(), "frame {k} length");
+        let head_buf = b.rx.raw_read_desc(u.head).unwrap();
+        let got = b.ram.read_vec(head_buf.addr, u.len as usize).unwrap();
+        // num_buffers = 1 in the header; the rest as sent.
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
+        assert_eq!(&got[HDR..], &want[HDR..], "frame {k} bytes");
+    }
+    // Forged source: dropped, counted, never delivered.
+    for seq in 0..10 {
+        a.send(&frame(
+            mac_bytes(1),
+            [0x52, 0x54, 0, 0x77, 0, 0x99],
+            seq,
+            60,
+        ));
+    }
+    // Unknown unicast: out through the uplink.
+    for seq in 0..5 {
+        a.send(&frame([0x02, 0, 0, 0, 0, 0x42], mac_bytes(0), seq, 60));
+    }
+    // A marker behind them must be the very next frame port 1 receives.
+    a.send(&frame(mac_bytes(1), mac_bytes(0), 0xdead, 64));
+    let marker = b.rx.wait_used(WAIT).unwrap();
+    let d = b.rx.raw_read_desc(marker.head).unwrap();
+    let got = b.ram.read_vec(d.addr, marker.len as usize).unwrap();
+    assert_eq!(&got[HDR + 14..HDR + 18], &0xdead_u32.to_be_bytes());
+
+    let ok = eventually(WAIT, || {
+        nm.port_counter(0, "tx_packets") == (N + 16) as u64
+            && nm.port_counter(1, "rx_packets") == (N + 1) as u64
+            && nm.port_counter(0, "drops/spoofed") == 10
+            && uplink_counter(&nm, "tx_packets") == 5
+    });
+    assert!(ok, "counters: {}", nm.stats());
+    let bytes: u64 = (0..N as u64).map(|k| 60 + k).sum::<u64>() + 64;
+    assert_eq!(nm.port_counter(1, "rx_bytes"), bytes);
+    assert_eq!(nm.port_counter(0, "rx_packets"), 0);
+    assert_eq!(nm.port_counter(1, "tx_packets"), 0);
+    drop(a.conn);
+    drop(b.conn);
+}
+
+#[test]
+fn malformed_chains_are_refused_and_the_others_keep_working() {
+    let ns = NetNs::new();
+    let ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
+    let mut nm = Netmux::start("netmux-malformed", &ns.host_if, &ports, &[]);
+    let mut a = HarnessGuest::attach(&nm, 0);
+    let mut b = HarnessGuest::attach(&nm, 1);
+    // Port 1's first receive buffer is one the device may only read.
+    let ro = b.ram.alloc(2048).unwrap();
+    b.rx.add_chain(&[Segment::readable(ro)]).unwrap();
+    b.rx.kick().unwrap();
+
+    // 1. A buffer outside guest memory.
+    let ids = a.tx.raw_reserve(1).unwrap();
+    a.tx.raw_write_desc(
+        ids[0],
+        Descriptor {
+            addr: 1 << 40,
+            len: 100,
+            flags: 0,
+            next: 0,
+        },
+    )
+    .unwrap();
+    a.tx.raw_publish(ids[0]);
+    // 2. A loop: two descriptors pointing at each other.
+    let lp = a.tx.raw_reserve(2).unwrap();
+    let buf = a.ram.alloc(64).unwrap();
+    for (i, &id) in lp.iter().enumerate() {
+        a.tx.raw_write_desc(
+            id,
+            Descriptor {
+                addr: buf.addr,
+                len: 32,
+                flags: DESC_F_NEXT,
+                next: lp[1 - i],
+            },
+        )
+        .unwrap();
+    }
+    a.tx.raw_publish(lp[0]);
+    // 3. A bogus length running far past the end of memory.
+    let huge = a.tx.raw_reserve(1).unwrap();
+    a.tx.raw_write_desc(
+        huge[0],
+        Descriptor {
+            addr: buf.addr,
+            len: u32::MAX,
+            flags: 0,
+            next: 0,
+        },
+    )
+    .unwrap();
+    a.tx.raw_publish(huge[0]);
+    // 4. A device-writable buffer on the transmit queue.
+    let w = a.ram.alloc(100).unwrap();
+    a.tx.add_chain(&[Segment::writable(w)]).unwrap();
+    // 5. A head index past the ring.
+    a.tx.raw_publish(5000);
+    a.tx.kick().unwrap();
+    let bad_chains = 5;
+
+    // 6-8. Frames too short for a header, for an Ethernet header, and a segmentation request
+    // without a checksum request.
+    let short = a.ram.alloc(5).unwrap();
+    a.tx.add_chain(&[Segment::readable(short)]).unwrap();
+    let eth_short = a.ram.alloc((HDR + 10) as u32).unwrap();
+    a.tx.add_chain(&[Segment::readable(eth_short)]).unwrap();
+    let mut gso = frame(mac_bytes(1), mac_bytes(0), 1, 100);
+    gso[1] = 1; // GSO_TCPV4
+    gso[4] = 0x40; // gso_size 64, but flags lack NEEDS_CSUM
+    let g = a.ram.alloc(gso.len() as u32).unwrap();
+    a.ram.fill(g, &gso).unwrap();
+    a.tx.add_chain(&[Segment::readable(g)]).unwrap();
+    a.tx.kick().unwrap();
+    let bad_frames = 3;
+
+    let ok = eventually(WAIT, || {
+        nm.port_counter(0, "drops/bad_chain") == bad_chains
+            && nm.port_counter(0, "drops/bad_frame") == bad_frames
+    });
+    assert!(ok, "counters: {}\n{}", nm.stats(), nm.log());
+    assert!(nm.process.is_running(), "netmux died:\n{}", nm.log());
+    assert_eq!(
+        nm.port_counter(1, "rx_packets"),
+        0,
+        "a malformed frame got through"
+    );
+
+    // A good frame meets port 1's read-only receive buffer: refused and counted there.
+    a.send(&frame(mac_bytes(1), mac_bytes(0), 6, 80));
+    let refused = b.rx.wait_used(WAIT).unwrap();
+    assert_eq!(refused.len, 0);
+    assert!(eventually(WAIT, || nm
+        .port_counter(1, "drops/rx_bad_chain")
+        == 1));
+    // With proper buffers the port works, and so does the sender after all its bad chains.
+    b.post_rx(8);
+    a.send(&frame(mac_bytes(1), mac_bytes(0), 7, 80));
+    let got = b.rx.wait_used(WAIT).unwrap();
+    assert_eq!(got.len as usize, HDR + 80);
+    assert!(nm.process.is_running(), "netmux died:\n{}", nm.log());
+    assert_eq!(nm.port_counter(1, "rx_packets"), 1);
+    drop(a.conn);
+    drop(b.conn);
+    nm.process.kill();
+}
+
+#[test]
+fn private_mode_counts_blocked_unicast_between_ports() {
+    let ns = NetNs::new();
+    let ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
+    let nm = Netmux::start(
+        "netmux-private-count",
+        &ns.host_if,
+        &ports,
+        &["--mode", "private"],
+    );
+    let mut a = HarnessGuest::attach(&nm, 0);
+    let mut b = HarnessGuest::attach(&nm, 1);
+    b.post_rx(4);
+    for seq in 0..7 {
+        a.send(&frame(mac_bytes(1), mac_bytes(0), seq, 60));
+    }
+    // Broadcast from a guest leaves only through the uplink in private mode.
+    a.send(&frame([0xff; 6], mac_bytes(0), 99, 60));
+    let ok = eventually(WAIT, || {
+        nm.port_counter(0, "drops/private") == 7 && uplink_counter(&nm, "tx_packets") == 1
+    });
+    assert!(ok, "counters: {}", nm.stats());
+    assert_eq!(nm.port_counter(1, "rx_packets"), 0);
+    assert!(b.rx.poll_used().unwrap().is_none());
+    drop(a.conn);
+    drop(b.conn);
+}
