@@ -8,8 +8,8 @@ mod netmux_common;
 use std::time::Duration;
 
 use devshare_integration::frontend::{
-    Connection, Descriptor, DriverQueue, GuestBuffer, GuestRam, Segment, VhostUserProtocolFeatures,
-    DESC_F_NEXT, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1,
+    Connection, Descriptor, DriverQueue, FrontendListener, GuestBuffer, GuestRam, Segment,
+    VhostUserProtocolFeatures, DESC_F_NEXT, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1,
 };
 use netmux_common::*;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
@@ -31,8 +31,13 @@ fn mac_bytes(i: usize) -> [u8; 6] {
 
 impl HarnessGuest {
     fn attach(nm: &Netmux, i: usize) -> HarnessGuest {
+        let conn = Connection::connect(Netmux::socket(nm.dir.path(), i)).unwrap();
+        HarnessGuest::setup(conn, i)
+    }
+
+    /// Drives an established connection like a guest driver of port `i` would.
+    fn setup(mut conn: Connection, i: usize) -> HarnessGuest {
         let ram = GuestRam::new(16 << 20).unwrap();
-        let mut conn = Connection::connect(Netmux::socket(nm.dir.path(), i)).unwrap();
         let agreed = conn
             .handshake(
                 1 << VIRTIO_F_VERSION_1
@@ -284,4 +289,31 @@ fn private_mode_counts_blocked_unicast_between_ports() {
     assert!(b.rx.poll_used().unwrap().is_none());
     drop(a.conn);
     drop(b.conn);
+}
+
+#[test]
+fn client_mode_dials_a_listening_front_end_and_redials_after_it_restarts() {
+    let ns = NetNs::new();
+    let mut client = PortSpec::new(1);
+    client.client = true;
+    let ports = vec![PortSpec::new(0), client];
+    // The "QEMU" of port 1 listens (server=on); netmux dials it.
+    let nm = Netmux::start("netmux-client", &ns.host_if, &ports, &[]);
+    let path = Netmux::socket(nm.dir.path(), 1);
+    for round in 0..2u32 {
+        let listener = FrontendListener::bind(&path).unwrap();
+        let conn = listener.accept(Duration::from_secs(20)).unwrap();
+        let mut b = HarnessGuest::setup(conn, 1);
+        let mut a = HarnessGuest::attach(&nm, 0);
+        b.post_rx(2);
+        a.send(&frame(mac_bytes(1), mac_bytes(0), round, 70));
+        let got = b.rx.wait_used(WAIT).unwrap();
+        assert_eq!(got.len as usize, HDR + 70, "round {round}");
+        // Both "QEMUs" go away; the listening one comes back on the next round.
+        drop(a.conn);
+        drop(b.conn);
+        drop(listener);
+        let _ = std::fs::remove_file(&path);
+    }
+    assert!(nm.port_counter(1, "connects") >= 2, "{}", nm.stats());
 }
