@@ -68,6 +68,11 @@ impl NetNs {
         };
         let peer = format!("nmxp{id}");
         run_ok("ip", &["netns", "add", &ns.name]);
+        // No IPv6 chatter (router solicitations, MLD) from the far side: tests that count
+        // frames must see only their own.
+        ns.exec_ok(
+            "sysctl -qw net.ipv6.conf.default.disable_ipv6=1 net.ipv6.conf.all.disable_ipv6=1",
+        );
         run_ok(
             "ip",
             &[
