@@ -9,6 +9,9 @@
 //! the front-end and dials again whenever either side went away.
 
 use std::fmt;
+use std::io;
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
 
 use crate::chain::Memory;
+use crate::relay;
 
 /// How a backend meets its front-end.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,14 +61,11 @@ pub enum DaemonError {
         /// Socket path.
         path: PathBuf,
         /// Underlying error.
-        source: vhost::vhost_user::Error,
+        source: io::Error,
     },
     /// The backend for a new connection could not be built.
     #[error("cannot set up the device for a new connection: {0}")]
     Backend(String),
-    /// The vhost-user daemon could not be created.
-    #[error("cannot start the vhost-user daemon: {0}")]
-    Daemon(vhost_user_backend::Error),
 }
 
 /// Knobs of [`serve`].
@@ -97,6 +98,7 @@ impl ServeOptions {
 /// `make_backend` is called once per connection. Its backend's `exit_event` must hand out
 /// clones of one fixed event pair per thread: after a connection ends the daemon signals them
 /// so the connection's worker threads finish. `on_disconnect` runs after each connection.
+/// Every connection's messages pass through [`relay`](crate::relay).
 pub fn serve<B, F, D>(
     opts: &ServeOptions,
     mut make_backend: F,
@@ -108,10 +110,13 @@ where
     F: FnMut() -> Result<B, String>,
     D: FnMut(),
 {
-    let mut listener = match &opts.transport {
+    let public = match &opts.transport {
         Transport::Listen(path) => {
+            if path.exists() {
+                let _ = std::fs::remove_file(path);
+            }
             Some(
-                Listener::new(path, true).map_err(|source| DaemonError::Listen {
+                UnixListener::bind(path).map_err(|source| DaemonError::Listen {
                     path: path.clone(),
                     source,
                 })?,
@@ -122,43 +127,85 @@ where
     log::info!("{}: {}", opts.name, opts.transport);
     let mut waiting_logged = false;
     while !opts.stop.load(Ordering::Acquire) {
-        let backend = make_backend().map_err(DaemonError::Backend)?;
-        let mem = GuestMemoryAtomic::new(Memory::new());
-        let mut daemon = VhostUserDaemon::new(opts.name.clone(), backend.clone(), mem)
-            .map_err(DaemonError::Daemon)?;
-        let started = match (&mut listener, &opts.transport) {
-            (Some(l), _) => daemon.start(l),
-            (None, Transport::Connect(path)) => daemon.start_client(&path.to_string_lossy()),
-            (None, Transport::Listen(_)) => unreachable!("listen mode always has a listener"),
+        let frontend = match (&public, &opts.transport) {
+            (Some(l), _) => l.accept().map(|(s, _)| s),
+            (None, t) => UnixStream::connect(t.path()),
         };
-        match started {
-            Ok(()) => {
-                waiting_logged = false;
-                log::info!("{}: front-end connected", opts.name);
-                match daemon.wait() {
-                    Ok(()) => log::info!("{}: front-end disconnected", opts.name),
-                    Err(e) => log::warn!("{}: connection ended: {e}", opts.name),
-                }
-            }
+        let frontend = match frontend {
+            Ok(s) => s,
             Err(e) => {
-                if listener.is_some() {
-                    log::warn!("{}: failed to accept a front-end: {e}", opts.name);
-                } else if !waiting_logged {
+                if !waiting_logged {
                     log::info!("{}: front-end not reachable yet ({e}); retrying", opts.name);
                     waiting_logged = true;
                 }
-                stop_workers(&backend);
                 thread::sleep(opts.reconnect_delay);
                 continue;
             }
+        };
+        waiting_logged = false;
+        let backend = make_backend().map_err(DaemonError::Backend)?;
+        log::info!("{}: front-end connected", opts.name);
+        if let Err(e) = run_connection(&opts.name, frontend, backend.clone()) {
+            log::warn!("{}: connection ended: {e}", opts.name);
+        } else {
+            log::info!("{}: front-end disconnected", opts.name);
         }
         stop_workers(&backend);
         on_disconnect();
-        if listener.is_none() {
+        if public.is_none() {
             thread::sleep(opts.reconnect_delay);
         }
     }
     Ok(())
+}
+
+fn run_connection<B>(name: &str, frontend: UnixStream, backend: B) -> io::Result<()>
+where
+    B: VhostUserBackend<Bitmap = ()> + Clone + 'static,
+    B::Vring: Clone + Send + Sync,
+{
+    let mem = GuestMemoryAtomic::new(Memory::new());
+    let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    // A private, nameless (abstract, kernel-chosen) socket between the relay and the library.
+    let private = relay::autobound_listener()?;
+    let addr = private.local_addr()?;
+    let inner = UnixStream::connect_addr(&addr)?;
+    let mut listener = Listener::from(private);
+    daemon
+        .start(&mut listener)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+
+    let to_daemon = {
+        let (from, to) = (frontend.try_clone()?, inner.try_clone()?);
+        thread::Builder::new()
+            .name(format!("{name}-relay"))
+            .spawn(move || {
+                let r = relay::relay_frontend_messages(&from, &to);
+                let _ = to.shutdown(Shutdown::Both);
+                let _ = from.shutdown(Shutdown::Both);
+                r
+            })?
+    };
+    let to_frontend = {
+        let (mut from, mut to) = (inner.try_clone()?, frontend.try_clone()?);
+        thread::Builder::new()
+            .name(format!("{name}-reply"))
+            .spawn(move || {
+                // Replies carry no descriptors for the features this device offers.
+                let _ = io::copy(&mut from, &mut to);
+                let _ = to.shutdown(Shutdown::Both);
+                let _ = from.shutdown(Shutdown::Both);
+            })?
+    };
+    let res = daemon.wait().map_err(|e| io::Error::other(e.to_string()));
+    let _ = frontend.shutdown(Shutdown::Both);
+    let _ = inner.shutdown(Shutdown::Both);
+    if let Ok(Err(e)) = to_daemon.join() {
+        log::debug!("{name}: relay: {e}");
+    }
+    let _ = to_frontend.join();
+    res
 }
 
 /// Tells each worker thread of a finished connection to exit.

@@ -5,6 +5,7 @@ pub mod chain;
 pub mod config;
 pub mod daemon;
 pub mod pit;
+pub mod relay;
 pub mod stats;
 
 /// Starts logging to stderr; `RUST_LOG` overrides the default level (`info`).

@@ -1,4 +1,5 @@
 //! Test harnesses.
 pub mod frontend;
+pub mod process;
 pub mod qemu;
 pub mod workspace;

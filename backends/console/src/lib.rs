@@ -1,1 +1,12 @@
-//! See the crate description.
+//! `vhost-user-console`: a virtio-console device served over vhost-user (multiport, named
+//! ports, resize) plus a plain stream mode for QEMU's `-chardev socket`, bridging every guest
+//! port to a host endpoint or to a port of another VM.
+
+pub mod config;
+pub mod endpoint;
+pub mod engine;
+pub mod qemu_args;
+pub mod spool;
+pub mod stream;
+pub mod vhu_console;
+pub mod virtio_console;

@@ -1,1 +1,249 @@
-fn main() {}
+//! `vhost-user-console`: serve virtio consoles and serial streams of QEMU guests and bridge
+//! each guest port to a PTY, a socket, a log file, a serial device or another guest.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::thread;
+
+use clap::Parser;
+use devshare_common::config::{load_toml, parse_size, ConfigError};
+use devshare_common::daemon::{serve, ServeOptions, Transport};
+use vhost_user_console::config::{
+    parse_port_arg, parse_vm_arg, Config, ConfigFile, DeviceKind, SocketMode, VmFile,
+};
+use vhost_user_console::engine::{self, Engine};
+use vhost_user_console::qemu_args::qemu_args;
+use vhost_user_console::vhu_console::VhuConsole;
+
+const AFTER_HELP: &str = "\
+ENDPOINTS (what a port is bridged to):
+  pty[:LINK]                      new PTY; its path is logged, LINK becomes a symlink to it
+  unix:PATH                       Unix socket listener (one client at a time)
+  tcp:[ADDR:]PORT                 TCP listener, 127.0.0.1 unless ADDR is given
+  file:PATH[,timestamps]          append guest output to a log file
+  serial:DEV[,baud=N][,data=8][,parity=none|odd|even][,stop=1|2][,flow=none|hw|sw]
+                                  a serial device (default 115200 8N1)
+  vm:OTHERVM/PORT                 a port of another VM served by this process; the other
+                                  port must link back (guest-to-guest serial link)
+
+EXAMPLES:
+  One VM, console on a PTY and a named port on a Unix socket:
+    vhost-user-console --socket /run/vm1.sock -p console=pty:/run/vm1.pty \\
+        -p org.example.data=unix:/run/vm1-data.sock
+    vhost-user-console --socket /run/vm1.sock -p console=pty -p org.example.data=unix:/run/d.sock \\
+        --print-qemu-args
+  Two VMs whose 'link' ports are wired to each other:
+    vhost-user-console --vm a=/run/a.sock --vm b=/run/b.sock \\
+        -p a/console=pty -p b/console=pty -p a/link=vm:b/link -p b/link=vm:a/link
+  Any QEMU, any serial device (stream mode, guest side is ttyS0):
+    vhost-user-console --vm old=/run/old.sock,stream -p old/serial=tcp:5555
+
+The first port of a virtio VM is its console (/dev/hvc0); the others appear in the guest
+as /dev/virtio-ports/NAME. Output with nothing attached is buffered (--buffer-size) and
+replayed when a client attaches; a full buffer holds data ports back and makes the console
+keep its newest bytes.";
+
+/// Serve virtio-console devices (vhost-user) and serial streams to QEMU guests, bridging
+/// every guest port to a host endpoint or to a port of another guest.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None, after_help = AFTER_HELP)]
+struct Args {
+    /// TOML configuration file (see README); command-line VMs and ports are added to it.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Serve one VM (named "vm0") on this vhost-user socket.
+    #[arg(long, value_name = "PATH", conflicts_with = "vm")]
+    socket: Option<PathBuf>,
+
+    /// Connect to QEMU (which listens with server=on) instead of listening (with --socket).
+    #[arg(long, requires = "socket")]
+    connect: bool,
+
+    /// A VM: NAME=SOCKET, optionally followed by ",connect" (QEMU listens) and/or ",stream"
+    /// (plain bytes on -chardev socket instead of vhost-user). Repeat for several VMs.
+    #[arg(long, value_name = "NAME=SOCKET[,OPTS]")]
+    vm: Vec<String>,
+
+    /// A port: [VM/]NAME=ENDPOINT (VM may be left out when there is one VM). Repeatable; the
+    /// first port of a VM is its console.
+    #[arg(short, long, value_name = "[VM/]NAME=ENDPOINT")]
+    port: Vec<String>,
+
+    /// Output kept per port while nothing is attached, e.g. 64K, 1M.
+    #[arg(long, value_name = "SIZE")]
+    buffer_size: Option<String>,
+
+    /// Keep port buffers in files here so output survives a restart of this process.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// Serve per-port counters as JSON on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    stats_socket: Option<PathBuf>,
+
+    /// Print the QEMU options for each VM and exit.
+    #[arg(long)]
+    print_qemu_args: bool,
+
+    /// Guest RAM size used in --print-qemu-args output.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    memory: String,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, Self::Error> {
+        let mut file = match &args.config {
+            Some(p) => load_toml::<ConfigFile>(p)?,
+            None => ConfigFile {
+                buffer_size: None,
+                state_dir: None,
+                vms: Vec::new(),
+            },
+        };
+        if let Some(b) = args.buffer_size {
+            parse_size(&b)?;
+            file.buffer_size = Some(b);
+        }
+        if args.state_dir.is_some() {
+            file.state_dir = args.state_dir;
+        }
+        if let Some(socket) = args.socket {
+            file.vms.push(VmFile {
+                name: "vm0".into(),
+                socket,
+                mode: if args.connect {
+                    SocketMode::Connect
+                } else {
+                    SocketMode::Listen
+                },
+                kind: DeviceKind::Virtio,
+                ports: Vec::new(),
+            });
+        }
+        for v in &args.vm {
+            file.vms.push(parse_vm_arg(v)?);
+        }
+        for p in &args.port {
+            let (vm, port) = parse_port_arg(p)?;
+            let idx = match vm {
+                Some(name) => file
+                    .vms
+                    .iter()
+                    .position(|v| v.name == name)
+                    .ok_or_else(|| {
+                        ConfigError::Invalid(format!("--port '{p}': no VM named '{name}'"))
+                    })?,
+                None if file.vms.len() == 1 => 0,
+                None => {
+                    return Err(ConfigError::Invalid(format!(
+                        "--port '{p}': say which VM (VM/NAME=ENDPOINT) when there are several"
+                    )))
+                }
+            };
+            file.vms[idx].ports.push(port);
+        }
+        Config::try_from(file)
+    }
+}
+
+fn main() -> ExitCode {
+    devshare_common::init_logging();
+    let args = Args::parse();
+    let print = args.print_qemu_args;
+    let memory = args.memory.clone();
+    let stats_socket = args.stats_socket.clone();
+    let cfg = match Config::try_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vhost-user-console: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if print {
+        for vm in &cfg.vms {
+            println!("# {}", vm.name);
+            for line in qemu_args(vm, &memory) {
+                println!("{line}");
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    if let Some(dir) = &cfg.state_dir {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!(
+                "vhost-user-console: cannot create state dir {}: {e}",
+                dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
+    let engine = match Engine::new(&cfg) {
+        Ok(e) => Arc::new(std::sync::Mutex::new(e)),
+        Err(e) => {
+            eprintln!("vhost-user-console: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(path) = stats_socket {
+        let e = engine.clone();
+        let served = devshare_common::stats::serve_json(&path, move || {
+            let stats = engine::lock(&e).stats();
+            let ports: Vec<serde_json::Value> = stats
+                .iter()
+                .map(|(vm, port, s)| {
+                    serde_json::json!({
+                        "vm": vm, "port": port,
+                        "to_host_bytes": s.to_host.get(),
+                        "to_guest_bytes": s.to_guest.get(),
+                        "dropped_bytes": s.dropped.get(),
+                        "bad_chains": s.bad_chains.get(),
+                    })
+                })
+                .collect();
+            serde_json::json!({ "ports": ports }).to_string()
+        });
+        if let Err(e) = served {
+            eprintln!("vhost-user-console: stats socket {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    let mut workers = Vec::new();
+    for (dev, vm) in cfg.vms.iter().enumerate() {
+        if vm.kind != DeviceKind::Virtio {
+            continue;
+        }
+        let transport = match vm.mode {
+            SocketMode::Listen => Transport::Listen(vm.socket.clone()),
+            SocketMode::Connect => Transport::Connect(vm.socket.clone()),
+        };
+        let opts = ServeOptions::new(vm.name.clone(), transport);
+        let e = engine.clone();
+        let name = vm.name.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("vm-{name}"))
+            .spawn(move || {
+                let e2 = e.clone();
+                let result = serve(
+                    &opts,
+                    || VhuConsole::new(e.clone(), dev).map_err(|err| err.to_string()),
+                    || engine::lock(&e2).detach(dev),
+                );
+                if let Err(err) = result {
+                    log::error!("{name}: stopped serving: {err}");
+                }
+            });
+        match spawned {
+            Ok(h) => workers.push(h),
+            Err(e) => {
+                eprintln!("vhost-user-console: cannot start a thread: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    engine::run_event_loop(engine);
+    ExitCode::SUCCESS
+}

@@ -8,7 +8,6 @@
 
 pub mod config;
 pub mod fabric;
-pub mod link;
 pub mod port;
 pub mod switch;
 pub mod uplink;
@@ -24,11 +23,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Config, UplinkSpec};
 use crate::fabric::Fabric;
-use crate::link::{serve, LinkError};
 use crate::port::Port;
 use crate::switch::SwitchTable;
 use crate::uplink::{AfPacket, Tap, Uplink, UplinkError, UplinkStats};
 use crate::vhu_net::NetBackend;
+use devshare_common::daemon::{serve, DaemonError};
 
 /// Why the switch could not start.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +52,7 @@ pub enum NetmuxError {
         /// Port name.
         port: String,
         /// Underlying error.
-        source: LinkError,
+        source: DaemonError,
     },
 }
 
@@ -155,7 +154,7 @@ fn serve_port(
         );
         match res {
             Ok(()) => return Ok(()),
-            Err(e @ LinkError::Listen { .. }) => {
+            Err(e @ DaemonError::Listen { .. }) => {
                 return Err(NetmuxError::Port {
                     port: port.config.name.clone(),
                     source: e,

@@ -1,45 +1,18 @@
-//! Serves one port's vhost-user socket for the life of the process, like
-//! `devshare_common::daemon::serve`, with one difference: the front-end's messages pass
-//! through a small relay before they reach the vhost-user library.
+//! The front-end message relay every connection goes through.
 //!
-//! Why: QEMU's vhost-user-net sends `SET_VRING_ENABLE` as soon as it connects (when the NIC
-//! attaches its queue pairs), before `SET_FEATURES`. The vhost crate refuses that message until
-//! `VHOST_USER_F_PROTOCOL_FEATURES` has been acknowledged by `SET_FEATURES` and drops the
-//! connection, so QEMU and the backend would reconnect forever. The relay inserts a
-//! `SET_FEATURES` carrying only that bit in front of such an early message; the real
-//! `SET_FEATURES` follows later and replaces it. Everything else, file descriptors included,
-//! passes unchanged. Only control messages take this path, never packets.
+//! QEMU sends `SET_VRING_ENABLE` as soon as it connects (vhost-user-net when the NIC attaches
+//! its queue pairs, the generic vhost-user device while it initialises), before
+//! `SET_FEATURES`. The vhost crate refuses that message until `VHOST_USER_F_PROTOCOL_FEATURES`
+//! has been acknowledged and drops the connection, so QEMU would fail to start or reconnect
+//! forever. The relay inserts a `SET_FEATURES` carrying only that bit in front of such an early
+//! message; the real `SET_FEATURES` follows later and replaces it. Everything else, file
+//! descriptors included, passes unchanged. Only control messages take this path, never data.
 
 use std::io::{self, Read, Write};
 use std::mem;
-use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::Ordering;
-use std::thread;
-
-use devshare_common::chain::Memory;
-use devshare_common::daemon::{ServeOptions, Transport};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
-use vm_memory::GuestMemoryAtomic;
-
-/// Why a port stopped serving.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkError {
-    /// The port's socket could not be created.
-    #[error("cannot listen on {path}: {source}")]
-    Listen {
-        /// Socket path.
-        path: std::path::PathBuf,
-        /// Underlying error.
-        source: io::Error,
-    },
-    /// The device for a new connection could not be built.
-    #[error("cannot set up the device for a new connection: {0}")]
-    Backend(String),
-}
 
 const REQ_SET_FEATURES: u32 = 2;
 const REQ_SET_VRING_ENABLE: u32 = 18;
@@ -53,118 +26,8 @@ const MAX_BODY: usize = 4096;
 /// Most descriptors one message carries (SET_MEM_TABLE: one per region, at most 8).
 const MAX_FDS: usize = 16;
 
-/// Serves `opts.transport` until `opts.stop` is set, building a backend per connection with
-/// `make_backend` and calling `on_disconnect` after each connection.
-pub fn serve<B, F, D>(
-    opts: &ServeOptions,
-    mut make_backend: F,
-    mut on_disconnect: D,
-) -> Result<(), LinkError>
-where
-    B: VhostUserBackend<Bitmap = ()> + Clone + 'static,
-    B::Vring: Clone + Send + Sync,
-    F: FnMut() -> Result<B, String>,
-    D: FnMut(),
-{
-    let public = match &opts.transport {
-        Transport::Listen(path) => {
-            if path.exists() {
-                let _ = std::fs::remove_file(path);
-            }
-            Some(
-                UnixListener::bind(path).map_err(|source| LinkError::Listen {
-                    path: path.clone(),
-                    source,
-                })?,
-            )
-        }
-        Transport::Connect(_) => None,
-    };
-    log::info!("{}: {}", opts.name, opts.transport);
-    let mut waiting_logged = false;
-    while !opts.stop.load(Ordering::Acquire) {
-        let frontend = match (&public, &opts.transport) {
-            (Some(l), _) => l.accept().map(|(s, _)| s),
-            (None, t) => UnixStream::connect(t.path()),
-        };
-        let frontend = match frontend {
-            Ok(s) => s,
-            Err(e) => {
-                if !waiting_logged {
-                    log::info!("{}: front-end not reachable yet ({e}); retrying", opts.name);
-                    waiting_logged = true;
-                }
-                thread::sleep(opts.reconnect_delay);
-                continue;
-            }
-        };
-        waiting_logged = false;
-        let backend = make_backend().map_err(LinkError::Backend)?;
-        log::info!("{}: front-end connected", opts.name);
-        if let Err(e) = run_connection(&opts.name, frontend, backend.clone()) {
-            log::warn!("{}: connection ended: {e}", opts.name);
-        } else {
-            log::info!("{}: front-end disconnected", opts.name);
-        }
-        stop_workers(&backend);
-        on_disconnect();
-        if public.is_none() {
-            thread::sleep(opts.reconnect_delay);
-        }
-    }
-    Ok(())
-}
-
-fn run_connection<B>(name: &str, frontend: UnixStream, backend: B) -> io::Result<()>
-where
-    B: VhostUserBackend<Bitmap = ()> + Clone + 'static,
-    B::Vring: Clone + Send + Sync,
-{
-    let mem = GuestMemoryAtomic::new(Memory::new());
-    let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
-        .map_err(|e| io::Error::other(e.to_string()))?;
-    // A private, nameless (abstract, kernel-chosen) socket between the relay and the library.
-    let private = autobound_listener()?;
-    let addr = private.local_addr()?;
-    let inner = UnixStream::connect_addr(&addr)?;
-    let mut listener = Listener::from(private);
-    daemon
-        .start(&mut listener)
-        .map_err(|e| io::Error::other(e.to_string()))?;
-
-    let to_daemon = {
-        let (from, to) = (frontend.try_clone()?, inner.try_clone()?);
-        thread::Builder::new()
-            .name(format!("{name}-relay"))
-            .spawn(move || {
-                let r = relay_frontend_messages(&from, &to);
-                let _ = to.shutdown(Shutdown::Both);
-                let _ = from.shutdown(Shutdown::Both);
-                r
-            })?
-    };
-    let to_frontend = {
-        let (mut from, mut to) = (inner.try_clone()?, frontend.try_clone()?);
-        thread::Builder::new()
-            .name(format!("{name}-reply"))
-            .spawn(move || {
-                // Replies carry no descriptors for the features this device offers.
-                let _ = io::copy(&mut from, &mut to);
-                let _ = to.shutdown(Shutdown::Both);
-                let _ = from.shutdown(Shutdown::Both);
-            })?
-    };
-    let res = daemon.wait().map_err(|e| io::Error::other(e.to_string()));
-    let _ = frontend.shutdown(Shutdown::Both);
-    let _ = inner.shutdown(Shutdown::Both);
-    if let Ok(Err(e)) = to_daemon.join() {
-        log::debug!("{name}: relay: {e}");
-    }
-    let _ = to_frontend.join();
-    res
-}
-
-fn autobound_listener() -> io::Result<UnixListener> {
+/// A listening socket with a kernel-chosen abstract name, for the library's end of the relay.
+pub(crate) fn autobound_listener() -> io::Result<UnixListener> {
     // SAFETY: plain socket creation; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -200,7 +63,7 @@ fn autobound_listener() -> io::Result<UnixListener> {
 }
 
 /// Forwards front-end messages to the library, inserting the feature bit fix-up.
-fn relay_frontend_messages(from: &UnixStream, to: &UnixStream) -> io::Result<()> {
+pub(crate) fn relay_frontend_messages(from: &UnixStream, to: &UnixStream) -> io::Result<()> {
     let mut features_seen = false;
     let mut body = vec![0u8; MAX_BODY];
     loop {
@@ -330,15 +193,4 @@ fn send_with_fds(s: &UnixStream, data: &[u8], fds: &[OwnedFd]) -> io::Result<()>
         (&*s).write_all(&data[n..])?;
     }
     Ok(())
-}
-
-/// Tells each worker thread of a finished connection to exit.
-fn stop_workers<B: VhostUserBackend>(backend: &B) {
-    for i in 0..backend.queues_per_thread().len() {
-        if let Some((_, notifier)) = backend.exit_event(i) {
-            if let Err(e) = notifier.notify() {
-                log::warn!("cannot stop worker thread {i}: {e}");
-            }
-        }
-    }
 }

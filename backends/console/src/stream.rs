@@ -1,0 +1,208 @@
+//! Stream mode: the guest side is QEMU's `-chardev socket` carrying plain bytes (a 16550
+//! behind `-serial chardev:ID`, QEMU's own virtconsole, ...), so any QEMU version and any
+//! serial device can use the same endpoints as the vhost-user ports.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::epoll::EventSet;
+
+use crate::config::SocketMode;
+
+/// Most host input held for QEMU before the endpoint is no longer read.
+const TO_GUEST_LIMIT: usize = 64 * 1024;
+/// Delay between attempts to reach a listening QEMU.
+const RECONNECT: Duration = Duration::from_millis(500);
+
+/// What a ready fd meant.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// QEMU connected (listen mode).
+    Connected,
+    /// QEMU went away.
+    Disconnected,
+    /// Guest output is waiting to be read.
+    Output,
+    /// QEMU can take more host input.
+    Writable,
+    /// Nothing to do.
+    Nothing,
+}
+
+/// The QEMU side of a stream device.
+pub struct StreamGuest {
+    path: PathBuf,
+    listener: Option<UnixListener>,
+    conn: Option<UnixStream>,
+    to_guest: Vec<u8>,
+    next_attempt: Instant,
+    waiting_logged: bool,
+}
+
+impl StreamGuest {
+    /// Listens on, or prepares to connect to, `path`.
+    pub fn new(path: &Path, mode: SocketMode) -> io::Result<StreamGuest> {
+        let listener = match mode {
+            SocketMode::Listen => {
+                if path.exists() {
+                    std::fs::remove_file(path)?;
+                }
+                let l = UnixListener::bind(path)?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+            SocketMode::Connect => None,
+        };
+        Ok(StreamGuest {
+            path: path.to_owned(),
+            listener,
+            conn: None,
+            to_guest: Vec::new(),
+            next_attempt: Instant::now(),
+            waiting_logged: false,
+        })
+    }
+
+    /// The fds to watch and for what.
+    pub fn watch(&self) -> Vec<(RawFd, EventSet)> {
+        let mut v = Vec::new();
+        if let Some(l) = &self.listener {
+            v.push((l.as_raw_fd(), EventSet::IN));
+        }
+        if let Some(c) = &self.conn {
+            let mut ev = EventSet::IN;
+            if !self.to_guest.is_empty() {
+                ev |= EventSet::OUT;
+            }
+            v.push((c.as_raw_fd(), ev));
+        }
+        v
+    }
+
+    /// Whether QEMU is connected.
+    pub fn connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// Whether more host input may be queued for QEMU.
+    pub fn can_take(&self) -> bool {
+        self.to_guest.len() < TO_GUEST_LIMIT
+    }
+
+    /// Handles readiness of one of our fds.
+    pub fn on_ready(&mut self, fd: RawFd, ev: EventSet) -> io::Result<StreamEvent> {
+        if let Some(l) = &self.listener {
+            if l.as_raw_fd() == fd {
+                let (c, _) = match l.accept() {
+                    Ok(x) => x,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(StreamEvent::Nothing)
+                    }
+                    Err(e) => return Err(e),
+                };
+                if self.conn.is_some() {
+                    log::warn!("{}: a second QEMU connected; refused", self.path.display());
+                    return Ok(StreamEvent::Nothing);
+                }
+                c.set_nonblocking(true)?;
+                self.conn = Some(c);
+                return Ok(StreamEvent::Connected);
+            }
+        }
+        if self.conn.as_ref().map(|c| c.as_raw_fd()) != Some(fd) {
+            return Ok(StreamEvent::Nothing);
+        }
+        if ev.contains(EventSet::OUT) {
+            self.write_pending();
+            if self.conn.is_none() {
+                return Ok(StreamEvent::Disconnected);
+            }
+            if !ev.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                return Ok(StreamEvent::Writable);
+            }
+        }
+        Ok(StreamEvent::Output)
+    }
+
+    /// Reads guest output; Ok(0) when nothing more is there now (or QEMU went away).
+    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(c) = &mut self.conn else {
+            return Ok(0);
+        };
+        match c.read(buf) {
+            Ok(0) => {
+                self.drop_conn("end of stream");
+                Ok(0)
+            }
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            Err(e) => {
+                self.drop_conn(&e.to_string());
+                Ok(0)
+            }
+        }
+    }
+
+    /// Queues host input for QEMU and writes what the socket takes.
+    pub fn send(&mut self, data: &[u8]) {
+        self.to_guest.extend_from_slice(data);
+        self.write_pending();
+    }
+
+    fn write_pending(&mut self) {
+        let Some(c) = &mut self.conn else { return };
+        while !self.to_guest.is_empty() {
+            match c.write(&self.to_guest) {
+                Ok(n) => {
+                    self.to_guest.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.drop_conn(&e.to_string());
+                    break;
+                }
+            }
+        }
+    }
+
+    fn drop_conn(&mut self, why: &str) {
+        if self.conn.take().is_some() {
+            log::info!("{}: QEMU went away ({why})", self.path.display());
+        }
+        // Host input queued for a guest that is gone would arrive out of context later.
+        self.to_guest.clear();
+        self.next_attempt = Instant::now() + RECONNECT;
+    }
+
+    /// Client mode: tries to reach QEMU when due. Returns true when newly connected.
+    pub fn tick(&mut self) -> bool {
+        if self.listener.is_some() || self.conn.is_some() || Instant::now() < self.next_attempt {
+            return false;
+        }
+        match UnixStream::connect(&self.path) {
+            Ok(c) => {
+                if c.set_nonblocking(true).is_err() {
+                    return false;
+                }
+                self.conn = Some(c);
+                self.waiting_logged = false;
+                true
+            }
+            Err(e) => {
+                if !self.waiting_logged {
+                    log::info!(
+                        "{}: QEMU not reachable yet ({e}); retrying",
+                        self.path.display()
+                    );
+                    self.waiting_logged = true;
+                }
+                self.next_attempt = Instant::now() + RECONNECT;
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The vhost-user side of one VM: a `VhostUserBackend` per front-end connection that hands
+//! every event to the shared [`Engine`](crate::engine::Engine).
+
+use std::io;
+use std::sync::Arc;
+
+use devshare_common::chain::Memory;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::engine::{lock, Shared};
+use crate::virtio_console as vc;
+
+/// Largest queue the device accepts.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+/// The virtio features offered for a VM with `multiport` set or not.
+pub fn device_features(multiport: bool) -> u64 {
+    let mut f = (1u64 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_RING_F_EVENT_IDX)
+        | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | vc::F_SIZE
+        | vc::F_EMERG_WRITE;
+    if multiport {
+        f |= vc::F_MULTIPORT;
+    }
+    f
+}
+
+struct Inner {
+    engine: Shared,
+    dev: usize,
+    queues: usize,
+    multiport: bool,
+    exit: (EventConsumer, EventNotifier),
+}
+
+/// The backend of one VM for one front-end connection.
+#[derive(Clone)]
+pub struct VhuConsole(Arc<Inner>);
+
+impl VhuConsole {
+    /// A backend for VM `dev` of `engine`; registers the connection with the engine.
+    pub fn new(engine: Shared, dev: usize) -> io::Result<VhuConsole> {
+        let (queues, multiport) = {
+            let mut e = lock(&engine);
+            e.attach(dev);
+            let vm = e.vm(dev);
+            (
+                vc::queue_count(vm.ports.len(), vm.multiport()),
+                vm.multiport(),
+            )
+        };
+        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        Ok(VhuConsole(Arc::new(Inner {
+            engine,
+            dev,
+            queues,
+            multiport,
+            exit,
+        })))
+    }
+}
+
+impl VhostUserBackend for VhuConsole {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.0.queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        device_features(self.0.multiport)
+    }
+
+    fn acked_features(&self, features: u64) {
+        lock(&self.0.engine).set_features(self.0.dev, features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn reset_device(&self) {
+        let mut e = lock(&self.0.engine);
+        e.detach(self.0.dev);
+        e.attach(self.0.dev);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        lock(&self.0.engine).set_event_idx(self.0.dev, enabled);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg = lock(&self.0.engine).config_space(self.0.dev);
+        let start = (offset as usize).min(cfg.len());
+        let end = start.saturating_add(size as usize).min(cfg.len());
+        let mut out = cfg[start..end].to_vec();
+        // Reads past the end see zeroes rather than an error, as on a PCI config space.
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if lock(&self.0.engine).write_config(self.0.dev, offset, buf) {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "only emerg_wr is writable in the virtio-console config space",
+            ))
+        }
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<Memory>) -> io::Result<()> {
+        lock(&self.0.engine).set_memory(self.0.dev, mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker per VM: the engine serialises the work anyway.
+        vec![(1u64 << self.0.queues) - 1]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = &self.0.exit;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if !evset.contains(EventSet::IN) {
+            return Ok(());
+        }
+        if (device_event as usize) < self.0.queues {
+            lock(&self.0.engine).on_queue_event(self.0.dev, device_event as usize, vrings);
+        }
+        Ok(())
+    }
+}

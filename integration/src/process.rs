@@ -1,0 +1,133 @@
+//! Backend processes started by tests: spawned from the workspace binaries, their log kept
+//! for failure messages, killed and reaped on drop.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::workspace::binary;
+
+/// A running backend (e.g. `vhost-user-console`).
+pub struct BackendProcess {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl BackendProcess {
+    /// Starts workspace binary `name` with `args`; its stderr goes to `log`.
+    pub fn spawn<I, S>(name: &str, args: I, log: &Path) -> io::Result<BackendProcess>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let bin = binary(name).map_err(io::Error::other)?;
+        let err = File::options().create(true).append(true).open(log)?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(err.try_clone()?)
+            .stderr(err);
+        // SAFETY: runs between fork and exec and only calls prctl, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                // The backend must not outlive a test process that dies without cleanup.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        Ok(BackendProcess {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_owned(),
+        })
+    }
+
+    /// The backend's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Waits until the Unix socket at `path` accepts connections (the backend is up), or
+    /// fails with the backend's log when it exits or `timeout` passes.
+    pub fn wait_for_socket(&mut self, path: &Path, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if path.exists() && UnixStream::connect(path).is_ok() {
+                return Ok(());
+            }
+            if let Some(c) = &mut self.child {
+                if let Some(status) = c.try_wait()? {
+                    return Err(io::Error::other(format!(
+                        "{} exited ({status}) before {} appeared; log:\n{}",
+                        self.name,
+                        path.display(),
+                        self.log()
+                    )));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "{} did not open {} within {timeout:?}; log:\n{}",
+                    self.name,
+                    path.display(),
+                    self.log()
+                )));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for a file (socket, PTY link) to exist.
+    pub fn wait_for_path(&mut self, path: &Path, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !path.exists() {
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "{} did not create {}; log:\n{}",
+                    self.name,
+                    path.display(),
+                    self.log()
+                )));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Kills the process with SIGKILL (a crash, as far as the guest can tell) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
