@@ -9,6 +9,7 @@ use std::thread;
 use clap::Parser;
 use devshare_common::config::{load_toml, parse_size, ConfigError};
 use devshare_common::daemon::{serve, ServeOptions, Transport};
+use devshare_common::pit::LostTickPolicy;
 use vhost_user_console::config::{
     parse_port_arg, parse_vm_arg, Config, ConfigFile, DeviceKind, SocketMode, VmFile,
 };
@@ -90,6 +91,15 @@ struct Args {
     /// Guest RAM size used in --print-qemu-args output.
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     memory: String,
+
+    /// With --print-qemu-args: also print the option that sets KVM's PIT lost-tick policy
+    /// (delay = re-inject lost timer ticks, discard = drop them; see kvm-pit-policy).
+    #[arg(long, value_name = "POLICY", value_parser = parse_pit_policy)]
+    pit_policy: Option<LostTickPolicy>,
+}
+
+fn parse_pit_policy(s: &str) -> Result<LostTickPolicy, String> {
+    s.parse::<LostTickPolicy>().map_err(|e| e.to_string())
 }
 
 impl TryFrom<Args> for Config {
@@ -155,6 +165,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let print = args.print_qemu_args;
     let memory = args.memory.clone();
+    let pit_policy = args.pit_policy;
     let stats_socket = args.stats_socket.clone();
     let cfg = match Config::try_from(args) {
         Ok(c) => c,
@@ -168,6 +179,9 @@ fn main() -> ExitCode {
             println!("# {}", vm.name);
             for line in qemu_args(vm, &memory) {
                 println!("{line}");
+            }
+            if let Some(p) = pit_policy {
+                println!("{}", devshare_common::pit::qemu_args(p).join(" "));
             }
         }
         return ExitCode::SUCCESS;
