@@ -440,6 +440,10 @@ impl Engine {
         if used_any {
             signal(&vring);
         }
+        // A short write above left bytes in the spool: wait for the endpoint to drain.
+        if !self.devices[dev].ports[p].spool.is_empty() {
+            self.sync_fds(dev, p);
+        }
     }
 
     fn refuse_chain(&mut self, dev: usize, p: usize, why: &str) {
