@@ -117,14 +117,10 @@ impl VhostUserBackend for VhuConsole {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        if lock(&self.0.engine).write_config(self.0.dev, offset, buf) {
-            Ok(())
-        } else {
-            Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "only emerg_wr is writable in the virtio-console config space",
-            ))
-        }
+        // Writes to the read-only fields are ignored (write_config logs them), as on a PCI
+        // device: an error here would make the vhost crate drop the whole connection.
+        lock(&self.0.engine).write_config(self.0.dev, offset, buf);
+        Ok(())
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Memory>) -> io::Result<()> {
