@@ -376,3 +376,62 @@ sleep 1000
         );
     }
 }
+
+#[test]
+fn a_restarted_backend_is_reconnected_by_qemu_and_traffic_resumes() {
+    let ns = NetNs::new();
+    let ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
+    let mut nm = Netmux::start("netmux-backend-restart", &ns.host_if, &ports, &[]);
+    let pid_before = nm.process.pid();
+    // Each guest pings the namespace and the other guest once a second and says how it went.
+    let ticking = |peer: usize| {
+        format!(
+            "
+if reach {NS_IP} && reach {p}; then echo NETMUX ready; else echo NETMUX ready FAIL; fi
+while :; do
+    if ping -c 1 -W 1 {NS_IP} >/dev/null 2>&1 && ping -c 1 -W 1 {p} >/dev/null 2>&1; then
+        echo NETMUX tick ok
+    else
+        echo NETMUX tick FAIL
+    fi
+    sleep 1
+done
+",
+            p = guest_ip(peer)
+        )
+    };
+    let mut guests: Vec<_> = ports
+        .iter()
+        .map(|p| {
+            guest_builder(&nm, p, &ticking(1 - p.index))
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for g in guests.iter_mut() {
+        let l = expect_line(g, &nm, "NETMUX ready", GUEST_TIMEOUT);
+        assert!(!l.contains("FAIL"), "{}", g.console_output());
+        expect_line(g, &nm, "NETMUX tick ok", GUEST_TIMEOUT);
+    }
+
+    nm.process.kill();
+    // Long enough for every guest to notice: its pings time out.
+    for g in guests.iter_mut() {
+        expect_line(g, &nm, "NETMUX tick FAIL", GUEST_TIMEOUT);
+    }
+    nm.restart();
+    assert_ne!(nm.process.pid(), pid_before);
+    // QEMU dials the new process (reconnect-ms) and both guests' pings go through again.
+    for g in guests.iter_mut() {
+        expect_line(g, &nm, "NETMUX tick ok", GUEST_TIMEOUT);
+    }
+    for i in 0..2 {
+        assert_eq!(nm.port_counter(i, "connects"), 1, "{}", nm.stats());
+        assert!(nm.port_counter(i, "rx_packets") > 0, "{}", nm.stats());
+        assert!(nm.port_counter(i, "tx_packets") > 0, "{}", nm.stats());
+    }
+    // Both QEMUs lived through it: they answer from their consoles still.
+    for g in guests.iter_mut() {
+        expect_line(g, &nm, "NETMUX tick ok", GUEST_TIMEOUT);
+    }
+}

@@ -162,6 +162,8 @@ pub struct Netmux {
     pub dir: ScratchDir,
     /// The ports it serves.
     pub ports: Vec<PortSpec>,
+    /// Its command line, for restarts and `--print-qemu-args`.
+    pub args: Vec<String>,
 }
 
 impl Netmux {
@@ -200,22 +202,88 @@ impl Netmux {
             args.push(spec);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let log = dir.path().join("netmux.log");
-        let mut process =
-            BackendProcess::spawn("vhost-user-netmux", &args, &log).expect("start netmux");
-        for p in ports.iter().filter(|p| !p.client) {
-            process
-                .wait_for_path(&Self::socket(dir.path(), p.index), Duration::from_secs(20))
-                .expect("netmux socket");
-        }
-        process
-            .wait_for_path(&dir.path().join("stats.sock"), Duration::from_secs(20))
-            .expect("stats socket");
+        let process = Self::spawn(dir.path(), ports, &args);
         Netmux {
             process,
             dir,
             ports: ports.to_vec(),
+            args,
         }
+    }
+
+    fn spawn(dir: &Path, ports: &[PortSpec], args: &[String]) -> BackendProcess {
+        // Sockets of a killed predecessor must not pass for the new process's.
+        for p in ports.iter().filter(|p| !p.client) {
+            let _ = std::fs::remove_file(Self::socket(dir, p.index));
+        }
+        let _ = std::fs::remove_file(dir.join("stats.sock"));
+        let log = dir.join("netmux.log");
+        let mut process =
+            BackendProcess::spawn("vhost-user-netmux", args, &log).expect("start netmux");
+        for p in ports.iter().filter(|p| !p.client) {
+            process
+                .wait_for_path(&Self::socket(dir, p.index), Duration::from_secs(20))
+                .expect("netmux socket");
+        }
+        process
+            .wait_for_path(&dir.join("stats.sock"), Duration::from_secs(20))
+            .expect("stats socket");
+        process
+    }
+
+    /// Kills the process (SIGKILL, a crash as far as QEMU can tell) and starts it again with
+    /// the same command line; the log continues in the same file.
+    pub fn restart(&mut self) {
+        self.process.kill();
+        self.process = Self::spawn(self.dir.path(), &self.ports, &self.args);
+    }
+
+    /// The QEMU options `vhost-user-netmux --print-qemu-args` gives for port `g<i>`, as
+    /// separate arguments. The memory options (`-object memory-backend-memfd,...,share=on`
+    /// and `-machine q35,memory-backend=mem`) are left out: the QEMU runner sets the same.
+    pub fn qemu_args(&self, i: usize) -> Vec<String> {
+        let bin = devshare_integration::workspace::binary("vhost-user-netmux").unwrap();
+        let out = Command::new(bin)
+            .args(&self.args)
+            .arg("--print-qemu-args")
+            .output()
+            .expect("run --print-qemu-args");
+        assert!(
+            out.status.success(),
+            "--print-qemu-args failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let header = format!("# guest on port g{i} ");
+        let block: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with(&header))
+            .skip(1)
+            .take_while(|l| !l.starts_with('#'))
+            .collect();
+        let mut args = Vec::new();
+        let mut memory = Vec::new();
+        for line in block {
+            let line = line.trim().trim_end_matches('\\').trim();
+            let (opt, value) = line
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("odd line '{line}' in:\n{text}"));
+            if opt == "-object" || opt == "-machine" {
+                memory.push(value.to_string());
+            } else {
+                args.push(opt.to_string());
+                args.push(value.to_string());
+            }
+        }
+        assert!(
+            memory.iter().any(|m| m.contains("share=on")),
+            "no shared guest memory in:\n{text}"
+        );
+        assert!(
+            args.len() >= 6,
+            "no chardev/netdev/device for g{i} in:\n{text}"
+        );
+        args
     }
 
     /// The counters, as JSON, read through the `stats` subcommand.
@@ -256,26 +324,9 @@ impl Netmux {
     }
 }
 
-/// QEMU options attaching a guest to port `p` of `nm`.
+/// QEMU options attaching a guest to port `p` of `nm`: what netmux itself prints.
 pub fn guest_net_args(nm: &Netmux, p: &PortSpec) -> Vec<String> {
-    let sock = Netmux::socket(nm.dir.path(), p.index);
-    let chardev = if p.client {
-        format!("socket,id=nmc,path={},server=on,wait=off", sock.display())
-    } else {
-        format!("socket,id=nmc,path={},reconnect-ms=500", sock.display())
-    };
-    let mut dev = format!("virtio-net-pci,netdev=nm,mac={}", guest_mac(p.index));
-    if p.queues > 1 {
-        dev.push_str(&format!(",mq=on,vectors={}", 2 * p.queues + 2));
-    }
-    vec![
-        "-chardev".into(),
-        chardev,
-        "-netdev".into(),
-        format!("vhost-user,id=nm,chardev=nmc,queues={}", p.queues),
-        "-device".into(),
-        dev,
-    ]
+    nm.qemu_args(p.index)
 }
 
 /// Shell functions every guest script starts with: bring eth0 up with the guest's address,
