@@ -847,3 +847,47 @@ fn full_console_buffer_keeps_the_newest_bytes_and_counts_drops() {
     let mut con = b.client("a", "console");
     assert!(read_n(&mut con, 4096) == big[6 * 1024..]);
 }
+
+#[test]
+fn guest_to_guest_link_carries_data_both_ways_and_waits_for_the_receiver() {
+    let b = Backend::start(
+        "con-fe-link",
+        &["a", "b"],
+        &["-p", "a/link=vm:b/link", "-p", "b/link=vm:a/link"],
+    );
+    const LINK: usize = 2;
+    let mut ga = b.guest("a", GuestOptions::default());
+    ga.bring_up(3).unwrap();
+    let mut gb = b.guest(
+        "b",
+        GuestOptions {
+            event_idx: false,
+            indirect: false,
+            ..GuestOptions::default()
+        },
+    );
+    gb.bring_up(3).unwrap();
+
+    // b has no receive buffer yet: a's output is kept (its chains still complete)...
+    let out = pattern(300 * 1024, 41);
+    ga.send(LINK, &out, 3).unwrap();
+    assert_eq!(b.stat("b", "link", "to_guest_bytes"), 0);
+    // ...and arrives, in order, once b posts buffers.
+    gb.post_rx(LINK, 16, 2048, 2).unwrap();
+    let got = gb.recv_exact(LINK, out.len(), WAIT).unwrap();
+    assert!(got == out, "a -> b over the link corrupted");
+
+    // The other way, receiver ready first.
+    ga.post_rx(LINK, 8, 8192, 1).unwrap();
+    let back = pattern(100 * 1024, 42);
+    gb.send(LINK, &back, 1).unwrap();
+    let got = ga.recv_exact(LINK, back.len(), WAIT).unwrap();
+    assert!(got == back, "b -> a over the link corrupted");
+
+    b.wait_stat("a", "link", "to_host_bytes", out.len() as u64);
+    b.wait_stat("b", "link", "to_guest_bytes", out.len() as u64);
+    b.wait_stat("b", "link", "to_host_bytes", back.len() as u64);
+    b.wait_stat("a", "link", "to_guest_bytes", back.len() as u64);
+    assert_eq!(b.stat("a", "link", "bad_chains"), 0);
+    assert_eq!(b.stat("b", "link", "bad_chains"), 0);
+}
