@@ -935,10 +935,17 @@ impl Engine {
         let owner = Owner::Endpoint { dev, port: p };
         let input = ep.input_fd().map(|f| f.as_raw_fd());
         let output = ep.output_fd().map(|f| f.as_raw_fd());
+        // Host input is read only when the guest side can take it: a virtio port the guest
+        // opened and gave buffers to, or a connected stream with room in its queue. A stream
+        // port has no open/close handshake, so `guest_open` never applies to it.
+        let takes_input = match &self.devices[dev].guest {
+            Guest::Stream(s) => s.connected() && s.can_take(),
+            Guest::Virtio(_) => !port.rx_starved && port.guest_open,
+        };
         let mut want: HashMap<RawFd, EventSet> = HashMap::new();
         for fd in ep.watch_fds() {
             let mut ev = EventSet::empty();
-            if Some(fd) != input || (!port.rx_starved && port.guest_open) {
+            if Some(fd) != input || takes_input {
                 ev |= EventSet::IN;
             }
             want.insert(fd, ev);
@@ -997,6 +1004,8 @@ impl Engine {
             Owner::Stream { dev } => {
                 self.stream_ready(dev, fd, ev);
                 self.sync_stream_fds(dev);
+                // (Dis)connecting QEMU changes whether the endpoint's input is wanted.
+                self.sync_fds(dev, 0);
             }
             Owner::Endpoint { dev, port } => {
                 let (vm, pname) = self.names(dev, port);
