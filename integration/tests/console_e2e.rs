@@ -1,0 +1,616 @@
+//! vhost-user-console end to end: a real QEMU 11 (TCG), a real Linux guest, real sockets,
+//! PTYs and serial lines, and the backend binary as users run it.
+//!
+//! Every test takes its QEMU options from the backend's own `--print-qemu-args`, so those
+//! printed options are proven to plug a guest in. Every host-side read has a timeout, and a
+//! failure prints the guest console, QEMU's stderr and the backend log.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Duration;
+
+use devshare_integration::process::BackendProcess;
+use devshare_integration::qemu::{Guest, GuestRun, ScratchDir};
+use sha2::{Digest, Sha256};
+
+/// How long the backend may take to create its sockets and PTY links.
+const UP: Duration = Duration::from_secs(30);
+/// Longest wait for any single read from the host side; generous because TCG guests share
+/// two cores with other tests and builds.
+const READ_TIMEOUT: Duration = Duration::from_secs(180);
+/// A guest's whole run (boot and script) for the short tests.
+const SHORT_RUN: Duration = Duration::from_secs(300);
+/// A guest's whole run for the 16 MiB transfers.
+const BULK_RUN: Duration = Duration::from_secs(900);
+/// The bulk transfer size.
+const BULK: usize = 16 << 20;
+/// Guest RAM for the bulk tests: the 16 MiB file lives in the initramfs' tmpfs.
+const BULK_MEMORY_MIB: u64 = 512;
+
+/// The QEMU options the backend prints for VM `vm` (minus the memory options, which the runner
+/// sets itself).
+fn qemu_device_args(backend_args: &[String], vm: &str) -> Vec<String> {
+    let bin = devshare_integration::workspace::binary("vhost-user-console").unwrap();
+    let out = std::process::Command::new(bin)
+        .args(backend_args)
+        .arg("--print-qemu-args")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut in_vm = false;
+    let mut args = Vec::new();
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("# ") {
+            in_vm = name == vm;
+            continue;
+        }
+        if !in_vm || line.contains("memory-backend") {
+            continue;
+        }
+        let (opt, val) = line.split_once(' ').unwrap();
+        args.push(opt.to_string());
+        args.push(val.to_string());
+    }
+    assert!(!args.is_empty(), "no QEMU args for {vm} in:\n{text}");
+    args
+}
+
+fn start_backend(dir: &Path, args: &[String], wait_for: &Path) -> BackendProcess {
+    let mut b =
+        BackendProcess::spawn("vhost-user-console", args, &dir.join("backend.log")).unwrap();
+    b.wait_for_path(wait_for, UP).unwrap();
+    b
+}
+
+/// Everything worth seeing when a test fails.
+fn report(guests: &[&Guest], backend: &BackendProcess) -> String {
+    let mut r = String::new();
+    for g in guests {
+        r.push_str(&format!(
+            "--- guest {} console ---\n{}\n--- guest {} qemu stderr ---\n{}\n",
+            g.name(),
+            g.console_output(),
+            g.name(),
+            g.qemu_stderr()
+        ));
+    }
+    r.push_str(&format!("--- backend log ---\n{}", backend.log()));
+    r
+}
+
+/// Connects to a Unix endpoint of the backend, with a read timeout.
+fn connect(path: &Path) -> UnixStream {
+    for _ in 0..1500 {
+        if let Ok(s) = UnixStream::connect(path) {
+            s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+            return s;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    panic!("cannot connect to {}", path.display());
+}
+
+/// A tty or PTY read with a timeout (`File` has no `set_read_timeout`): each read waits at
+/// most `timeout` for data and fails with `TimedOut` otherwise.
+struct TimedTty {
+    file: File,
+    timeout: Duration,
+}
+
+impl TimedTty {
+    fn open(path: &Path) -> TimedTty {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        TimedTty {
+            file,
+            timeout: READ_TIMEOUT,
+        }
+    }
+
+    fn from_fd(fd: OwnedFd) -> TimedTty {
+        TimedTty {
+            file: File::from(fd),
+            timeout: READ_TIMEOUT,
+        }
+    }
+}
+
+impl Read for TimedTty {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut pfd = libc::pollfd {
+            fd: self.file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd and the fd is open for the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, self.timeout.as_millis() as libc::c_int) };
+        match n {
+            0 => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no data from the tty",
+            )),
+            n if n < 0 => Err(io::Error::last_os_error()),
+            _ => self.file.read(buf),
+        }
+    }
+}
+
+impl Write for TimedTty {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Reads one line (without its line ending, `\r` included).
+fn read_line(r: &mut impl BufRead) -> io::Result<String> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "end of stream",
+        ));
+    }
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads exactly `len` bytes and returns their SHA-256 (hex).
+fn read_hashed(r: &mut impl Read, len: usize) -> io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let want = left.min(buf.len());
+        let n = r.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("stream ended after {} of {len} bytes", len - left),
+            ));
+        }
+        hasher.update(&buf[..n]);
+        left -= n;
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Deterministic test data.
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// The value of a `KEY=value` line the guest printed on its console.
+fn console_value(guest: &mut Guest, key: &str, timeout: Duration) -> Result<String, String> {
+    let line = guest
+        .wait_for_line(&format!("{key}="), timeout)
+        .map_err(|e| e.to_string())?;
+    let start = line.find(&format!("{key}=")).unwrap_or(0) + key.len() + 1;
+    Ok(line[start..].trim().to_string())
+}
+
+/// Waits for the guest to power off; panics with the full report unless its script
+/// exited 0.
+fn expect_clean_exit(guest: &mut Guest, backend: &BackendProcess, timeout: Duration) -> GuestRun {
+    let run = guest
+        .wait_exit(timeout)
+        .unwrap_or_else(|e| panic!("{e}\n{}", report(&[guest], backend)));
+    assert_eq!(
+        run.exit_code,
+        0,
+        "guest script failed\n{}",
+        report(&[guest], backend)
+    );
+    run
+}
+
+/// Guest writes reach a PTY endpoint (console, hvc0) and a Unix endpoint (named port), and
+/// host writes on both reach the guest.
+#[test]
+fn console_on_pty_and_named_port_on_unix_socket_carry_both_ways() {
+    let dir = ScratchDir::new("console-basic").unwrap();
+    let sock = dir.path().join("vm.sock");
+    let pty_link = dir.path().join("console.pty");
+    let data = dir.path().join("data.sock");
+    let args: Vec<String> = vec![
+        "--vm".into(),
+        format!("a={}", s(&sock)),
+        "-p".into(),
+        format!("a/console=pty:{}", s(&pty_link)),
+        "-p".into(),
+        format!("a/org.devshare.data=unix:{}", s(&data)),
+    ];
+    let mut backend = start_backend(dir.path(), &args, &sock);
+    backend.wait_for_path(&pty_link, UP).unwrap();
+    // The link points at the slave of the PTY the backend created (a real /dev/pts entry).
+    let slave = std::fs::read_link(&pty_link).unwrap();
+    assert!(slave.starts_with("/dev/pts/"), "{}", slave.display());
+    let mut pty = BufReader::new(TimedTty::open(&pty_link));
+    let mut data_client = connect(&data);
+    // Both ports stay open in the guest (fds 3 and 4): Linux drops what arrived for a port
+    // when its last opener closes it, so an echo-then-reopen script would race the host.
+    let mut guest = Guest::builder()
+        .name("console-basic")
+        .args(qemu_device_args(&args, "a"))
+        .script(
+            r#"
+set -e
+ls /dev/virtio-ports/
+exec 3<>/dev/virtio-ports/org.devshare.data
+exec 4<>/dev/hvc0
+echo hello-console >&4
+echo hello-data >&3
+read -r line <&3
+echo "GOT-DATA:$line"
+read -r line <&4
+echo "GOT-CONSOLE:$line"
+"#,
+        )
+        .spawn()
+        .unwrap();
+
+    let got = read_line(&mut pty);
+    assert!(
+        matches!(&got, Ok(l) if l == "hello-console"),
+        "console on the PTY: {got:?}\n{}",
+        report(&[&guest], &backend)
+    );
+    let mut data_lines = BufReader::new(data_client.try_clone().unwrap());
+    let got = read_line(&mut data_lines);
+    assert!(
+        matches!(&got, Ok(l) if l == "hello-data"),
+        "named port on the Unix socket: {got:?}\n{}",
+        report(&[&guest], &backend)
+    );
+    data_client.write_all(b"from-unix\n").unwrap();
+    pty.get_mut().write_all(b"from-pty\n").unwrap();
+
+    let run = expect_clean_exit(&mut guest, &backend, SHORT_RUN);
+    assert!(run.console.contains("org.devshare.data"), "{}", run.console);
+    assert!(
+        run.console.contains("GOT-DATA:from-unix"),
+        "{}",
+        report(&[&guest], &backend)
+    );
+    assert!(
+        run.console.contains("GOT-CONSOLE:from-pty"),
+        "{}",
+        report(&[&guest], &backend)
+    );
+}
+
+/// 16 MiB each way through a named port: random data from the guest arrives on the Unix
+/// endpoint with the checksum the guest computed, and 16 MiB of host data arrives in the
+/// guest with the host's checksum.
+#[test]
+fn sixteen_mib_each_way_through_a_named_port() {
+    let dir = ScratchDir::new("console-bulk").unwrap();
+    let sock = dir.path().join("vm.sock");
+    let bulk = dir.path().join("bulk.sock");
+    let args: Vec<String> = vec![
+        "--vm".into(),
+        format!("a={}", s(&sock)),
+        "-p".into(),
+        format!("a/console=file:{}", s(&dir.path().join("console.log"))),
+        "-p".into(),
+        format!("a/org.devshare.bulk=unix:{}", s(&bulk)),
+    ];
+    let backend = start_backend(dir.path(), &args, &sock);
+    let mut client = connect(&bulk);
+    let to_guest = pattern(BULK, 7);
+    let to_guest_sha = sha256_hex(&to_guest);
+    let mut guest = Guest::builder()
+        .name("console-bulk")
+        .memory_mib(BULK_MEMORY_MIB)
+        .args(qemu_device_args(&args, "a"))
+        .script(&format!(
+            r#"
+set -e
+dd if=/dev/urandom of=/tmp/out bs=1M count=16 2>/dev/null
+echo "TX-SHA=$(sha256sum /tmp/out | cut -d' ' -f1)"
+exec 3<>/dev/virtio-ports/org.devshare.bulk
+cat /tmp/out >&3
+rm /tmp/out
+echo "RX-SHA=$(head -c {BULK} <&3 | sha256sum | cut -d' ' -f1)"
+"#
+        ))
+        .spawn()
+        .unwrap();
+
+    // The host sends while it receives: the guest reads only after its own send, and the
+    // backend must hold the host's bytes back until the guest has room.
+    let mut writer = client.try_clone().unwrap();
+    let sender = thread::spawn(move || writer.write_all(&to_guest));
+    let from_guest = read_hashed(&mut client, BULK)
+        .unwrap_or_else(|e| panic!("reading 16 MiB: {e}\n{}", report(&[&guest], &backend)));
+    let tx_sha = console_value(&mut guest, "TX-SHA", READ_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", report(&[&guest], &backend)));
+    assert_eq!(
+        from_guest,
+        tx_sha,
+        "guest -> host data differs\n{}",
+        report(&[&guest], &backend)
+    );
+    sender.join().unwrap().unwrap();
+    let rx_sha = console_value(&mut guest, "RX-SHA", BULK_RUN)
+        .unwrap_or_else(|e| panic!("{e}\n{}", report(&[&guest], &backend)));
+    assert_eq!(
+        rx_sha,
+        to_guest_sha,
+        "host -> guest data differs\n{}",
+        report(&[&guest], &backend)
+    );
+    expect_clean_exit(&mut guest, &backend, SHORT_RUN);
+}
+
+/// Two guests in two QEMU processes, one backend process: 16 MiB each way over a
+/// guest-to-guest link, at the same time, checksums equal on both ends.
+#[test]
+fn two_guests_exchange_sixteen_mib_over_a_link() {
+    let dir = ScratchDir::new("console-link").unwrap();
+    let sock_a = dir.path().join("a.sock");
+    let sock_b = dir.path().join("b.sock");
+    let args: Vec<String> = vec![
+        "--vm".into(),
+        format!("a={}", s(&sock_a)),
+        "--vm".into(),
+        format!("b={}", s(&sock_b)),
+        "-p".into(),
+        format!("a/console=file:{}", s(&dir.path().join("a.log"))),
+        "-p".into(),
+        "a/link=vm:b/link".into(),
+        "-p".into(),
+        format!("b/console=file:{}", s(&dir.path().join("b.log"))),
+        "-p".into(),
+        "b/link=vm:a/link".into(),
+    ];
+    let mut backend = start_backend(dir.path(), &args, &sock_a);
+    backend.wait_for_path(&sock_b, UP).unwrap();
+    // Each guest sends in the background while it receives. It does not power off by itself:
+    // its last bytes may still sit in its ring when it has received everything, so the test
+    // stops both guests only after both have reported what they received.
+    let script = format!(
+        r#"
+set -e
+dd if=/dev/urandom of=/tmp/out bs=1M count=16 2>/dev/null
+echo "TX-SHA=$(sha256sum /tmp/out | cut -d' ' -f1)"
+exec 3<>/dev/virtio-ports/link
+cat /tmp/out >&3 &
+echo "RX-SHA=$(head -c {BULK} <&3 | sha256sum | cut -d' ' -f1)"
+wait
+echo SENT-ALL
+sleep 100000
+"#
+    );
+    let mut a = Guest::builder()
+        .name("console-link-a")
+        .memory_mib(BULK_MEMORY_MIB)
+        .args(qemu_device_args(&args, "a"))
+        .script(&script)
+        .spawn()
+        .unwrap();
+    let mut b = Guest::builder()
+        .name("console-link-b")
+        .memory_mib(BULK_MEMORY_MIB)
+        .args(qemu_device_args(&args, "b"))
+        .script(&script)
+        .spawn()
+        .unwrap();
+    let value = |g: &mut Guest, key: &str| {
+        console_value(g, key, BULK_RUN).unwrap_or_else(|e| panic!("{e}\n{}", backend.log()))
+    };
+    let a_tx = value(&mut a, "TX-SHA");
+    let b_tx = value(&mut b, "TX-SHA");
+    let a_rx = value(&mut a, "RX-SHA");
+    let b_rx = value(&mut b, "RX-SHA");
+    assert_ne!(a_tx, b_tx, "both guests made the same random data?");
+    assert_eq!(
+        a_tx,
+        b_rx,
+        "a -> b differs\n{}",
+        report(&[&a, &b], &backend)
+    );
+    assert_eq!(
+        b_tx,
+        a_rx,
+        "b -> a differs\n{}",
+        report(&[&a, &b], &backend)
+    );
+    for g in [&mut a, &mut b] {
+        g.wait_for_line("SENT-ALL", READ_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}\n{}", backend.log()));
+    }
+}
+
+/// A PTY pair standing in for a physical serial port: the backend applies the line settings
+/// it was given (read back here with tcgetattr) and carries data both ways.
+#[test]
+fn serial_endpoint_on_a_pty_pair_gets_line_settings_and_data_both_ways() {
+    let dir = ScratchDir::new("console-serial").unwrap();
+    let sock = dir.path().join("vm.sock");
+    let (master, slave) = open_pty_pair();
+    let slave_path = tty_path(&slave);
+    let args: Vec<String> = vec![
+        "--vm".into(),
+        format!("a={}", s(&sock)),
+        "-p".into(),
+        format!("a/console=file:{}", s(&dir.path().join("console.log"))),
+        "-p".into(),
+        format!(
+            "a/org.devshare.serial=serial:{},baud=57600,parity=odd,stop=2,flow=hw",
+            s(&slave_path)
+        ),
+    ];
+    let backend = start_backend(dir.path(), &args, &sock);
+
+    // What the backend set is visible on any fd of the same tty.
+    let t = termios_of(&slave);
+    // SAFETY: `t` is a valid termios filled by tcgetattr.
+    let (ispeed, ospeed) = unsafe { (libc::cfgetispeed(&t), libc::cfgetospeed(&t)) };
+    assert_eq!(ospeed, libc::B57600, "output speed\n{}", backend.log());
+    assert_eq!(ispeed, libc::B57600, "input speed\n{}", backend.log());
+    assert_ne!(
+        t.c_cflag & libc::CSTOPB,
+        0,
+        "two stop bits\n{}",
+        backend.log()
+    );
+    assert_ne!(t.c_cflag & libc::CRTSCTS, 0, "RTS/CTS\n{}", backend.log());
+    assert_ne!(t.c_cflag & libc::PARODD, 0, "odd parity\n{}", backend.log());
+    // A PTY always runs 8 data bits and clears PARENB whatever is asked (Linux pty.c), so
+    // the parity request shows only in PARODD; the backend logs the difference.
+    assert_eq!(t.c_cflag & libc::CSIZE, libc::CS8);
+    // Raw: no echo of what the test writes back into its own reads, no line editing.
+    assert_eq!(t.c_lflag & (libc::ECHO | libc::ICANON), 0);
+
+    let mut port = BufReader::new(TimedTty::from_fd(master));
+    let mut guest = Guest::builder()
+        .name("console-serial")
+        .args(qemu_device_args(&args, "a"))
+        .script(
+            r#"
+set -e
+exec 3<>/dev/virtio-ports/org.devshare.serial
+echo to-serial-line >&3
+read -r line <&3
+echo "GOT:$line"
+"#,
+        )
+        .spawn()
+        .unwrap();
+    let got = read_line(&mut port);
+    assert!(
+        matches!(&got, Ok(l) if l == "to-serial-line"),
+        "{got:?}\n{}",
+        report(&[&guest], &backend)
+    );
+    port.get_mut().write_all(b"from-serial-line\n").unwrap();
+    let run = expect_clean_exit(&mut guest, &backend, SHORT_RUN);
+    assert!(
+        run.console.contains("GOT:from-serial-line"),
+        "{}",
+        report(&[&guest], &backend)
+    );
+    drop(slave);
+}
+
+/// Opens a PTY pair (master, slave).
+fn open_pty_pair() -> (OwnedFd, OwnedFd) {
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two fds into the given pointers; name, termios and winsize may
+    // be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", io::Error::last_os_error());
+    // SAFETY: both fds are fresh and owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+}
+
+/// The device path of an open tty fd.
+fn tty_path(fd: &OwnedFd) -> PathBuf {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap()
+}
+
+fn termios_of(fd: &OwnedFd) -> libc::termios {
+    // SAFETY: termios is plain data; zeroed is valid and tcgetattr overwrites it.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is valid for writes; the fd is open.
+    let rc = unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) };
+    assert_eq!(rc, 0, "tcgetattr: {}", io::Error::last_os_error());
+    t
+}
+
+/// Stream mode: the backend's port is a second 16550 in the guest. The runner's console is
+/// the first `-serial` (ttyS0), so the `-serial chardev:...` the backend prints becomes
+/// ttyS1. Bytes go both ways through a Unix endpoint.
+#[test]
+fn stream_mode_serial_port_carries_both_ways() {
+    let dir = ScratchDir::new("console-stream").unwrap();
+    let sock = dir.path().join("stream.sock");
+    let ep = dir.path().join("serial.sock");
+    let args: Vec<String> = vec![
+        "--vm".into(),
+        format!("s={},stream", s(&sock)),
+        "-p".into(),
+        format!("s/serial=unix:{}", s(&ep)),
+    ];
+    let backend = start_backend(dir.path(), &args, &sock);
+    let qemu_args = qemu_device_args(&args, "s");
+    assert!(
+        qemu_args.iter().any(|a| a.starts_with("chardev:")),
+        "{qemu_args:?}"
+    );
+    let mut client = connect(&ep);
+    let mut guest = Guest::builder()
+        .name("console-stream")
+        .args(qemu_args)
+        .script(
+            r#"
+set -e
+stty -F /dev/ttyS1 raw -echo
+exec 3<>/dev/ttyS1
+echo to-host-over-ttyS1 >&3
+read -r line <&3
+echo "GOT:$line"
+"#,
+        )
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(client.try_clone().unwrap());
+    let got = read_line(&mut lines);
+    assert!(
+        matches!(&got, Ok(l) if l == "to-host-over-ttyS1"),
+        "{got:?}\n{}",
+        report(&[&guest], &backend)
+    );
+    client.write_all(b"from-host-over-ttyS1\n").unwrap();
+    let run = expect_clean_exit(&mut guest, &backend, SHORT_RUN);
+    assert!(
+        run.console.contains("GOT:from-host-over-ttyS1"),
+        "{}",
+        report(&[&guest], &backend)
+    );
+}
