@@ -27,6 +27,9 @@ use crate::spool::{Spool, SpoolError};
 use crate::stream::StreamGuest;
 use crate::virtio_console as vc;
 
+/// Most spooled bytes offered to a linked guest per round of [`Engine::flush`].
+const LINK_FLUSH_CHUNK: usize = 64 * 1024;
+
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -730,8 +733,13 @@ impl Engine {
                 } => {
                     let (odev, oport) = (*odev, *oport);
                     // Copy out first: the spool and the peer's ring are both borrowed from self.
+                    // A bounded piece per round keeps a receiver without buffers cheap; the
+                    // loop comes back for the rest while the receiver takes something.
                     let (a, b) = port.spool.front();
-                    let data = [a, b].concat();
+                    let mut data = Vec::with_capacity(LINK_FLUSH_CHUNK.min(a.len() + b.len()));
+                    data.extend_from_slice(&a[..a.len().min(LINK_FLUSH_CHUNK)]);
+                    let room = LINK_FLUSH_CHUNK - data.len();
+                    data.extend_from_slice(&b[..b.len().min(room)]);
                     self.link_write(odev, oport, data.len(), |dst, done| {
                         dst.write_at(0, &data[done..])
                     })
