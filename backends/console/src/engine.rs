@@ -77,6 +77,9 @@ pub struct PortStats {
     pub dropped: Counter,
     /// Descriptor chains refused as malformed.
     pub bad_chains: Counter,
+    /// Guest output accepted and waiting in the port's buffer for its endpoint, as of the
+    /// last [`Engine::stats`] call (with `--state-dir` it survives a restart).
+    pub buffered: std::sync::atomic::AtomicU64,
 }
 
 /// Where a port's host-side data goes.
@@ -242,6 +245,9 @@ impl Engine {
         let mut v = Vec::new();
         for d in &self.devices {
             for p in &d.ports {
+                p.stats
+                    .buffered
+                    .store(p.spool.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 v.push((d.cfg.name.clone(), p.name.clone(), p.stats.clone()));
             }
         }

@@ -215,6 +215,7 @@ fn main() -> ExitCode {
                         "to_guest_bytes": s.to_guest.get(),
                         "dropped_bytes": s.dropped.get(),
                         "bad_chains": s.bad_chains.get(),
+                        "buffered_bytes": s.buffered.load(std::sync::atomic::Ordering::Relaxed),
                     })
                 })
                 .collect();
