@@ -614,3 +614,257 @@ echo "GOT:$line"
         report(&[&guest], &backend)
     );
 }
+
+/// `buffered_bytes` of VM `vm`, port `port` from the backend's stats socket (None while the
+/// socket does not answer).
+fn buffered_bytes(stats: &Path, vm: &str, port: &str) -> Option<u64> {
+    let mut s = UnixStream::connect(stats).ok()?;
+    s.set_read_timeout(Some(READ_TIMEOUT)).ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
+    doc["ports"]
+        .as_array()?
+        .iter()
+        .find(|p| p["vm"] == vm && p["port"] == port)?["buffered_bytes"]
+        .as_u64()
+}
+
+/// Waits until the backend holds exactly `want` bytes of port `vm/port` in its buffer.
+fn wait_buffered(stats: &Path, vm: &str, port: &str, want: u64, backend: &BackendProcess) {
+    let deadline = std::time::Instant::now() + READ_TIMEOUT;
+    loop {
+        let got = buffered_bytes(stats, vm, port);
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backend buffers {got:?} bytes of {vm}/{port}, expected {want}\n{}",
+            backend.log()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SIGKILLs `backend`, removes the socket files it could not clean up, and starts the same
+/// command line again (its log is appended to the same file). `last` is the last file the
+/// backend creates (its stats socket): once it exists, everything is listening.
+fn restart_backend(
+    backend: &mut BackendProcess,
+    dir: &Path,
+    args: &[String],
+    stale: &[&Path],
+    last: &Path,
+) -> BackendProcess {
+    backend.kill();
+    for f in stale.iter().chain([&last]) {
+        let _ = std::fs::remove_file(f);
+    }
+    start_backend(dir, args, last)
+}
+
+/// The bytes of lines `L<first>` ..= `L<last>`, each ending in `ending`.
+fn numbered_lines_len(first: u32, last: u32, ending: &str) -> u64 {
+    (first..=last)
+        .map(|i| (format!("L{i}").len() + ending.len()) as u64)
+        .sum()
+}
+
+/// Reads `L<first>` ..= `L<last>`, in order, nothing else in between.
+fn expect_numbered_lines(r: &mut impl BufRead, first: u32, last: u32) -> Result<(), String> {
+    for i in first..=last {
+        let line = read_line(r).map_err(|e| format!("waiting for L{i}: {e}"))?;
+        if line != format!("L{i}") {
+            return Err(format!("expected L{i}, got {line:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Stream mode survives the backend being SIGKILLed twice while the guest runs, with
+/// `--state-dir` spool files:
+///
+/// 1. The guest writes L1..L500 while no client is attached; once the backend holds all of
+///    it (stats: buffered_bytes), the backend is killed and restarted, and the new process
+///    replays exactly L1..L500 to the client that attaches. Nothing accepted is lost, and the
+///    guest does not send these lines again, so they can only come from the spool file.
+/// 2. The guest then writes L501..L2500 continuously while the backend is killed and
+///    restarted once more mid-stream. QEMU drops what the 16550 sends while no backend is
+///    connected (its socket chardev fails the write and the UART discards the byte), so
+///    the guest runs a small go-back-N protocol: it sends batches of 50 lines and sends a
+///    batch again unless the host acknowledges its last line within 10 s. The host accepts
+///    lines strictly in order: duplicates (a resent batch) are skipped, and a gap or a torn
+///    line is tolerated only right after a restart, until the resent batch catches up --
+///    anywhere else it fails the test. Every line must arrive, in order.
+#[test]
+fn stream_mode_backend_killed_and_restarted_loses_nothing_it_accepted() {
+    let dir = ScratchDir::new("console-stream-restart").unwrap();
+    let sock = dir.path().join("stream.sock");
+    let ep = dir.path().join("serial.sock");
+    let stats = dir.path().join("stats.sock");
+    let state = dir.path().join("state");
+    let args: Vec<String> = vec![
+        "--vm".into(),
+        format!("s={},stream", s(&sock)),
+        "-p".into(),
+        format!("s/serial=unix:{}", s(&ep)),
+        "--state-dir".into(),
+        s(&state),
+        "--stats-socket".into(),
+        s(&stats),
+    ];
+    let mut backend = start_backend(dir.path(), &args, &stats);
+    let qemu_args = qemu_device_args(&args, "s");
+    // QEMU itself redials the restarted backend.
+    assert!(
+        qemu_args.iter().any(|a| a.contains("reconnect-ms=")),
+        "{qemu_args:?}"
+    );
+    let mut guest = Guest::builder()
+        .name("console-stream-restart")
+        .args(qemu_args)
+        .script(
+            r#"
+set -e
+stty -F /dev/ttyS1 raw -echo
+exec 3<>/dev/ttyS1
+seq 1 500 | sed 's/^/L/' >&3
+echo PART1-WRITTEN
+read -r go <&3
+echo "GOT:$go"
+n=501
+while [ $n -le 2500 ]; do
+    end=$((n+49))
+    i=$n
+    while [ $i -le $end ]; do echo "L$i"; i=$((i+1)); done >&3
+    ok=0
+    while read -t 10 -r ack <&3; do
+        if [ "$ack" = "A$end" ]; then ok=1; break; fi
+    done
+    if [ $ok = 1 ]; then n=$((end+1)); else echo "RESEND-FROM $n"; fi
+done
+echo PART2-WRITTEN
+"#,
+        )
+        .spawn()
+        .unwrap();
+
+    // Part 1: spool replay across a SIGKILL.
+    guest
+        .wait_for_line("PART1-WRITTEN", SHORT_RUN)
+        .unwrap_or_else(|e| panic!("{e}\n{}", backend.log()));
+    let part1 = numbered_lines_len(1, 500, "\n");
+    wait_buffered(&stats, "s", "serial", part1, &backend);
+    backend = restart_backend(&mut backend, dir.path(), &args, &[&sock, &ep], &stats);
+    let mut client = connect(&ep);
+    let mut lines = BufReader::new(client.try_clone().unwrap());
+    if let Err(e) = expect_numbered_lines(&mut lines, 1, 500) {
+        panic!("replay after restart: {e}\n{}", report(&[&guest], &backend));
+    }
+    client.write_all(b"GO\n").unwrap();
+
+    // Part 2: continuous lines, one more SIGKILL mid-stream.
+    const LAST: u32 = 2500;
+    const KILL_AT: u32 = 1200;
+    let mut expected = 501u32;
+    let mut killed = false;
+    // Set by a restart; cleared by the next line that is in order.
+    let mut after_restart = false;
+    let mut duplicates = 0u32;
+    let mut tolerated = Vec::new();
+    // A line torn by a restart: its head came on the old connection.
+    let mut carry = String::new();
+    while expected <= LAST {
+        if !killed && expected > KILL_AT {
+            killed = true;
+            backend = restart_backend(&mut backend, dir.path(), &args, &[&sock, &ep], &stats);
+            // What the dead backend had already written is still in the old connection:
+            // read it to its end before attaching to the new backend.
+            let mut rest = Vec::new();
+            let _ = lines.read_to_end(&mut rest);
+            let text = carry.clone() + &String::from_utf8_lossy(&rest);
+            let (complete, torn) = match text.rfind('\n') {
+                Some(i) => (text[..=i].to_string(), text[i + 1..].to_string()),
+                None => (String::new(), text.clone()),
+            };
+            for line in complete.lines() {
+                check_line(
+                    line,
+                    &mut expected,
+                    &mut duplicates,
+                    after_restart,
+                    &mut tolerated,
+                )
+                .unwrap_or_else(|e| panic!("{e}\n{}", report(&[&guest], &backend)));
+            }
+            carry = torn;
+            client = connect(&ep);
+            lines = BufReader::new(client.try_clone().unwrap());
+            after_restart = true;
+            continue;
+        }
+        let mut raw = String::new();
+        match lines.read_line(&mut raw) {
+            Ok(n) if n > 0 && raw.ends_with('\n') => {}
+            other => panic!(
+                "stream ended or timed out at L{expected}: {other:?}\n{}",
+                report(&[&guest], &backend)
+            ),
+        }
+        let line = std::mem::take(&mut carry) + raw.trim_end_matches('\n');
+        let in_order = check_line(
+            &line,
+            &mut expected,
+            &mut duplicates,
+            after_restart,
+            &mut tolerated,
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", report(&[&guest], &backend)));
+        if in_order {
+            after_restart = false;
+        }
+        // Acknowledge a batch's last line once everything up to it is here (again, when a
+        // resent batch shows the acknowledgement was lost).
+        if let Some(n) = line.strip_prefix('L').and_then(|n| n.parse::<u32>().ok()) {
+            if n >= 550 && (n - 500) % 50 == 0 && n < expected {
+                let _ = client.write_all(format!("A{n}\n").as_bytes());
+            }
+        }
+    }
+    let run = expect_clean_exit(&mut guest, &backend, SHORT_RUN);
+    assert!(run.console.contains("GOT:GO"), "{}", run.console);
+    eprintln!(
+        "stream restart: {duplicates} duplicate lines (resent batches), tolerated after the \
+         mid-stream restart: {tolerated:?}"
+    );
+}
+
+/// Checks one received line of part 2 against the next expected number; returns whether it
+/// was the expected one. See the test above for the rules.
+fn check_line(
+    line: &str,
+    expected: &mut u32,
+    duplicates: &mut u32,
+    after_restart: bool,
+    tolerated: &mut Vec<String>,
+) -> Result<bool, String> {
+    let n = line.strip_prefix('L').and_then(|n| n.parse::<u32>().ok());
+    match n {
+        Some(n) if n == *expected => {
+            *expected += 1;
+            Ok(true)
+        }
+        Some(n) if n < *expected => {
+            *duplicates += 1;
+            Ok(false)
+        }
+        _ if after_restart => {
+            tolerated.push(line.to_string());
+            Ok(false)
+        }
+        _ => Err(format!(
+            "line {line:?} while expecting L{expected} (not right after a restart)"
+        )),
+    }
+}
