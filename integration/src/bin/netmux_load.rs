@@ -1,11 +1,12 @@
 //! `netmux_load`: a polling load generator for vhost-user-net backends (vhost-user-netmux, or
 //! DPDK's `net_vhost` in testpmd for comparison), built on the frontend harness.
 //!
-//! It plays two guests: a sender on `--tx-socket` that keeps its transmit ring full of one
-//! frame, and (for guest-to-guest runs) a receiver on `--rx-socket` that keeps its receive
-//! ring full of buffers. Both poll; no interrupts. At the end it prints one JSON line:
-//! frames and bytes sent and received, Mpps, Gbps and, with `--pid`, the backend's CPU seconds
-//! per million frames.
+//! It plays two guests from one polling thread: a sender on `--tx-socket` that keeps its
+//! transmit ring full of one frame, and (for guest-to-guest runs) a receiver on `--rx-socket`
+//! that keeps its receive ring full of buffers. No interrupts. At the end it prints one JSON line:
+//! frames and bytes sent and received, Mpps and Gbps (of frames received in guest-to-guest runs,
+//! of frames sent otherwise), the rate the backend took frames from the sender (`ingest_mpps`)
+//! and, with `--pid`, the backend's CPU seconds per million frames.
 //!
 //! ```text
 //! netmux_load --tx-socket g0.sock --rx-socket g1.sock --dst-mac 52:54:00:77:00:02 \
@@ -15,9 +16,6 @@
 //! forwards them to (e.g. its uplink). `--size 65536` sends TCP segmentation (TSO) frames.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use devshare_integration::frontend::{
@@ -28,7 +26,8 @@ use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 const HDR: usize = 12;
-const QUEUE: u16 = 256;
+/// Ring size of both guests (the largest vhost-user-netmux offers).
+const QUEUE: u16 = 1024;
 
 fn usage() -> ! {
     eprintln!(
@@ -163,54 +162,65 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / hz
 }
 
+/// The receiving guest: a ring kept full of buffers, refilled as the device uses them.
+struct Receiver {
+    _conn: Connection,
+    rx: DriverQueue,
+    bufs: Vec<GuestBuffer>,
+    by_head: Vec<usize>,
+    frames: u64,
+    bytes: u64,
+}
+
+impl Receiver {
+    fn open(path: &PathBuf, ram: &GuestRam, buf_len: u32) -> Receiver {
+        let (conn, mut rx, _tx) = open(path, ram);
+        rx.disable_calls();
+        let bufs: Vec<GuestBuffer> = (0..QUEUE).map(|_| ram.alloc(buf_len).unwrap()).collect();
+        let mut by_head = vec![0usize; usize::from(QUEUE)];
+        for (i, b) in bufs.iter().enumerate() {
+            let head = rx.add_chain(&[Segment::writable(*b)]).unwrap();
+            by_head[usize::from(head)] = i;
+        }
+        rx.kick().unwrap();
+        Receiver {
+            _conn: conn,
+            rx,
+            bufs,
+            by_head,
+            frames: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Takes what arrived and posts its buffers again; returns whether anything did.
+    fn poll(&mut self) -> bool {
+        let mut any = false;
+        while let Ok(Some(u)) = self.rx.poll_used() {
+            any = true;
+            self.frames += 1;
+            self.bytes += u64::from(u.len).saturating_sub(HDR as u64);
+            let i = self.by_head[usize::from(u.head)];
+            let head = self
+                .rx
+                .add_chain(&[Segment::writable(self.bufs[i])])
+                .unwrap();
+            self.by_head[usize::from(head)] = i;
+        }
+        if any {
+            let _ = self.rx.kick();
+        }
+        any
+    }
+}
+
 fn main() {
     let a = args();
     let frame = build_frame(&a);
-    let stop = Arc::new(AtomicBool::new(false));
-    let received = Arc::new(AtomicU64::new(0));
-    let received_bytes = Arc::new(AtomicU64::new(0));
-
     // Receiver first, so its buffers are there when frames arrive.
-    let rx_thread = a.rx.clone().map(|path| {
-        let (stop, received, received_bytes) =
-            (stop.clone(), received.clone(), received_bytes.clone());
-        let buf_len: u32 = if a.size > 1514 { 65600 } else { 2048 };
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let h = thread::spawn(move || {
-            let ram = GuestRam::new(u64::from(QUEUE) * u64::from(buf_len) + (8 << 20)).unwrap();
-            let (_c, mut rx, _tx) = open(&path, &ram);
-            rx.disable_calls();
-            let bufs: Vec<GuestBuffer> = (0..QUEUE).map(|_| ram.alloc(buf_len).unwrap()).collect();
-            let mut by_head = vec![0usize; usize::from(QUEUE)];
-            for (i, b) in bufs.iter().enumerate() {
-                let head = rx.add_chain(&[Segment::writable(*b)]).unwrap();
-                by_head[usize::from(head)] = i;
-            }
-            rx.kick().unwrap();
-            let _ = ready_tx.send(());
-            while !stop.load(Ordering::Relaxed) {
-                let mut any = false;
-                while let Ok(Some(u)) = rx.poll_used() {
-                    any = true;
-                    received.fetch_add(1, Ordering::Relaxed);
-                    received_bytes.fetch_add(
-                        u64::from(u.len).saturating_sub(HDR as u64),
-                        Ordering::Relaxed,
-                    );
-                    let i = by_head[usize::from(u.head)];
-                    let head = rx.add_chain(&[Segment::writable(bufs[i])]).unwrap();
-                    by_head[usize::from(head)] = i;
-                }
-                if any {
-                    let _ = rx.kick();
-                } else {
-                    std::hint::spin_loop();
-                }
-            }
-        });
-        let _ = ready_rx.recv_timeout(Duration::from_secs(10));
-        h
-    });
+    let buf_len: u32 = if a.size > 1514 { 65600 } else { 2048 };
+    let rx_ram = GuestRam::new(u64::from(QUEUE) * u64::from(buf_len) + (8 << 20)).unwrap();
+    let mut receiver = a.rx.as_ref().map(|p| Receiver::open(p, &rx_ram, buf_len));
 
     let ram = GuestRam::new(8 << 20).unwrap();
     let (_c, _rx, mut tx) = open(&a.tx, &ram);
@@ -221,6 +231,8 @@ fn main() {
     let start = Instant::now();
     let end = start + Duration::from_secs(a.seconds);
     let mut sent: u64 = 0;
+    // One thread drives both guests: on a 2-core machine a second polling thread would only
+    // take turns with the first and with the backend under test.
     while Instant::now() < end {
         let mut added = false;
         while tx.free_descriptors() > 0 {
@@ -233,15 +245,21 @@ fn main() {
         while let Ok(Some(_)) = tx.poll_used() {
             sent += 1;
         }
+        if let Some(r) = receiver.as_mut() {
+            r.poll();
+        }
+        std::hint::spin_loop();
     }
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = a.pid.map(cpu_seconds).zip(cpu0).map(|(b, a)| b - a);
-    thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::Relaxed);
-    if let Some(h) = rx_thread {
-        let _ = h.join();
+    // Frames still on their way count as received if they land shortly after.
+    let settle = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < settle {
+        if let Some(r) = receiver.as_mut() {
+            r.poll();
+        }
     }
-    let rcvd = received.load(Ordering::Relaxed);
+    let (rcvd, rcvd_bytes) = receiver.as_ref().map_or((0, 0), |r| (r.frames, r.bytes));
     let counted = if a.rx.is_some() { rcvd } else { sent };
     let mpps = counted as f64 / elapsed / 1e6;
     let gbps = counted as f64 * a.size as f64 * 8.0 / elapsed / 1e9;
@@ -253,8 +271,9 @@ fn main() {
             "seconds": elapsed,
             "sent": sent,
             "received": rcvd,
-            "received_bytes": received_bytes.load(Ordering::Relaxed),
+            "received_bytes": rcvd_bytes,
             "mpps": mpps,
+            "ingest_mpps": sent as f64 / elapsed / 1e6,
             "gbps": gbps,
             "backend_cpu_seconds": cpu,
             "cpu_s_per_mpkt": cpu_per_m,
