@@ -127,6 +127,15 @@ impl<'a> GuestBuffers<'a> {
         } else {
             &mut self.readable
         };
+        if list.len() >= MAX_CHAIN_SEGMENTS {
+            return Err(ChainError::TooLarge { head });
+        }
+        // Nearly every buffer lies inside one region: one lookup instead of the general
+        // iterator, which costs several times more per descriptor on the packet path.
+        if let Ok(slice) = mem.get_slice(GuestAddress(desc.addr().0), len) {
+            list.push(slice);
+            return Ok(());
+        }
         let mut mapped = 0usize;
         for slice in mem.get_slices(GuestAddress(desc.addr().0), len) {
             let slice = slice.map_err(|_| outside())?;

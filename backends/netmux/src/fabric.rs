@@ -44,6 +44,10 @@ impl Signals {
     }
 }
 
+/// Frames of one TX batch bound for guest ports: (receiving port, frame).
+#[derive(Default)]
+pub struct LocalBatch<'a, 'm>(pub Vec<(usize, Frame<'a, 'm>)>);
+
 /// Who sent each frame of an uplink batch, for counting the outcome.
 struct PendingUplink {
     port: usize,
@@ -73,16 +77,16 @@ pub struct Fabric {
 }
 
 impl Fabric {
-    /// Forwards one frame from guest port `from` (taken from TX queue pair `pair`): delivers
-    /// it to other guests at once, and queues it in `out` if it must leave through the uplink.
+    /// Forwards one frame from guest port `from`: adds it to `local` for each guest it goes to
+    /// (see [`Fabric::deliver_local`]) and to `outbox` if it must leave through the uplink.
     /// `hdr_len` is the sender's virtio-net header length.
-    pub fn forward_from_guest(
+    pub fn forward_from_guest<'a, 'm>(
         &self,
         from: usize,
-        pair: usize,
-        bufs: &GuestBuffers<'_>,
+        bufs: &'a GuestBuffers<'m>,
         hdr_len: usize,
         outbox: &mut Outbox,
+        local: &mut LocalBatch<'a, 'm>,
     ) {
         let Some(port) = self.ports.get(from) else {
             return;
@@ -124,12 +128,12 @@ impl Fabric {
         };
         let ingress = Ingress::Port(from);
         match self.table.route(ingress, src, dst) {
-            Verdict::Port(to) => self.deliver(to, pair, &frame, &mut outbox.signals),
+            Verdict::Port(to) => local.0.push((to, frame)),
             Verdict::Uplink => self.queue_uplink(from, bufs, hdr_len, &hdr, outbox),
             Verdict::Flood => {
                 for to in 0..self.ports.len() {
                     if self.table.floods_to(ingress, to) {
-                        self.deliver(to, pair, &frame, &mut outbox.signals);
+                        local.0.push((to, frame));
                     }
                 }
                 self.queue_uplink(from, bufs, hdr_len, &hdr, outbox);
@@ -145,10 +149,39 @@ impl Fabric {
 
     fn deliver(&self, to: usize, hint: usize, frame: &Frame<'_, '_>, signals: &mut Signals) {
         if let Some(p) = self.ports.get(to) {
-            if let Ok(q) = p.receive(hint, frame) {
+            if let Some(q) = p.receive_batch(hint, std::slice::from_ref(frame)) {
                 signals.add(to, q);
             }
         }
+    }
+
+    /// Delivers the guest-to-guest frames of one TX batch: each receiving port's frames in
+    /// one go, in the order they were sent.
+    pub fn deliver_local(
+        &self,
+        pair: usize,
+        local: &mut LocalBatch<'_, '_>,
+        signals: &mut Signals,
+    ) {
+        let frames = &mut local.0;
+        // Stable: frames keep their order per receiver.
+        frames.sort_by_key(|(to, _)| *to);
+        let mut group: Vec<Frame<'_, '_>> = Vec::with_capacity(frames.len());
+        let mut rest = &frames[..];
+        while let Some(&(to, _)) = rest.first() {
+            let n = rest.iter().take_while(|(t, _)| *t == to).count();
+            group.clear();
+            group.extend(rest[..n].iter().map(|(_, f)| *f));
+            if let Some(q) = self
+                .ports
+                .get(to)
+                .and_then(|p| p.receive_batch(pair, &group))
+            {
+                signals.add(to, q);
+            }
+            rest = &rest[n..];
+        }
+        frames.clear();
     }
 
     /// Adds a guest frame to the uplink batch: our header first (with a VLAN tag inserted after

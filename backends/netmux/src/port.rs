@@ -86,6 +86,7 @@ impl RxPath {
 }
 
 /// A frame to be received: where its bytes are and what its header says.
+#[derive(Clone, Copy)]
 pub struct Frame<'a, 'm> {
     /// The virtio-net header that came with it (checksum and segmentation requests).
     pub hdr: NetHdr,
@@ -96,6 +97,7 @@ pub struct Frame<'a, 'm> {
 }
 
 /// Where a frame's bytes are.
+#[derive(Clone, Copy)]
 pub enum Payload<'a, 'm> {
     /// In a sending guest's TX buffers, from `offset` to the end of the readable part.
     Guest {
@@ -229,36 +231,25 @@ impl Port {
             .clone()
     }
 
-    /// Writes `frame` into this guest's RX queue `hint % queues`. On success returns the queue
-    /// used, to be passed to [`Port::signal`] once the caller's batch is done. Drops are
+    /// Writes `frames` into this guest's RX queue `hint % queues`, in order, taking the ring's
+    /// lock and the memory map once for all of them. Returns the queue used if any frame
+    /// landed, to be passed to [`Port::signal`] once the caller's batch is done. Drops are
     /// counted here.
-    pub fn receive(&self, hint: usize, frame: &Frame<'_, '_>) -> Result<usize, RxDrop> {
-        let res = self.try_receive(hint, frame);
-        match res {
-            Ok(_) => {
-                self.stats.rx_packets.inc();
-                self.stats.rx_bytes.add(frame.payload.len() as u64);
+    pub fn receive_batch(&self, hint: usize, frames: &[Frame<'_, '_>]) -> Option<usize> {
+        let drop_all = |reason: RxDrop| {
+            for _ in frames {
+                self.count_drop(reason);
             }
-            Err(RxDrop::Down) => self.stats.drop_rx_down.inc(),
-            Err(RxDrop::NoBuffer) => self.stats.drop_rx_no_buffer.inc(),
-            Err(RxDrop::TooBig) => self.stats.drop_rx_too_big.inc(),
-            Err(RxDrop::Offload) => self.stats.drop_rx_offload.inc(),
-            Err(RxDrop::BadChain) => self.stats.drop_rx_bad_chain.inc(),
-        }
-        res
-    }
-
-    fn try_receive(&self, hint: usize, frame: &Frame<'_, '_>) -> Result<usize, RxDrop> {
-        let rx = self.rx_path().ok_or(RxDrop::Down)?;
-        let neg = Negotiated(rx.features.load(Ordering::Acquire));
-        let fixup = neg.rx_fixup(&frame.hdr, frame.ethertype);
-        if fixup == RxFixup::Refuse {
-            return Err(RxDrop::Offload);
-        }
+            None
+        };
+        let Some(rx) = self.rx_path() else {
+            return drop_all(RxDrop::Down);
+        };
         let n = rx.vrings.len();
         if n == 0 {
-            return Err(RxDrop::Down);
+            return drop_all(RxDrop::Down);
         }
+        let neg = Negotiated(rx.features.load(Ordering::Acquire));
         // The guest may run fewer queue pairs than offered: fall back to pair 0.
         let mut q = hint % n;
         let mut state = rx.vrings[q].get_mut();
@@ -268,11 +259,36 @@ impl Port {
             state = rx.vrings[0].get_mut();
         }
         if !running(&state) {
-            return Err(RxDrop::Down);
+            return drop_all(RxDrop::Down);
         }
         let mem = rx.mem.memory();
-        write_frame(&mut state, &mem, neg, fixup, frame)?;
-        Ok(q)
+        let (mut packets, mut bytes) = (0u64, 0u64);
+        for frame in frames {
+            let res = match neg.rx_fixup(&frame.hdr, frame.ethertype) {
+                RxFixup::Refuse => Err(RxDrop::Offload),
+                fixup => write_frame(&mut state, &mem, neg, fixup, frame),
+            };
+            match res {
+                Ok(()) => {
+                    packets += 1;
+                    bytes += frame.payload.len() as u64;
+                }
+                Err(reason) => self.count_drop(reason),
+            }
+        }
+        self.stats.rx_packets.add(packets);
+        self.stats.rx_bytes.add(bytes);
+        (packets > 0).then_some(q)
+    }
+
+    fn count_drop(&self, reason: RxDrop) {
+        match reason {
+            RxDrop::Down => self.stats.drop_rx_down.inc(),
+            RxDrop::NoBuffer => self.stats.drop_rx_no_buffer.inc(),
+            RxDrop::TooBig => self.stats.drop_rx_too_big.inc(),
+            RxDrop::Offload => self.stats.drop_rx_offload.inc(),
+            RxDrop::BadChain => self.stats.drop_rx_bad_chain.inc(),
+        }
     }
 
     /// Interrupts the guest for RX queue `q` if it asked to be told.
@@ -385,13 +401,14 @@ fn write_frame(
         });
     }
 
-    let mut used: Vec<(u16, u32)> = Vec::with_capacity(chains.len());
+    // Bytes written into each chain: the header (first chain only) and its share of the frame.
+    let mut used_len = [0u32; MAX_RX_CHAINS];
     let mut copied = 0usize;
     for (k, b) in chains.iter().enumerate() {
         let off = if k == 0 { hdr_len } else { 0 };
         let n = frame.payload.copy_into(copied, b, off);
         copied += n;
-        used.push((b.head(), (off + n) as u32));
+        used_len[k] = (off + n) as u32;
     }
 
     let mut hdr = frame.hdr;
@@ -407,8 +424,8 @@ fn write_frame(
     if let Some(first) = chains.first() {
         first.write_at(0, &hdr.to_bytes()[..hdr_len]);
     }
-    for (head, len) in used {
-        let _ = queue.add_used(mem, head, len);
+    for (b, len) in chains.iter().zip(used_len) {
+        let _ = queue.add_used(mem, b.head(), len);
     }
     Ok(())
 }

@@ -3,8 +3,6 @@
 //! a frame for a guest's MAC goes to that guest, group addresses are flooded, and unknown
 //! unicast from a guest leaves through the uplink.
 
-use std::collections::HashMap;
-
 use crate::config::{MacAddr, Mode};
 
 /// Where a frame entered the switch.
@@ -60,7 +58,6 @@ pub struct SwitchTable {
     mode: Mode,
     anti_spoof: bool,
     ports: Vec<PortEntry>,
-    by_mac: HashMap<(Option<u16>, MacAddr), usize>,
 }
 
 impl SwitchTable {
@@ -70,17 +67,19 @@ impl SwitchTable {
             .iter()
             .map(|&(mac, vlan)| PortEntry { mac, vlan })
             .collect();
-        let by_mac = ports
-            .iter()
-            .enumerate()
-            .map(|(i, p)| ((p.vlan, p.mac), i))
-            .collect();
         SwitchTable {
             mode,
             anti_spoof,
             ports,
-            by_mac,
         }
+    }
+
+    /// The port with `mac` in `vlan`. A scan: a process serves tens of ports at most, and
+    /// comparing a few 8-byte entries is cheaper per frame than hashing the key.
+    fn lookup(&self, vlan: Option<u16>, mac: MacAddr) -> Option<usize> {
+        self.ports
+            .iter()
+            .position(|p| p.mac == mac && p.vlan == vlan)
     }
 
     /// Number of guest ports.
@@ -111,22 +110,22 @@ impl SwitchTable {
                 if dst.is_multicast() {
                     return Verdict::Flood;
                 }
-                match self.by_mac.get(&(me.vlan, dst)) {
-                    Some(&j) if j == i => Verdict::Drop(DropReason::Hairpin),
+                match self.lookup(me.vlan, dst) {
+                    Some(j) if j == i => Verdict::Drop(DropReason::Hairpin),
                     Some(_) if self.mode == Mode::Private => Verdict::Drop(DropReason::Private),
-                    Some(&j) => Verdict::Port(j),
+                    Some(j) => Verdict::Port(j),
                     None => Verdict::Uplink,
                 }
             }
             Ingress::Uplink { vlan } => {
-                if self.by_mac.contains_key(&(vlan, src)) {
+                if self.lookup(vlan, src).is_some() {
                     return Verdict::Drop(DropReason::LocalSource);
                 }
                 if dst.is_multicast() {
                     return Verdict::Flood;
                 }
-                match self.by_mac.get(&(vlan, dst)) {
-                    Some(&j) => Verdict::Port(j),
+                match self.lookup(vlan, dst) {
+                    Some(j) => Verdict::Port(j),
                     None => Verdict::Drop(DropReason::NotForUs),
                 }
             }

@@ -19,7 +19,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::fabric::{Fabric, Outbox};
+use crate::fabric::{Fabric, LocalBatch, Outbox};
 use crate::port::{Port, RxPath, Vring};
 use crate::virtio_net::{config_space, device_features, Negotiated};
 
@@ -113,9 +113,12 @@ impl NetBackend {
                         Ok(_) | Err(_) => port.stats.drop_bad_chain.inc(),
                     }
                 }
+                let mut local = LocalBatch::default();
                 for b in &parsed {
-                    fabric.forward_from_guest(port.index, pair, b, hdr_len, &mut outbox);
+                    fabric.forward_from_guest(port.index, b, hdr_len, &mut outbox, &mut local);
                 }
+                fabric.deliver_local(pair, &mut local, &mut outbox.signals);
+                drop(local);
                 fabric.flush_uplink(&mut outbox);
                 drop(parsed);
                 let queue = state.get_queue_mut();
