@@ -432,13 +432,17 @@ sleep 100000
         .script(&script)
         .spawn()
         .unwrap();
-    let value = |g: &mut Guest, key: &str| {
-        console_value(g, key, BULK_RUN).unwrap_or_else(|e| panic!("{e}\n{}", backend.log()))
-    };
-    let a_tx = value(&mut a, "TX-SHA");
-    let b_tx = value(&mut b, "TX-SHA");
-    let a_rx = value(&mut a, "RX-SHA");
-    let b_rx = value(&mut b, "RX-SHA");
+    // On failure the report shows both guests, so the value is read first and the guests
+    // are borrowed again only for the message.
+    let mut values = Vec::new();
+    for (which, key) in [(0, "TX-SHA"), (1, "TX-SHA"), (0, "RX-SHA"), (1, "RX-SHA")] {
+        let g = if which == 0 { &mut a } else { &mut b };
+        match console_value(g, key, BULK_RUN) {
+            Ok(v) => values.push(v),
+            Err(e) => panic!("{e}\n{}", report(&[&a, &b], &backend)),
+        }
+    }
+    let [a_tx, b_tx, a_rx, b_rx] = <[String; 4]>::try_from(values).unwrap();
     assert_ne!(a_tx, b_tx, "both guests made the same random data?");
     assert_eq!(
         a_tx,
@@ -452,9 +456,11 @@ sleep 100000
         "b -> a differs\n{}",
         report(&[&a, &b], &backend)
     );
-    for g in [&mut a, &mut b] {
-        g.wait_for_line("SENT-ALL", READ_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{e}\n{}", backend.log()));
+    for which in 0..2 {
+        let g = if which == 0 { &mut a } else { &mut b };
+        if let Err(e) = g.wait_for_line("SENT-ALL", READ_TIMEOUT) {
+            panic!("{e}\n{}", report(&[&a, &b], &backend));
+        }
     }
 }
 
