@@ -3,4 +3,5 @@ pub mod console_guest;
 pub mod frontend;
 pub mod process;
 pub mod qemu;
+pub mod testdata;
 pub mod workspace;

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use devshare_integration::process::BackendProcess;
 use devshare_integration::qemu::{Guest, GuestRun, ScratchDir};
+use devshare_integration::testdata::{pattern, printed_qemu_args};
 use sha2::{Digest, Sha256};
 
 /// How long the backend may take to create its sockets and PTY links.
@@ -35,34 +36,7 @@ const BULK_MEMORY_MIB: u64 = 512;
 /// The QEMU options the backend prints for VM `vm` (minus the memory options, which the runner
 /// sets itself).
 fn qemu_device_args(backend_args: &[String], vm: &str) -> Vec<String> {
-    let bin = devshare_integration::workspace::binary("vhost-user-console").unwrap();
-    let out = std::process::Command::new(bin)
-        .args(backend_args)
-        .arg("--print-qemu-args")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut in_vm = false;
-    let mut args = Vec::new();
-    for line in text.lines() {
-        if let Some(name) = line.strip_prefix("# ") {
-            in_vm = name == vm;
-            continue;
-        }
-        if !in_vm || line.contains("memory-backend") {
-            continue;
-        }
-        let (opt, val) = line.split_once(' ').unwrap();
-        args.push(opt.to_string());
-        args.push(val.to_string());
-    }
-    assert!(!args.is_empty(), "no QEMU args for {vm} in:\n{text}");
-    args
+    printed_qemu_args("vhost-user-console", backend_args, |h| h == vm)
 }
 
 fn start_backend(dir: &Path, args: &[String], wait_for: &Path) -> BackendProcess {
@@ -201,19 +175,6 @@ fn read_hashed(r: &mut impl Read, len: usize) -> io::Result<String> {
         left -= n;
     }
     Ok(hex(&hasher.finalize()))
-}
-
-/// Deterministic test data.
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
 }
 
 /// The value of a `KEY=value` line the guest printed on its console.

@@ -22,6 +22,7 @@ use devshare_integration::frontend::{
 };
 use devshare_integration::process::BackendProcess;
 use devshare_integration::qemu::ScratchDir;
+use devshare_integration::testdata::pattern;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -134,19 +135,6 @@ impl Backend {
             self.process.log()
         );
     }
-}
-
-/// Bytes that differ with position and `seed`, so reordering or loss shows.
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
 }
 
 fn read_n(s: &mut UnixStream, n: usize) -> Vec<u8> {

@@ -5,12 +5,11 @@
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use devshare_integration::process::BackendProcess;
 use devshare_integration::qemu::{Guest, ScratchDir, DEFAULT_TIMEOUT};
-use devshare_integration::workspace::binary;
+use devshare_integration::testdata::printed_qemu_args;
 
 /// Sets the window size of the terminal at `path` (the PTY the backend made).
 fn set_size(path: &Path, rows: u16, cols: u16) {
@@ -51,21 +50,7 @@ fn guest_console_follows_the_pty_size() {
         .unwrap();
     set_size(&pty, 37, 123);
 
-    let out = Command::new(binary("vhost-user-console").unwrap())
-        .args(&args)
-        .arg("--print-qemu-args")
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut qemu = Vec::new();
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        if line.contains("memory-backend") {
-            continue;
-        }
-        let (opt, val) = line.split_once(' ').unwrap();
-        qemu.push(opt.to_string());
-        qemu.push(val.to_string());
-    }
+    let qemu = printed_qemu_args("vhost-user-console", &args, |_| true);
     let mut guest = Guest::builder()
         .name("console-resize")
         .args(qemu)
