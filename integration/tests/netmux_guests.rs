@@ -435,3 +435,119 @@ done
         expect_line(g, &nm, "NETMUX tick ok", GUEST_TIMEOUT);
     }
 }
+
+/// A port with `vlan=N` talks to a station on VLAN N behind the far side's veth (tagged on the
+/// wire both ways); an untagged port cannot reach that station, and the tagged port cannot
+/// reach the untagged far side. The host kernel here has no 802.1Q support, so the VLAN end
+/// is [`VlanStation`] (a raw socket answering ARP and ping only when tagged) instead of a
+/// `type vlan` sub-interface.
+#[test]
+fn a_vlan_port_reaches_only_its_vlan() {
+    const VID: u16 = 42;
+    const VLAN_NS_IP: &str = "10.78.0.254";
+    let ns = NetNs::new();
+    let station = VlanStation::start(&ns, VID, [10, 78, 0, 254]);
+    let mut tagged = PortSpec::new(0);
+    tagged.vlan = Some(VID);
+    let ports = vec![tagged, PortSpec::new(1)];
+    let nm = Netmux::start("netmux-vlan", &ns.host_if, &ports, &[]);
+    let script = |i: usize, mine: &str, other: &str| {
+        format!(
+            "
+ip addr add 10.78.0.{n}/24 dev eth0
+if reach {mine}; then echo NETMUX own ok; else echo NETMUX own FAIL; fi
+if ping -c 5 -W 1 {other} >/dev/null 2>&1; then echo NETMUX other REACHED; else echo NETMUX other blocked; fi
+echo NETMUX-DONE
+sleep 1000
+",
+            n = i + 1
+        )
+    };
+    let mut g0 = guest_builder(&nm, &ports[0], &script(0, VLAN_NS_IP, NS_IP))
+        .spawn()
+        .expect("spawn tagged guest");
+    let mut g1 = guest_builder(&nm, &ports[1], &script(1, NS_IP, VLAN_NS_IP))
+        .spawn()
+        .expect("spawn untagged guest");
+    for (i, g) in [&mut g0, &mut g1].into_iter().enumerate() {
+        expect_line(g, &nm, "NETMUX-DONE", GUEST_TIMEOUT);
+        let console = g.console_output();
+        assert!(
+            console.contains("NETMUX own ok"),
+            "guest {i} did not reach its own side:\n{console}\n--- netmux ---\n{}",
+            nm.log()
+        );
+        assert!(
+            console.contains("NETMUX other blocked"),
+            "guest {i} crossed into the other VLAN:\n{console}"
+        );
+    }
+    assert!(station.answered() > 0, "the VLAN station answered nothing");
+    // The namespace's untagged side never heard from the tagged guest.
+    let untagged = ns.exec_ok(&format!("ip neigh show dev {}", ns.peer));
+    assert!(
+        !untagged.contains(&guest_mac(0)),
+        "guest 0 showed up untagged: {untagged}"
+    );
+    assert!(nm.port_counter(0, "rx_packets") > 0);
+    assert!(nm.port_counter(0, "tx_packets") > 0);
+}
+
+/// `--uplink tap:NAME`: netmux creates the TAP, the test moves it into a namespace and puts
+/// the far side's address on it; a guest and the namespace ping each other and a file crosses.
+#[test]
+fn the_tap_uplink_carries_guest_traffic() {
+    let ns = NetNs::new();
+    // In this test the TAP, not the veth, is the far side.
+    ns.exec_ok(&format!("ip addr flush dev {}", ns.peer));
+    let tap = format!("nmxt{}", ns.name.trim_start_matches("nmxns"));
+    let ports = vec![PortSpec::new(0)];
+    // Start returns once the stats socket exists, which is after the TAP was opened.
+    let nm = Netmux::start_on("netmux-tap", &format!("tap:{tap}"), &ports, &[]);
+    // The TAP lives as long as netmux holds it open; moving it keeps the descriptor attached.
+    ns.adopt(&tap);
+    ns.exec_ok(&format!(
+        "ip addr add {NS_IP}/24 dev {tap} && ip link set {tap} up"
+    ));
+    let scratch = devshare_integration::qemu::ScratchDir::new("netmux-tap-ns").unwrap();
+    let hold = scratch.path().join("hold");
+    let ns_rx = ns.spawn(&format!(
+        "mkfifo {h} && busybox nc -l -p 5003 <>{h} | sha256sum | cut -d' ' -f1",
+        h = hold.display()
+    ));
+    let script = format!(
+        "{SEND_FN}
+if reach {NS_IP}; then echo NETMUX reach ok; else echo NETMUX reach FAIL; fi
+dd if=/dev/urandom of=/tmp/blob bs=1k count=256 2>/dev/null
+echo \"NETMUX sum $(sha256sum /tmp/blob | cut -d' ' -f1)\"
+send {NS_IP} 5003 /tmp/blob && echo NETMUX sent
+echo NETMUX-DONE
+sleep 1000
+"
+    );
+    let mut g = guest_builder(&nm, &ports[0], &script).spawn().unwrap();
+    expect_line(&mut g, &nm, "NETMUX-DONE", GUEST_TIMEOUT);
+    let console = g.console_output();
+    assert!(
+        console.contains("NETMUX reach ok") && console.contains("NETMUX sent"),
+        "guest could not use the TAP uplink:\n{console}\n--- netmux ---\n{}",
+        nm.log()
+    );
+    let out = ns_rx.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        value_after(&console, "NETMUX sum "),
+        "file over the TAP differs"
+    );
+    ns.exec_ok(&format!("busybox ping -c 2 -W 5 {}", guest_ip(0)));
+    let stats = nm.stats();
+    assert_eq!(stats["uplink"]["name"], format!("tap:{tap}"));
+    assert!(
+        stats["uplink"]["rx_packets"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+    assert!(
+        stats["uplink"]["tx_packets"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+}

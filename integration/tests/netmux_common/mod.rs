@@ -51,6 +51,8 @@ pub struct NetNs {
     pub name: String,
     /// The root-namespace end of the veth (give it to `--uplink af-packet:`).
     pub host_if: String,
+    /// The namespace's end of the veth, carrying [`NS_IP`].
+    pub peer: String,
 }
 
 impl NetNs {
@@ -65,8 +67,9 @@ impl NetNs {
         let ns = NetNs {
             name: format!("nmxns{id}"),
             host_if: format!("nmxh{id}"),
+            peer: format!("nmxp{id}"),
         };
-        let peer = format!("nmxp{id}");
+        let peer = ns.peer.clone();
         run_ok("ip", &["netns", "add", &ns.name]);
         // No IPv6 chatter (router solicitations, MLD) from the far side: tests that count
         // frames must see only their own.
@@ -92,6 +95,11 @@ impl NetNs {
             "ip addr add {NS_IP}/24 dev {peer} && ip link set {peer} up && ip link set lo up"
         ));
         ns
+    }
+
+    /// Moves interface `ifname` from the root namespace into this one.
+    pub fn adopt(&self, ifname: &str) {
+        run_ok("ip", &["link", "set", ifname, "netns", &self.name]);
     }
 
     /// Runs `sh -c script` inside the namespace.
@@ -141,6 +149,8 @@ pub struct PortSpec {
     pub queues: u16,
     /// Backend connects to a listening QEMU.
     pub client: bool,
+    /// 802.1Q VLAN the port's frames carry on the uplink.
+    pub vlan: Option<u16>,
 }
 
 impl PortSpec {
@@ -150,6 +160,7 @@ impl PortSpec {
             index,
             queues: 1,
             client: false,
+            vlan: None,
         }
     }
 }
@@ -180,10 +191,15 @@ impl Netmux {
     /// Starts netmux on `uplink_if` with `ports` and `extra` options; waits for the sockets of
     /// ports where it listens.
     pub fn start(name: &str, uplink_if: &str, ports: &[PortSpec], extra: &[&str]) -> Netmux {
+        Self::start_on(name, &format!("af-packet:{uplink_if}"), ports, extra)
+    }
+
+    /// Like [`Netmux::start`] with a whole `--uplink` value (`af-packet:IF` or `tap:NAME`).
+    pub fn start_on(name: &str, uplink: &str, ports: &[PortSpec], extra: &[&str]) -> Netmux {
         let dir = ScratchDir::new(name).expect("scratch dir");
         let mut args: Vec<String> = vec![
             "--uplink".into(),
-            format!("af-packet:{uplink_if}"),
+            uplink.to_string(),
             "--stats-socket".into(),
             dir.path().join("stats.sock").display().to_string(),
         ];
@@ -197,6 +213,9 @@ impl Netmux {
             );
             if p.client {
                 spec.push_str(",client");
+            }
+            if let Some(v) = p.vlan {
+                spec.push_str(&format!(",vlan={v}"));
             }
             args.push("--port".into());
             args.push(spec);
@@ -379,4 +398,232 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(200));
     }
     f()
+}
+
+/// A station on 802.1Q VLAN `vid` behind the namespace's veth end: it answers ARP requests
+/// for its address and ICMP echo requests, but only when they arrive tagged with `vid`, and
+/// tags its answers. It stands in for a VLAN sub-interface where the host kernel has no 802.1Q
+/// support (no `ip link add ... type vlan`). Runs on its own thread until dropped.
+pub struct VlanStation {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const STATION_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x78, 0x00, 0xfe];
+
+impl VlanStation {
+    /// Starts the station on `ns`'s veth end with address `ip`.
+    pub fn start(ns: &NetNs, vid: u16, ip: [u8; 4]) -> VlanStation {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (s, a, name, peer) = (
+            stop.clone(),
+            answered.clone(),
+            ns.name.clone(),
+            ns.peer.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            let fd = match station_socket(&name, &peer) {
+                Ok(fd) => {
+                    let _ = ready_tx.send(Ok(()));
+                    fd
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                let Some((len, tag)) = recv_tagged(&fd, &mut buf) else {
+                    continue;
+                };
+                if tag != Some(vid) {
+                    continue;
+                }
+                if let Some(reply) = station_answer(&buf[..len], ip) {
+                    let mut out = Vec::with_capacity(reply.len() + 4);
+                    out.extend_from_slice(&reply[..12]);
+                    out.extend_from_slice(&[0x81, 0x00, (vid >> 8) as u8, vid as u8]);
+                    out.extend_from_slice(&reply[12..]);
+                    // SAFETY: sends `out.len()` bytes of a live buffer on our bound socket.
+                    let r = unsafe {
+                        libc::send(
+                            std::os::fd::AsRawFd::as_raw_fd(&fd),
+                            out.as_ptr().cast(),
+                            out.len(),
+                            0,
+                        )
+                    };
+                    if r > 0 {
+                        a.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        ready_rx
+            .recv()
+            .expect("station thread")
+            .unwrap_or_else(|e| panic!("VLAN station on {}: {e}", ns.peer));
+        VlanStation {
+            stop,
+            answered,
+            thread: Some(thread),
+        }
+    }
+
+    /// Frames answered so far.
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for VlanStation {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An AF_PACKET socket on `ifname` inside namespace `ns`, with VLAN metadata (PACKET_AUXDATA)
+/// and a short receive timeout. Only the calling thread enters the namespace.
+fn station_socket(ns: &str, ifname: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let nsfile = std::fs::File::open(format!("/run/netns/{ns}"))?;
+    // SAFETY: setns on an open namespace file; affects only this thread.
+    if unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket creation, checked below.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    let cname = std::ffi::CString::new(ifname).map_err(std::io::Error::other)?;
+    // SAFETY: NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    let one: libc::c_int = 1;
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = all;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: each call passes a live value and its exact size.
+    let ok = unsafe {
+        libc::setsockopt(
+            raw,
+            libc::SOL_PACKET,
+            libc::PACKET_AUXDATA,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+            && libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            ) == 0
+            && libc::bind(
+                raw,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            ) == 0
+    };
+    if ifindex == 0 || !ok {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Receives one frame; returns its length and the VLAN it carried (from the kernel's metadata
+/// or an inline tag, which is then removed from `buf`).
+fn recv_tagged(fd: &std::os::fd::OwnedFd, buf: &mut [u8]) -> Option<(usize, Option<u16>)> {
+    use std::os::fd::AsRawFd;
+    let mut ctl = [0u64; 16];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctl.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&ctl);
+    // SAFETY: `msg` points at `buf` and `ctl`, both live and exclusively borrowed.
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, 0) };
+    if n < 14 {
+        return None;
+    }
+    let mut len = n as usize;
+    let mut tag = None;
+    // SAFETY: walks the control buffer the kernel just filled, within msg_controllen.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !c.is_null() {
+        // SAFETY: non-null cmsg inside the buffer.
+        let cm = unsafe { &*c };
+        if cm.cmsg_level == libc::SOL_PACKET && cm.cmsg_type == libc::PACKET_AUXDATA {
+            // SAFETY: a PACKET_AUXDATA message carries a whole tpacket_auxdata.
+            let aux: libc::tpacket_auxdata =
+                unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c).cast()) };
+            if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 {
+                tag = Some(aux.tp_vlan_tci & 0x0fff);
+            }
+        }
+        // SAFETY: as above; null past the end.
+        c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
+    }
+    if tag.is_none() && len >= 18 && buf[12] == 0x81 && buf[13] == 0x00 {
+        tag = Some(u16::from_be_bytes([buf[14], buf[15]]) & 0x0fff);
+        buf.copy_within(16..len, 12);
+        len -= 4;
+    }
+    Some((len, tag))
+}
+
+/// The untagged answer to an ARP request for `ip` or an ICMP echo request to `ip`.
+fn station_answer(f: &[u8], ip: [u8; 4]) -> Option<Vec<u8>> {
+    let ethertype = u16::from_be_bytes([f[12], f[13]]);
+    let mut r = f.to_vec();
+    r[..6].copy_from_slice(&f[6..12]);
+    r[6..12].copy_from_slice(&STATION_MAC);
+    match ethertype {
+        // ARP request (opcode 1) whose target protocol address is ours.
+        0x0806 if f.len() >= 42 && f[20..22] == [0, 1] && f[38..42] == ip => {
+            r[21] = 2;
+            r[32..38].copy_from_slice(&f[22..28]);
+            r[38..42].copy_from_slice(&f[28..32]);
+            r[22..28].copy_from_slice(&STATION_MAC);
+            r[28..32].copy_from_slice(&ip);
+            Some(r)
+        }
+        0x0800 if f.len() >= 34 && f[30..34] == ip && f[23] == 1 => {
+            let ihl = usize::from(f[14] & 0x0f) * 4;
+            let icmp = 14 + ihl;
+            if f.len() < icmp + 8 || f[icmp] != 8 {
+                return None;
+            }
+            r[26..30].copy_from_slice(&f[30..34]);
+            r[30..34].copy_from_slice(&f[26..30]);
+            // Echo reply: type 8 -> 0; the checksum grows by 0x0800 (one's complement).
+            r[icmp] = 0;
+            let sum = u32::from(u16::from_be_bytes([f[icmp + 2], f[icmp + 3]])) + 0x0800;
+            let sum = ((sum & 0xffff) + (sum >> 16)) as u16;
+            r[icmp + 2..icmp + 4].copy_from_slice(&sum.to_be_bytes());
+            Some(r)
+        }
+        _ => None,
+    }
 }
