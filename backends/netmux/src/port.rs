@@ -263,10 +263,12 @@ impl Port {
         }
         let mem = rx.mem.memory();
         let (mut packets, mut bytes) = (0u64, 0u64);
+        // One list of RX chains for the whole batch: no allocation per frame.
+        let mut chains = Vec::new();
         for frame in frames {
             let res = match neg.rx_fixup(&frame.hdr, frame.ethertype) {
                 RxFixup::Refuse => Err(RxDrop::Offload),
-                fixup => write_frame(&mut state, &mem, neg, fixup, frame),
+                fixup => write_frame(&mut state, &mem, &mut chains, neg, fixup, frame),
             };
             match res {
                 Ok(()) => {
@@ -344,9 +346,10 @@ fn running(state: &VringState<MemoryAtomic>) -> bool {
 }
 
 /// Takes enough RX buffers for `frame`, fills them and publishes them as used.
-fn write_frame(
+fn write_frame<'m>(
     state: &mut VringState<MemoryAtomic>,
-    mem: &Memory,
+    mem: &'m Memory,
+    chains: &mut Vec<GuestBuffers<'m>>,
     neg: Negotiated,
     fixup: RxFixup,
     frame: &Frame<'_, '_>,
@@ -358,7 +361,7 @@ fn write_frame(
     let queue = state.get_queue_mut();
     let start = queue.next_avail();
 
-    let mut chains: Vec<GuestBuffers<'_>> = Vec::new();
+    chains.clear();
     let mut bad_heads: Vec<u16> = Vec::new();
     let mut space = 0usize;
     {
@@ -416,7 +419,7 @@ fn write_frame(
         RxFixup::AsIs | RxFixup::Refuse => {}
         RxFixup::ClearFlags => clear_offload(&mut hdr),
         RxFixup::CompleteChecksum => {
-            complete_checksum(&hdr, frame, &chains, hdr_len);
+            complete_checksum(&hdr, frame, chains, hdr_len);
             clear_offload(&mut hdr);
         }
     }
