@@ -100,6 +100,16 @@ struct RunArgs {
     /// Guest memory size (MiB) used in --print-qemu-args.
     #[arg(long, default_value_t = 512, value_name = "MIB")]
     guest_mem: u64,
+
+    /// With --print-qemu-args: also print the option that sets KVM's PIT lost-tick policy
+    /// (delay = re-inject lost timer ticks, discard = drop them; see kvm-pit-policy).
+    #[arg(long, value_name = "POLICY", value_parser = parse_pit_policy)]
+    pit_policy: Option<devshare_common::pit::LostTickPolicy>,
+}
+
+fn parse_pit_policy(s: &str) -> Result<devshare_common::pit::LostTickPolicy, String> {
+    s.parse()
+        .map_err(|e: devshare_common::pit::UnknownPolicy| e.to_string())
 }
 
 impl TryFrom<&RunArgs> for Config {
@@ -173,7 +183,10 @@ fn main() -> ExitCode {
     if cli.run.print_qemu_args {
         for (i, p) in config.ports.iter().enumerate() {
             println!("# guest on port {} ({})", p.name, p.mac);
-            if let Some(args) = config.qemu_args(i, cli.run.guest_mem) {
+            if let Some(mut args) = config.qemu_args(i, cli.run.guest_mem) {
+                if let Some(policy) = cli.run.pit_policy {
+                    args.push(devshare_common::pit::qemu_args(policy).join(" "));
+                }
                 println!("{}", args.join(" \\\n  "));
             }
         }
