@@ -1144,34 +1144,19 @@ impl Engine {
             return;
         };
         let mut buf = [0u8; 16384];
-        let mut gone = None;
         while s.connected() && s.can_take() {
-            let Some(fd) = ep.input_fd().map(|f| f.as_raw_fd()) else {
-                break;
-            };
-            // SAFETY: `fd` is the endpoint's open input descriptor and `buf` is a live,
-            // writable buffer of the given length.
-            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-            match n {
-                0 => {
-                    gone = Some("end of file".to_string());
-                    break;
-                }
-                n if n > 0 => {
+            match ep.read_input(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
                     port.stats.to_guest.add(n as u64);
-                    s.send(&buf[..n as usize]);
+                    s.send(&buf[..n]);
                 }
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        gone = Some(e.to_string());
-                    }
+                // A client that went away has been detached by the endpoint already.
+                Err(e) => {
+                    log::info!("{}/{}: {e}", d.cfg.name, port.name);
                     break;
                 }
             }
-        }
-        if let Some(why) = gone {
-            self.endpoint_gone(dev, 0, &why);
         }
         self.sync_stream_fds(dev);
         self.sync_fds(dev, 0);
