@@ -422,21 +422,11 @@ impl Engine {
         let mut used_any = false;
         while let Some(chain) = pop(&vring, &guard) {
             let head = chain.head_index();
-            let bufs = match GuestBuffers::parse(&chain, &guard) {
-                Ok(b) => b,
-                Err(e) => {
-                    self.refuse_chain(dev, p, &e.to_string());
-                    let _ = vring.add_used(head, 0);
-                    used_any = true;
-                    continue;
-                }
-            };
-            if bufs.writable_len() > 0 && bufs.readable_len() == 0 {
-                self.refuse_chain(dev, p, "transmit chain has only device-writable buffers");
-                let _ = vring.add_used(head, 0);
+            let Some(bufs) = self.accept_chain(dev, p, &vring, &chain, &guard, Dir::Transmit)
+            else {
                 used_any = true;
                 continue;
-            }
+            };
             if self.take_output(dev, p, &bufs) {
                 let _ = vring.add_used(head, 0);
                 used_any = true;
@@ -453,6 +443,35 @@ impl Engine {
         if !self.devices[dev].ports[p].spool.is_empty() {
             self.sync_fds(dev, p);
         }
+    }
+
+    /// Maps a chain popped from port `p`'s queue for direction `dir`. A chain that is
+    /// malformed, or has no buffer in the direction the queue needs, goes back to the guest
+    /// used with length 0 and is counted; None then (the caller must still signal the ring).
+    fn accept_chain<'m>(
+        &mut self,
+        dev: usize,
+        p: usize,
+        vring: &VringRwLock,
+        chain: &Chain,
+        mem: &'m Memory,
+        dir: Dir,
+    ) -> Option<GuestBuffers<'m>> {
+        let why = match GuestBuffers::parse(chain, mem) {
+            Ok(b) => match dir {
+                Dir::Transmit if b.writable_len() > 0 && b.readable_len() == 0 => {
+                    "transmit chain has only device-writable buffers".to_string()
+                }
+                Dir::Receive if b.writable_len() == 0 => {
+                    "receive chain has no device-writable buffer".to_string()
+                }
+                _ => return Some(b),
+            },
+            Err(e) => e.to_string(),
+        };
+        self.refuse_chain(dev, p, &why);
+        let _ = vring.add_used(chain.head_index(), 0);
+        None
     }
 
     fn refuse_chain(&mut self, dev: usize, p: usize, why: &str) {
@@ -584,28 +603,17 @@ impl Engine {
                 self.devices[odev].ports[oport].rx_starved = true;
                 break;
             };
-            let head = chain.head_index();
-            match GuestBuffers::parse(&chain, &guard) {
-                Ok(dst) if dst.writable_len() > 0 => {
-                    let n = fill(&dst, done).min(want - done);
-                    let _ = vring.add_used(head, n as u32);
-                    used = true;
-                    self.devices[odev].ports[oport].stats.to_guest.add(n as u64);
-                    done += n;
-                    if n == 0 {
-                        break;
-                    }
-                }
-                Ok(_) => {
-                    self.refuse_chain(odev, oport, "receive chain has no device-writable buffer");
-                    let _ = vring.add_used(head, 0);
-                    used = true;
-                }
-                Err(e) => {
-                    self.refuse_chain(odev, oport, &e.to_string());
-                    let _ = vring.add_used(head, 0);
-                    used = true;
-                }
+            used = true;
+            let Some(dst) = self.accept_chain(odev, oport, &vring, &chain, &guard, Dir::Receive)
+            else {
+                continue;
+            };
+            let n = fill(&dst, done).min(want - done);
+            let _ = vring.add_used(chain.head_index(), n as u32);
+            self.devices[odev].ports[oport].stats.to_guest.add(n as u64);
+            done += n;
+            if n == 0 {
+                break;
             }
         }
         if used {
@@ -658,20 +666,9 @@ impl Engine {
                 break;
             };
             let head = chain.head_index();
-            let dst = match GuestBuffers::parse(&chain, &guard) {
-                Ok(d) if d.writable_len() > 0 => d,
-                Ok(_) => {
-                    self.refuse_chain(dev, p, "receive chain has no device-writable buffer");
-                    let _ = vring.add_used(head, 0);
-                    used = true;
-                    continue;
-                }
-                Err(e) => {
-                    self.refuse_chain(dev, p, &e.to_string());
-                    let _ = vring.add_used(head, 0);
-                    used = true;
-                    continue;
-                }
+            let Some(dst) = self.accept_chain(dev, p, &vring, &chain, &guard, Dir::Receive) else {
+                used = true;
+                continue;
             };
             match dst.read_writable_from(&RawFdRef(fd), 0, usize::MAX) {
                 Ok(0) => {
@@ -1172,6 +1169,15 @@ impl Engine {
         }
         self.sync_stream_fds(dev);
     }
+}
+
+/// Which way a port queue carries data, for [`Engine::accept_chain`].
+#[derive(Clone, Copy)]
+enum Dir {
+    /// Guest to host: the chain must offer bytes to read.
+    Transmit,
+    /// Host to guest: the chain must offer room to write.
+    Receive,
 }
 
 type Chain = virtio_queue::DescriptorChain<vm_memory::GuestMemoryLoadGuard<Memory>>;
