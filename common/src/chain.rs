@@ -130,16 +130,10 @@ impl<'a> GuestBuffers<'a> {
         M::Target: vm_memory::GuestMemory,
     {
         let head = chain.head_index();
-        let mut bufs = GuestBuffers {
-            head,
-            segments: Segments::new(),
-            readable_segments: 0,
-            readable_len: 0,
-            writable_len: 0,
-        };
+        let mut bufs = GuestBuffers::empty(head);
         let mut last: Option<Descriptor> = None;
         for desc in chain.clone() {
-            bufs.push(mem, &desc)?;
+            bufs.push_buffer(mem, desc.addr().0, desc.len(), desc.is_write_only())?;
             last = Some(desc);
         }
         match last {
@@ -158,15 +152,37 @@ impl<'a> GuestBuffers<'a> {
         &self.segments.as_slice()[self.readable_segments..]
     }
 
-    fn push(&mut self, mem: &'a Memory, desc: &Descriptor) -> Result<(), ChainError> {
+    /// A chain with no buffers yet, for ring code that walks descriptors itself and adds them
+    /// with [`GuestBuffers::push_buffer`]. Walking (links, loops, indirect tables) is then that
+    /// code's job; the checks on each buffer stay here.
+    pub fn empty(head: u16) -> Self {
+        GuestBuffers {
+            head,
+            segments: Segments::new(),
+            readable_segments: 0,
+            readable_len: 0,
+            writable_len: 0,
+        }
+    }
+
+    /// Adds the buffer of one descriptor (`len` bytes at guest address `addr`, device-writable
+    /// if `write`), mapped into `mem`. Refuses buffers outside memory, a readable buffer after a
+    /// writable one and chains beyond [`MAX_CHAIN_BYTES`] or [`MAX_CHAIN_SEGMENTS`].
+    pub fn push_buffer(
+        &mut self,
+        mem: &'a Memory,
+        addr: u64,
+        len: u32,
+        write: bool,
+    ) -> Result<(), ChainError> {
         let head = self.head;
-        let len = desc.len() as usize;
+        let desc_len = len;
+        let len = len as usize;
         let outside = || ChainError::OutsideMemory {
             head,
-            addr: desc.addr().0,
-            len: desc.len(),
+            addr,
+            len: desc_len,
         };
-        let write = desc.is_write_only();
         if write {
             self.writable_len += len;
         } else {
@@ -181,7 +197,7 @@ impl<'a> GuestBuffers<'a> {
         if len == 0 {
             return Ok(());
         }
-        desc.addr().0.checked_add(len as u64).ok_or_else(outside)?;
+        addr.checked_add(len as u64).ok_or_else(outside)?;
         // Counted per part, as the limit always was.
         let in_part = |segments: usize, readable: usize| {
             if write {
@@ -195,7 +211,7 @@ impl<'a> GuestBuffers<'a> {
         }
         // Nearly every buffer lies inside one region: one lookup instead of the general
         // iterator, which costs several times more per descriptor on the packet path.
-        if let Ok(slice) = mem.get_slice(GuestAddress(desc.addr().0), len) {
+        if let Ok(slice) = mem.get_slice(GuestAddress(addr), len) {
             self.segments.push(slice);
             if !write {
                 self.readable_segments += 1;
@@ -203,7 +219,7 @@ impl<'a> GuestBuffers<'a> {
             return Ok(());
         }
         let mut mapped = 0usize;
-        for slice in mem.get_slices(GuestAddress(desc.addr().0), len) {
+        for slice in mem.get_slices(GuestAddress(addr), len) {
             let slice = slice.map_err(|_| outside())?;
             mapped += slice.len();
             if in_part(self.segments.len(), self.readable_segments) >= MAX_CHAIN_SEGMENTS {

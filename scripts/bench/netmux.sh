@@ -1,7 +1,7 @@
 #!/bin/bash
 # Benchmark of vhost-user-netmux beside DPDK's vhost-user backend, under the same load.
 #
-# Usage: scripts/bench/netmux.sh [--seconds N] [--only netmux|dpdk] [--help]
+# Usage: scripts/bench/netmux.sh [--seconds N] [--only netmux|dpdk] [--case NAME] [--help]
 #
 # The load generator (integration/src/bin/netmux_load.rs, built on the frontend harness) plays
 # two guests that poll their rings: a sender that keeps its TX ring full of one frame and, for
@@ -10,6 +10,7 @@
 #   g2g-tso            guest to guest, 64 KiB TCP segmentation (TSO) frames (received)
 #   g2u-64, g2u-1500   guest to uplink: out through a veth whose far end sits in a private
 #                      network namespace (counted as taken from the sender's ring)
+# --case NAME runs only that case (repeatable), e.g. --case g2g-64 for quick comparisons.
 # The same cases run against
 #   netmux   vhost-user-netmux (release build), uplink af-packet on the veth
 #   dpdk     dpdk-testpmd in io forwarding: two net_vhost vdevs for guest to guest, net_vhost
@@ -25,10 +26,12 @@ cd "$ROOT"
 
 SECONDS_PER_RUN=10
 ONLY=""
+ONLY_CASES=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --seconds) SECONDS_PER_RUN=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
+        --case) ONLY_CASES+=("$2"); shift 2 ;;
         --help | -h) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "netmux.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
@@ -151,6 +154,9 @@ for backend in netmux dpdk; do
     [ -z "$ONLY" ] || [ "$ONLY" = "$backend" ] || continue
     echo "== $backend"
     for c in "${CASES[@]}"; do
+        if [ ${#ONLY_CASES[@]} -gt 0 ] && [[ ! " ${ONLY_CASES[*]} " == *" ${c%% *} "* ]]; then
+            continue
+        fi
         # shellcheck disable=SC2086
         run_case "$backend" $c
     done

@@ -9,14 +9,15 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use devshare_common::chain::{GuestBuffers, Memory, MemoryAtomic};
+use devshare_common::chain::{GuestBuffers, MemoryAtomic};
 use devshare_common::stats::Counter;
 use serde_json::{json, Value};
 use vhost_user_backend::{VringMutex, VringState, VringT};
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 
 use crate::config::PortConfig;
+use crate::ring::Ring;
 use crate::virtio_net::{csum_add, csum_finish, Negotiated, NetHdr, RxFixup, F_NEEDS_CSUM};
 
 /// The vring type every port uses.
@@ -232,9 +233,9 @@ impl Port {
     }
 
     /// Writes `frames` into this guest's RX queue `hint % queues`, in order, taking the ring's
-    /// lock and the memory map once for all of them. Returns the queue used if any frame
-    /// landed, to be passed to [`Port::signal`] once the caller's batch is done. Drops are
-    /// counted here.
+    /// lock and the memory map once for all of them. Returns the queue used if the guest wants
+    /// an interrupt for what landed, to be passed to [`Port::signal`] once the caller's batch
+    /// is done. Drops are counted here.
     pub fn receive_batch(&self, hint: usize, frames: &[Frame<'_, '_>]) -> Option<usize> {
         let drop_all = |reason: RxDrop| {
             for _ in frames {
@@ -262,13 +263,20 @@ impl Port {
             return drop_all(RxDrop::Down);
         }
         let mem = rx.mem.memory();
+        let mut ring = match Ring::open(state.get_queue(), &mem) {
+            Ok(r) => r,
+            Err(e) => {
+                log::debug!("{}: RX queue {q} unusable: {e}", self.config.name);
+                return drop_all(RxDrop::BadChain);
+            }
+        };
         let (mut packets, mut bytes) = (0u64, 0u64);
         // One list of RX chains for the whole batch: no allocation per frame.
         let mut chains = Vec::new();
         for frame in frames {
             let res = match neg.rx_fixup(&frame.hdr, frame.ethertype) {
                 RxFixup::Refuse => Err(RxDrop::Offload),
-                fixup => write_frame(&mut state, &mem, &mut chains, neg, fixup, frame),
+                fixup => write_frame(&mut ring, &mut chains, neg, fixup, frame),
             };
             match res {
                 Ok(()) => {
@@ -278,9 +286,14 @@ impl Port {
                 Err(reason) => self.count_drop(reason),
             }
         }
+        // One used-index store for the whole batch, then one look at whether the guest wants
+        // to be interrupted for it.
+        ring.publish_used();
+        let interrupt = ring.needs_interrupt();
+        ring.finish(state.get_queue_mut());
         self.stats.rx_packets.add(packets);
         self.stats.rx_bytes.add(bytes);
-        (packets > 0).then_some(q)
+        interrupt.then_some(q)
     }
 
     fn count_drop(&self, reason: RxDrop) {
@@ -293,18 +306,16 @@ impl Port {
         }
     }
 
-    /// Interrupts the guest for RX queue `q` if it asked to be told.
+    /// Interrupts the guest for RX queue `q` ([`Port::receive_batch`] found that it asked to
+    /// be told).
     pub fn signal(&self, q: usize) {
         let Some(rx) = self.rx_path() else { return };
         let Some(vring) = rx.vrings.get(q) else {
             return;
         };
-        let mut state = vring.get_mut();
-        // On a corrupt used-event index, err on the side of interrupting.
-        if state.needs_notification().unwrap_or(true) {
-            if let Err(e) = state.signal_used_queue() {
-                log::debug!("{}: cannot signal RX queue {q}: {e}", self.config.name);
-            }
+        let res = vring.get_ref().signal_used_queue();
+        if let Err(e) = res {
+            log::debug!("{}: cannot signal RX queue {q}: {e}", self.config.name);
         }
     }
 
@@ -345,10 +356,10 @@ fn running(state: &VringState<MemoryAtomic>) -> bool {
     state.is_enabled() && state.get_queue().ready()
 }
 
-/// Takes enough RX buffers for `frame`, fills them and publishes them as used.
+/// Takes enough RX buffers for `frame`, fills them and returns them used (published by the
+/// caller, once per batch).
 fn write_frame<'m>(
-    state: &mut VringState<MemoryAtomic>,
-    mem: &'m Memory,
+    ring: &mut Ring<'m>,
     chains: &mut Vec<GuestBuffers<'m>>,
     neg: Negotiated,
     fixup: RxFixup,
@@ -358,30 +369,35 @@ fn write_frame<'m>(
     let frame_len = frame.payload.len();
     let total = hdr_len + frame_len;
     let mergeable = neg.mergeable_rx();
-    let queue = state.get_queue_mut();
-    let start = queue.next_avail();
+    let start = ring.next_avail();
 
     chains.clear();
     let mut bad_heads: Vec<u16> = Vec::new();
     let mut space = 0usize;
-    {
-        let mut iter = queue.iter(mem).map_err(|_| RxDrop::BadChain)?;
-        while space < total && chains.len() < MAX_RX_CHAINS {
-            let Some(chain) = iter.next() else { break };
-            match GuestBuffers::parse(&chain, mem) {
-                // The first buffer must hold the whole header; later ones any bytes.
-                Ok(b)
-                    if b.readable_len() == 0
-                        && b.writable_len() >= if chains.is_empty() { hdr_len } else { 1 } =>
-                {
-                    space += b.writable_len();
-                    chains.push(b);
-                }
-                _ => bad_heads.push(chain.head_index()),
+    while space < total && chains.len() < MAX_RX_CHAINS {
+        let head = match ring.pop() {
+            Ok(Some(head)) => head,
+            Ok(None) => break,
+            Err(e) => {
+                // A corrupt avail index: leave the ring as it was.
+                log::debug!("RX ring unusable: {e}");
+                ring.rewind(start);
+                return Err(RxDrop::BadChain);
             }
-            if !mergeable {
-                break;
+        };
+        match ring.chain(head) {
+            // The first buffer must hold the whole header; later ones any bytes.
+            Ok(b)
+                if b.readable_len() == 0
+                    && b.writable_len() >= if chains.is_empty() { hdr_len } else { 1 } =>
+            {
+                space += b.writable_len();
+                chains.push(b);
             }
+            _ => bad_heads.push(head),
+        }
+        if !mergeable {
+            break;
         }
     }
     if !bad_heads.is_empty() {
@@ -390,13 +406,13 @@ fn write_frame<'m>(
             .into_iter()
             .chain(chains.iter().map(GuestBuffers::head))
         {
-            let _ = queue.add_used(mem, head, 0);
+            ring.push_used(head, 0);
         }
         return Err(RxDrop::BadChain);
     }
     if space < total {
         // Leave the buffers to the guest for a frame that fits.
-        queue.set_next_avail(start);
+        ring.rewind(start);
         return Err(if chains.is_empty() || mergeable {
             RxDrop::NoBuffer
         } else {
@@ -428,7 +444,7 @@ fn write_frame<'m>(
         first.write_at(0, &hdr.to_bytes()[..hdr_len]);
     }
     for (b, len) in chains.iter().zip(used_len) {
-        let _ = queue.add_used(mem, b.head(), len);
+        ring.push_used(b.head(), len);
     }
     Ok(())
 }

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use devshare_common::chain::{GuestBuffers, MemoryAtomic};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringT};
-use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -21,6 +20,7 @@ use vmm_sys_util::event::{
 
 use crate::fabric::{Fabric, LocalBatch, Outbox};
 use crate::port::{Port, RxPath, Vring};
+use crate::ring::Ring;
 use crate::virtio_net::{config_space, device_features, Negotiated};
 
 /// Ring size offered to the front-end.
@@ -84,31 +84,39 @@ impl NetBackend {
         let fabric = &self.0.fabric;
         let port = &self.0.port;
         let mut outbox = Outbox::default();
+        // Parsed chains borrow `mem`; kept until the batch is forwarded, then completed.
+        let mut parsed: Vec<GuestBuffers<'_>> = Vec::with_capacity(TX_BATCH);
+        let mut heads = [0u16; TX_BATCH];
+        let mut state = vring.get_mut();
+        let mut ring = match Ring::open(state.get_queue(), &mem) {
+            Ok(r) => r,
+            Err(e) => {
+                port.stats.drop_bad_chain.inc();
+                log::debug!("{}: TX ring unusable: {e}", port.config.name);
+                return Ok(());
+            }
+        };
+        // Kicks off while draining; re-armed below, then re-checked for frames that raced in.
+        ring.disable_kicks();
+        let mut broken = None;
         loop {
-            let mut state = vring.get_mut();
-            // Notifications off while draining; re-armed below, then re-checked for frames
-            // that raced in.
-            let _ = state.disable_notification();
-            let mut more = true;
-            while more {
-                let chains: Vec<_> = match state.get_queue_mut().iter(&*mem) {
-                    Ok(iter) => iter.take(TX_BATCH).collect(),
-                    Err(e) => {
-                        // A corrupt avail index: nothing sensible can be taken from this ring
-                        // until the guest resets it.
-                        port.stats.drop_bad_chain.inc();
-                        log::debug!("{}: TX ring unusable: {e}", port.config.name);
-                        return Ok(());
+            let mut n = 0;
+            while n < TX_BATCH {
+                match ring.pop() {
+                    Ok(Some(head)) => {
+                        heads[n] = head;
+                        n += 1;
                     }
-                };
-                more = chains.len() == TX_BATCH;
-                if chains.is_empty() {
-                    break;
+                    Ok(None) => break,
+                    Err(e) => {
+                        broken = Some(e);
+                        break;
+                    }
                 }
-                // Parsed chains borrow `mem`; keep them until the uplink batch is sent.
-                let mut parsed: Vec<GuestBuffers<'_>> = Vec::with_capacity(chains.len());
-                for chain in &chains {
-                    match GuestBuffers::parse(chain, &mem) {
+            }
+            if n > 0 {
+                for &head in &heads[..n] {
+                    match ring.chain(head) {
                         Ok(b) if b.writable_len() == 0 => parsed.push(b),
                         Ok(_) | Err(_) => port.stats.drop_bad_chain.inc(),
                     }
@@ -120,23 +128,40 @@ impl NetBackend {
                 fabric.deliver_local(pair, &mut local, &mut outbox.signals);
                 drop(local);
                 fabric.flush_uplink(&mut outbox);
-                drop(parsed);
-                let queue = state.get_queue_mut();
-                for chain in &chains {
-                    // Fails only for a head index past the ring, which the guest invented and
-                    // which was counted as a bad chain above.
-                    let _ = queue.add_used(&*mem, chain.head_index(), 0);
+                parsed.clear();
+                for &head in &heads[..n] {
+                    // A head past the ring, which the guest invented and which was counted as
+                    // a bad chain above, is not returned.
+                    ring.push_used(head, 0);
                 }
+                ring.publish_used();
                 outbox.signals.flush(&fabric.ports);
+                if ring.needs_interrupt() {
+                    let _ = state.signal_used_queue();
+                }
             }
-            if state.needs_notification().unwrap_or(true) {
-                let _ = state.signal_used_queue();
+            if broken.is_some() {
+                break;
             }
-            match state.enable_notification() {
-                Ok(true) => continue,
-                _ => break,
+            if n == TX_BATCH {
+                continue;
+            }
+            match ring.enable_kicks() {
+                Ok(true) => ring.disable_kicks(),
+                Ok(false) => break,
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
             }
         }
+        if let Some(e) = broken {
+            // A corrupt avail index: nothing sensible can be taken from this ring until the
+            // guest resets it.
+            port.stats.drop_bad_chain.inc();
+            log::debug!("{}: TX ring unusable: {e}", port.config.name);
+        }
+        ring.finish(state.get_queue_mut());
         Ok(())
     }
 }
