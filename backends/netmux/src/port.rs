@@ -420,14 +420,15 @@ fn write_frame<'m>(
         });
     }
 
-    // Bytes written into each chain: the header (first chain only) and its share of the frame.
-    let mut used_len = [0u32; MAX_RX_CHAINS];
+    // Each chain goes back with what it holds: the header (first chain only) and its share of
+    // the frame. Nothing is visible to the guest before the caller publishes the batch, so the
+    // header may still be written below.
     let mut copied = 0usize;
     for (k, b) in chains.iter().enumerate() {
         let off = if k == 0 { hdr_len } else { 0 };
         let n = frame.payload.copy_into(copied, b, off);
         copied += n;
-        used_len[k] = (off + n) as u32;
+        ring.push_used(b.head(), (off + n) as u32);
     }
 
     let mut hdr = frame.hdr;
@@ -442,9 +443,6 @@ fn write_frame<'m>(
     hdr.num_buffers = chains.len() as u16;
     if let Some(first) = chains.first() {
         first.write_at(0, &hdr.to_bytes()[..hdr_len]);
-    }
-    for (b, len) in chains.iter().zip(used_len) {
-        ring.push_used(b.head(), len);
     }
     Ok(())
 }
