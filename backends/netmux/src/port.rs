@@ -385,16 +385,19 @@ fn write_frame<'m>(
                 return Err(RxDrop::BadChain);
             }
         };
-        match ring.chain(head) {
-            // The first buffer must hold the whole header; later ones any bytes.
-            Ok(b)
-                if b.readable_len() == 0
-                    && b.writable_len() >= if chains.is_empty() { hdr_len } else { 1 } =>
-            {
-                space += b.writable_len();
-                chains.push(b);
-            }
-            _ => bad_heads.push(head),
+        // The first buffer must hold the whole header; later ones any bytes.
+        let min = if chains.is_empty() { hdr_len } else { 1 };
+        match ring.chain_into(head, chains) {
+            Ok(()) => match chains.last() {
+                Some(b) if b.readable_len() == 0 && b.writable_len() >= min => {
+                    space += b.writable_len();
+                }
+                _ => {
+                    chains.pop();
+                    bad_heads.push(head);
+                }
+            },
+            Err(_) => bad_heads.push(head),
         }
         if !mergeable {
             break;

@@ -169,8 +169,27 @@ impl<'m> Ring<'m> {
     /// than the table holds), nested or malformed indirect tables and whatever
     /// [`GuestBuffers::push_buffer`] refuses.
     pub fn chain(&self, head: u16) -> Result<GuestBuffers<'m>, ChainError> {
-        let broken = || ChainError::Broken { head };
         let mut bufs = GuestBuffers::empty(head);
+        self.walk(head, &mut bufs)?;
+        Ok(bufs)
+    }
+
+    /// [`Ring::chain`], appending the result to `out` where it is built: a chain is moved
+    /// once less per packet. Nothing is appended on error.
+    pub fn chain_into(&self, head: u16, out: &mut Vec<GuestBuffers<'m>>) -> Result<(), ChainError> {
+        out.push(GuestBuffers::empty(head));
+        let res = match out.last_mut() {
+            Some(bufs) => self.walk(head, bufs),
+            None => Err(ChainError::Broken { head }),
+        };
+        if res.is_err() {
+            out.pop();
+        }
+        res
+    }
+
+    fn walk(&self, head: u16, bufs: &mut GuestBuffers<'m>) -> Result<(), ChainError> {
+        let broken = || ChainError::Broken { head };
         let (mut table, mut table_len) = (self.desc, self.size);
         let mut indirect = false;
         let mut index = head;
@@ -202,7 +221,7 @@ impl<'m> Ring<'m> {
             total = total.checked_add(d.len).ok_or_else(broken)?;
             bufs.push_buffer(self.mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0)?;
             if d.flags & DESC_F_NEXT == 0 {
-                return Ok(bufs);
+                return Ok(());
             }
             index = d.next;
             ttl -= 1;
@@ -506,6 +525,13 @@ mod tests {
         assert_eq!(ring.chain(2).err(), Some(ChainError::Broken { head: 2 }));
         assert_eq!(ring.chain(4).err(), Some(ChainError::Broken { head: 4 }));
         assert!(ring.chain(3).is_ok());
+        // In place: nothing is left behind by a refused chain.
+        let mut out = Vec::new();
+        assert!(ring.chain_into(0, &mut out).is_err());
+        assert!(out.is_empty());
+        ring.chain_into(3, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].head(), 3);
     }
 
     #[test]

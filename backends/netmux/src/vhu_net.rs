@@ -116,9 +116,13 @@ impl NetBackend {
             }
             if n > 0 {
                 for &head in &heads[..n] {
-                    match ring.chain(head) {
-                        Ok(b) if b.writable_len() == 0 => parsed.push(b),
-                        Ok(_) | Err(_) => port.stats.drop_bad_chain.inc(),
+                    let usable = match ring.chain_into(head, &mut parsed) {
+                        Ok(()) if parsed.last().is_some_and(|b| b.writable_len() == 0) => true,
+                        Ok(()) => parsed.pop().is_none(),
+                        Err(_) => false,
+                    };
+                    if !usable {
+                        port.stats.drop_bad_chain.inc();
                     }
                 }
                 let mut local = LocalBatch::default();
