@@ -551,3 +551,117 @@ sleep 1000
         "{stats}"
     );
 }
+
+/// `--host-port NAME`: the host's own stack (here a second namespace holding the TAP) reaches
+/// an untagged guest by ping and TCP both ways, is not bridged to the uplink, and a tagged
+/// guest cannot reach it; the MAC given with `--host-mac` is the one the host end carries.
+#[test]
+fn the_host_port_lets_the_host_reach_its_guests() {
+    const HOST_IP: &str = "10.77.0.200";
+    const HOST_MAC: &str = "02:77:00:00:00:c8";
+    let ns = NetNs::new();
+    // A second namespace plays the host; its veth is not used.
+    let host = NetNs::new();
+    host.exec_ok(&format!("ip addr flush dev {}", host.peer));
+    let tap = format!("nmxo{}", host.name.trim_start_matches("nmxns"));
+    let ports = vec![
+        PortSpec::new(0),
+        PortSpec {
+            vlan: Some(42),
+            ..PortSpec::new(1)
+        },
+    ];
+    let nm = Netmux::start(
+        "netmux-host",
+        &ns.host_if,
+        &ports,
+        &["--host-port", &tap, "--host-mac", HOST_MAC],
+    );
+    host.adopt(&tap);
+    host.exec_ok(&format!(
+        "ip addr add {HOST_IP}/24 dev {tap} && ip link set {tap} up"
+    ));
+    let link = host.exec_ok(&format!("ip link show {tap}"));
+    assert!(link.contains(HOST_MAC), "--host-mac not applied: {link}");
+
+    let scratch = devshare_integration::qemu::ScratchDir::new("netmux-host-ns").unwrap();
+    let blob = scratch.path().join("blob");
+    let host_sum = host.exec_ok(&format!(
+        "dd if=/dev/urandom of={b} bs=1M count=4 2>/dev/null && sha256sum {b} | cut -d' ' -f1",
+        b = blob.display()
+    ));
+    let hold = scratch.path().join("hold");
+    let host_rx = host.spawn(&format!(
+        "mkfifo {h} && busybox nc -l -p 5004 <>{h} | sha256sum | cut -d' ' -f1",
+        h = hold.display()
+    ));
+    let g0_script = format!(
+        "{SEND_FN}
+if reach {HOST_IP}; then echo NETMUX reach-host ok; else echo NETMUX reach-host FAIL; fi
+if reach {NS_IP}; then echo NETMUX reach-ns ok; else echo NETMUX reach-ns FAIL; fi
+dd if=/dev/urandom of=/tmp/blob bs=1M count=4 2>/dev/null
+echo \"NETMUX sum $(sha256sum /tmp/blob | cut -d' ' -f1)\"
+send {HOST_IP} 5004 /tmp/blob && echo NETMUX sent
+mkfifo /tmp/hold
+echo NETMUX listening
+nc -l -p 5005 <>/tmp/hold > /tmp/got
+echo \"NETMUX got $(sha256sum /tmp/got | cut -d' ' -f1)\"
+echo NETMUX-DONE
+sleep 1000
+"
+    );
+    // The tagged guest's frames never meet the host port: no answer from the host address.
+    let g1_script = format!(
+        "if ping -c 5 -W 1 {HOST_IP} >/dev/null 2>&1; then echo NETMUX tagged reached-host; \
+         else echo NETMUX tagged no-host; fi
+echo NETMUX-DONE
+sleep 1000
+"
+    );
+    let mut g0 = guest_builder(&nm, &ports[0], &g0_script).spawn().unwrap();
+    let mut g1 = guest_builder(&nm, &ports[1], &g1_script).spawn().unwrap();
+
+    expect_line(&mut g0, &nm, "NETMUX listening", GUEST_TIMEOUT);
+    host.exec_ok(&format!("busybox ping -c 2 -W 5 {}", guest_ip(0)));
+    host.exec_ok(&format!(
+        "n=0; until busybox nc {} 5005 < {}; do n=$((n+1)); [ $n -gt 60 ] && exit 1; sleep 1; done",
+        guest_ip(0),
+        blob.display()
+    ));
+    expect_line(&mut g0, &nm, "NETMUX-DONE", GUEST_TIMEOUT);
+    expect_line(&mut g1, &nm, "NETMUX-DONE", GUEST_TIMEOUT);
+    let c0 = g0.console_output();
+    assert!(
+        c0.contains("NETMUX reach-host ok")
+            && c0.contains("NETMUX reach-ns ok")
+            && c0.contains("NETMUX sent"),
+        "{c0}\n--- netmux ---\n{}",
+        nm.log()
+    );
+    let out = host_rx.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        value_after(&c0, "NETMUX sum "),
+        "guest-to-host copy differs"
+    );
+    assert_eq!(
+        value_after(&c0, "NETMUX got "),
+        host_sum.trim(),
+        "host-to-guest copy differs"
+    );
+    let c1 = g1.console_output();
+    assert!(c1.contains("NETMUX tagged no-host"), "{c1}");
+    // The host port is not a way onto the uplink.
+    let leak = host.exec(&format!("busybox ping -c 2 -W 2 {NS_IP}"));
+    assert!(
+        !leak.status.success(),
+        "the host port reached the uplink's far side"
+    );
+    let stats = nm.stats();
+    let h = &stats["host"];
+    assert_eq!(h["name"], format!("tap:{tap}"), "{stats}");
+    assert_eq!(h["mac"], HOST_MAC, "{stats}");
+    assert!(h["rx_bytes"].as_u64().unwrap_or(0) > 4 << 20, "{stats}");
+    assert!(h["tx_bytes"].as_u64().unwrap_or(0) > 4 << 20, "{stats}");
+    assert_eq!(nm.port_counter(0, "drops/host_busy"), 0);
+}

@@ -119,7 +119,7 @@ impl NetBackend {
                 }
                 fabric.deliver_local(pair, &mut local, &mut outbox.signals);
                 drop(local);
-                fabric.flush_uplink(&mut outbox);
+                fabric.flush_links(&mut outbox);
                 drop(parsed);
                 let queue = state.get_queue_mut();
                 for chain in &chains {
