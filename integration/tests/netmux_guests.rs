@@ -665,3 +665,112 @@ sleep 1000
     assert!(h["tx_bytes"].as_u64().unwrap_or(0) > 4 << 20, "{stats}");
     assert_eq!(nm.port_counter(0, "drops/host_busy"), 0);
 }
+
+/// Hot-plug: a running guest gets its netmux NIC through QMP (chardev, vhost-user netdev,
+/// virtio-net device on a PCIe root port), pings another guest, loses the NIC by hot-unplug
+/// (the port sees the front-end go), then gets it back and pings again.
+#[test]
+fn a_hot_plugged_nic_comes_and_goes() {
+    use devshare_integration::qmp::Qmp;
+    use serde_json::json;
+    use std::time::Duration;
+
+    let ns = NetNs::new();
+    let ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
+    let nm = Netmux::start("netmux-hotplug", &ns.host_if, &ports, &[]);
+    let qmp_path = nm.dir.path().join("g0.qmp");
+    let g0_script = format!(
+        "wait_nic() {{ n=0; while ! ip link show eth0 >/dev/null 2>&1; do n=$((n+1)); [ $n -gt 1200 ] && return 1; sleep 0.25; done; }}
+wait_gone() {{ n=0; while ip link show eth0 >/dev/null 2>&1; do n=$((n+1)); [ $n -gt 1200 ] && return 1; sleep 0.25; done; }}
+echo NETMUX booted
+for round in 1 2; do
+    if wait_nic; then echo \"NETMUX plugged $round\"; else echo \"NETMUX no-nic $round\"; fi
+    ip link set eth0 up
+    ip addr add {ip}/24 dev eth0
+    if reach {g1}; then echo \"NETMUX round $round ok\"; else echo \"NETMUX round $round FAIL\"; fi
+    if [ $round = 1 ]; then
+        if wait_gone; then echo NETMUX unplugged; else echo NETMUX still-there; fi
+    fi
+done
+echo NETMUX-DONE
+sleep 1000
+",
+        ip = guest_ip(0),
+        g1 = guest_ip(1)
+    );
+    let mut g1 = guest_builder(&nm, &ports[1], "echo NETMUX up\nsleep 1000\n")
+        .spawn()
+        .unwrap();
+    // Guest 0 starts without a NIC: a free PCIe root port to plug it into, and QMP.
+    let mut g0 = devshare_integration::qemu::Guest::builder()
+        .name("netmux-hotplug-g0")
+        .args([
+            "-device",
+            "pcie-root-port,id=rp1,bus=pcie.0,chassis=1",
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qmp_path.display()),
+        ])
+        .script(&format!("{}\n{g0_script}", guest_prelude(0)))
+        .spawn()
+        .unwrap();
+    let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(60)).unwrap();
+    expect_line(&mut g0, &nm, "NETMUX booted", GUEST_TIMEOUT);
+    expect_line(&mut g1, &nm, "NETMUX up", GUEST_TIMEOUT);
+
+    let socket = Netmux::socket(nm.dir.path(), 0).display().to_string();
+    let plug = |qmp: &mut Qmp| {
+        qmp.execute(
+            "chardev-add",
+            json!({"id": "nmc0", "backend": {"type": "socket", "data": {
+                "addr": {"type": "unix", "data": {"path": socket}},
+                "server": false, "reconnect-ms": 1000}}}),
+        )
+        .unwrap();
+        qmp.execute(
+            "netdev_add",
+            json!({"type": "vhost-user", "id": "nm0", "chardev": "nmc0", "queues": 1}),
+        )
+        .unwrap();
+        qmp.execute(
+            "device_add",
+            json!({"driver": "virtio-net-pci", "id": "nic0", "netdev": "nm0",
+                   "bus": "rp1", "mac": guest_mac(0), "host_mtu": 1500}),
+        )
+        .unwrap();
+    };
+
+    plug(&mut qmp);
+    expect_line(&mut g0, &nm, "NETMUX round 1 ", GUEST_TIMEOUT);
+    assert_eq!(nm.port_counter(0, "connects"), 1);
+
+    qmp.execute("device_del", json!({"id": "nic0"})).unwrap();
+    qmp.wait_event(
+        "DEVICE_DELETED",
+        &json!({"device": "nic0"}),
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    // A vhost-user netdev owns its chardev: deleting the netdev closes and removes both.
+    qmp.execute("netdev_del", json!({"id": "nm0"})).unwrap();
+    expect_line(&mut g0, &nm, "NETMUX unplugged", GUEST_TIMEOUT);
+    assert!(
+        eventually(Duration::from_secs(30), || nm
+            .port_counter(0, "disconnects")
+            == 1),
+        "the port did not see the unplugged front-end go: {}",
+        nm.stats()
+    );
+    let rx_before = nm.port_counter(1, "rx_packets");
+
+    plug(&mut qmp);
+    expect_line(&mut g0, &nm, "NETMUX-DONE", GUEST_TIMEOUT);
+    let console = g0.console_output();
+    assert!(
+        console.contains("NETMUX round 1 ok") && console.contains("NETMUX round 2 ok"),
+        "{console}\n--- netmux ---\n{}",
+        nm.log()
+    );
+    assert_eq!(nm.port_counter(0, "connects"), 2);
+    assert!(nm.port_counter(1, "rx_packets") > rx_before);
+    assert_eq!(nm.port_counter(0, "drops/bad_chain"), 0);
+}
