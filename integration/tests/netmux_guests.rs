@@ -379,9 +379,29 @@ sleep 1000
 
 #[test]
 fn a_restarted_backend_is_reconnected_by_qemu_and_traffic_resumes() {
-    let ns = NetNs::new();
     let ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
-    let mut nm = Netmux::start("netmux-backend-restart", &ns.host_if, &ports, &[]);
+    backend_restart_keeps_guests_talking("netmux-backend-restart", &ports);
+}
+
+/// Client mode with real QEMUs: netmux dials a QEMU that listens (`server=on`), and after
+/// netmux is killed and started again it dials again and traffic resumes.
+#[test]
+fn a_client_port_redials_its_listening_qemu_after_a_backend_restart() {
+    let ports = vec![
+        PortSpec {
+            client: true,
+            ..PortSpec::new(0)
+        },
+        PortSpec::new(1),
+    ];
+    backend_restart_keeps_guests_talking("netmux-client-restart", &ports);
+}
+
+/// Two guests ping the namespace and each other every second; netmux is SIGKILLed (both see
+/// their pings fail), started again, and both guests' pings go through again.
+fn backend_restart_keeps_guests_talking(name: &str, ports: &[PortSpec]) {
+    let ns = NetNs::new();
+    let mut nm = Netmux::start(name, &ns.host_if, ports, &[]);
     let pid_before = nm.process.pid();
     // Each guest pings the namespace and the other guest once a second and says how it went.
     let ticking = |peer: usize| {
