@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use devshare_common::chain::{GuestBuffers, MemoryAtomic};
+use devshare_common::daemon::connection_start_event;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -33,6 +34,8 @@ struct Shared {
     port: Arc<Port>,
     features: Arc<AtomicU64>,
     mem: Mutex<Option<MemoryAtomic>>,
+    /// This connection's vrings, seen at the connection-start event.
+    vrings: Mutex<Option<Vec<Vring>>>,
     exits: Vec<(EventConsumer, EventNotifier)>,
     mtu: u16,
 }
@@ -57,6 +60,7 @@ impl NetBackend {
             port,
             features: Arc::new(AtomicU64::new(0)),
             mem: Mutex::new(None),
+            vrings: Mutex::new(None),
             exits,
             mtu,
         })))
@@ -72,6 +76,18 @@ impl NetBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Gives the port its receive side once both the vrings and the guest memory are known, so
+    /// frames for this guest land as soon as its RX ring runs (not only after its first kick).
+    fn attach_rx(&self) {
+        let Some(mem) = self.memory() else { return };
+        let vrings = self.0.vrings.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(v) = vrings.as_deref() {
+            self.0
+                .port
+                .ensure_attached(|| RxPath::new(v, mem, self.0.features.clone()));
+        }
     }
 
     /// Takes every frame the guest queued on TX virtqueue `vring` (queue pair `pair`).
@@ -191,6 +207,7 @@ impl VhostUserBackend for NetBackend {
     fn update_memory(&self, mem: MemoryAtomic) -> io::Result<()> {
         *self.0.mem.lock().unwrap_or_else(PoisonError::into_inner) = Some(mem);
         self.0.port.mark_connected();
+        self.attach_rx();
         Ok(())
     }
 
@@ -211,16 +228,16 @@ impl VhostUserBackend for NetBackend {
         _thread_id: usize,
     ) -> io::Result<()> {
         let q = usize::from(device_event);
+        if device_event == connection_start_event(vrings.len()) {
+            *self.0.vrings.lock().unwrap_or_else(PoisonError::into_inner) = Some(vrings.to_vec());
+            self.attach_rx();
+            return Ok(());
+        }
         if q >= vrings.len() {
             return Ok(());
         }
-        // Every ring start or kick lands here first; the first one tells the port where its
-        // RX rings are (the library hands vrings to no other callback).
-        if let Some(mem) = self.memory() {
-            self.0
-                .port
-                .ensure_attached(|| RxPath::new(vrings, mem, self.0.features.clone()));
-        }
+        // After a device reset the receive side is attached again at the next ring event.
+        self.attach_rx();
         if q % 2 == 1 {
             self.process_tx(q / 2, &vrings[q])?;
         }
