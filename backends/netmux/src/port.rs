@@ -79,10 +79,10 @@ pub struct RxPath {
 }
 
 impl RxPath {
-    /// Builds the RX side from a connection's vrings (all of them, RX and TX interleaved).
-    pub fn new(all_vrings: &[Vring], mem: MemoryAtomic, features: Arc<AtomicU64>) -> RxPath {
+    /// Builds the RX side from a connection's RX vrings, queue pair 0 first.
+    pub fn new(rx_vrings: Vec<Vring>, mem: MemoryAtomic, features: Arc<AtomicU64>) -> RxPath {
         RxPath {
-            vrings: all_vrings.iter().step_by(2).cloned().collect(),
+            vrings: rx_vrings,
             mem,
             features,
         }

@@ -34,8 +34,9 @@ struct Shared {
     port: Arc<Port>,
     features: Arc<AtomicU64>,
     mem: Mutex<Option<MemoryAtomic>>,
-    /// This connection's vrings, seen at the connection-start event.
-    vrings: Mutex<Option<Vec<Vring>>>,
+    /// This connection's RX vrings by queue pair, each seen at its worker's connection-start
+    /// event (a worker is handed only its own pair's vrings).
+    rx_vrings: Mutex<Vec<Option<Vring>>>,
     exits: Vec<(EventConsumer, EventNotifier)>,
     mtu: u16,
 }
@@ -55,12 +56,13 @@ impl NetBackend {
         let exits = (0..port.config.queue_pairs)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
             .collect::<io::Result<Vec<_>>>()?;
+        let rx_vrings = Mutex::new(vec![None; usize::from(port.config.queue_pairs)]);
         Ok(NetBackend(Arc::new(Shared {
             fabric,
             port,
             features: Arc::new(AtomicU64::new(0)),
             mem: Mutex::new(None),
-            vrings: Mutex::new(None),
+            rx_vrings,
             exits,
             mtu,
         })))
@@ -82,12 +84,17 @@ impl NetBackend {
     /// frames for this guest land as soon as its RX ring runs (not only after its first kick).
     fn attach_rx(&self) {
         let Some(mem) = self.memory() else { return };
-        let vrings = self.0.vrings.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(v) = vrings.as_deref() {
-            self.0
-                .port
-                .ensure_attached(|| RxPath::new(v, mem, self.0.features.clone()));
-        }
+        let slots = self
+            .0
+            .rx_vrings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(rx) = slots.iter().cloned().collect::<Option<Vec<Vring>>>() else {
+            return;
+        };
+        self.0
+            .port
+            .ensure_attached(|| RxPath::new(rx, mem, self.0.features.clone()));
     }
 
     /// Takes every frame the guest queued on TX virtqueue `vring` (queue pair `pair`).
@@ -225,21 +232,33 @@ impl VhostUserBackend for NetBackend {
         device_event: u16,
         _evset: EventSet,
         vrings: &[Vring],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
-        let q = usize::from(device_event);
-        if device_event == connection_start_event(vrings.len()) {
-            *self.0.vrings.lock().unwrap_or_else(PoisonError::into_inner) = Some(vrings.to_vec());
+        // Worker `thread_id` serves queue pair `thread_id` (see `queues_per_thread`) and is
+        // handed that pair's vrings only: [RX, TX], indexed by `device_event`.
+        let pair = thread_id;
+        if device_event == connection_start_event(self.num_queues()) {
+            if let (Some(rx), Some(slot)) = (
+                vrings.first(),
+                self.0
+                    .rx_vrings
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get_mut(pair),
+            ) {
+                *slot = Some(rx.clone());
+            }
             self.attach_rx();
             return Ok(());
         }
+        let q = usize::from(device_event);
         if q >= vrings.len() {
             return Ok(());
         }
         // After a device reset the receive side is attached again at the next ring event.
         self.attach_rx();
-        if q % 2 == 1 {
-            self.process_tx(q / 2, &vrings[q])?;
+        if q == 1 {
+            self.process_tx(pair, &vrings[q])?;
         }
         // An RX kick only means new buffers: frames are never queued here waiting for them.
         Ok(())
