@@ -688,6 +688,14 @@ sleep 1000
         !leak.status.success(),
         "the host port reached the uplink's far side"
     );
+    // A host whose own address in the guests' subnet sits on its NIC (here the namespace's
+    // unused veth end) routes single guests over the host port instead of a second address.
+    host.exec_ok(&format!(
+        "ip addr flush dev {tap} && ip addr add 10.77.0.5/24 dev {p} && ip link set {p} up && \
+         ip route add {g0}/32 dev {tap} && busybox ping -c 2 -W 5 {g0}",
+        p = host.peer,
+        g0 = guest_ip(0)
+    ));
     let stats = nm.stats();
     let h = &stats["host"];
     assert_eq!(h["name"], format!("tap:{tap}"), "{stats}");
