@@ -8,7 +8,8 @@
 #   /dev/virtio-ports/link <---- guest-to-guest link ----> /dev/virtio-ports/link
 #   eth0 ---------------> vhost-user-netmux <----------- eth0
 #                               |  (af-packet uplink on a veth whose far end sits in the
-#                               |   network namespace devshare-demo: 10.77.0.1)
+#                               |   network namespace devshare-demo: 10.77.0.1;
+#                               |   host port: TAP dshost0, 10.77.0.100 on this host)
 #
 # Then kvm-pit-policy measures lost timer ticks with and without KVM's PIT reinjection (when
 # /dev/kvm can run its lab).
@@ -76,6 +77,7 @@ CONSOLE_ARGS=(--vm "a=$WORK/a-console.sock" --vm "b=$WORK/b-console.sock"
 NETMUX_ARGS=(--uplink af-packet:dsdemo0
     --port "name=a,socket=$WORK/a-net.sock,mac=52:54:00:de:00:0a"
     --port "name=b,socket=$WORK/b-net.sock,mac=52:54:00:de:00:0b"
+    --host-port dshost0
     --stats-socket "$WORK/netmux.stats")
 
 say "starting vhost-user-console and vhost-user-netmux"
@@ -85,10 +87,12 @@ PIDS+=($!)
 echo "vhost-user-netmux ${NETMUX_ARGS[*]}"
 "$BIN/vhost-user-netmux" "${NETMUX_ARGS[@]}" 2>"$WORK/netmux.log" &
 PIDS+=($!)
-for f in a-console.sock b-console.sock a-net.sock b-net.sock a-console b-console; do
+for f in a-console.sock b-console.sock a-net.sock b-net.sock a-console b-console netmux.stats; do
     for _ in $(seq 100); do [ -e "$WORK/$f" ] && break; sleep 0.1; done
     [ -e "$WORK/$f" ] || { echo "backend did not create $f"; cat "$WORK"/*.log; exit 1; }
 done
+# The host port: this host reaches the guests through it (it goes away with netmux).
+ip addr add 10.77.0.100/24 dev dshost0
 
 # The QEMU options each backend prints for guest $1, minus the memory options given once below.
 device_args() {
@@ -112,6 +116,11 @@ done
 sleep 1
 ping -c 3 -W 5 10.77.0.12 >/dev/hvc0 2>&1
 ping -c 2 -W 5 10.77.0.1 >/dev/hvc0 2>&1
+if ping -c 2 -W 5 10.77.0.100 >/dev/null 2>&1; then
+    echo "A reached this host (10.77.0.100) through the host port" >/dev/hvc0
+else
+    echo "A did not reach this host through the host port" >/dev/hvc0
+fi
 echo "guest A done" >/dev/hvc0
 sleep 1
 EOF
@@ -161,6 +170,12 @@ declare -A GUEST_PID
 say "booting guests A and B under $ACCEL (a few seconds each)"
 boot b
 boot a
+# The host pings guest B once B is up (B stays up a few seconds after its own pings).
+(
+    for _ in $(seq 900); do grep -q "guest B up" "$WORK/consoles.txt" 2>/dev/null && break; sleep 0.2; done
+    busybox ping -c 3 -W 5 10.77.0.12
+) >"$WORK/host-ping.txt" 2>&1 &
+PIDS+=($!)
 status=0
 for g in a b; do
     if ! timeout 180 tail --pid="${GUEST_PID[$g]}" -f /dev/null; then
@@ -185,11 +200,16 @@ echo "vhost-user-netmux (full JSON: vhost-user-netmux stats --socket ...):"
 import json, sys
 doc = json.load(sys.stdin)
 for p in doc["ports"]:
-    drops = sum(p["drops"].values())
-    print("  port %s: rx %d pkts, tx %d pkts, drops %d" % (p["name"], p["rx_packets"], p["tx_packets"], drops))
+    why = ", ".join("%s %d" % (k, v) for k, v in p["drops"].items() if v)
+    print("  port %s: rx %d pkts, tx %d pkts, drops: %s" % (p["name"], p["rx_packets"], p["tx_packets"], why or "none"))
 u = doc["uplink"]
 print("  uplink %s: rx %d pkts, tx %d pkts" % (u["name"], u["rx_packets"], u["tx_packets"]))
+h = doc.get("host")
+if h:
+    print("  host port %s (%s): rx %d pkts, tx %d pkts" % (h["name"], h["mac"], h["rx_packets"], h["tx_packets"]))
 ' || true
+echo "this host pinging guest B through the host port:"
+sed 's/^/  /' "$WORK/host-ping.txt"
 
 say "checks"
 check() { # $1 = what, $2 = pattern expected in the consoles
@@ -200,6 +220,12 @@ check "guest-to-guest serial link, B -> A" "A received over the link: reply 3 fr
 check "A pings B through netmux" "console A.*3 packets transmitted, 3 packets received"
 check "B pings A through netmux" "console B.*3 packets transmitted, 3 packets received"
 check "A pings the NIC's far end" "console A.*2 packets transmitted, 2 packets received"
+check "A pings this host (host port)" "A reached this host"
+if grep -q "3 packets received" "$WORK/host-ping.txt"; then
+    echo "  ok    this host pings B (host port)"
+else
+    echo "  FAIL  this host pings B (host port)"; status=1
+fi
 
 if [ -e /dev/kvm ]; then
     say "KVM PIT lost-tick policy: 1/3 of the time the vCPU is withheld"

@@ -21,6 +21,8 @@ use std::time::Duration;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::chain::Memory;
 use crate::relay;
@@ -91,6 +93,14 @@ impl ServeOptions {
             stop: Arc::new(AtomicBool::new(false)),
         }
     }
+}
+
+/// The `device_event` with which every worker thread's `handle_event` is called once when a
+/// connection starts, before the front-end has sent anything: the one chance a backend gets to
+/// see its vrings before the first kick. Backends that do not care ignore it (it is past every
+/// queue index and past the library's own `num_queues` event).
+pub fn connection_start_event(num_queues: usize) -> u16 {
+    (num_queues + 1) as u16
 }
 
 /// Serves one front-end after another until `opts.stop` is set.
@@ -165,6 +175,7 @@ where
     B::Vring: Clone + Send + Sync,
 {
     let mem = GuestMemoryAtomic::new(Memory::new());
+    let num_queues = backend.num_queues();
     let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
         .map_err(|e| io::Error::other(e.to_string()))?;
     // A private, nameless (abstract, kernel-chosen) socket between the relay and the library.
@@ -175,6 +186,20 @@ where
     daemon
         .start(&mut listener)
         .map_err(|e| io::Error::other(e.to_string()))?;
+    // Edge-triggered and written once: each worker sees the start event exactly once. The
+    // descriptors stay open (and registered) until the connection ends.
+    let start_event = u64::from(connection_start_event(num_queues));
+    let mut start_fds = Vec::new();
+    for handler in daemon.get_epoll_handlers() {
+        let fd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        handler.register_listener(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+            start_event,
+        )?;
+        fd.write(1)?;
+        start_fds.push(fd);
+    }
 
     let to_daemon = {
         let (from, to) = (frontend.try_clone()?, inner.try_clone()?);
@@ -205,6 +230,7 @@ where
         log::debug!("{name}: relay: {e}");
     }
     let _ = to_frontend.join();
+    drop(start_fds);
     res
 }
 

@@ -336,21 +336,23 @@ fn a_multiqueue_guest_works() {
 echo \"NETMUX queues $(ls /sys/class/net/eth0/queues | tr '\\n' ' ')\"
 echo \"NETMUX cpus $(nproc)\"
 if reach {g1} && reach {NS_IP}; then echo NETMUX reach ok; else echo NETMUX reach FAIL; fi
-# Several flows, so both queue pairs carry traffic.
-for port in 1 2 3 4; do
-    dd if=/dev/zero bs=64k count=16 2>/dev/null | nc {NS_IP} 600$port
+# Many flows, so both queue pairs carry traffic (frames from the uplink pick an RX queue by
+# flow hash: the chance that 16 flows all land on one of two queues is 2^-15).
+for port in $(seq 10 25); do
+    dd if=/dev/zero bs=64k count=4 2>/dev/null | nc {NS_IP} 60$port
 done
+grep -E 'input[.][01]' /proc/interrupts | sed 's/^/NETMUX irq /'
 echo NETMUX-DONE
 sleep 1000
 ",
         g1 = guest_ip(1)
     );
     let scratch = devshare_integration::qemu::ScratchDir::new("netmux-mq-ns").unwrap();
-    let listeners: Vec<_> = (1..=4)
+    let listeners: Vec<_> = (10..=25)
         .map(|p| {
             let h = scratch.path().join(format!("hold{p}"));
             ns.spawn(&format!(
-                "mkfifo {h} && busybox nc -l -p 600{p} <>{h} | wc -c",
+                "mkfifo {h} && busybox nc -l -p 60{p} <>{h} | wc -c",
                 h = h.display()
             ))
         })
@@ -370,18 +372,47 @@ sleep 1000
         let out = l.wait_with_output().unwrap();
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
-            "1048576",
+            "262144",
             "{}\n{c0}",
             nm.stats()
         );
+    }
+    // Both RX queues interrupted the guest: netmux delivered into both.
+    for q in ["input.0", "input.1"] {
+        let irqs: u64 = c0
+            .lines()
+            .filter(|l| l.contains("NETMUX irq") && l.trim_end().ends_with(q))
+            .flat_map(|l| l.split_whitespace().filter_map(|w| w.parse::<u64>().ok()))
+            .sum();
+        assert!(irqs > 0, "no interrupts from RX queue {q}:\n{c0}");
     }
 }
 
 #[test]
 fn a_restarted_backend_is_reconnected_by_qemu_and_traffic_resumes() {
-    let ns = NetNs::new();
     let ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
-    let mut nm = Netmux::start("netmux-backend-restart", &ns.host_if, &ports, &[]);
+    backend_restart_keeps_guests_talking("netmux-backend-restart", &ports);
+}
+
+/// Client mode with real QEMUs: netmux dials a QEMU that listens (`server=on`), and after
+/// netmux is killed and started again it dials again and traffic resumes.
+#[test]
+fn a_client_port_redials_its_listening_qemu_after_a_backend_restart() {
+    let ports = vec![
+        PortSpec {
+            client: true,
+            ..PortSpec::new(0)
+        },
+        PortSpec::new(1),
+    ];
+    backend_restart_keeps_guests_talking("netmux-client-restart", &ports);
+}
+
+/// Two guests ping the namespace and each other every second; netmux is SIGKILLed (both see
+/// their pings fail), started again, and both guests' pings go through again.
+fn backend_restart_keeps_guests_talking(name: &str, ports: &[PortSpec]) {
+    let ns = NetNs::new();
+    let mut nm = Netmux::start(name, &ns.host_if, ports, &[]);
     let pid_before = nm.process.pid();
     // Each guest pings the namespace and the other guest once a second and says how it went.
     let ticking = |peer: usize| {
@@ -550,4 +581,235 @@ sleep 1000
         stats["uplink"]["tx_packets"].as_u64().unwrap_or(0) > 0,
         "{stats}"
     );
+}
+
+/// `--host-port NAME`: the host's own stack (here a second namespace holding the TAP) reaches
+/// an untagged guest by ping and TCP both ways, is not bridged to the uplink, and a tagged
+/// guest cannot reach it; the MAC given with `--host-mac` is the one the host end carries.
+#[test]
+fn the_host_port_lets_the_host_reach_its_guests() {
+    const HOST_IP: &str = "10.77.0.200";
+    const HOST_MAC: &str = "02:77:00:00:00:c8";
+    let ns = NetNs::new();
+    // A second namespace plays the host; its veth is not used.
+    let host = NetNs::new();
+    host.exec_ok(&format!("ip addr flush dev {}", host.peer));
+    let tap = format!("nmxo{}", host.name.trim_start_matches("nmxns"));
+    let ports = vec![
+        PortSpec::new(0),
+        PortSpec {
+            vlan: Some(42),
+            ..PortSpec::new(1)
+        },
+    ];
+    let nm = Netmux::start(
+        "netmux-host",
+        &ns.host_if,
+        &ports,
+        &["--host-port", &tap, "--host-mac", HOST_MAC],
+    );
+    host.adopt(&tap);
+    host.exec_ok(&format!(
+        "ip addr add {HOST_IP}/24 dev {tap} && ip link set {tap} up"
+    ));
+    let link = host.exec_ok(&format!("ip link show {tap}"));
+    assert!(link.contains(HOST_MAC), "--host-mac not applied: {link}");
+
+    let scratch = devshare_integration::qemu::ScratchDir::new("netmux-host-ns").unwrap();
+    let blob = scratch.path().join("blob");
+    let host_sum = host.exec_ok(&format!(
+        "dd if=/dev/urandom of={b} bs=1M count=4 2>/dev/null && sha256sum {b} | cut -d' ' -f1",
+        b = blob.display()
+    ));
+    let hold = scratch.path().join("hold");
+    let host_rx = host.spawn(&format!(
+        "mkfifo {h} && busybox nc -l -p 5004 <>{h} | sha256sum | cut -d' ' -f1",
+        h = hold.display()
+    ));
+    let g0_script = format!(
+        "{SEND_FN}
+if reach {HOST_IP}; then echo NETMUX reach-host ok; else echo NETMUX reach-host FAIL; fi
+if reach {NS_IP}; then echo NETMUX reach-ns ok; else echo NETMUX reach-ns FAIL; fi
+dd if=/dev/urandom of=/tmp/blob bs=1M count=4 2>/dev/null
+echo \"NETMUX sum $(sha256sum /tmp/blob | cut -d' ' -f1)\"
+send {HOST_IP} 5004 /tmp/blob && echo NETMUX sent
+mkfifo /tmp/hold
+echo NETMUX listening
+nc -l -p 5005 <>/tmp/hold > /tmp/got
+echo \"NETMUX got $(sha256sum /tmp/got | cut -d' ' -f1)\"
+echo NETMUX-DONE
+sleep 1000
+"
+    );
+    // The tagged guest's frames never meet the host port: no answer from the host address.
+    let g1_script = format!(
+        "if ping -c 5 -W 1 {HOST_IP} >/dev/null 2>&1; then echo NETMUX tagged reached-host; \
+         else echo NETMUX tagged no-host; fi
+echo NETMUX-DONE
+sleep 1000
+"
+    );
+    let mut g0 = guest_builder(&nm, &ports[0], &g0_script).spawn().unwrap();
+    let mut g1 = guest_builder(&nm, &ports[1], &g1_script).spawn().unwrap();
+
+    expect_line(&mut g0, &nm, "NETMUX listening", GUEST_TIMEOUT);
+    host.exec_ok(&format!("busybox ping -c 2 -W 5 {}", guest_ip(0)));
+    host.exec_ok(&format!(
+        "n=0; until busybox nc {} 5005 < {}; do n=$((n+1)); [ $n -gt 60 ] && exit 1; sleep 1; done",
+        guest_ip(0),
+        blob.display()
+    ));
+    expect_line(&mut g0, &nm, "NETMUX-DONE", GUEST_TIMEOUT);
+    expect_line(&mut g1, &nm, "NETMUX-DONE", GUEST_TIMEOUT);
+    let c0 = g0.console_output();
+    assert!(
+        c0.contains("NETMUX reach-host ok")
+            && c0.contains("NETMUX reach-ns ok")
+            && c0.contains("NETMUX sent"),
+        "{c0}\n--- netmux ---\n{}",
+        nm.log()
+    );
+    let out = host_rx.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        value_after(&c0, "NETMUX sum "),
+        "guest-to-host copy differs"
+    );
+    assert_eq!(
+        value_after(&c0, "NETMUX got "),
+        host_sum.trim(),
+        "host-to-guest copy differs"
+    );
+    let c1 = g1.console_output();
+    assert!(c1.contains("NETMUX tagged no-host"), "{c1}");
+    // The host port is not a way onto the uplink.
+    let leak = host.exec(&format!("busybox ping -c 2 -W 2 {NS_IP}"));
+    assert!(
+        !leak.status.success(),
+        "the host port reached the uplink's far side"
+    );
+    // A host whose own address in the guests' subnet sits on its NIC (here the namespace's
+    // unused veth end) routes single guests over the host port instead of a second address.
+    host.exec_ok(&format!(
+        "ip addr flush dev {tap} && ip addr add 10.77.0.5/24 dev {p} && ip link set {p} up && \
+         ip route add {g0}/32 dev {tap} && busybox ping -c 2 -W 5 {g0}",
+        p = host.peer,
+        g0 = guest_ip(0)
+    ));
+    let stats = nm.stats();
+    let h = &stats["host"];
+    assert_eq!(h["name"], format!("tap:{tap}"), "{stats}");
+    assert_eq!(h["mac"], HOST_MAC, "{stats}");
+    assert!(h["rx_bytes"].as_u64().unwrap_or(0) > 4 << 20, "{stats}");
+    assert!(h["tx_bytes"].as_u64().unwrap_or(0) > 4 << 20, "{stats}");
+    assert_eq!(nm.port_counter(0, "drops/host_busy"), 0);
+}
+
+/// Hot-plug: a running guest gets its netmux NIC through QMP (chardev, vhost-user netdev,
+/// virtio-net device on a PCIe root port), pings another guest, loses the NIC by hot-unplug
+/// (the port sees the front-end go), then gets it back and pings again.
+#[test]
+fn a_hot_plugged_nic_comes_and_goes() {
+    use devshare_integration::qmp::Qmp;
+    use serde_json::json;
+    use std::time::Duration;
+
+    let ns = NetNs::new();
+    let ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
+    let nm = Netmux::start("netmux-hotplug", &ns.host_if, &ports, &[]);
+    let qmp_path = nm.dir.path().join("g0.qmp");
+    let g0_script = format!(
+        "wait_nic() {{ n=0; while ! ip link show eth0 >/dev/null 2>&1; do n=$((n+1)); [ $n -gt 1200 ] && return 1; sleep 0.25; done; }}
+wait_gone() {{ n=0; while ip link show eth0 >/dev/null 2>&1; do n=$((n+1)); [ $n -gt 1200 ] && return 1; sleep 0.25; done; }}
+echo NETMUX booted
+for round in 1 2; do
+    if wait_nic; then echo \"NETMUX plugged $round\"; else echo \"NETMUX no-nic $round\"; fi
+    ip link set eth0 up
+    ip addr add {ip}/24 dev eth0
+    if reach {g1}; then echo \"NETMUX round $round ok\"; else echo \"NETMUX round $round FAIL\"; fi
+    if [ $round = 1 ]; then
+        if wait_gone; then echo NETMUX unplugged; else echo NETMUX still-there; fi
+    fi
+done
+echo NETMUX-DONE
+sleep 1000
+",
+        ip = guest_ip(0),
+        g1 = guest_ip(1)
+    );
+    let mut g1 = guest_builder(&nm, &ports[1], "echo NETMUX up\nsleep 1000\n")
+        .spawn()
+        .unwrap();
+    // Guest 0 starts without a NIC: a free PCIe root port to plug it into, and QMP.
+    let mut g0 = devshare_integration::qemu::Guest::builder()
+        .name("netmux-hotplug-g0")
+        .args([
+            "-device",
+            "pcie-root-port,id=rp1,bus=pcie.0,chassis=1",
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qmp_path.display()),
+        ])
+        .script(&format!("{}\n{g0_script}", guest_prelude(0)))
+        .spawn()
+        .unwrap();
+    let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(60)).unwrap();
+    expect_line(&mut g0, &nm, "NETMUX booted", GUEST_TIMEOUT);
+    expect_line(&mut g1, &nm, "NETMUX up", GUEST_TIMEOUT);
+
+    let socket = Netmux::socket(nm.dir.path(), 0).display().to_string();
+    let plug = |qmp: &mut Qmp| {
+        qmp.execute(
+            "chardev-add",
+            json!({"id": "nmc0", "backend": {"type": "socket", "data": {
+                "addr": {"type": "unix", "data": {"path": socket}},
+                "server": false, "reconnect-ms": 1000}}}),
+        )
+        .unwrap();
+        qmp.execute(
+            "netdev_add",
+            json!({"type": "vhost-user", "id": "nm0", "chardev": "nmc0", "queues": 1}),
+        )
+        .unwrap();
+        qmp.execute(
+            "device_add",
+            json!({"driver": "virtio-net-pci", "id": "nic0", "netdev": "nm0",
+                   "bus": "rp1", "mac": guest_mac(0), "host_mtu": 1500}),
+        )
+        .unwrap();
+    };
+
+    plug(&mut qmp);
+    expect_line(&mut g0, &nm, "NETMUX round 1 ", GUEST_TIMEOUT);
+    assert_eq!(nm.port_counter(0, "connects"), 1);
+
+    qmp.execute("device_del", json!({"id": "nic0"})).unwrap();
+    qmp.wait_event(
+        "DEVICE_DELETED",
+        &json!({"device": "nic0"}),
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    // A vhost-user netdev owns its chardev: deleting the netdev closes and removes both.
+    qmp.execute("netdev_del", json!({"id": "nm0"})).unwrap();
+    expect_line(&mut g0, &nm, "NETMUX unplugged", GUEST_TIMEOUT);
+    assert!(
+        eventually(Duration::from_secs(30), || nm
+            .port_counter(0, "disconnects")
+            == 1),
+        "the port did not see the unplugged front-end go: {}",
+        nm.stats()
+    );
+    let rx_before = nm.port_counter(1, "rx_packets");
+
+    plug(&mut qmp);
+    expect_line(&mut g0, &nm, "NETMUX-DONE", GUEST_TIMEOUT);
+    let console = g0.console_output();
+    assert!(
+        console.contains("NETMUX round 1 ok") && console.contains("NETMUX round 2 ok"),
+        "{console}\n--- netmux ---\n{}",
+        nm.log()
+    );
+    assert_eq!(nm.port_counter(0, "connects"), 2);
+    assert!(nm.port_counter(1, "rx_packets") > rx_before);
+    assert_eq!(nm.port_counter(0, "drops/bad_chain"), 0);
 }

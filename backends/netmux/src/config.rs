@@ -76,6 +76,9 @@ pub enum ConfigError {
     /// No guest port was configured.
     #[error("no guest port configured (give at least one --port or [[port]] table)")]
     NoPorts,
+    /// The host port is misconfigured.
+    #[error("host port: {0}")]
+    HostPort(String),
     /// No uplink was configured.
     #[error("no uplink configured (give --uplink af-packet:IFACE or tap:NAME)")]
     NoUplink,
@@ -159,14 +162,27 @@ pub enum UplinkSpec {
     Tap(String),
 }
 
+/// Interface names are at most 15 bytes (IFNAMSIZ - 1) and cannot contain '/' or spaces.
+fn valid_ifname(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 15 && !name.contains(['/', ' ', '\0', ':'])
+}
+
+impl UplinkSpec {
+    /// The interface's name.
+    pub fn ifname(&self) -> &str {
+        match self {
+            UplinkSpec::AfPacket(i) | UplinkSpec::Tap(i) => i,
+        }
+    }
+}
+
 impl FromStr for UplinkSpec {
     type Err = ConfigError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || ConfigError::Uplink(s.into());
         let (kind, name) = s.split_once(':').ok_or_else(bad)?;
-        // Interface names are at most 15 bytes (IFNAMSIZ - 1) and cannot contain '/' or spaces.
-        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+        if !valid_ifname(name) {
             return Err(bad());
         }
         match kind {
@@ -212,11 +228,46 @@ pub struct PortConfig {
     pub queue_pairs: u16,
 }
 
+/// The host port: a TAP device through which the host's own network stack reaches the
+/// (untagged) guests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPortConfig {
+    /// TAP device name (created if missing).
+    pub name: String,
+    /// MAC to give the host's end; `None` keeps the one the kernel chose.
+    pub mac: Option<MacAddr>,
+}
+
+impl HostPortConfig {
+    /// Checks a host port's name and MAC as given on the command line or in the file.
+    pub fn new(name: &str, mac: Option<&str>) -> Result<HostPortConfig, ConfigError> {
+        if !valid_ifname(name) {
+            return Err(ConfigError::HostPort(format!(
+                "'{name}' is not an interface name (1 to 15 characters, no '/', ':' or spaces)"
+            )));
+        }
+        let mac = mac.map(str::parse::<MacAddr>).transpose()?;
+        if let Some(m) = mac {
+            if m.is_multicast() || m == MacAddr::default() {
+                return Err(ConfigError::HostPort(format!(
+                    "MAC {m} is multicast or all zeros"
+                )));
+            }
+        }
+        Ok(HostPortConfig {
+            name: name.into(),
+            mac,
+        })
+    }
+}
+
 /// The validated configuration of the whole process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// The shared host link.
     pub uplink: UplinkSpec,
+    /// The host port, if any.
+    pub host_port: Option<HostPortConfig>,
     /// Guest ports, in the order given.
     pub ports: Vec<PortConfig>,
     /// Bridge or private switching.
@@ -254,6 +305,10 @@ pub struct PortFile {
 pub struct ConfigFile {
     /// `af-packet:IFACE` or `tap:NAME`.
     pub uplink: Option<String>,
+    /// Name of the host port's TAP device.
+    pub host_port: Option<String>,
+    /// MAC of the host port's host end.
+    pub host_mac: Option<String>,
     /// `bridge` or `private`.
     pub mode: Option<Mode>,
     /// Source-MAC checking (default on).
@@ -401,6 +456,24 @@ impl Config {
                 });
             }
         }
+        if let Some(h) = &self.host_port {
+            if h.name == self.uplink.ifname() {
+                return Err(ConfigError::HostPort(format!(
+                    "'{}' is the uplink's interface too",
+                    h.name
+                )));
+            }
+            if let Some(p) = self
+                .ports
+                .iter()
+                .find(|p| p.vlan.is_none() && Some(p.mac) == h.mac)
+            {
+                return Err(ConfigError::HostPort(format!(
+                    "MAC {} is port {}'s",
+                    p.mac, p.name
+                )));
+            }
+        }
         Ok(self)
     }
 
@@ -509,6 +582,7 @@ mod tests {
     fn config(ports: &[&str]) -> Config {
         Config {
             uplink: UplinkSpec::AfPacket("eth0".into()),
+            host_port: None,
             ports: ports
                 .iter()
                 .enumerate()
@@ -548,6 +622,40 @@ mod tests {
         let mut bad_mtu = config(&["socket=/a,mac=52:54:00:00:00:01"]);
         bad_mtu.mtu = 10;
         assert_eq!(bad_mtu.validate(), Err(ConfigError::Mtu(10)));
+    }
+
+    #[test]
+    fn host_port_checks() {
+        let h = HostPortConfig::new("nmhost0", Some("02:00:00:00:00:aa")).unwrap();
+        assert_eq!(h.mac, Some(MacAddr([2, 0, 0, 0, 0, 0xaa])));
+        assert_eq!(HostPortConfig::new("nmhost0", None).unwrap().mac, None);
+        for (name, mac) in [
+            ("", None),
+            ("a/b", None),
+            ("0123456789abcdef", None),
+            ("nmhost0", Some("01:00:5e:00:00:01")),
+            ("nmhost0", Some("00:00:00:00:00:00")),
+            ("nmhost0", Some("nonsense")),
+        ] {
+            assert!(HostPortConfig::new(name, mac).is_err(), "{name} {mac:?}");
+        }
+        let mut c = config(&[
+            "socket=/a,mac=52:54:00:00:00:01",
+            "socket=/b,mac=52:54:00:00:00:02,vlan=5",
+        ]);
+        c.host_port = Some(HostPortConfig::new("eth0", None).unwrap());
+        assert!(matches!(
+            c.clone().validate(),
+            Err(ConfigError::HostPort(_))
+        ));
+        c.host_port = Some(HostPortConfig::new("nmhost0", Some("52:54:00:00:00:01")).unwrap());
+        assert!(matches!(
+            c.clone().validate(),
+            Err(ConfigError::HostPort(_))
+        ));
+        // A tagged guest never meets the host port, so sharing its MAC is harmless.
+        c.host_port = Some(HostPortConfig::new("nmhost0", Some("52:54:00:00:00:02")).unwrap());
+        assert!(c.validate().is_ok());
     }
 
     #[test]

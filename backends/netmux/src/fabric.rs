@@ -1,6 +1,7 @@
-//! The running switch: guest ports, the uplink and the table that decides between them. Guest
-//! TX workers call [`Fabric::forward_from_guest`] for each frame they take; one thread runs
-//! [`Fabric::run_uplink_rx`] for frames arriving from the host side.
+//! The running switch: guest ports, the uplink, the optional host port and the table that
+//! decides between them. Guest TX workers call [`Fabric::forward_from_guest`] for each frame
+//! they take; one thread per host-side link runs [`Fabric::run_link_rx`] for frames arriving
+//! from it.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -54,17 +55,41 @@ struct PendingUplink {
     len: usize,
 }
 
-/// What a TX worker accumulates over one batch: frames for the uplink and RX queues to
-/// interrupt.
+/// Frames bound for one host-side link, and who sent each.
+#[derive(Default)]
+struct LinkBatch {
+    frames: TxBatch,
+    pending: Vec<PendingUplink>,
+}
+
+/// What a TX worker accumulates over one batch: frames for the uplink and the host port, and
+/// RX queues to interrupt.
 #[derive(Default)]
 pub struct Outbox {
-    uplink: TxBatch,
-    pending: Vec<PendingUplink>,
+    uplink: LinkBatch,
+    host: LinkBatch,
     /// RX queues that received frames.
     pub signals: Signals,
 }
 
-/// Ports, uplink and switch table.
+/// The two host-side links.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// The shared NIC (or TAP) towards the outside.
+    Uplink,
+    /// The TAP through which the host itself reaches the guests.
+    Host,
+}
+
+/// The host port: a TAP whose other end is the host's own network stack.
+pub struct HostPort {
+    /// The TAP device.
+    pub tap: Box<dyn Uplink>,
+    /// Its counters (tx: towards the host, rx: from the host).
+    pub stats: UplinkStats,
+}
+
+/// Ports, uplink, host port and switch table.
 pub struct Fabric {
     /// Switching policy and MAC table.
     pub table: SwitchTable,
@@ -74,6 +99,8 @@ pub struct Fabric {
     pub uplink: Box<dyn Uplink>,
     /// Uplink counters.
     pub uplink_stats: UplinkStats,
+    /// The host port, if configured.
+    pub host: Option<HostPort>,
 }
 
 impl Fabric {
@@ -130,6 +157,7 @@ impl Fabric {
         match self.table.route(ingress, src, dst) {
             Verdict::Port(to) => local.0.push((to, frame)),
             Verdict::Uplink => self.queue_uplink(from, bufs, hdr_len, &hdr, outbox),
+            Verdict::Host => queue_link(from, bufs, hdr_len, &hdr, None, &mut outbox.host),
             Verdict::Flood => {
                 for to in 0..self.ports.len() {
                     if self.table.floods_to(ingress, to) {
@@ -137,6 +165,9 @@ impl Fabric {
                     }
                 }
                 self.queue_uplink(from, bufs, hdr_len, &hdr, outbox);
+                if self.table.floods_to_host(ingress) {
+                    queue_link(from, bufs, hdr_len, &hdr, None, &mut outbox.host);
+                }
             }
             Verdict::Drop(reason) => match reason {
                 DropReason::Spoofed => stats.drop_spoofed.inc(),
@@ -184,8 +215,7 @@ impl Fabric {
         frames.clear();
     }
 
-    /// Adds a guest frame to the uplink batch: our header first (with a VLAN tag inserted after
-    /// the MAC addresses if the port has one), then the guest's bytes where they are.
+    /// Adds a guest frame to the uplink batch, tagged with the sender's VLAN if it has one.
     fn queue_uplink(
         &self,
         from: usize,
@@ -194,78 +224,66 @@ impl Fabric {
         hdr: &NetHdr,
         outbox: &mut Outbox,
     ) {
-        let frame_len = bufs.readable_len() - hdr_len;
-        let mut h = *hdr;
-        h.num_buffers = 0;
-        let mut head = [0u8; HDR_LEN_LEGACY + 12 + 4];
-        let (head_len, guest_from) = match self.table.vlan_of(from) {
-            None => {
-                head[..HDR_LEN_LEGACY].copy_from_slice(&h.to_bytes()[..HDR_LEN_LEGACY]);
-                (HDR_LEN_LEGACY, hdr_len)
-            }
-            Some(vid) => {
-                // Offsets in the header count from the frame start; the tag shifts them.
-                if h.flags & F_NEEDS_CSUM != 0 {
-                    h.csum_start = h.csum_start.saturating_add(4);
-                }
-                if h.hdr_len != 0 {
-                    h.hdr_len = h.hdr_len.saturating_add(4);
-                }
-                head[..HDR_LEN_LEGACY].copy_from_slice(&h.to_bytes()[..HDR_LEN_LEGACY]);
-                let macs = &mut head[HDR_LEN_LEGACY..HDR_LEN_LEGACY + 12];
-                bufs.read_at(hdr_len, macs);
-                head[HDR_LEN_LEGACY + 12..].copy_from_slice(&[
-                    (ETH_P_8021Q >> 8) as u8,
-                    ETH_P_8021Q as u8,
-                    (vid >> 8) as u8,
-                    vid as u8,
-                ]);
-                (head.len(), hdr_len + 12)
-            }
-        };
-        outbox.uplink.push(
-            &head[..head_len],
-            bufs.readable_iovecs(guest_from, usize::MAX),
-        );
-        outbox.pending.push(PendingUplink {
-            port: from,
-            len: frame_len,
-        });
+        let vlan = self.table.vlan_of(from);
+        queue_link(from, bufs, hdr_len, hdr, vlan, &mut outbox.uplink);
     }
 
-    /// Sends a batch built by [`Fabric::forward_from_guest`] and counts the outcome on each
-    /// sending port and on the uplink.
-    /// Must run while the guest memory the batch points into is still borrowed.
-    pub fn flush_uplink(&self, outbox: &mut Outbox) {
-        if outbox.uplink.is_empty() {
+    /// Sends the batches built by [`Fabric::forward_from_guest`] and counts the outcome on
+    /// each sending port and on the link.
+    /// Must run while the guest memory the batches point into is still borrowed.
+    pub fn flush_links(&self, outbox: &mut Outbox) {
+        self.flush_link(Link::Uplink, &mut outbox.uplink);
+        self.flush_link(Link::Host, &mut outbox.host);
+    }
+
+    fn flush_link(&self, link: Link, batch: &mut LinkBatch) {
+        if batch.frames.is_empty() {
             return;
         }
-        self.uplink.send(&mut outbox.uplink);
-        for (p, outcome) in outbox.pending.iter().zip(outbox.uplink.outcomes()) {
+        let Some((io, stats)) = self.link(link) else {
+            batch.pending.clear();
+            batch.frames = TxBatch::new();
+            return;
+        };
+        io.send(&mut batch.frames);
+        for (p, outcome) in batch.pending.iter().zip(batch.frames.outcomes()) {
             let Some(port) = self.ports.get(p.port) else {
                 continue;
             };
-            match outcome {
-                SendOutcome::Sent => {
-                    self.uplink_stats.tx_packets.inc();
-                    self.uplink_stats.tx_bytes.add(p.len as u64);
+            match (outcome, link) {
+                (SendOutcome::Sent, _) => {
+                    stats.tx_packets.inc();
+                    stats.tx_bytes.add(p.len as u64);
                 }
-                SendOutcome::Busy => port.stats.drop_uplink_busy.inc(),
-                SendOutcome::Refused => port.stats.drop_uplink_refused.inc(),
+                (SendOutcome::Busy, Link::Uplink) => port.stats.drop_uplink_busy.inc(),
+                (SendOutcome::Refused, Link::Uplink) => port.stats.drop_uplink_refused.inc(),
+                (SendOutcome::Busy, Link::Host) => port.stats.drop_host_busy.inc(),
+                (SendOutcome::Refused, Link::Host) => port.stats.drop_host_refused.inc(),
             }
         }
-        outbox.pending.clear();
-        outbox.uplink = TxBatch::new();
+        batch.pending.clear();
+        batch.frames = TxBatch::new();
     }
 
-    /// Reads frames from the uplink and delivers them until `stop` is signalled. Sleeps in
-    /// `poll` while there is nothing to read.
-    pub fn run_uplink_rx(&self, stop: &EventFd) -> io::Result<()> {
+    /// The device and counters of a host-side link (`None`: no host port configured).
+    fn link(&self, link: Link) -> Option<(&dyn Uplink, &UplinkStats)> {
+        match link {
+            Link::Uplink => Some((&*self.uplink, &self.uplink_stats)),
+            Link::Host => self.host.as_ref().map(|h| (&*h.tap, &h.stats)),
+        }
+    }
+
+    /// Reads frames from `link` and delivers them until `stop` is signalled. Sleeps in `poll`
+    /// while there is nothing to read. Returns at once if `link` is not configured.
+    pub fn run_link_rx(&self, link: Link, stop: &EventFd) -> io::Result<()> {
+        let Some((io, stats)) = self.link(link) else {
+            return Ok(());
+        };
         let mut batch = RxBatch::new();
         let mut signals = Signals::default();
         let mut fds = [
             libc::pollfd {
-                fd: self.uplink.raw_fd(),
+                fd: io.raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -290,19 +308,19 @@ impl Fabric {
             }
             // Drain what is there, batch by batch, then go back to sleep.
             loop {
-                let n = match self.uplink.recv(&mut batch) {
+                let n = match io.recv(&mut batch) {
                     Ok(n) => n,
                     Err(e) => {
-                        self.uplink_stats.rx_errors.inc();
-                        log::warn!("{}: receive error: {e}", self.uplink.describe());
+                        stats.rx_errors.inc();
+                        log::warn!("{}: receive error: {e}", io.describe());
                         0
                     }
                 };
                 for i in 0..n {
                     if let Some(f) = batch.frame(i) {
-                        self.forward_from_uplink(f.hdr, f.vlan, f.data, &mut signals);
+                        self.forward_from_link(link, f.hdr, f.vlan, f.data, &mut signals);
                     } else {
-                        self.uplink_stats.rx_bad_frame.inc();
+                        stats.rx_bad_frame.inc();
                     }
                 }
                 signals.flush(&self.ports);
@@ -313,15 +331,18 @@ impl Fabric {
         }
     }
 
-    /// Switches one frame that arrived on the uplink.
-    pub fn forward_from_uplink(
+    /// Switches one frame that arrived on a host-side link.
+    pub fn forward_from_link(
         &self,
+        link: Link,
         mut hdr: NetHdr,
         vlan: Option<u16>,
         data: &mut [u8],
         signals: &mut Signals,
     ) {
-        let st = &self.uplink_stats;
+        let Some((_, st)) = self.link(link) else {
+            return;
+        };
         if data.len() < ETH_HLEN {
             st.rx_bad_frame.inc();
             return;
@@ -361,8 +382,23 @@ impl Fabric {
             ethertype,
             payload: Payload::Host(data),
         };
-        let ingress = Ingress::Uplink { vlan };
-        match self.table.route(ingress, src, dst) {
+        let ingress = match link {
+            Link::Uplink => Ingress::Uplink { vlan },
+            // The host port is untagged; a tagged frame from the host is for no guest.
+            Link::Host if vlan.is_some() => {
+                st.rx_not_for_us.inc();
+                return;
+            }
+            Link::Host => Ingress::Host,
+        };
+        let verdict = self.table.route(ingress, src, dst);
+        if link == Link::Host
+            && verdict != Verdict::Drop(DropReason::LocalSource)
+            && self.table.follow_host_mac(src)
+        {
+            log::info!("host port now carries MAC {src}");
+        }
+        match verdict {
             Verdict::Port(to) => self.deliver(to, hint, &frame, signals),
             Verdict::Flood => {
                 for to in 0..self.ports.len() {
@@ -371,7 +407,7 @@ impl Fabric {
                     }
                 }
             }
-            Verdict::Uplink => {}
+            Verdict::Uplink | Verdict::Host => {}
             Verdict::Drop(DropReason::LocalSource) => st.rx_local_source.inc(),
             Verdict::Drop(_) => st.rx_not_for_us.inc(),
         }
@@ -379,22 +415,82 @@ impl Fabric {
 
     /// All counters as one JSON document.
     pub fn snapshot(&self) -> Value {
-        let u = &self.uplink_stats;
-        json!({
-            "uplink": {
-                "name": self.uplink.describe(),
-                "tx_packets": u.tx_packets.get(),
-                "tx_bytes": u.tx_bytes.get(),
-                "rx_packets": u.rx_packets.get(),
-                "rx_bytes": u.rx_bytes.get(),
-                "rx_not_for_us": u.rx_not_for_us.get(),
-                "rx_local_source": u.rx_local_source.get(),
-                "rx_bad_frame": u.rx_bad_frame.get(),
-                "rx_errors": u.rx_errors.get(),
-            },
+        let mut doc = json!({
+            "uplink": link_snapshot(&*self.uplink, &self.uplink_stats),
             "ports": self.ports.iter().map(|p| p.snapshot()).collect::<Vec<_>>(),
-        })
+        });
+        if let Some(h) = &self.host {
+            let mut host = link_snapshot(&*h.tap, &h.stats);
+            if let Some(mac) = self.table.host_mac() {
+                host["mac"] = json!(mac.to_string());
+            }
+            doc["host"] = host;
+        }
+        doc
     }
+}
+
+fn link_snapshot(io: &dyn Uplink, u: &UplinkStats) -> Value {
+    json!({
+        "name": io.describe(),
+        "tx_packets": u.tx_packets.get(),
+        "tx_bytes": u.tx_bytes.get(),
+        "rx_packets": u.rx_packets.get(),
+        "rx_bytes": u.rx_bytes.get(),
+        "rx_not_for_us": u.rx_not_for_us.get(),
+        "rx_local_source": u.rx_local_source.get(),
+        "rx_bad_frame": u.rx_bad_frame.get(),
+        "rx_errors": u.rx_errors.get(),
+    })
+}
+
+/// Adds a guest frame to a link's batch: our header first (with a VLAN tag inserted after the
+/// MAC addresses if `vlan` is set), then the guest's bytes where they are.
+fn queue_link(
+    from: usize,
+    bufs: &GuestBuffers<'_>,
+    hdr_len: usize,
+    hdr: &NetHdr,
+    vlan: Option<u16>,
+    batch: &mut LinkBatch,
+) {
+    let frame_len = bufs.readable_len() - hdr_len;
+    let mut h = *hdr;
+    h.num_buffers = 0;
+    let mut head = [0u8; HDR_LEN_LEGACY + 12 + 4];
+    let (head_len, guest_from) = match vlan {
+        None => {
+            head[..HDR_LEN_LEGACY].copy_from_slice(&h.to_bytes()[..HDR_LEN_LEGACY]);
+            (HDR_LEN_LEGACY, hdr_len)
+        }
+        Some(vid) => {
+            // Offsets in the header count from the frame start; the tag shifts them.
+            if h.flags & F_NEEDS_CSUM != 0 {
+                h.csum_start = h.csum_start.saturating_add(4);
+            }
+            if h.hdr_len != 0 {
+                h.hdr_len = h.hdr_len.saturating_add(4);
+            }
+            head[..HDR_LEN_LEGACY].copy_from_slice(&h.to_bytes()[..HDR_LEN_LEGACY]);
+            let macs = &mut head[HDR_LEN_LEGACY..HDR_LEN_LEGACY + 12];
+            bufs.read_at(hdr_len, macs);
+            head[HDR_LEN_LEGACY + 12..].copy_from_slice(&[
+                (ETH_P_8021Q >> 8) as u8,
+                ETH_P_8021Q as u8,
+                (vid >> 8) as u8,
+                vid as u8,
+            ]);
+            (head.len(), hdr_len + 12)
+        }
+    };
+    batch.frames.push(
+        &head[..head_len],
+        bufs.readable_iovecs(guest_from, usize::MAX),
+    );
+    batch.pending.push(PendingUplink {
+        port: from,
+        len: frame_len,
+    });
 }
 
 /// Picks an RX queue for a frame from the uplink so one flow stays on one queue: IPv4 and

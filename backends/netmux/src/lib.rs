@@ -22,8 +22,9 @@ use std::time::Duration;
 use devshare_common::daemon::ServeOptions;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{Config, UplinkSpec};
-use crate::fabric::Fabric;
+use crate::config::MacAddr;
+use crate::config::{Config, HostPortConfig, UplinkSpec};
+use crate::fabric::{Fabric, HostPort, Link};
 use crate::port::Port;
 use crate::switch::SwitchTable;
 use crate::uplink::{AfPacket, Tap, Uplink, UplinkError, UplinkStats};
@@ -36,6 +37,14 @@ pub enum NetmuxError {
     /// The uplink could not be opened.
     #[error(transparent)]
     Uplink(#[from] UplinkError),
+    /// The host port could not be set up.
+    #[error("host port {name}: {reason}")]
+    HostPort {
+        /// TAP name.
+        name: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The stats socket could not be created.
     #[error("cannot serve statistics on {path}: {source}")]
     Stats {
@@ -65,11 +74,51 @@ pub fn open_uplink(spec: &UplinkSpec) -> Result<Box<dyn Uplink>, UplinkError> {
     })
 }
 
-/// Builds the switch for `config` around an opened uplink.
-pub fn build_fabric(config: &Config, uplink: Box<dyn Uplink>) -> Arc<Fabric> {
+/// Opens the host port's TAP and finds the MAC the host's stack uses on it. Refuses a MAC an
+/// untagged guest has, since frames for it could not be told apart.
+pub fn open_host_port(
+    config: &Config,
+    spec: &HostPortConfig,
+) -> Result<(Tap, MacAddr), NetmuxError> {
+    let err = |reason: String| NetmuxError::HostPort {
+        name: spec.name.clone(),
+        reason,
+    };
+    let tap = Tap::open_with_mac(&spec.name, spec.mac).map_err(|e| err(e.to_string()))?;
+    let mac = tap
+        .mac()
+        .map_err(|e| err(format!("cannot read its MAC: {e}")))?;
+    if let Some(p) = config
+        .ports
+        .iter()
+        .find(|p| p.vlan.is_none() && p.mac == mac)
+    {
+        return Err(err(format!("its MAC {mac} is port {}'s", p.name)));
+    }
+    Ok((tap, mac))
+}
+
+/// Builds the switch for `config` around an opened uplink and, if any, the host port's TAP
+/// with its MAC.
+pub fn build_fabric(
+    config: &Config,
+    uplink: Box<dyn Uplink>,
+    host: Option<(Box<dyn Uplink>, MacAddr)>,
+) -> Arc<Fabric> {
     let entries: Vec<_> = config.ports.iter().map(|p| (p.mac, p.vlan)).collect();
+    let table = SwitchTable::new(&entries, config.mode, config.anti_spoof);
+    let (table, host) = match host {
+        Some((tap, mac)) => (
+            table.with_host(mac),
+            Some(HostPort {
+                tap,
+                stats: UplinkStats::default(),
+            }),
+        ),
+        None => (table, None),
+    };
     Arc::new(Fabric {
-        table: SwitchTable::new(&entries, config.mode, config.anti_spoof),
+        table,
         ports: config
             .ports
             .iter()
@@ -78,6 +127,7 @@ pub fn build_fabric(config: &Config, uplink: Box<dyn Uplink>) -> Arc<Fabric> {
             .collect(),
         uplink,
         uplink_stats: UplinkStats::default(),
+        host,
     })
 }
 
@@ -92,7 +142,15 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
         config.mode,
         if config.anti_spoof { "on" } else { "off" }
     );
-    let fabric = build_fabric(&config, uplink);
+    let host = match &config.host_port {
+        Some(spec) => {
+            let (tap, mac) = open_host_port(&config, spec)?;
+            log::info!("host port {} (host MAC {mac})", tap.describe());
+            Some((Box::new(tap) as Box<dyn Uplink>, mac))
+        }
+        None => None,
+    };
+    let fabric = build_fabric(&config, uplink, host);
     if let Some(path) = &config.stats_socket {
         let f = fabric.clone();
         devshare_common::stats::serve_json(path, move || f.snapshot().to_string()).map_err(
@@ -103,13 +161,17 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
         )?;
     }
     let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(NetmuxError::Thread)?;
-    {
+    let links = [(Link::Uplink, "uplink-rx")]
+        .into_iter()
+        .chain(fabric.host.is_some().then_some((Link::Host, "host-rx")));
+    for (link, name) in links {
         let f = fabric.clone();
+        let stop = stop.try_clone().map_err(NetmuxError::Thread)?;
         thread::Builder::new()
-            .name("uplink-rx".into())
+            .name(name.into())
             .spawn(move || {
-                if let Err(e) = f.run_uplink_rx(&stop) {
-                    log::error!("uplink receive thread stopped: {e}");
+                if let Err(e) = f.run_link_rx(link, &stop) {
+                    log::error!("{name} thread stopped: {e}");
                 }
             })
             .map_err(NetmuxError::Thread)?;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use devshare_common::config::load_toml;
 use vhost_user_netmux::config::{
-    Config, ConfigError, ConfigFile, FileError, Mode, PortConfig, UplinkSpec,
+    Config, ConfigError, ConfigFile, FileError, HostPortConfig, Mode, PortConfig, UplinkSpec,
 };
 
 const AFTER_HELP: &str = "\
@@ -20,12 +20,14 @@ Example: two guests sharing eth0
       --port name=vm2,socket=/run/vm2.sock,mac=52:54:00:00:00:02,queues=2 \\
       --stats-socket /run/netmux.stats
 
+  vhost-user-netmux --uplink af-packet:eth0 --port ... --host-port nmhost0 # host reaches guests
   vhost-user-netmux --uplink af-packet:eth0 --port ... --print-qemu-args   # QEMU options
   vhost-user-netmux stats --socket /run/netmux.stats                       # counters (JSON)
 
 A TOML file (--config) may hold the same settings:
 
   uplink = \"af-packet:eth0\"
+  host_port = \"nmhost0\"     # optional: a TAP through which the host reaches the guests
   mode = \"bridge\"            # or \"private\"
   stats_socket = \"/run/netmux.stats\"
   [[port]]
@@ -70,6 +72,16 @@ struct RunArgs {
     /// or tap:NAME (a TAP device, created if missing).
     #[arg(long, value_name = "KIND:NAME")]
     uplink: Option<String>,
+
+    /// A TAP device (created if missing) through which this host itself reaches the guests:
+    /// give it an address in the guests' subnet. An af-packet uplink cannot carry the host's
+    /// own traffic to its guests; this can. Untagged guests only; not bridged to the uplink.
+    #[arg(long, value_name = "NAME")]
+    host_port: Option<String>,
+
+    /// MAC address for the host port's interface [default: the one the kernel picks].
+    #[arg(long, value_name = "MAC", requires = "host_port")]
+    host_mac: Option<String>,
 
     /// A guest port: socket=PATH,mac=MAC[,name=NAME][,vlan=ID][,queues=N][,client].
     /// Repeat for each guest. With `client` the backend connects to a QEMU listening on PATH.
@@ -120,6 +132,8 @@ impl TryFrom<&RunArgs> for Config {
             Some(path) => load_toml::<ConfigFile>(path).map_err(|e| FileError(e.to_string()))?,
             None => ConfigFile {
                 uplink: None,
+                host_port: None,
+                host_mac: None,
                 mode: None,
                 anti_spoof: None,
                 mtu: None,
@@ -133,6 +147,18 @@ impl TryFrom<&RunArgs> for Config {
             .or(file.uplink.as_deref())
             .ok_or(ConfigError::NoUplink)?
             .parse()?;
+        let host_port = match (
+            a.host_port.as_deref().or(file.host_port.as_deref()),
+            a.host_mac.as_deref().or(file.host_mac.as_deref()),
+        ) {
+            (Some(name), mac) => Some(HostPortConfig::new(name, mac)?),
+            (None, Some(_)) => {
+                return Err(ConfigError::HostPort(
+                    "host_mac is set but host_port is not".into(),
+                ))
+            }
+            (None, None) => None,
+        };
         let mut ports = Vec::new();
         for (i, p) in file.port.into_iter().enumerate() {
             ports.push(PortConfig::from_file(p, i)?);
@@ -145,6 +171,7 @@ impl TryFrom<&RunArgs> for Config {
         let mtu = u16::try_from(mtu).map_err(|_| ConfigError::Mtu(mtu))?;
         Config {
             uplink,
+            host_port,
             ports,
             mode: a.mode.or(file.mode).unwrap_or_default(),
             anti_spoof: !a.no_anti_spoof && file.anti_spoof.unwrap_or(true),

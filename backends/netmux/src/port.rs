@@ -51,6 +51,10 @@ pub struct PortStats {
     pub drop_uplink_busy: Counter,
     /// TX frames the uplink refused (e.g. a bad offload request).
     pub drop_uplink_refused: Counter,
+    /// TX frames for the host port that its TAP could not take right now.
+    pub drop_host_busy: Counter,
+    /// TX frames the host port's TAP refused.
+    pub drop_host_refused: Counter,
     /// Frames for this guest dropped because its RX ring had no (or not enough) buffers.
     pub drop_rx_no_buffer: Counter,
     /// Frames for this guest larger than one RX buffer while it did not accept MRG_RXBUF.
@@ -76,10 +80,10 @@ pub struct RxPath {
 }
 
 impl RxPath {
-    /// Builds the RX side from a connection's vrings (all of them, RX and TX interleaved).
-    pub fn new(all_vrings: &[Vring], mem: MemoryAtomic, features: Arc<AtomicU64>) -> RxPath {
+    /// Builds the RX side from a connection's RX vrings, queue pair 0 first.
+    pub fn new(rx_vrings: Vec<Vring>, mem: MemoryAtomic, features: Arc<AtomicU64>) -> RxPath {
         RxPath {
-            vrings: all_vrings.iter().step_by(2).cloned().collect(),
+            vrings: rx_vrings,
             mem,
             features,
         }
@@ -342,6 +346,8 @@ impl Port {
                 "bad_frame": s.drop_bad_frame.get(),
                 "uplink_busy": s.drop_uplink_busy.get(),
                 "uplink_refused": s.drop_uplink_refused.get(),
+                "host_busy": s.drop_host_busy.get(),
+                "host_refused": s.drop_host_refused.get(),
                 "rx_no_buffer": s.drop_rx_no_buffer.get(),
                 "rx_too_big": s.drop_rx_too_big.get(),
                 "rx_offload": s.drop_rx_offload.get(),

@@ -2,6 +2,12 @@
 //! MAC addresses. Guest MACs are static (from the configuration), so there is no learning:
 //! a frame for a guest's MAC goes to that guest, group addresses are flooded, and unknown
 //! unicast from a guest leaves through the uplink.
+//!
+//! The optional host port (a TAP in the host) links the host's own stack to the untagged
+//! guests only: it is neither bridged to the uplink (the host has its own way out) nor sees
+//! what comes in from the uplink.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::{MacAddr, Mode};
 
@@ -15,6 +21,8 @@ pub enum Ingress {
         /// 802.1Q VLAN id, `None` for untagged frames.
         vlan: Option<u16>,
     },
+    /// From the host port.
+    Host,
 }
 
 /// Why the switch refused a frame. Each reason has its own counter.
@@ -26,9 +34,10 @@ pub enum DropReason {
     Private,
     /// A guest addressed itself.
     Hairpin,
-    /// A unicast frame from the uplink for no guest of ours.
+    /// A unicast frame from the uplink or the host port for no guest of ours.
     NotForUs,
-    /// A frame from the uplink claims a guest's MAC as its source (a loop or a forgery).
+    /// A frame from the uplink or the host port claims a guest's MAC as its source (a loop or
+    /// a forgery).
     LocalSource,
 }
 
@@ -39,8 +48,10 @@ pub enum Verdict {
     Port(usize),
     /// Send out of the uplink only.
     Uplink,
-    /// Deliver to every port [`SwitchTable::floods_to`] accepts, and to the uplink if the
-    /// frame came from a guest.
+    /// Hand to the host port only.
+    Host,
+    /// Deliver to every port [`SwitchTable::floods_to`] accepts, to the uplink if the frame
+    /// came from a guest, and to the host port if [`SwitchTable::floods_to_host`] says so.
     Flood,
     /// Refuse the frame.
     Drop(DropReason),
@@ -58,6 +69,9 @@ pub struct SwitchTable {
     mode: Mode,
     anti_spoof: bool,
     ports: Vec<PortEntry>,
+    /// The host port's MAC (48 bits), if there is a host port. Atomic because the host may
+    /// change its interface's address while frames are being switched.
+    host: Option<AtomicU64>,
 }
 
 impl SwitchTable {
@@ -71,7 +85,31 @@ impl SwitchTable {
             mode,
             anti_spoof,
             ports,
+            host: None,
         }
+    }
+
+    /// Adds a host port whose interface carries `mac`.
+    pub fn with_host(mut self, mac: MacAddr) -> SwitchTable {
+        self.host = Some(AtomicU64::new(mac_bits(mac)));
+        self
+    }
+
+    /// The host port's current MAC, if there is a host port.
+    pub fn host_mac(&self) -> Option<MacAddr> {
+        self.host
+            .as_ref()
+            .map(|m| bits_mac(m.load(Ordering::Relaxed)))
+    }
+
+    /// Follows a change of the host interface's MAC, seen as the source of a host frame.
+    /// Returns true if it changed.
+    pub fn follow_host_mac(&self, src: MacAddr) -> bool {
+        let Some(m) = &self.host else { return false };
+        if src.is_multicast() {
+            return false;
+        }
+        m.swap(mac_bits(src), Ordering::Relaxed) != mac_bits(src)
     }
 
     /// The port with `mac` in `vlan`. A scan: a process serves tens of ports at most, and
@@ -114,7 +152,20 @@ impl SwitchTable {
                     Some(j) if j == i => Verdict::Drop(DropReason::Hairpin),
                     Some(_) if self.mode == Mode::Private => Verdict::Drop(DropReason::Private),
                     Some(j) => Verdict::Port(j),
+                    None if me.vlan.is_none() && self.host_mac() == Some(dst) => Verdict::Host,
                     None => Verdict::Uplink,
+                }
+            }
+            Ingress::Host => {
+                if self.lookup(None, src).is_some() {
+                    return Verdict::Drop(DropReason::LocalSource);
+                }
+                if dst.is_multicast() {
+                    return Verdict::Flood;
+                }
+                match self.lookup(None, dst) {
+                    Some(j) => Verdict::Port(j),
+                    None => Verdict::Drop(DropReason::NotForUs),
                 }
             }
             Ingress::Uplink { vlan } => {
@@ -145,8 +196,31 @@ impl SwitchTable {
                     && self.ports.get(i).map(|p| p.vlan) == Some(dest.vlan)
             }
             Ingress::Uplink { vlan } => dest.vlan == vlan,
+            Ingress::Host => dest.vlan.is_none(),
         }
     }
+
+    /// Whether a flooded frame from `from` reaches the host port: only untagged guests'
+    /// frames do, in either mode (the host is not another guest).
+    pub fn floods_to_host(&self, from: Ingress) -> bool {
+        match from {
+            Ingress::Port(i) => {
+                self.host.is_some() && self.ports.get(i).is_some_and(|p| p.vlan.is_none())
+            }
+            Ingress::Uplink { .. } | Ingress::Host => false,
+        }
+    }
+}
+
+fn mac_bits(mac: MacAddr) -> u64 {
+    let mut b = [0u8; 8];
+    b[2..].copy_from_slice(&mac.0);
+    u64::from_be_bytes(b)
+}
+
+fn bits_mac(bits: u64) -> MacAddr {
+    let b = bits.to_be_bytes();
+    MacAddr([b[2], b[3], b[4], b[5], b[6], b[7]])
 }
 
 #[cfg(test)]
@@ -249,5 +323,63 @@ mod tests {
             Verdict::Drop(DropReason::LocalSource)
         );
         assert_eq!(t.route(up, EXT, EXT), Verdict::Drop(DropReason::NotForUs));
+    }
+
+    const HOST: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0xaa]);
+
+    #[test]
+    fn host_port_reaches_untagged_guests_only() {
+        let t = table(Mode::Bridge).with_host(HOST);
+        // Guests to the host: untagged ones only; a tagged guest's frame for that MAC leaves
+        // through the uplink like any unknown unicast.
+        assert_eq!(t.route(Ingress::Port(0), mac(1), HOST), Verdict::Host);
+        assert_eq!(t.route(Ingress::Port(2), mac(3), HOST), Verdict::Uplink);
+        assert!(t.floods_to_host(Ingress::Port(0)));
+        assert!(!t.floods_to_host(Ingress::Port(2)));
+        // The host to guests; never to the uplink, never to a tagged guest.
+        assert_eq!(t.route(Ingress::Host, HOST, mac(2)), Verdict::Port(1));
+        assert_eq!(
+            t.route(Ingress::Host, HOST, mac(3)),
+            Verdict::Drop(DropReason::NotForUs)
+        );
+        assert_eq!(
+            t.route(Ingress::Host, HOST, EXT),
+            Verdict::Drop(DropReason::NotForUs)
+        );
+        assert_eq!(
+            t.route(Ingress::Host, HOST, MacAddr::BROADCAST),
+            Verdict::Flood
+        );
+        assert_eq!(flood_set(&t, Ingress::Host), vec![0, 1]);
+        assert_eq!(
+            t.route(Ingress::Host, mac(1), mac(2)),
+            Verdict::Drop(DropReason::LocalSource)
+        );
+        // Nothing from the uplink reaches the host port.
+        assert_eq!(
+            t.route(Ingress::Uplink { vlan: None }, EXT, HOST),
+            Verdict::Drop(DropReason::NotForUs)
+        );
+        assert!(!t.floods_to_host(Ingress::Uplink { vlan: None }));
+    }
+
+    #[test]
+    fn host_port_in_private_mode_and_mac_changes() {
+        let t = table(Mode::Private).with_host(HOST);
+        assert_eq!(t.route(Ingress::Port(1), mac(2), HOST), Verdict::Host);
+        assert!(t.floods_to_host(Ingress::Port(1)));
+        assert_eq!(t.route(Ingress::Host, HOST, mac(1)), Verdict::Port(0));
+        let new = MacAddr([0x02, 0, 0, 0, 0, 0xbb]);
+        assert!(t.follow_host_mac(new));
+        assert!(!t.follow_host_mac(new));
+        assert!(!t.follow_host_mac(MacAddr::BROADCAST));
+        assert_eq!(t.host_mac(), Some(new));
+        assert_eq!(t.route(Ingress::Port(0), mac(1), new), Verdict::Host);
+        assert_eq!(t.route(Ingress::Port(0), mac(1), HOST), Verdict::Uplink);
+        // Without a host port nothing changes.
+        let plain = table(Mode::Bridge);
+        assert!(!plain.follow_host_mac(new));
+        assert!(!plain.floods_to_host(Ingress::Port(0)));
+        assert_eq!(plain.host_mac(), None);
     }
 }

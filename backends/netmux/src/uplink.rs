@@ -13,6 +13,7 @@ use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use crate::config::MacAddr;
 use crate::virtio_net::{NetHdr, HDR_LEN_LEGACY};
 
 /// Why an uplink could not be opened.
@@ -202,6 +203,14 @@ pub trait Uplink: Send + Sync {
     fn send(&self, batch: &mut TxBatch);
     /// Receives up to [`RX_BATCH`] frames without blocking; returns how many (0: none).
     fn recv(&self, batch: &mut RxBatch) -> io::Result<usize>;
+}
+
+/// A plain datagram socket, used only as the handle for interface ioctls.
+fn ioctl_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket() takes no pointers; the result is checked before use.
+    let s = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `s` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(s) })
 }
 
 fn setup_err<'a>(name: &'a str, what: &'static str) -> impl FnOnce(io::Error) -> UplinkError + 'a {
@@ -455,9 +464,23 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+/// `struct ifreq` holding a hardware address (SIOCGIFHWADDR / SIOCSIFHWADDR).
+#[repr(C)]
+struct IfReqHwAddr {
+    name: [u8; libc::IFNAMSIZ],
+    family: libc::sa_family_t,
+    data: [u8; 14],
+    _pad: [u8; 8],
+}
+
 impl Tap {
     /// Opens (creating if needed) TAP device `name` and brings it up.
     pub fn open(name: &str) -> Result<Tap, UplinkError> {
+        Tap::open_with_mac(name, None)
+    }
+
+    /// Like [`Tap::open`], first giving the host's end of the TAP the address `mac` if set.
+    pub fn open_with_mac(name: &str, mac: Option<MacAddr>) -> Result<Tap, UplinkError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -498,17 +521,48 @@ impl Tap {
             name: name.into(),
             file,
         };
+        if let Some(mac) = mac {
+            tap.set_mac(mac)
+                .map_err(setup_err(name, "set the MAC address"))?;
+        }
         tap.set_up()
             .map_err(setup_err(name, "bring the interface up"))?;
         Ok(tap)
     }
 
+    /// The MAC address of the host's end of the TAP.
+    pub fn mac(&self) -> io::Result<MacAddr> {
+        let s = ioctl_socket()?;
+        let mut req = self.hwaddr_req();
+        // SAFETY: SIOCGIFHWADDR fills the sockaddr of an ifreq-sized buffer; `req` is one.
+        cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) })?;
+        MacAddr::from_slice(&req.data).ok_or_else(|| io::Error::other("short hardware address"))
+    }
+
+    fn set_mac(&self, mac: MacAddr) -> io::Result<()> {
+        let s = ioctl_socket()?;
+        let mut req = self.hwaddr_req();
+        req.family = libc::ARPHRD_ETHER;
+        req.data[..6].copy_from_slice(&mac.0);
+        // SAFETY: SIOCSIFHWADDR reads the sockaddr of an ifreq-sized buffer; `req` is one.
+        cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFHWADDR, &req) })?;
+        Ok(())
+    }
+
+    fn hwaddr_req(&self) -> IfReqHwAddr {
+        let mut req = IfReqHwAddr {
+            name: [0; libc::IFNAMSIZ],
+            family: 0,
+            data: [0; 14],
+            _pad: [0; 8],
+        };
+        let n = self.name.len().min(libc::IFNAMSIZ - 1);
+        req.name[..n].copy_from_slice(&self.name.as_bytes()[..n]);
+        req
+    }
+
     fn set_up(&self) -> io::Result<()> {
-        // SAFETY: a plain datagram socket used only for the interface-flags ioctls.
-        let s =
-            cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
-        // SAFETY: `s` is a fresh descriptor we own.
-        let s = unsafe { OwnedFd::from_raw_fd(s) };
+        let s = ioctl_socket()?;
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
             flags: 0,

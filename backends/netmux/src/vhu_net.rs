@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use devshare_common::chain::{GuestBuffers, MemoryAtomic};
+use devshare_common::daemon::connection_start_event;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use vm_memory::GuestAddressSpace;
@@ -33,6 +34,9 @@ struct Shared {
     port: Arc<Port>,
     features: Arc<AtomicU64>,
     mem: Mutex<Option<MemoryAtomic>>,
+    /// This connection's RX vrings by queue pair, each seen at its worker's connection-start
+    /// event (a worker is handed only its own pair's vrings).
+    rx_vrings: Mutex<Vec<Option<Vring>>>,
     exits: Vec<(EventConsumer, EventNotifier)>,
     mtu: u16,
 }
@@ -52,11 +56,13 @@ impl NetBackend {
         let exits = (0..port.config.queue_pairs)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
             .collect::<io::Result<Vec<_>>>()?;
+        let rx_vrings = Mutex::new(vec![None; usize::from(port.config.queue_pairs)]);
         Ok(NetBackend(Arc::new(Shared {
             fabric,
             port,
             features: Arc::new(AtomicU64::new(0)),
             mem: Mutex::new(None),
+            rx_vrings,
             exits,
             mtu,
         })))
@@ -72,6 +78,23 @@ impl NetBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Gives the port its receive side once both the vrings and the guest memory are known, so
+    /// frames for this guest land as soon as its RX ring runs (not only after its first kick).
+    fn attach_rx(&self) {
+        let Some(mem) = self.memory() else { return };
+        let slots = self
+            .0
+            .rx_vrings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(rx) = slots.iter().cloned().collect::<Option<Vec<Vring>>>() else {
+            return;
+        };
+        self.0
+            .port
+            .ensure_attached(|| RxPath::new(rx, mem, self.0.features.clone()));
     }
 
     /// Takes every frame the guest queued on TX virtqueue `vring` (queue pair `pair`).
@@ -131,7 +154,7 @@ impl NetBackend {
                 }
                 fabric.deliver_local(pair, &mut local, &mut outbox.signals);
                 drop(local);
-                fabric.flush_uplink(&mut outbox);
+                fabric.flush_links(&mut outbox);
                 parsed.clear();
                 for &head in &heads[..n] {
                     // A head past the ring, which the guest invented and which was counted as
@@ -220,6 +243,7 @@ impl VhostUserBackend for NetBackend {
     fn update_memory(&self, mem: MemoryAtomic) -> io::Result<()> {
         *self.0.mem.lock().unwrap_or_else(PoisonError::into_inner) = Some(mem);
         self.0.port.mark_connected();
+        self.attach_rx();
         Ok(())
     }
 
@@ -237,21 +261,33 @@ impl VhostUserBackend for NetBackend {
         device_event: u16,
         _evset: EventSet,
         vrings: &[Vring],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
+        // Worker `thread_id` serves queue pair `thread_id` (see `queues_per_thread`) and is
+        // handed that pair's vrings only: [RX, TX], indexed by `device_event`.
+        let pair = thread_id;
+        if device_event == connection_start_event(self.num_queues()) {
+            if let (Some(rx), Some(slot)) = (
+                vrings.first(),
+                self.0
+                    .rx_vrings
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get_mut(pair),
+            ) {
+                *slot = Some(rx.clone());
+            }
+            self.attach_rx();
+            return Ok(());
+        }
         let q = usize::from(device_event);
         if q >= vrings.len() {
             return Ok(());
         }
-        // Every ring start or kick lands here first; the first one tells the port where its
-        // RX rings are (the library hands vrings to no other callback).
-        if let Some(mem) = self.memory() {
-            self.0
-                .port
-                .ensure_attached(|| RxPath::new(vrings, mem, self.0.features.clone()));
-        }
-        if q % 2 == 1 {
-            self.process_tx(q / 2, &vrings[q])?;
+        // After a device reset the receive side is attached again at the next ring event.
+        self.attach_rx();
+        if q == 1 {
+            self.process_tx(pair, &vrings[q])?;
         }
         // An RX kick only means new buffers: frames are never queued here waiting for them.
         Ok(())
