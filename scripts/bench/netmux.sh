@@ -89,7 +89,8 @@ wait_socket() { # path
 
 stop_backend() {
     [ -n "$BACKEND_PID" ] || return 0
-    kill -INT "$BACKEND_PID" 2>/dev/null || true
+    # TERM, not INT: a background job of a non-interactive shell ignores SIGINT.
+    kill -TERM "$BACKEND_PID" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$BACKEND_PID" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$BACKEND_PID" 2>/dev/null || true
     wait "$BACKEND_PID" 2>/dev/null || true
