@@ -10,6 +10,9 @@
 //! The [`Queue`] stays the owner of the ring's state (addresses, indices, EVENT_IDX):
 //! [`Ring::open`] starts from its indices and [`Ring::finish`] hands them back, under the same
 //! vring lock, so vhost-user-backend (GET_VRING_BASE, resets) always sees what was done.
+//! Do not mix in virtio-queue's own `add_used` / `needs_notification` on these rings: the
+//! interrupt decision here keeps its own record of what was published, which those calls
+//! neither see nor update.
 //!
 //! Guest memory may change under us at any time: it is only ever read and written through
 //! volatile accesses of plain integers, never through Rust references, and every value read is
