@@ -108,7 +108,7 @@ pub fn connection_start_event(num_queues: usize) -> u16 {
 /// `make_backend` is called once per connection. Its backend's `exit_event` must hand out
 /// clones of one fixed event pair per thread: after a connection ends the daemon signals them
 /// so the connection's worker threads finish. `on_disconnect` runs after each connection.
-/// Every connection's messages pass through [`relay`](crate::relay).
+/// Every connection's messages pass through [`relay`].
 pub fn serve<B, F, D>(
     opts: &ServeOptions,
     mut make_backend: F,

@@ -1,4 +1,4 @@
-//! A virtio-console guest driver on top of the [`frontend`](crate::frontend) harness: the
+//! A virtio-console guest driver on top of the [`frontend`] harness: the
 //! control-queue conversation Linux's `virtio_console` has with the device (DEVICE_READY,
 //! PORT_READY, PORT_OPEN) and data through the ports' receive and transmit queues.
 //!

@@ -3,7 +3,7 @@
 //! kick) and the engine's own event loop (when an endpoint becomes readable or writable).
 //!
 //! Data flows one way per direction:
-//! guest transmitq -> [spool] -> endpoint (or the peer guest's receiveq, for links) and
+//! guest transmitq -> [`spool`](crate::spool) -> endpoint (or the peer guest's receiveq, for links) and
 //! endpoint (or the peer's transmitq) -> guest receiveq. Nothing here knows what kind of
 //! endpoint it talks to beyond the `Endpoint` API.
 
