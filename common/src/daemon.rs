@@ -11,6 +11,7 @@
 use std::fmt;
 use std::io;
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -193,7 +194,7 @@ where
     for handler in daemon.get_epoll_handlers() {
         let fd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         handler.register_listener(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            fd.as_raw_fd(),
             EventSet::IN | EventSet::EDGE_TRIGGERED,
             start_event,
         )?;

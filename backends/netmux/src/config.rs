@@ -162,7 +162,8 @@ pub enum UplinkSpec {
     Tap(String),
 }
 
-/// Interface names are at most 15 bytes (IFNAMSIZ - 1) and cannot contain '/' or spaces.
+/// Interface names are at most 15 bytes (IFNAMSIZ - 1) and, as the kernel demands, contain no
+/// '/', ':' or whitespace.
 fn valid_ifname(name: &str) -> bool {
     !name.is_empty() && name.len() <= 15 && !name.contains(['/', ' ', '\0', ':'])
 }
@@ -463,11 +464,7 @@ impl Config {
                     h.name
                 )));
             }
-            if let Some(p) = self
-                .ports
-                .iter()
-                .find(|p| p.vlan.is_none() && Some(p.mac) == h.mac)
-            {
+            if let Some(p) = h.mac.and_then(|mac| self.untagged_port_with(mac)) {
                 return Err(ConfigError::HostPort(format!(
                     "MAC {} is port {}'s",
                     p.mac, p.name
@@ -475,6 +472,12 @@ impl Config {
             }
         }
         Ok(self)
+    }
+
+    /// The untagged guest port with `mac`, if any: the host port must not share it, since
+    /// frames for it could not be told apart.
+    pub fn untagged_port_with(&self, mac: MacAddr) -> Option<&PortConfig> {
+        self.ports.iter().find(|p| p.vlan.is_none() && p.mac == mac)
     }
 
     /// The QEMU options that attach a guest to port `index` (one line per option).

@@ -22,8 +22,7 @@ use std::time::Duration;
 use devshare_common::daemon::ServeOptions;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::MacAddr;
-use crate::config::{Config, HostPortConfig, UplinkSpec};
+use crate::config::{Config, HostPortConfig, MacAddr, UplinkSpec};
 use crate::fabric::{Fabric, HostPort, Link};
 use crate::port::Port;
 use crate::switch::SwitchTable;
@@ -75,7 +74,8 @@ pub fn open_uplink(spec: &UplinkSpec) -> Result<Box<dyn Uplink>, UplinkError> {
 }
 
 /// Opens the host port's TAP and finds the MAC the host's stack uses on it. Refuses a MAC an
-/// untagged guest has, since frames for it could not be told apart.
+/// untagged guest has (the kernel's pick is only known here; a configured one was checked by
+/// [`Config::validate`] already).
 pub fn open_host_port(
     config: &Config,
     spec: &HostPortConfig,
@@ -88,11 +88,7 @@ pub fn open_host_port(
     let mac = tap
         .mac()
         .map_err(|e| err(format!("cannot read its MAC: {e}")))?;
-    if let Some(p) = config
-        .ports
-        .iter()
-        .find(|p| p.vlan.is_none() && p.mac == mac)
-    {
+    if let Some(p) = config.untagged_port_with(mac) {
         return Err(err(format!("its MAC {mac} is port {}'s", p.name)));
     }
     Ok((tap, mac))

@@ -193,8 +193,10 @@ impl Port {
         }
     }
 
-    /// Makes `make()` the receive side unless one is attached already (cheap when it is).
-    pub fn ensure_attached(&self, make: impl FnOnce() -> RxPath) {
+    /// Makes `make()` the receive side unless one is attached already (cheap when it is: `make`
+    /// is not called). `make` returns `None` while the parts of a receive side are not all
+    /// known yet.
+    pub fn ensure_attached(&self, make: impl FnOnce() -> Option<RxPath>) {
         if self
             .rx
             .read()
@@ -205,7 +207,7 @@ impl Port {
         }
         let mut rx = self.rx.write().unwrap_or_else(PoisonError::into_inner);
         if rx.is_none() {
-            *rx = Some(Arc::new(make()));
+            *rx = make().map(Arc::new);
         }
     }
 

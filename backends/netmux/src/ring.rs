@@ -168,17 +168,19 @@ impl<'m> Ring<'m> {
     }
 
     /// Walks the chain starting at descriptor `head` (following one level of indirect table)
-    /// and maps its buffers. Refuses heads and links past the table, loops (more descriptors
-    /// than the table holds), nested or malformed indirect tables and whatever
-    /// [`GuestBuffers::push_buffer`] refuses.
+    /// and maps its buffers, returning them: [`Ring::chain_into`] for tests.
+    #[cfg(test)]
     pub fn chain(&self, head: u16) -> Result<GuestBuffers<'m>, ChainError> {
         let mut bufs = GuestBuffers::empty(head);
         self.walk(head, &mut bufs)?;
         Ok(bufs)
     }
 
-    /// [`Ring::chain`], appending the result to `out` where it is built: a chain is moved
-    /// once less per packet. Nothing is appended on error.
+    /// Walks the chain starting at descriptor `head` (following one level of indirect table),
+    /// maps its buffers and appends them to `out`, where the chain is built (a chain is moved
+    /// once less per packet). Refuses heads and links past the table, loops (more descriptors
+    /// than the table holds), nested or malformed indirect tables and whatever
+    /// [`GuestBuffers::push_buffer`] refuses; nothing is appended then.
     pub fn chain_into(&self, head: u16, out: &mut Vec<GuestBuffers<'m>>) -> Result<(), ChainError> {
         out.push(GuestBuffers::empty(head));
         let res = match out.last_mut() {

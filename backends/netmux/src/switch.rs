@@ -106,10 +106,13 @@ impl SwitchTable {
     /// Returns true if it changed.
     pub fn follow_host_mac(&self, src: MacAddr) -> bool {
         let Some(m) = &self.host else { return false };
-        if src.is_multicast() {
+        let bits = mac_bits(src);
+        // Called for every host frame: only a change writes the shared word.
+        if src.is_multicast() || m.load(Ordering::Relaxed) == bits {
             return false;
         }
-        m.swap(mac_bits(src), Ordering::Relaxed) != mac_bits(src)
+        m.store(bits, Ordering::Relaxed);
+        true
     }
 
     /// The port with `mac` in `vlan`. A scan: a process serves tens of ports at most, and

@@ -205,6 +205,14 @@ pub trait Uplink: Send + Sync {
     fn recv(&self, batch: &mut RxBatch) -> io::Result<usize>;
 }
 
+/// An interface name as `struct ifreq` holds it: NUL-padded, cut to IFNAMSIZ - 1 bytes.
+fn ifreq_name(name: &str) -> [u8; libc::IFNAMSIZ] {
+    let mut out = [0; libc::IFNAMSIZ];
+    let n = name.len().min(libc::IFNAMSIZ - 1);
+    out[..n].copy_from_slice(&name.as_bytes()[..n]);
+    out
+}
+
 /// A plain datagram socket, used only as the handle for interface ioctls.
 fn ioctl_socket() -> io::Result<OwnedFd> {
     // SAFETY: socket() takes no pointers; the result is checked before use.
@@ -488,12 +496,10 @@ impl Tap {
             .open("/dev/net/tun")
             .map_err(setup_err(name, "open /dev/net/tun"))?;
         let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
+            name: ifreq_name(name),
             flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
             _pad: [0; 22],
         };
-        let n = name.len().min(libc::IFNAMSIZ - 1);
-        req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
         let fd = file.as_raw_fd();
         // SAFETY: TUNSETIFF reads and writes an ifreq; `req` has its size and layout.
         cvt(unsafe { libc::ioctl(fd, TUNSETIFF(), &mut req) })
@@ -550,26 +556,21 @@ impl Tap {
     }
 
     fn hwaddr_req(&self) -> IfReqHwAddr {
-        let mut req = IfReqHwAddr {
-            name: [0; libc::IFNAMSIZ],
+        IfReqHwAddr {
+            name: ifreq_name(&self.name),
             family: 0,
             data: [0; 14],
             _pad: [0; 8],
-        };
-        let n = self.name.len().min(libc::IFNAMSIZ - 1);
-        req.name[..n].copy_from_slice(&self.name.as_bytes()[..n]);
-        req
+        }
     }
 
     fn set_up(&self) -> io::Result<()> {
         let s = ioctl_socket()?;
         let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
+            name: ifreq_name(&self.name),
             flags: 0,
             _pad: [0; 22],
         };
-        let n = self.name.len().min(libc::IFNAMSIZ - 1);
-        req.name[..n].copy_from_slice(&self.name.as_bytes()[..n]);
         // SAFETY: SIOCGIFFLAGS fills `flags` of an ifreq-sized buffer.
         cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
         req.flags |= libc::IFF_UP as libc::c_short;

@@ -83,18 +83,19 @@ impl NetBackend {
     /// Gives the port its receive side once both the vrings and the guest memory are known, so
     /// frames for this guest land as soon as its RX ring runs (not only after its first kick).
     fn attach_rx(&self) {
-        let Some(mem) = self.memory() else { return };
-        let slots = self
-            .0
-            .rx_vrings
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let Some(rx) = slots.iter().cloned().collect::<Option<Vec<Vring>>>() else {
-            return;
-        };
-        self.0
-            .port
-            .ensure_attached(|| RxPath::new(rx, mem, self.0.features.clone()));
+        // Runs at every ring event: once attached, nothing below is done.
+        self.0.port.ensure_attached(|| {
+            let mem = self.memory()?;
+            let rx = self
+                .0
+                .rx_vrings
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .cloned()
+                .collect::<Option<Vec<Vring>>>()?;
+            Some(RxPath::new(rx, mem, self.0.features.clone()))
+        });
     }
 
     /// Takes every frame the guest queued on TX virtqueue `vring` (queue pair `pair`).
@@ -141,7 +142,11 @@ impl NetBackend {
                 for &head in &heads[..n] {
                     let usable = match ring.chain_into(head, &mut parsed) {
                         Ok(()) if parsed.last().is_some_and(|b| b.writable_len() == 0) => true,
-                        Ok(()) => parsed.pop().is_none(),
+                        Ok(()) => {
+                            // A device-writable part on a transmit chain.
+                            parsed.pop();
+                            false
+                        }
                         Err(_) => false,
                     };
                     if !usable {
