@@ -1,9 +1,10 @@
 //! Descriptor-chain access: turns a guest's descriptor chain into validated slices of guest
 //! memory and moves bytes between them and host file descriptors without staging copies.
 //!
-//! Every backend takes chains from guest rings through [`GuestBuffers::parse`], so the checks a
-//! hostile or buggy driver can trip (addresses outside guest memory, readable descriptors after
-//! writable ones, loops, broken indirect tables, oversize chains) live in one place.
+//! [`crate::ring::Ring`] walks a chain's descriptors (links, loops, indirect tables) and hands
+//! each buffer to [`GuestBuffers::push_buffer`], which holds the checks on buffers (addresses
+//! outside guest memory, readable descriptors after writable ones, oversize chains). Together
+//! they are the one place where what a hostile or buggy driver can trip is checked.
 
 use std::io;
 use std::ops::Deref;

@@ -1,11 +1,12 @@
 //! Shared pieces of the devshare vhost-user backends: daemon lifecycle ([`daemon`]),
-//! descriptor-chain access ([`chain`]), configuration ([`config`]) and counters ([`stats`]).
+//! split-ring access ([`ring`]) and descriptor-chain access ([`chain`]), configuration ([`config`]) and counters ([`stats`]).
 
 pub mod chain;
 pub mod config;
 pub mod daemon;
 pub mod pit;
 pub mod relay;
+pub mod ring;
 pub mod stats;
 
 /// Starts logging to stderr; `RUST_LOG` overrides the default level (`info`).

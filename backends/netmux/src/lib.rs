@@ -9,7 +9,6 @@
 pub mod config;
 pub mod fabric;
 pub mod port;
-pub mod ring;
 pub mod switch;
 pub mod uplink;
 pub mod vhu_net;

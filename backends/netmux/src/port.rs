@@ -17,8 +17,8 @@ use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 
 use crate::config::PortConfig;
-use crate::ring::Ring;
 use crate::virtio_net::{csum_add, csum_finish, Negotiated, NetHdr, RxFixup, F_NEEDS_CSUM};
+use devshare_common::ring::Ring;
 
 /// The vring type every port uses.
 pub type Vring = VringMutex<MemoryAtomic>;

@@ -21,8 +21,8 @@ use vmm_sys_util::event::{
 
 use crate::fabric::{Fabric, LocalBatch, Outbox};
 use crate::port::{Port, RxPath, Vring};
-use crate::ring::Ring;
 use crate::virtio_net::{config_space, device_features, Negotiated};
+use devshare_common::ring::Ring;
 
 /// Ring size offered to the front-end.
 pub const QUEUE_SIZE: usize = 1024;

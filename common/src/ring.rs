@@ -1,4 +1,4 @@
-//! Split-virtqueue access for the packet path: one pass over a ring per batch.
+//! Split-virtqueue access for every backend: one pass over a ring per batch.
 //!
 //! virtio-queue reads the avail index again for every chain, reads every descriptor through
 //! vm-memory's generic region iterator and stores the used index after every chain. At millions
@@ -21,7 +21,7 @@
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
-use devshare_common::chain::{ChainError, GuestBuffers, Memory};
+use crate::chain::{ChainError, GuestBuffers, Memory};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -168,8 +168,7 @@ impl<'m> Ring<'m> {
     }
 
     /// Walks the chain starting at descriptor `head` (following one level of indirect table)
-    /// and maps its buffers, returning them: [`Ring::chain_into`] for tests.
-    #[cfg(test)]
+    /// and maps its buffers, returning them (see [`Ring::chain_into`] for the checks).
     pub fn chain(&self, head: u16) -> Result<GuestBuffers<'m>, ChainError> {
         let mut bufs = GuestBuffers::empty(head);
         self.walk(head, &mut bufs)?;
