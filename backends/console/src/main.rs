@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::thread;
 
 use clap::Parser;
@@ -13,7 +12,8 @@ use devshare_common::pit::LostTickPolicy;
 use vhost_user_console::config::{
     parse_port_arg, parse_vm_arg, Config, ConfigFile, DeviceKind, SocketMode, VmFile,
 };
-use vhost_user_console::engine::{self, Engine};
+use vhost_user_console::event_loop::run_home;
+use vhost_user_console::group;
 use vhost_user_console::qemu_args::qemu_args;
 use vhost_user_console::vhu_console::VhuConsole;
 
@@ -195,17 +195,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let engine = match Engine::new(&cfg) {
-        Ok(e) => Arc::new(std::sync::Mutex::new(e)),
+    let (groups, vms) = match group::build(&cfg) {
+        Ok(g) => g,
         Err(e) => {
             eprintln!("vhost-user-console: {e}");
             return ExitCode::FAILURE;
         }
     };
     if let Some(path) = stats_socket {
-        let e = engine.clone();
+        // Counters are atomics the data path updates: reading them takes no VM's lock.
+        let stats: Vec<_> = groups.iter().flat_map(|g| g.lock().stats()).collect();
         let served = devshare_common::stats::serve_json(&path, move || {
-            let stats = engine::lock(&e).stats();
             let ports: Vec<serde_json::Value> = stats
                 .iter()
                 .map(|(vm, port, s)| {
@@ -226,8 +226,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let mut workers = Vec::new();
-    for (dev, vm) in cfg.vms.iter().enumerate() {
+    let mut threads = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        let g = g.clone();
+        match thread::Builder::new()
+            .name(format!("group-{i}"))
+            .spawn(move || run_home(g))
+        {
+            Ok(h) => threads.push(h),
+            Err(e) => {
+                eprintln!("vhost-user-console: cannot start a thread: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    for (vm, vmref) in cfg.vms.iter().zip(vms) {
         if vm.kind != DeviceKind::Virtio {
             continue;
         }
@@ -236,29 +249,29 @@ fn main() -> ExitCode {
             SocketMode::Connect => Transport::Connect(vm.socket.clone()),
         };
         let opts = ServeOptions::new(vm.name.clone(), transport);
-        let e = engine.clone();
         let name = vm.name.clone();
         let spawned = thread::Builder::new()
             .name(format!("vm-{name}"))
             .spawn(move || {
-                let e2 = e.clone();
                 let result = serve(
                     &opts,
-                    || VhuConsole::new(e.clone(), dev).map_err(|err| err.to_string()),
-                    || engine::lock(&e2).detach(dev),
+                    || VhuConsole::new(vmref.clone()).map_err(|err| err.to_string()),
+                    || vmref.group.lock().devices[vmref.dev].detach(),
                 );
                 if let Err(err) = result {
                     log::error!("{name}: stopped serving: {err}");
                 }
             });
         match spawned {
-            Ok(h) => workers.push(h),
+            Ok(h) => threads.push(h),
             Err(e) => {
                 eprintln!("vhost-user-console: cannot start a thread: {e}");
                 return ExitCode::FAILURE;
             }
         }
     }
-    engine::run_event_loop(engine);
+    for t in threads {
+        let _ = t.join();
+    }
     ExitCode::SUCCESS
 }

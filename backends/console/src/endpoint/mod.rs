@@ -230,6 +230,11 @@ impl Endpoint {
         self.side.watch_fds().into_iter().flatten().collect()
     }
 
+    /// [`watch_fds`](Self::watch_fds) without an allocation, for the event loop.
+    pub(crate) fn watch_set(&self) -> [Option<RawFd>; 2] {
+        self.side.watch_fds()
+    }
+
     /// `fd` (one of [`watch_fds`](Self::watch_fds)) is readable. On a listener this accepts:
     /// [`Readiness::Connected`], or [`Readiness::Refused`] while a client is attached. On a
     /// data fd it returns [`Readiness::Input`]: read from [`input_fd`](Self::input_fd) (or

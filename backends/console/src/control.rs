@@ -1,0 +1,180 @@
+//! The control-queue conversation of a MULTIPORT device (virtio 1.2, 5.3.6.2): the driver
+//! says DEVICE_READY, the device announces every port (DEVICE_ADD), the driver says
+//! PORT_READY per port and the device names it (PORT_NAME), marks the console (CONSOLE_PORT,
+//! then its size with RESIZE) and opens its side (PORT_OPEN); the driver's PORT_OPEN tells
+//! whether a program in the guest has the port open.
+//!
+//! Messages to the driver wait in a queue until it posts control receive buffers.
+
+use std::collections::VecDeque;
+
+use devshare_common::ring::RingError;
+
+use crate::port::Port;
+use crate::queue::Batch;
+use crate::virtio_console as vc;
+
+/// What the device must do after a driver message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Nothing more.
+    None,
+    /// A program in the guest opened port `n`: host input (and a linked peer's output) may
+    /// flow into it now.
+    Opened(usize),
+}
+
+/// The device's side of the conversation: the messages waiting for the driver.
+#[derive(Debug, Default)]
+pub struct ControlChannel {
+    out: VecDeque<Vec<u8>>,
+}
+
+impl ControlChannel {
+    /// Messages waiting for a control receive buffer.
+    pub fn pending(&self) -> usize {
+        self.out.len()
+    }
+
+    fn send(&mut self, msg: Vec<u8>) {
+        self.out.push_back(msg);
+    }
+
+    /// Queues a RESIZE of port `port` to `cols` x `rows`.
+    pub fn send_resize(&mut self, port: usize, cols: u16, rows: u16) {
+        // virtio 1.2 5.3.6.2: struct virtio_console_resize { le16 cols; le16 rows; }. Debian's
+        // 6.1 guest kernel reads it that way: with this order `stty size` in the guest shows
+        // the host terminal's rows and columns (checked by a QEMU test).
+        let mut payload = Vec::with_capacity(4);
+        payload.extend_from_slice(&cols.to_le_bytes());
+        payload.extend_from_slice(&rows.to_le_bytes());
+        self.send(vc::Control::encode(port as u32, vc::RESIZE, 0, &payload));
+    }
+
+    /// Reads every message the driver queued on the control transmitq (`tx`); None stands for
+    /// a malformed one. Every chain goes back used. A broken ring ends the reading early; its
+    /// error comes back beside the messages read before.
+    pub fn receive(
+        vm: &str,
+        tx: &mut Batch<'_, '_>,
+    ) -> (Vec<Option<vc::Control>>, Result<(), RingError>) {
+        let mut msgs = Vec::new();
+        loop {
+            let head = match tx.pop() {
+                Ok(Some(head)) => head,
+                Ok(None) => return (msgs, Ok(())),
+                Err(e) => return (msgs, Err(e)),
+            };
+            match tx.chain(head) {
+                Ok(b) => {
+                    let mut raw = [0u8; 8];
+                    msgs.push(if b.read_at(0, &mut raw) == 8 {
+                        vc::Control::decode(&raw)
+                    } else {
+                        None
+                    });
+                }
+                Err(e) => {
+                    log::warn!("{vm}: refused control chain: {e}");
+                    msgs.push(None);
+                }
+            }
+            tx.push_used(head, 0);
+        }
+    }
+
+    /// Writes waiting messages into the driver's control receive buffers (`rx`) while there
+    /// are some. A buffer too small for its message loses that message (logged); a malformed
+    /// chain is refused and the message kept for the next buffer.
+    pub fn flush(&mut self, vm: &str, rx: &mut Batch<'_, '_>) {
+        while let Some(msg) = self.out.pop_front() {
+            let Ok(Some(head)) = rx.pop() else {
+                self.out.push_front(msg);
+                break;
+            };
+            match rx.chain(head) {
+                Ok(b) if b.writable_len() >= msg.len() => {
+                    let n = b.write_at(0, &msg);
+                    rx.push_used(head, n as u32);
+                }
+                Ok(_) => {
+                    log::warn!(
+                        "{vm}: control buffer too small for a {}-byte message; message dropped",
+                        msg.len()
+                    );
+                    rx.push_used(head, 0);
+                }
+                Err(e) => {
+                    log::warn!("{vm}: refused control chain: {e}");
+                    self.out.push_front(msg);
+                    rx.push_used(head, 0);
+                }
+            }
+        }
+    }
+
+    /// Answers one driver message about `ports`.
+    pub fn answer(&mut self, vm: &str, c: vc::Control, ports: &mut [Port]) -> Effect {
+        log::debug!("{vm}: control message {c:?}");
+        let id = c.id as usize;
+        match c.event {
+            vc::DEVICE_READY => {
+                if c.value != 1 {
+                    log::warn!("{vm}: guest driver failed to initialise the device");
+                    return Effect::None;
+                }
+                for i in 0..ports.len() {
+                    self.send(vc::Control::encode(i as u32, vc::DEVICE_ADD, 1, &[]));
+                }
+                Effect::None
+            }
+            vc::PORT_READY if id < ports.len() => {
+                if c.value != 1 {
+                    log::warn!("{vm}: guest failed to set up port {id}");
+                    return Effect::None;
+                }
+                let port = &mut ports[id];
+                if port.console {
+                    self.send(vc::Control::encode(c.id, vc::CONSOLE_PORT, 1, &[]));
+                    if let Some((cols, rows)) = port.winsize {
+                        self.send_resize(id, cols, rows);
+                    }
+                    // The kernel's console port counts as opened by the guest.
+                    port.guest_open = true;
+                }
+                self.send(vc::Control::encode(
+                    c.id,
+                    vc::PORT_NAME,
+                    1,
+                    port.name.as_bytes(),
+                ));
+                // Output is always accepted (buffered when nothing is attached), so the host
+                // side is open from the guest's point of view.
+                self.send(vc::Control::encode(c.id, vc::PORT_OPEN, 1, &[]));
+                Effect::None
+            }
+            vc::PORT_OPEN if id < ports.len() => {
+                let open = c.value == 1;
+                let port = &mut ports[id];
+                port.guest_open = open || port.console;
+                log::debug!(
+                    "{vm}: guest {} port {id}",
+                    if open { "opened" } else { "closed" }
+                );
+                if open {
+                    port.rx_starved = false;
+                    return Effect::Opened(id);
+                }
+                Effect::None
+            }
+            vc::PORT_READY | vc::PORT_OPEN => {
+                log::warn!("{vm}: control message for unknown port {id} ignored");
+                Effect::None
+            }
+            other => {
+                log::warn!("{vm}: unexpected control event {other} ignored");
+                Effect::None
+            }
+        }
+    }
+}
