@@ -27,6 +27,14 @@ impl Counter {
     }
 }
 
+/// A counter serializes as its current value, so counter structs can derive `Serialize` and
+/// each counter's name is written once, as its field name.
+impl serde::Serialize for Counter {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.get())
+    }
+}
+
 /// Serves `snapshot()` (a JSON document) to every client of the Unix socket at `path`, then
 /// closes that connection. Runs on its own thread for the life of the process.
 pub fn serve_json<F>(path: &Path, snapshot: F) -> io::Result<()>

@@ -16,7 +16,7 @@ use crate::event_loop::Home;
 use crate::link::{self, PeerPort};
 use crate::port::{Host, Input, Port};
 use crate::queue::{pin, Batch, Dir};
-use crate::stats::PortStats;
+use crate::stats::PortReport;
 use crate::virtio_console as vc;
 
 /// The VMs of one group, under its lock.
@@ -90,12 +90,16 @@ pub fn build(cfg: &Config) -> Result<(Vec<Arc<Group>>, Vec<VmRef>), GroupError> 
 }
 
 impl Vms {
-    /// Counters of every port, as (vm, port, counters).
-    pub fn stats(&self) -> Vec<(String, String, Arc<PortStats>)> {
+    /// The counters of every port, for the stats document.
+    pub fn stats(&self) -> Vec<PortReport> {
         let mut v = Vec::new();
         for d in &self.devices {
             for p in &d.ports {
-                v.push((d.name().to_string(), p.name.clone(), p.stats.clone()));
+                v.push(PortReport {
+                    vm: d.name().to_string(),
+                    port: p.name.clone(),
+                    stats: p.stats.clone(),
+                });
             }
         }
         v

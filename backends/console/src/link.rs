@@ -69,7 +69,7 @@ impl PeerPort<'_> {
             };
             let n = src.copy_into(off + done, &dst).min(want - done);
             rx.push_used(head, n as u32);
-            port.stats.to_guest.add(n as u64);
+            port.stats.to_guest_bytes.add(n as u64);
             done += n;
             if n == 0 {
                 break;

@@ -15,6 +15,7 @@ use vhost_user_console::config::{
 use vhost_user_console::event_loop::run_home;
 use vhost_user_console::group;
 use vhost_user_console::qemu_args::qemu_args;
+use vhost_user_console::stats::{PortReport, Report};
 use vhost_user_console::vhu_console::VhuConsole;
 
 const AFTER_HELP: &str = "\
@@ -203,24 +204,13 @@ fn main() -> ExitCode {
         }
     };
     if let Some(path) = stats_socket {
-        // Counters are atomics the data path updates: reading them takes no VM's lock.
-        let stats: Vec<_> = groups.iter().flat_map(|g| g.lock().stats()).collect();
-        let served = devshare_common::stats::serve_json(&path, move || {
-            let ports: Vec<serde_json::Value> = stats
-                .iter()
-                .map(|(vm, port, s)| {
-                    serde_json::json!({
-                        "vm": vm, "port": port,
-                        "to_host_bytes": s.to_host.get(),
-                        "to_guest_bytes": s.to_guest.get(),
-                        "dropped_bytes": s.dropped.get(),
-                        "bad_chains": s.bad_chains.get(),
-                        "buffered_bytes": s.buffered.load(std::sync::atomic::Ordering::Relaxed),
-                    })
-                })
-                .collect();
-            serde_json::json!({ "ports": ports }).to_string()
-        });
+        // Counters are atomics the data path updates: reading them takes no VM's lock. The
+        // document keeps the configuration's order (groups are built from it).
+        let mut ports: Vec<_> = groups.iter().flat_map(|g| g.lock().stats()).collect();
+        let order = |r: &PortReport| cfg.vms.iter().position(|v| v.name == r.vm);
+        ports.sort_by_key(|r| order(r));
+        let report = Report { ports };
+        let served = devshare_common::stats::serve_json(&path, move || report.to_json());
         if let Err(e) = served {
             eprintln!("vhost-user-console: stats socket {}: {e}", path.display());
             return ExitCode::FAILURE;

@@ -185,12 +185,12 @@ impl Port {
         let cap = self.spool.capacity();
         let n = src.len() - from;
         if n > cap {
-            self.stats.dropped.add((n - cap) as u64);
+            self.stats.dropped_bytes.add((n - cap) as u64);
             from += n - cap;
         }
         let rest = src.len() - from;
         let dropped = self.spool.discard(rest.saturating_sub(self.spool.free()));
-        self.stats.dropped.add(dropped as u64);
+        self.stats.dropped_bytes.add(dropped as u64);
         self.push(src, from, rest);
     }
 
@@ -255,7 +255,7 @@ impl Port {
                 None => 0,
             },
         };
-        self.stats.to_host.add(n as u64);
+        self.stats.to_host_bytes.add(n as u64);
         n
     }
 
@@ -284,7 +284,7 @@ impl Port {
             };
             self.spool.discard(n);
             self.stats.set_buffered(self.spool.len());
-            self.stats.to_host.add(n as u64);
+            self.stats.to_host_bytes.add(n as u64);
             if n == 0 {
                 break;
             }
@@ -329,7 +329,7 @@ impl Port {
                 }
                 Ok(n) => {
                     rx.push_used(head, n as u32);
-                    self.stats.to_guest.add(n as u64);
+                    self.stats.to_guest_bytes.add(n as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     rx.rewind(start);

@@ -70,7 +70,7 @@ impl Device {
             match ep.read_input(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    port.stats.to_guest.add(n as u64);
+                    port.stats.to_guest_bytes.add(n as u64);
                     s.send(&buf[..n]);
                 }
                 // A client that went away has been detached by the endpoint already.
