@@ -178,3 +178,123 @@ impl ControlChannel {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::Rig;
+    use crate::virtio_console as vc;
+
+    /// Sends one control message from the driver and returns the device's answers, read
+    /// from control receive buffers of 64 bytes posted beforehand.
+    fn talk(rig: &mut Rig, id: u32, event: u16, value: u16) -> Vec<vc::Control> {
+        rig.post(
+            vc::CONTROL_TX,
+            &vc::Control::encode(id, event, value, &[]),
+            0,
+        );
+        rig.vms().on_queue_event(0, vc::CONTROL_TX);
+        assert_eq!(rig.used(vc::CONTROL_TX).len(), 1);
+        answers(rig)
+    }
+
+    fn answers(rig: &mut Rig) -> Vec<vc::Control> {
+        rig.used(vc::CONTROL_RX)
+            .into_iter()
+            .filter(|&(_, len)| len > 0)
+            .map(|(head, len)| {
+                let raw = rig.written(vc::CONTROL_RX, head, len);
+                vc::Control::decode(&raw).unwrap()
+            })
+            .collect()
+    }
+
+    fn post_buffers(rig: &mut Rig, n: usize, size: u32) {
+        for _ in 0..n {
+            rig.post(vc::CONTROL_RX, b"", size);
+        }
+    }
+
+    fn event(c: &[vc::Control]) -> Vec<(u32, u16, u16)> {
+        c.iter().map(|c| (c.id, c.event, c.value)).collect()
+    }
+
+    #[test]
+    fn the_conversation_announces_names_and_opens_every_port() {
+        let mut rig = Rig::new("control", "64", vc::F_MULTIPORT);
+        post_buffers(&mut rig, 8, 64);
+        let got = talk(&mut rig, 0, vc::DEVICE_READY, 1);
+        assert_eq!(
+            event(&got),
+            vec![(0, vc::DEVICE_ADD, 1), (1, vc::DEVICE_ADD, 1)]
+        );
+        let got = talk(&mut rig, 0, vc::PORT_READY, 1);
+        assert_eq!(
+            event(&got),
+            vec![
+                (0, vc::CONSOLE_PORT, 1),
+                (0, vc::PORT_NAME, 1),
+                (0, vc::PORT_OPEN, 1)
+            ]
+        );
+        assert!(rig.vms().devices[0].ports[0].guest_open);
+        let got = talk(&mut rig, 1, vc::PORT_READY, 1);
+        assert_eq!(
+            event(&got),
+            vec![(1, vc::PORT_NAME, 1), (1, vc::PORT_OPEN, 1)]
+        );
+        // The name follows the header.
+        let heads: Vec<u16> = (0..8).collect();
+        let name = heads
+            .iter()
+            .map(|&h| rig.written(vc::CONTROL_RX, h, 12))
+            .find(|raw| {
+                vc::Control::decode(raw).map(|c| (c.id, c.event)) == Some((1, vc::PORT_NAME))
+            })
+            .unwrap();
+        assert_eq!(&name[8..12], b"data");
+        assert!(!rig.vms().devices[0].ports[1].guest_open);
+        assert_eq!(talk(&mut rig, 1, vc::PORT_OPEN, 1), vec![]);
+        assert!(rig.vms().devices[0].ports[1].guest_open);
+        talk(&mut rig, 1, vc::PORT_OPEN, 0);
+        assert!(!rig.vms().devices[0].ports[1].guest_open);
+        // The console stays open whatever the guest says.
+        talk(&mut rig, 0, vc::PORT_OPEN, 0);
+        assert!(rig.vms().devices[0].ports[0].guest_open);
+    }
+
+    #[test]
+    fn answers_wait_for_buffers_and_a_too_small_buffer_loses_only_its_message() {
+        let mut rig = Rig::new("control-small", "64", vc::F_MULTIPORT);
+        // No receive buffer yet: the answers wait.
+        assert_eq!(talk(&mut rig, 0, vc::DEVICE_READY, 1), vec![]);
+        rig.post(vc::CONTROL_RX, b"", 4);
+        rig.post(vc::CONTROL_RX, b"", 64);
+        rig.vms().on_queue_event(0, vc::CONTROL_RX);
+        let used = rig.used(vc::CONTROL_RX);
+        assert_eq!(used.iter().map(|u| u.1).collect::<Vec<_>>(), vec![0, 8]);
+        let raw = rig.written(vc::CONTROL_RX, used[1].0, 8);
+        let c = vc::Control::decode(&raw).unwrap();
+        assert_eq!((c.id, c.event), (1, vc::DEVICE_ADD));
+    }
+
+    #[test]
+    fn malformed_control_messages_are_returned_and_ignored() {
+        let mut rig = Rig::new("control-bad", "64", vc::F_MULTIPORT);
+        post_buffers(&mut rig, 4, 64);
+        // Too short, outside memory, an unknown port, an unknown event: no answer to any.
+        rig.post(vc::CONTROL_TX, &[1, 2, 3, 4], 0);
+        rig.post_raw(vc::CONTROL_TX, &[(0x1000_0000, 8, 0)]);
+        rig.post(
+            vc::CONTROL_TX,
+            &vc::Control::encode(77, vc::PORT_READY, 1, &[]),
+            0,
+        );
+        rig.post(vc::CONTROL_TX, &vc::Control::encode(0, 0x4242, 1, &[]), 0);
+        rig.vms().on_queue_event(0, vc::CONTROL_TX);
+        assert_eq!(rig.used(vc::CONTROL_TX).len(), 4);
+        assert_eq!(answers(&mut rig), vec![]);
+        // The conversation goes on.
+        let got = talk(&mut rig, 0, vc::DEVICE_READY, 1);
+        assert_eq!(got.len(), 2);
+    }
+}

@@ -17,3 +17,6 @@ pub mod stats;
 pub mod stream;
 pub mod vhu_console;
 pub mod virtio_console;
+
+#[cfg(test)]
+mod testing;

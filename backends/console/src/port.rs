@@ -367,3 +367,115 @@ impl AsRawFd for RawFdRef {
         self.0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use crate::testing::Rig;
+    use crate::virtio_console as vc;
+
+    const MULTIPORT: u64 = vc::F_MULTIPORT;
+
+    fn read_n(s: &mut std::os::unix::net::UnixStream, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        s.read_exact(&mut v).unwrap();
+        v
+    }
+
+    /// Opens port `p` as the driver would (PORT_OPEN is the control module's business; here
+    /// only its outcome matters).
+    fn open(rig: &Rig, p: usize) {
+        rig.vms().devices[0].ports[p].guest_open = true;
+    }
+
+    #[test]
+    fn full_data_buffer_leaves_the_chain_in_the_ring_until_a_client_drains_it() {
+        let mut rig = Rig::new("backpressure", "8", MULTIPORT);
+        open(&rig, 1);
+        let (_, txq) = vc::port_queues(1);
+        let head = rig.post(txq, b"0123456789abcdefghij", 0);
+        rig.vms().on_queue_event(0, txq);
+        // Nobody listens: 8 bytes fit the buffer, the chain stays with the guest.
+        assert_eq!(rig.used(txq), vec![]);
+        assert_eq!(rig.next_avail(txq), 0, "the chain was not left in the ring");
+        let stats = rig.vms().devices[0].ports[1].stats.clone();
+        assert_eq!(
+            stats
+                .buffered_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            8
+        );
+        // Kicking again changes nothing while the buffer is full.
+        rig.vms().on_queue_event(0, txq);
+        assert_eq!(rig.used(txq), vec![]);
+        // A client attaches: the buffer is replayed, then the rest of the chain follows.
+        let mut client = rig.client("data");
+        rig.vms().serve_events(0);
+        assert_eq!(read_n(&mut client, 20), b"0123456789abcdefghij");
+        assert_eq!(rig.used(txq), vec![(head, 0)]);
+        assert_eq!(rig.next_avail(txq), 1);
+        assert_eq!(stats.to_host_bytes.get(), 20);
+        assert_eq!(stats.dropped_bytes.get(), 0);
+    }
+
+    #[test]
+    fn console_keeps_the_newest_bytes_and_counts_what_it_drops() {
+        let mut rig = Rig::new("newest", "8", MULTIPORT);
+        open(&rig, 0);
+        let (_, txq) = vc::port_queues(0);
+        let h1 = rig.post(txq, b"0123456789", 0);
+        let h2 = rig.post(txq, b"abc", 0);
+        rig.vms().on_queue_event(0, txq);
+        // The console never holds the guest back.
+        assert_eq!(rig.used(txq), vec![(h1, 0), (h2, 0)]);
+        // An emergency write is kept the same way.
+        assert!(rig.vms().write_config(0, vc::CONFIG_EMERG_WR, b"!"));
+        let stats = rig.vms().devices[0].ports[0].stats.clone();
+        assert_eq!(stats.dropped_bytes.get(), 6);
+        let mut client = rig.client("console");
+        rig.vms().serve_events(0);
+        assert_eq!(read_n(&mut client, 8), b"6789abc!");
+    }
+
+    #[test]
+    fn malformed_transmit_chains_are_refused_counted_and_returned() {
+        let mut rig = Rig::new("refuse", "64", MULTIPORT);
+        open(&rig, 1);
+        let (_, txq) = vc::port_queues(1);
+        let outside = rig.post_raw(txq, &[(0x1000_0000, 64, 0)]);
+        let writable = rig.post(txq, b"", 16);
+        let good = rig.post(txq, b"ok", 0);
+        rig.vms().on_queue_event(0, txq);
+        assert_eq!(rig.used(txq), vec![(outside, 0), (writable, 0), (good, 0)]);
+        let stats = rig.vms().devices[0].ports[1].stats.clone();
+        assert_eq!(stats.bad_chains.get(), 2);
+        assert_eq!(
+            stats
+                .buffered_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[test]
+    fn host_input_fills_receive_buffers_only_when_the_guest_opened_the_port() {
+        let mut rig = Rig::new("input", "64", MULTIPORT);
+        let (rxq, _) = vc::port_queues(1);
+        let mut client = rig.client("data");
+        rig.vms().serve_events(0);
+        std::io::Write::write_all(&mut client, b"hello").unwrap();
+        let head = rig.post(rxq, b"", 64);
+        rig.vms().serve_events(0);
+        rig.vms().on_queue_event(0, rxq);
+        assert_eq!(
+            rig.used(rxq),
+            vec![],
+            "input for a port the guest never opened"
+        );
+        open(&rig, 1);
+        rig.vms().on_queue_event(0, rxq);
+        assert_eq!(rig.used(rxq), vec![(head, 5)]);
+        assert_eq!(rig.written(rxq, head, 5), b"hello");
+    }
+}
