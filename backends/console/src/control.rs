@@ -281,8 +281,10 @@ mod tests {
     fn malformed_control_messages_are_returned_and_ignored() {
         let mut rig = Rig::new("control-bad", "64", vc::F_MULTIPORT);
         post_buffers(&mut rig, 4, 64);
-        // Too short, outside memory, an unknown port, an unknown event: no answer to any.
-        rig.post(vc::CONTROL_TX, &[1, 2, 3, 4], 0);
+        // Too short (a DEVICE_READY cut off before its last byte), outside memory, an unknown
+        // port, an unknown event: no answer to any.
+        let whole = vc::Control::encode(0, vc::DEVICE_READY, 1, &[]);
+        rig.post(vc::CONTROL_TX, &whole[..7], 0);
         rig.post_raw(vc::CONTROL_TX, &[(0x1000_0000, 8, 0)]);
         rig.post(
             vc::CONTROL_TX,
