@@ -75,6 +75,16 @@ impl Token {
     }
 }
 
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on an fd we own; the result is checked.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The fds one owner (a port's endpoint, a stream socket) registered, and for what.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Interest([Option<(RawFd, EventSet)>; 2]);
@@ -91,6 +101,9 @@ impl Reactor {
         let epoll = Epoll::new()?;
         let timer = if tick {
             let mut t = TimerFd::new()?;
+            // Non-blocking: two threads may both see it ready (while a VM's worker and its
+            // group's home thread change hands), and the second must not block in read.
+            set_nonblocking(t.as_raw_fd())?;
             t.reset(TICK, Some(TICK))?;
             epoll.ctl(
                 ControlOperation::Add,
@@ -276,16 +289,17 @@ impl Vms {
     fn on_endpoint(&mut self, dev: usize, port: usize, fd: RawFd, ev: EventSet) {
         if ev.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
             let p = &mut self.devices[dev].ports[port];
-            let label = p.label.clone();
-            let Some(ep) = p.endpoint() else { return };
+            let Host::Endpoint(ep) = &mut p.host else {
+                return;
+            };
             let readiness = match ep.on_readable(fd) {
                 Ok(Readiness::Connected) => {
-                    log::info!("{label}: {} attached", ep.describe());
+                    log::info!("{}: {} attached", p.label, ep.describe());
                     Readiness::Connected
                 }
                 Ok(r) => r,
                 Err(e) => {
-                    log::warn!("{label}: {e}");
+                    log::warn!("{}: {e}", p.label);
                     Readiness::Nothing
                 }
             };

@@ -52,6 +52,27 @@ pub enum GroupError {
     Home(std::io::Error),
 }
 
+impl VmRef {
+    /// The VM's worker serves its reactor from now on (a front-end connected).
+    pub fn release_home(&self) {
+        let fd = self.group.lock().devices[self.dev].reactor.fd();
+        self.group.home.release(fd);
+    }
+
+    /// The front-end went away: the VM is detached and its reactor goes home.
+    pub fn disconnected(&self) {
+        let mut vms = self.group.lock();
+        let d = &mut vms.devices[self.dev];
+        d.detach();
+        self.group.home.adopt(self.dev, d.reactor.fd());
+    }
+
+    /// The VM's reactor fd.
+    pub fn reactor_fd(&self) -> std::os::fd::RawFd {
+        self.group.lock().devices[self.dev].reactor.fd()
+    }
+}
+
 impl Group {
     /// Locks the group, recovering from a poisoned lock (a panic elsewhere must not stop the
     /// group's other VMs from being served).

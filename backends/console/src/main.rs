@@ -16,7 +16,7 @@ use vhost_user_console::event_loop::run_home;
 use vhost_user_console::group;
 use vhost_user_console::qemu_args::qemu_args;
 use vhost_user_console::stats::{PortReport, Report};
-use vhost_user_console::vhu_console::VhuConsole;
+use vhost_user_console::vhu_console::{reactor_event, VhuConsole};
 
 const AFTER_HELP: &str = "\
 ENDPOINTS (what a port is bridged to):
@@ -238,7 +238,10 @@ fn main() -> ExitCode {
             SocketMode::Listen => Transport::Listen(vm.socket.clone()),
             SocketMode::Connect => Transport::Connect(vm.socket.clone()),
         };
-        let opts = ServeOptions::new(vm.name.clone(), transport);
+        let mut opts = ServeOptions::new(vm.name.clone(), transport);
+        let queues =
+            vhost_user_console::virtio_console::queue_count(vm.ports.len(), vm.multiport());
+        opts.worker_fds = vec![(vmref.reactor_fd(), reactor_event(queues))];
         let name = vm.name.clone();
         let spawned = thread::Builder::new()
             .name(format!("vm-{name}"))
@@ -246,7 +249,7 @@ fn main() -> ExitCode {
                 let result = serve(
                     &opts,
                     || VhuConsole::new(vmref.clone()).map_err(|err| err.to_string()),
-                    || vmref.group.lock().devices[vmref.dev].detach(),
+                    || vmref.disconnected(),
                 );
                 if let Err(err) = result {
                     log::error!("{name}: stopped serving: {err}");

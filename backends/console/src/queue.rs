@@ -98,6 +98,22 @@ impl<'v, 'm> Batch<'v, 'm> {
         Ok(None)
     }
 
+    /// The next available chain head, without asking for a kick when there is none (for
+    /// callers that decide themselves whether they need one, see [`Batch::want_kicks`]).
+    pub fn pop_quiet(&mut self) -> Result<Option<u16>, RingError> {
+        self.ring.pop()
+    }
+
+    /// Asks the driver to kick for the next chain; true if chains arrived meanwhile.
+    pub fn want_kicks(&mut self) -> Result<bool, RingError> {
+        self.ring.enable_kicks()
+    }
+
+    /// Tells the driver no kick is needed for new chains (with EVENT_IDX: simply not asking).
+    pub fn no_kicks(&mut self) {
+        self.ring.disable_kicks();
+    }
+
     /// Where the next [`Batch::pop`] starts, to give chains back with [`Batch::rewind`].
     pub fn next_avail(&self) -> u16 {
         self.ring.next_avail()

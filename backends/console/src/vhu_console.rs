@@ -5,6 +5,7 @@ use std::io;
 use std::sync::Arc;
 
 use devshare_common::chain::Memory;
+use devshare_common::daemon::connection_start_event;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -17,6 +18,12 @@ use vmm_sys_util::event::{
 
 use crate::group::VmRef;
 use crate::virtio_console as vc;
+
+/// The `device_event` of the VM's reactor in its worker's epoll set, for a device with
+/// `queues` queues (past the events vhost-user-backend and the daemon use).
+pub fn reactor_event(queues: usize) -> u16 {
+    connection_start_event(queues) + 1
+}
 
 /// Largest queue the device accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
@@ -59,6 +66,9 @@ impl VhuConsole {
             )
         };
         let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        // From now on this connection's worker serves the VM's endpoints (the reactor is in
+        // its epoll set, see `ServeOptions::worker_fds`): one thread for kicks and endpoints.
+        vm.release_home();
         Ok(VhuConsole(Arc::new(Inner {
             vm,
             queues,
@@ -152,7 +162,9 @@ impl VhostUserBackend for VhuConsole {
         if !evset.contains(EventSet::IN) {
             return Ok(());
         }
-        if (device_event as usize) < self.0.queues {
+        if device_event == reactor_event(self.0.queues) {
+            self.0.vm.group.lock().serve_events(self.0.vm.dev);
+        } else if (device_event as usize) < self.0.queues {
             let mut vms = self.0.vm.group.lock();
             vms.devices[self.0.vm.dev].set_vrings(vrings);
             vms.on_queue_event(self.0.vm.dev, device_event as usize);
