@@ -206,12 +206,15 @@ jq -s --arg cpus "$(nproc)" --arg kernel "$(uname -r)" --arg secs "$SECONDS_PER_
     --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" --argjson limit "$LIMIT" '
     def median: sort | if length == 0 then null elif length % 2 == 1 then .[length/2|floor]
         else (.[length/2-1] + .[length/2]) / 2 end;
-    group_by([.backend, .case])
+    . as $all
+    | group_by([.backend, .case])
     | map({backend: .[0].backend, case: .[0].case, runs: length,
            failed: map(select(.error)) | length,
            unsupported: (map(.unsupported // empty) | first),
            errors: (map(.error // empty) | unique),
            mb_per_s: (map(.mb_per_s // empty) | median),
+           mb_per_cpu_s: (map(select((.backend_cpu_seconds // 0) > 0)
+                              | .bytes / 1e6 / .backend_cpu_seconds) | median),
            p50_us: (map(.p50_us // empty) | median),
            p99_us: (map(.p99_us // empty) | median)}) as $med
     | ($med | map(select(.backend == "vdc")) | map({key: .case, value: .}) | from_entries) as $vdc
@@ -221,22 +224,25 @@ jq -s --arg cpus "$(nproc)" --arg kernel "$(uname -r)" --arg secs "$SECONDS_PER_
                      then {ratio_to_vdc: (.mb_per_s / $vdc[.case].mb_per_s)} else {} end)
                    + (if .mb_per_s then {ratio_to_dram: (.mb_per_s / 1000 / $limit.dram_gb_per_s)}
                      else {} end))),
-       runs: .}
+       runs: $all}
 ' "$RESULTS" >"$OUT"/console.json
 
 echo
 echo "medians of $RUNS runs (load average at the end: $(cut -d' ' -f1-3 /proc/loadavg))"
-printf '%-7s %-12s %9s %9s %9s %7s %7s %6s  %s\n' backend case "MB/s" "p50 us" "p99 us" "x vdc" "x dram" failed note
+printf '%-7s %-12s %9s %9s %9s %9s %7s %7s %6s  %s\n' backend case "MB/s" "MB/cpu-s" "p50 us" "p99 us" "x vdc" "x dram" failed note
 jq -r '.medians | sort_by(.backend != "ours", .case)[] | [.backend, .case,
         (if .mb_per_s then (.mb_per_s|round) else "-" end),
+        (if .mb_per_cpu_s then (.mb_per_cpu_s|round) else "-" end),
         (if .p50_us then (.p50_us*10|round/10) else "-" end),
         (if .p99_us then (.p99_us*10|round/10) else "-" end),
         (if .ratio_to_vdc then (.ratio_to_vdc*10|round/10) else "-" end),
         (if .ratio_to_dram then (.ratio_to_dram*100|round/100) else "-" end),
         "\(.failed)/\(.runs)",
         (.unsupported // (.errors | join("; ")))] | @tsv' \
-    "$OUT"/console.json | while IFS=$'\t' read -r b c m p50 p99 r d f note; do
-    printf '%-7s %-12s %9s %9s %9s %7s %7s %6s  %s\n' "$b" "$c" "$m" "$p50" "$p99" "$r" "$d" "$f" "$note"
+    "$OUT"/console.json | while IFS=$'\t' read -r b c m mc p50 p99 r d f note; do
+    printf '%-7s %-12s %9s %9s %9s %9s %7s %7s %6s  %s\n' "$b" "$c" "$m" "$mc" "$p50" "$p99" "$r" "$d" "$f" "$note"
 done
+echo "MB/cpu-s: bytes moved per second of backend CPU time (the backend's own efficiency,"
+echo "less moved by other load on the machine than MB/s)"
 echo "targets: g2g-link >= the memory figure above (x dram >= 1); rtt-tcp-1 p50 and p99 no worse than vdc's"
 echo "JSON: $OUT/console.json"
