@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 
 use devshare_common::ring::RingError;
 
+use crate::log_limit::{warn_limited, LogLimit};
 use crate::port::Port;
 use crate::queue::Batch;
 use crate::virtio_console as vc;
@@ -28,6 +29,8 @@ pub enum Effect {
 #[derive(Debug, Default)]
 pub struct ControlChannel {
     out: VecDeque<Vec<u8>>,
+    /// Limits the warnings the guest can cause here.
+    warnings: LogLimit,
 }
 
 impl ControlChannel {
@@ -55,6 +58,7 @@ impl ControlChannel {
     /// a malformed one. Every chain goes back used. A broken ring ends the reading early; its
     /// error comes back beside the messages read before.
     pub fn receive(
+        &mut self,
         vm: &str,
         tx: &mut Batch<'_, '_>,
     ) -> (Vec<Option<vc::Control>>, Result<(), RingError>) {
@@ -75,7 +79,7 @@ impl ControlChannel {
                     });
                 }
                 Err(e) => {
-                    log::warn!("{vm}: refused control chain: {e}");
+                    warn_limited!(self.warnings, "{vm}: refused control chain: {e}");
                     msgs.push(None);
                 }
             }
@@ -98,19 +102,33 @@ impl ControlChannel {
                     rx.push_used(head, n as u32);
                 }
                 Ok(_) => {
-                    log::warn!(
+                    warn_limited!(
+                        self.warnings,
                         "{vm}: control buffer too small for a {}-byte message; message dropped",
                         msg.len()
                     );
                     rx.push_used(head, 0);
                 }
                 Err(e) => {
-                    log::warn!("{vm}: refused control chain: {e}");
+                    warn_limited!(self.warnings, "{vm}: refused control chain: {e}");
                     self.out.push_front(msg);
                     rx.push_used(head, 0);
                 }
             }
         }
+    }
+
+    /// A driver message too short to read (logged within limits).
+    pub fn malformed(&mut self, vm: &str) {
+        warn_limited!(
+            self.warnings,
+            "{vm}: malformed control message (shorter than 8 bytes) ignored"
+        );
+    }
+
+    /// A kick on a queue the device does not use (logged within limits).
+    pub fn unused_queue(&mut self, vm: &str, q: usize) {
+        warn_limited!(self.warnings, "{vm}: kick on unused queue {q}");
     }
 
     /// Answers one driver message about `ports`.
@@ -120,7 +138,10 @@ impl ControlChannel {
         match c.event {
             vc::DEVICE_READY => {
                 if c.value != 1 {
-                    log::warn!("{vm}: guest driver failed to initialise the device");
+                    warn_limited!(
+                        self.warnings,
+                        "{vm}: guest driver failed to initialise the device"
+                    );
                     return Effect::None;
                 }
                 for i in 0..ports.len() {
@@ -130,7 +151,7 @@ impl ControlChannel {
             }
             vc::PORT_READY if id < ports.len() => {
                 if c.value != 1 {
-                    log::warn!("{vm}: guest failed to set up port {id}");
+                    warn_limited!(self.warnings, "{vm}: guest failed to set up port {id}");
                     return Effect::None;
                 }
                 let port = &mut ports[id];
@@ -168,11 +189,17 @@ impl ControlChannel {
                 Effect::None
             }
             vc::PORT_READY | vc::PORT_OPEN => {
-                log::warn!("{vm}: control message for unknown port {id} ignored");
+                warn_limited!(
+                    self.warnings,
+                    "{vm}: control message for unknown port {id} ignored"
+                );
                 Effect::None
             }
             other => {
-                log::warn!("{vm}: unexpected control event {other} ignored");
+                warn_limited!(
+                    self.warnings,
+                    "{vm}: unexpected control event {other} ignored"
+                );
                 Effect::None
             }
         }

@@ -207,6 +207,15 @@ impl Device {
         }
     }
 
+    /// The guest kicked a queue the device does not use.
+    pub fn unused_queue(&mut self, q: usize) {
+        let name = self.cfg.name.clone();
+        match self.conn() {
+            Some(c) => c.control.unused_queue(&name, q),
+            None => log::debug!("{name}: kick on queue {q} without a connection"),
+        }
+    }
+
     /// Whether the driver took MULTIPORT.
     pub fn multiport(&self) -> bool {
         matches!(&self.guest, Guest::Virtio(Some(c)) if c.multiport())
@@ -277,9 +286,14 @@ impl Device {
             return Vec::new();
         };
         let mem = pin(&mem);
-        let (msgs, res) = match Batch::open(&vring, &mem) {
+        let name = self.cfg.name.clone();
+        let Some(c) = self.conn() else {
+            return Vec::new();
+        };
+        let opened = Batch::open(&vring, &mem);
+        let (msgs, res) = match opened {
             Ok(mut tx) => {
-                let got = ControlChannel::receive(&self.cfg.name, &mut tx);
+                let got = c.control.receive(&name, &mut tx);
                 tx.finish();
                 got
             }

@@ -159,7 +159,7 @@ impl Vms {
             vc::QueueRole::Transmit(p) | vc::QueueRole::Receive(p)
                 if p >= nports || (p > 0 && !multiport) =>
             {
-                log::warn!("{}: kick on unused queue {q}", d.name())
+                d.unused_queue(q)
             }
             vc::QueueRole::Transmit(p) => self.pump_out(dev, p),
             vc::QueueRole::Receive(p) => {
@@ -168,7 +168,7 @@ impl Vms {
             }
             vc::QueueRole::ControlTransmit if multiport => self.control_in(dev),
             vc::QueueRole::ControlReceive if multiport => d.control_flush(),
-            _ => log::warn!("{}: kick on unused queue {q}", d.name()),
+            _ => d.unused_queue(q),
         }
     }
 
@@ -255,7 +255,9 @@ impl Vms {
             let d = &mut self.devices[dev];
             let name = d.cfg.name.clone();
             let Some(c) = m else {
-                log::warn!("{name}: malformed control message (shorter than 8 bytes) ignored");
+                if let Some(conn) = d.conn() {
+                    conn.control.malformed(&name);
+                }
                 continue;
             };
             let effect = match &mut d.guest {

@@ -15,6 +15,7 @@ use devshare_common::chain::GuestBuffers;
 use crate::endpoint::Endpoint;
 use crate::event_loop::Interest;
 use crate::link::PeerPort;
+use crate::log_limit::{warn_limited, LogLimit};
 use crate::queue::{Batch, Dir};
 use crate::spool::Spool;
 use crate::stats::PortStats;
@@ -143,6 +144,8 @@ pub struct Port {
     pub winsize: Option<(u16, u16)>,
     /// The endpoint fds registered with the VM's event loop, and for what.
     pub interest: Interest,
+    /// Limits the warnings the guest can cause on this port.
+    warnings: LogLimit,
 }
 
 impl Port {
@@ -162,6 +165,7 @@ impl Port {
             rx_starved: false,
             winsize: None,
             interest: Interest::default(),
+            warnings: LogLimit::default(),
         }
     }
 
@@ -291,9 +295,14 @@ impl Port {
         }
     }
 
-    /// Refuses a malformed chain: logged and counted (the caller returns it used, length 0).
-    pub fn refuse(&self, why: &dyn std::fmt::Display) {
-        log::warn!("{}: refused descriptor chain: {why}", self.label);
+    /// Refuses a malformed chain: counted, and logged within limits (the caller returns it
+    /// used, length 0).
+    pub fn refuse(&mut self, why: &dyn std::fmt::Display) {
+        warn_limited!(
+            self.warnings,
+            "{}: refused descriptor chain: {why}",
+            self.label
+        );
         self.stats.bad_chains.inc();
     }
 
