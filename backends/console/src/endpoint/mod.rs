@@ -6,7 +6,7 @@
 //! readability, [`Endpoint::on_readable`] accepts clients or reports input,
 //! [`Endpoint::input_fd`] / [`Endpoint::read_input`] carry host-to-guest bytes and
 //! [`Endpoint::write_output`] carries guest-to-host bytes. Each kind implements the small
-//! [`Side`] trait; what every kind shares (error mapping, dropping a peer that went away)
+//! `Side` trait; what every kind shares (error mapping, dropping a peer that went away)
 //! lives here once.
 //!
 //! Listeners serve one client at a time: a second client is accepted, told `port busy` and
