@@ -7,9 +7,12 @@ use std::sync::Arc;
 use std::thread;
 
 use clap::Parser;
-use devshare_common::config::{load_toml, parse_size, ConfigError};
-use devshare_common::daemon::{serve, ServeOptions, Transport};
+use devshare_common::config::{load_toml, parse_guest_memory, parse_size, qemu_size, ConfigError};
+use devshare_common::daemon::{serve, FrontendSocket, ServeOptions, Transport};
+use devshare_common::files::{ensure_private_dir, StateDirLock};
+use devshare_common::listen::SocketOptions;
 use devshare_common::pit::LostTickPolicy;
+use devshare_common::signals::{handle_signals, ProcessStats, SignalActions};
 use vhost_user_console::config::{
     parse_port_arg, parse_vm_arg, Config, ConfigFile, DeviceKind, SocketMode, VmFile,
 };
@@ -43,7 +46,11 @@ EXAMPLES:
 The first port of a virtio VM is its console (/dev/hvc0); the others appear in the guest
 as /dev/virtio-ports/NAME. Output with nothing attached is buffered (--buffer-size) and
 replayed when a client attaches; a full buffer holds data ports back and makes the console
-keep its newest bytes.";
+keep its newest bytes.
+
+Sockets are created 0600 (--socket-mode, --socket-group open them to QEMU's group). A socket
+another running process serves is never taken over, and a file that is not a socket is never
+removed. SIGTERM/SIGINT remove this process's sockets and exit 0; SIGHUP does not stop it.";
 
 /// Serve virtio-console devices (vhost-user) and serial streams to QEMU guests, bridging
 /// every guest port to a host endpoint or to a port of another guest.
@@ -84,90 +91,127 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     stats_socket: Option<PathBuf>,
 
+    /// Permission bits (octal) of every socket this process creates [default: 0600]. E.g. 0660
+    /// with --socket-group to let QEMU or libvirt's group connect.
+    #[arg(long, value_name = "MODE")]
+    socket_mode: Option<String>,
+
+    /// Group (name or number) given to every socket this process creates.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+
     /// Print the QEMU options for each VM and exit.
     #[arg(long)]
     print_qemu_args: bool,
 
-    /// Guest RAM size used in --print-qemu-args output.
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
-    memory: String,
+    /// Guest RAM size used in --print-qemu-args output, e.g. 512M or 2G.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_guest_memory)]
+    memory: u64,
 
     /// With --print-qemu-args: also print the option that sets KVM's PIT lost-tick policy
-    /// (delay = re-inject lost timer ticks, discard = drop them; see kvm-pit-policy).
-    #[arg(long, value_name = "POLICY", value_parser = parse_pit_policy)]
+    /// (see kvm-pit-policy).
+    #[arg(long, value_name = "POLICY", value_enum)]
     pit_policy: Option<LostTickPolicy>,
 }
 
-fn parse_pit_policy(s: &str) -> Result<LostTickPolicy, String> {
-    s.parse::<LostTickPolicy>().map_err(|e| e.to_string())
+/// What the process needs besides the VMs: who may use its sockets, and where counters go.
+struct ProcessConfig {
+    socket: SocketOptions,
+    stats_socket: Option<PathBuf>,
 }
 
-impl TryFrom<Args> for Config {
-    type Error = ConfigError;
+fn load(args: Args) -> Result<(Config, ProcessConfig), ConfigError> {
+    let mut file = match &args.config {
+        Some(p) => load_toml::<ConfigFile>(p)?,
+        None => ConfigFile {
+            buffer_size: None,
+            state_dir: None,
+            stats_socket: None,
+            socket_mode: None,
+            socket_group: None,
+            vms: Vec::new(),
+        },
+    };
+    let process = ProcessConfig {
+        socket: SocketOptions::parse(
+            args.socket_mode.as_deref().or(file.socket_mode.as_deref()),
+            args.socket_group
+                .as_deref()
+                .or(file.socket_group.as_deref()),
+        )
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+        stats_socket: args.stats_socket.clone().or(file.stats_socket.take()),
+    };
+    Ok((config_from(args, file)?, process))
+}
 
-    fn try_from(args: Args) -> Result<Self, Self::Error> {
-        let mut file = match &args.config {
-            Some(p) => load_toml::<ConfigFile>(p)?,
-            None => ConfigFile {
-                buffer_size: None,
-                state_dir: None,
-                vms: Vec::new(),
-            },
-        };
-        if let Some(b) = args.buffer_size {
-            parse_size(&b)?;
-            file.buffer_size = Some(b);
-        }
-        if args.state_dir.is_some() {
-            file.state_dir = args.state_dir;
-        }
-        if let Some(socket) = args.socket {
-            file.vms.push(VmFile {
-                name: "vm0".into(),
-                socket,
-                mode: if args.connect {
-                    SocketMode::Connect
-                } else {
-                    SocketMode::Listen
-                },
-                kind: DeviceKind::Virtio,
-                ports: Vec::new(),
-            });
-        }
-        for v in &args.vm {
-            file.vms.push(parse_vm_arg(v)?);
-        }
-        for p in &args.port {
-            let (vm, port) = parse_port_arg(p)?;
-            let idx = match vm {
-                Some(name) => file
-                    .vms
-                    .iter()
-                    .position(|v| v.name == name)
-                    .ok_or_else(|| {
-                        ConfigError::Invalid(format!("--port '{p}': no VM named '{name}'"))
-                    })?,
-                None if file.vms.len() == 1 => 0,
-                None => {
-                    return Err(ConfigError::Invalid(format!(
-                        "--port '{p}': say which VM (VM/NAME=ENDPOINT) when there are several"
-                    )))
-                }
-            };
-            file.vms[idx].ports.push(port);
-        }
-        Config::try_from(file)
+fn config_from(args: Args, mut file: ConfigFile) -> Result<Config, ConfigError> {
+    if let Some(b) = args.buffer_size {
+        parse_size(&b)?;
+        file.buffer_size = Some(b);
     }
+    if args.state_dir.is_some() {
+        file.state_dir = args.state_dir;
+    }
+    if let Some(socket) = args.socket {
+        file.vms.push(VmFile {
+            name: "vm0".into(),
+            socket,
+            mode: if args.connect {
+                SocketMode::Connect
+            } else {
+                SocketMode::Listen
+            },
+            kind: DeviceKind::Virtio,
+            ports: Vec::new(),
+        });
+    }
+    for v in &args.vm {
+        file.vms.push(parse_vm_arg(v)?);
+    }
+    for p in &args.port {
+        let (vm, port) = parse_port_arg(p)?;
+        let idx = match vm {
+            Some(name) => file
+                .vms
+                .iter()
+                .position(|v| v.name == name)
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!("--port '{p}': no VM named '{name}'"))
+                })?,
+            None if file.vms.len() == 1 => 0,
+            None => {
+                return Err(ConfigError::Invalid(format!(
+                    "--port '{p}': say which VM (VM/NAME=ENDPOINT) when there are several"
+                )))
+            }
+        };
+        file.vms[idx].ports.push(port);
+    }
+    Config::try_from(file)
+}
+
+/// SIGHUP: the hook where the console reopens its log files (issue 9's log endpoints attach
+/// here). Every VM keeps being served.
+fn on_reload(_engine: &engine::Shared) {
+    log::info!("SIGHUP: no log file to reopen");
+}
+
+/// SIGTERM/SIGINT, after this process's sockets were removed and before it exits 0: the hook
+/// where the console flushes its spools and removes its PTY links. Spools are shared file
+/// mappings, complete after every write; holding the engine's lock until exit makes sure no
+/// guest output is taken in that the next process would not find.
+fn on_shutdown(engine: &engine::Shared) {
+    std::mem::forget(engine::lock(engine));
 }
 
 fn main() -> ExitCode {
     devshare_common::init_logging();
     let args = Args::parse();
     let print = args.print_qemu_args;
-    let memory = args.memory.clone();
+    let memory = qemu_size(args.memory);
     let pit_policy = args.pit_policy;
-    let stats_socket = args.stats_socket.clone();
-    let cfg = match Config::try_from(args) {
+    let (cfg, process) = match load(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vhost-user-console: {e}");
@@ -186,13 +230,32 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    if let Some(dir) = &cfg.state_dir {
-        if let Err(e) = std::fs::create_dir_all(dir) {
-            eprintln!(
-                "vhost-user-console: cannot create state dir {}: {e}",
-                dir.display()
-            );
-            return ExitCode::FAILURE;
+    // Held for the life of the process: a second instance on the same state directory would
+    // corrupt the spools.
+    let _state_lock = match &cfg.state_dir {
+        Some(dir) => match ensure_private_dir(dir).and_then(|()| StateDirLock::acquire(dir)) {
+            Ok(lock) => Some(lock),
+            Err(e) => {
+                eprintln!("vhost-user-console: state directory: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    // Every vhost-user socket is created before anything runs, so a socket another running
+    // instance serves (or a file in the way) stops this one at start.
+    let mut sockets = Vec::new();
+    for vm in cfg.vms.iter().filter(|vm| vm.kind == DeviceKind::Virtio) {
+        let transport = match vm.mode {
+            SocketMode::Listen => Transport::Listen(vm.socket.clone()),
+            SocketMode::Connect => Transport::Connect(vm.socket.clone()),
+        };
+        match FrontendSocket::open(&transport, &process.socket) {
+            Ok(s) => sockets.push((transport, s)),
+            Err(e) => {
+                eprintln!("vhost-user-console: VM {}: {e}", vm.name);
+                return ExitCode::FAILURE;
+            }
         }
     }
     let engine = match Engine::new(&cfg) {
@@ -202,9 +265,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(path) = stats_socket {
+    let actions = {
+        let (reload, shutdown) = (engine.clone(), engine.clone());
+        SignalActions {
+            on_reload: Box::new(move || on_reload(&reload)),
+            on_shutdown: Box::new(move || on_shutdown(&shutdown)),
+        }
+    };
+    if let Err(e) = handle_signals(actions) {
+        eprintln!("vhost-user-console: {e}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(path) = process.stats_socket {
         let e = engine.clone();
-        let served = devshare_common::stats::serve_json(&path, move || {
+        let served = devshare_common::stats::serve_json(&path, &process.socket, move || {
             let stats = engine::lock(&e).stats();
             let ports: Vec<serde_json::Value> = stats
                 .iter()
@@ -219,37 +293,32 @@ fn main() -> ExitCode {
                     })
                 })
                 .collect();
-            serde_json::json!({ "ports": ports }).to_string()
+            serde_json::json!({ "ports": ports, "process": ProcessStats::current() }).to_string()
         });
         if let Err(e) = served {
-            eprintln!("vhost-user-console: stats socket {}: {e}", path.display());
+            eprintln!("vhost-user-console: {e}");
             return ExitCode::FAILURE;
         }
     }
     let mut workers = Vec::new();
-    for (dev, vm) in cfg.vms.iter().enumerate() {
-        if vm.kind != DeviceKind::Virtio {
-            continue;
-        }
-        let transport = match vm.mode {
-            SocketMode::Listen => Transport::Listen(vm.socket.clone()),
-            SocketMode::Connect => Transport::Connect(vm.socket.clone()),
-        };
+    let virtio = cfg
+        .vms
+        .iter()
+        .enumerate()
+        .filter(|(_, vm)| vm.kind == DeviceKind::Virtio);
+    for ((dev, vm), (transport, socket)) in virtio.zip(sockets) {
         let opts = ServeOptions::new(vm.name.clone(), transport);
         let e = engine.clone();
-        let name = vm.name.clone();
         let spawned = thread::Builder::new()
-            .name(format!("vm-{name}"))
+            .name(format!("vm-{}", vm.name))
             .spawn(move || {
                 let e2 = e.clone();
-                let result = serve(
+                serve(
                     &opts,
+                    &socket,
                     || VhuConsole::new(e.clone(), dev).map_err(|err| err.to_string()),
                     || engine::lock(&e2).detach(dev),
                 );
-                if let Err(err) = result {
-                    log::error!("{name}: stopped serving: {err}");
-                }
             });
         match spawned {
             Ok(h) => workers.push(h),

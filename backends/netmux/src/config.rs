@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use devshare_common::daemon::Transport;
+use devshare_common::listen::SocketOptions;
 use serde::Deserialize;
 
 /// Why a configuration was refused.
@@ -279,6 +280,8 @@ pub struct Config {
     pub mtu: u16,
     /// Unix socket serving JSON counters, if any.
     pub stats_socket: Option<PathBuf>,
+    /// Mode and group of every socket this process creates (ports and stats).
+    pub socket: SocketOptions,
 }
 
 /// A `[[port]]` table of the TOML file.
@@ -296,6 +299,9 @@ pub struct PortFile {
     /// Queue pairs.
     pub queues: Option<u16>,
     /// Connect to a listening QEMU (`server=on`) instead of listening.
+    #[serde(default)]
+    pub connect: bool,
+    /// Deprecated spelling of `connect`.
     #[serde(default)]
     pub client: bool,
 }
@@ -318,6 +324,10 @@ pub struct ConfigFile {
     pub mtu: Option<u32>,
     /// Stats socket path.
     pub stats_socket: Option<PathBuf>,
+    /// Octal mode of the sockets (default "0600").
+    pub socket_mode: Option<String>,
+    /// Group of the sockets (name or number).
+    pub socket_group: Option<String>,
     /// Guest ports.
     #[serde(default)]
     pub port: Vec<PortFile>,
@@ -325,7 +335,8 @@ pub struct ConfigFile {
 
 impl PortConfig {
     /// Parses a command-line port spec:
-    /// `socket=PATH,mac=MAC[,name=NAME][,vlan=ID][,queues=N][,client]`.
+    /// `socket=PATH,mac=MAC[,name=NAME][,vlan=ID][,queues=N][,connect]` (`client`, the old
+    /// spelling of `connect`, is still accepted with a warning).
     pub fn parse_spec(spec: &str, index: usize) -> Result<PortConfig, ConfigError> {
         let err = |reason: String| ConfigError::PortSpec {
             spec: spec.into(),
@@ -337,6 +348,7 @@ impl PortConfig {
             mac: String::new(),
             vlan: None,
             queues: None,
+            connect: false,
             client: false,
         };
         let mut have_socket = false;
@@ -370,6 +382,7 @@ impl PortConfig {
                             .map_err(|_| err("queues must be a number".into()))?,
                     )
                 }
+                "connect" if value.is_none() => file.connect = true,
                 "client" if value.is_none() => file.client = true,
                 other => return Err(err(format!("unknown key '{other}'"))),
             }
@@ -406,7 +419,13 @@ impl PortConfig {
                 max: MAX_QUEUE_PAIRS,
             });
         }
-        let transport = if f.client {
+        if f.client {
+            devshare_common::config::warn_deprecated(
+                &format!("port {name}: 'client'"),
+                "'connect'",
+            );
+        }
+        let transport = if f.connect || f.client {
             Transport::Connect(f.socket)
         } else {
             Transport::Listen(f.socket)
@@ -595,6 +614,7 @@ mod tests {
             anti_spoof: true,
             mtu: 1500,
             stats_socket: None,
+            socket: SocketOptions::default(),
         }
     }
 

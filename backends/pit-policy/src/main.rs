@@ -32,8 +32,8 @@ enum Command {
     ///
     /// Example: kvm-pit-policy qemu-args --policy delay -- -accel kvm -M q35
     QemuArgs {
-        /// delay (re-inject missed ticks; QEMU's default) or discard (drop them).
-        #[arg(long, value_parser = parse_policy)]
+        /// The policy to set.
+        #[arg(long, value_enum)]
         policy: LostTickPolicy,
         /// Exit with status 2 when there is a warning.
         #[arg(long)]
@@ -80,7 +80,7 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Run only this policy (default: both).
-        #[arg(long, value_parser = parse_policy)]
+        #[arg(long, value_enum)]
         policy: Option<LostTickPolicy>,
         /// Print JSON instead of the table.
         #[arg(long)]
@@ -89,10 +89,6 @@ enum Command {
         #[arg(long, value_name = "FILE.png")]
         plot: Option<PathBuf>,
     },
-}
-
-fn parse_policy(text: &str) -> Result<LostTickPolicy, String> {
-    text.parse().map_err(|e| format!("{e}"))
 }
 
 fn main() -> ExitCode {
