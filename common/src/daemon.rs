@@ -346,3 +346,115 @@ fn stop_workers<B: VhostUserBackend>(backend: &B) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::atomic::AtomicUsize;
+    use vhost::vhost_user::message::VhostUserProtocolFeatures;
+    use vhost_user_backend::VringMutex;
+
+    use crate::chain::MemoryAtomic;
+
+    #[test]
+    fn backoff_doubles_up_to_its_bound_and_resets() {
+        let mut opts = ServeOptions::new("t", Transport::Listen("/x".into()));
+        opts.retry_min = Duration::from_millis(100);
+        opts.retry_max = Duration::from_secs(1);
+        let mut b = Backoff::new(&opts);
+        let waits: Vec<u128> = (0..7).map(|_| b.failed().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 1000, 1000]);
+        for _ in 0..100 {
+            b.failed(); // never overflows, never exceeds the bound
+        }
+        assert_eq!(b.failed(), Duration::from_secs(1));
+        b.succeeded();
+        assert_eq!(b.failed(), Duration::from_millis(100));
+    }
+
+    /// The smallest device: one queue, nothing to do.
+    #[derive(Clone)]
+    struct Idle;
+
+    impl VhostUserBackend for Idle {
+        type Bitmap = ();
+        type Vring = VringMutex<MemoryAtomic>;
+        fn num_queues(&self) -> usize {
+            1
+        }
+        fn max_queue_size(&self) -> usize {
+            256
+        }
+        fn features(&self) -> u64 {
+            1 << 32 | 1 << 30
+        }
+        fn protocol_features(&self) -> VhostUserProtocolFeatures {
+            VhostUserProtocolFeatures::empty()
+        }
+        fn set_event_idx(&self, _enabled: bool) {}
+        fn update_memory(&self, _mem: MemoryAtomic) -> io::Result<()> {
+            Ok(())
+        }
+        fn handle_event(
+            &self,
+            _device_event: u16,
+            _evset: EventSet,
+            _vrings: &[Self::Vring],
+            _thread_id: usize,
+        ) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// GET_FEATURES (request 1) and its reply: the device answered.
+    fn features_answered(path: &Path) -> bool {
+        let Ok(mut s) = UnixStream::connect(path) else {
+            return false;
+        };
+        let mut msg = [0u8; 12];
+        msg[0] = 1;
+        msg[4] = 1; // version 1
+        if s.write_all(&msg).is_err() {
+            return false;
+        }
+        let mut reply = [0u8; 20];
+        s.read_exact(&mut reply).is_ok() && reply[12..20] == (1u64 << 32 | 1 << 30).to_le_bytes()
+    }
+
+    #[test]
+    fn a_failing_backend_factory_is_retried_and_the_socket_stays_served() {
+        let _serial = crate::process_state_lock();
+        let dir = std::env::temp_dir().join(format!("ds-daemon-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.sock");
+        let transport = Transport::Listen(path.clone());
+        let mut opts = ServeOptions::new("t", transport.clone());
+        opts.retry_min = Duration::from_millis(1);
+        let socket = FrontendSocket::open(&transport, &SocketOptions::default()).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        thread::spawn(move || {
+            serve(
+                &opts,
+                &socket,
+                || {
+                    // Fails for the first three connections, as a backend short of a resource.
+                    if c.fetch_add(1, Ordering::SeqCst) < 3 {
+                        Err("no eventfd left".to_string())
+                    } else {
+                        Ok(Idle)
+                    }
+                },
+                || {},
+            )
+        });
+        let mut answered = false;
+        for _ in 0..4 {
+            answered = features_answered(&path);
+        }
+        assert!(answered, "the device stopped being served");
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+}

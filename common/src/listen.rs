@@ -285,6 +285,16 @@ pub fn listen(
     ))
 }
 
+/// Checks, without creating anything, that [`listen`] could use `path`: nothing is there, or
+/// a stale socket is. For code that still binds its sockets itself, to refuse a live socket or
+/// a file in the way before it would remove it.
+///
+/// # Errors
+/// [`ListenError::InUse`] or [`ListenError::NotASocket`] as [`listen`] would give them.
+pub fn check_free(path: &Path) -> Result<(), ListenError> {
+    probe(path).map(|_| ())
+}
+
 /// What is at `path` now: `None` for nothing, the inode of a stale socket, or an error when a
 /// live socket or something that is not a socket is there.
 fn probe(path: &Path) -> Result<Option<(u64, u64)>, ListenError> {

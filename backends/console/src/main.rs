@@ -245,6 +245,16 @@ fn main() -> ExitCode {
     // Every vhost-user socket is created before anything runs, so a socket another running
     // instance serves (or a file in the way) stops this one at start.
     let mut sockets = Vec::new();
+    for vm in &cfg.vms {
+        // Stream sockets are still bound by the stream module; refuse here what listen()
+        // refuses (a live socket, a file that is not a socket) before it would replace it.
+        if vm.kind == DeviceKind::Stream && vm.mode == SocketMode::Listen {
+            if let Err(e) = devshare_common::listen::check_free(&vm.socket) {
+                eprintln!("vhost-user-console: VM {}: {e}", vm.name);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     for vm in cfg.vms.iter().filter(|vm| vm.kind == DeviceKind::Virtio) {
         let transport = match vm.mode {
             SocketMode::Listen => Transport::Listen(vm.socket.clone()),

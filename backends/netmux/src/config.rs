@@ -574,6 +574,26 @@ mod tests {
     }
 
     #[test]
+    fn connect_and_its_old_spelling_client_both_dial_qemu() {
+        for word in ["connect", "client"] {
+            let p = PortConfig::parse_spec(
+                &format!("socket=/tmp/c.sock,mac=52:54:00:00:00:03,{word}"),
+                0,
+            )
+            .unwrap();
+            assert_eq!(p.transport, Transport::Connect("/tmp/c.sock".into()));
+        }
+        let f: ConfigFile = toml::from_str(
+            "uplink = \"tap:x\"\nsocket_mode = \"0660\"\nsocket_group = \"kvm\"\n\
+             [[port]]\nsocket = \"/a\"\nmac = \"52:54:00:00:00:01\"\nconnect = true\n",
+        )
+        .unwrap();
+        assert_eq!(f.socket_mode.as_deref(), Some("0660"));
+        let p = PortConfig::from_file(f.port.into_iter().next().unwrap(), 0).unwrap();
+        assert!(matches!(p.transport, Transport::Connect(_)));
+    }
+
+    #[test]
     fn port_specs() {
         let p = PortConfig::parse_spec(
             "socket=/tmp/a.sock,mac=52:54:00:00:00:01,vlan=10,queues=2,name=vm1",
