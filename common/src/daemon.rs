@@ -3,8 +3,8 @@
 //!
 //! A backend opens each device's [`FrontendSocket`] at start-up (so a socket that cannot be
 //! served stops the process before it runs) and hands [`serve`] that socket and a factory that
-//! builds a fresh `VhostUserBackend` for each connection; whatever must outlive a connection (buffers, endpoints, counters) lives in state
-//! the factory closes over. In [`Transport::Listen`] mode one listening socket is kept for the
+//! builds a fresh `VhostUserBackend` for each connection; whatever must outlive a connection
+//! (buffers, endpoints, counters) lives in state the factory closes over. In [`Transport::Listen`] mode one listening socket is kept for the
 //! whole run, so a QEMU started with `reconnect-ms` finds it again after it restarts; in
 //! [`Transport::Connect`] mode (QEMU's `server=on`, as libvirt and OVS use) the daemon dials
 //! the front-end and dials again whenever either side went away.
@@ -15,7 +15,6 @@ use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;

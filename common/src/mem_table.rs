@@ -6,7 +6,9 @@
 //! backend maps `memory_size` bytes at `mmap_offset`; `mmap` accepts a range past the end of
 //! the file, and the first access to a page past it raises SIGBUS, which kills the whole
 //! process and every VM it serves. [`check_message`] refuses such a table up front, so only
-//! the connection that sent it ends.
+//! the connection that sent it ends. The other areas a front-end hands over as files to map
+//! (`SET_LOG_BASE`'s dirty log, `SET_INFLIGHT_FD`'s in-flight area) are checked the same way,
+//! so the check still holds when those features are offered.
 //!
 //! What is checked, per fd kind (`fstat`):
 //! - regular files, which include memfds (QEMU's `memory-backend-memfd`), files on tmpfs or
@@ -24,6 +26,10 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 pub const REQ_SET_MEM_TABLE: u32 = 5;
 /// `VHOST_USER_ADD_MEM_REG`.
 pub const REQ_ADD_MEM_REG: u32 = 37;
+/// `VHOST_USER_SET_LOG_BASE` (the dirty-page log of live migration, a shared file too).
+pub const REQ_SET_LOG_BASE: u32 = 6;
+/// `VHOST_USER_SET_INFLIGHT_FD` (the in-flight descriptor area, a shared file too).
+pub const REQ_SET_INFLIGHT_FD: u32 = 32;
 /// Size of one region description: guest address, size, user address, mmap offset (u64 each).
 const REGION_SIZE: usize = 32;
 
@@ -79,7 +85,9 @@ fn region_at(body: &[u8], at: usize) -> Option<Region> {
     })
 }
 
-/// The regions a `SET_MEM_TABLE` or `ADD_MEM_REG` body describes; `None` for other requests.
+/// The file areas a message asks the backend to map: the regions of `SET_MEM_TABLE` and
+/// `ADD_MEM_REG`, the log area of `SET_LOG_BASE`, the in-flight area of `SET_INFLIGHT_FD`
+/// (the last two as a region at guest address 0); `None` for other requests.
 ///
 /// # Errors
 /// [`MemTableError::Malformed`] when the body is too short for what it announces.
@@ -99,6 +107,12 @@ pub fn regions(request: u32, body: &[u8]) -> Result<Option<Vec<Region>>, MemTabl
         }
         // A u64 of padding, then one region.
         REQ_ADD_MEM_REG => Ok(Some(vec![region_at(body, 8).ok_or_else(short)?])),
+        // mmap_size, mmap_offset (then, for SET_INFLIGHT_FD, queue counts).
+        REQ_SET_LOG_BASE | REQ_SET_INFLIGHT_FD => Ok(Some(vec![Region {
+            guest_phys_addr: 0,
+            memory_size: u64_at(body, 0).ok_or_else(short)?,
+            mmap_offset: u64_at(body, 8).ok_or_else(short)?,
+        }])),
         _ => Ok(None),
     }
 }
@@ -229,6 +243,18 @@ mod tests {
         let mut body = vec![0u8; 8];
         body.extend_from_slice(&table(&[(0, 2 << 20, 0)])[8..]);
         assert!(check_message(REQ_ADD_MEM_REG, &body, &fds).is_err());
+    }
+
+    #[test]
+    fn log_and_inflight_areas_are_checked_too() {
+        for req in [REQ_SET_LOG_BASE, REQ_SET_INFLIGHT_FD] {
+            let mut body = Vec::new();
+            body.extend_from_slice(&(8192u64).to_le_bytes());
+            body.extend_from_slice(&0u64.to_le_bytes());
+            body.extend_from_slice(&[1, 0, 0, 1]);
+            check_message(req, &body, &[memfd(8192, false)]).unwrap();
+            assert!(check_message(req, &body, &[memfd(4096, false)]).is_err());
+        }
     }
 
     #[test]

@@ -109,10 +109,11 @@ pub(crate) fn relay_frontend_messages(
         (&*from).read_exact(&mut body[..size])?;
         if let Err(e) = mem_table::check_message(request, &body[..size], &fds) {
             return Err(RelayError::Refused {
-                what: if request == mem_table::REQ_ADD_MEM_REG {
-                    "ADD_MEM_REG"
-                } else {
-                    "SET_MEM_TABLE"
+                what: match request {
+                    mem_table::REQ_ADD_MEM_REG => "ADD_MEM_REG",
+                    mem_table::REQ_SET_LOG_BASE => "SET_LOG_BASE",
+                    mem_table::REQ_SET_INFLIGHT_FD => "SET_INFLIGHT_FD",
+                    _ => "SET_MEM_TABLE",
                 },
                 reason: e.to_string(),
             });

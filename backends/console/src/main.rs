@@ -120,78 +120,97 @@ struct ProcessConfig {
     stats_socket: Option<PathBuf>,
 }
 
-fn load(args: Args) -> Result<(Config, ProcessConfig), ConfigError> {
-    let mut file = match &args.config {
-        Some(p) => load_toml::<ConfigFile>(p)?,
-        None => ConfigFile {
-            buffer_size: None,
-            state_dir: None,
-            stats_socket: None,
-            socket_mode: None,
-            socket_group: None,
-            vms: Vec::new(),
-        },
-    };
-    let process = ProcessConfig {
-        socket: SocketOptions::parse(
-            args.socket_mode.as_deref().or(file.socket_mode.as_deref()),
-            args.socket_group
-                .as_deref()
-                .or(file.socket_group.as_deref()),
-        )
-        .map_err(|e| ConfigError::Invalid(e.to_string()))?,
-        stats_socket: args.stats_socket.clone().or(file.stats_socket.take()),
-    };
-    Ok((config_from(args, file)?, process))
+impl TryFrom<&Args> for ProcessConfig {
+    type Error = ConfigError;
+
+    /// The command line wins over the config file's keys.
+    fn try_from(args: &Args) -> Result<Self, Self::Error> {
+        let file = args
+            .config
+            .as_deref()
+            .map(load_toml::<ConfigFile>)
+            .transpose()?;
+        let key = |f: fn(&ConfigFile) -> Option<&str>| file.as_ref().and_then(f);
+        Ok(ProcessConfig {
+            socket: SocketOptions::parse(
+                args.socket_mode
+                    .as_deref()
+                    .or(key(|f| f.socket_mode.as_deref())),
+                args.socket_group
+                    .as_deref()
+                    .or(key(|f| f.socket_group.as_deref())),
+            )
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+            stats_socket: args
+                .stats_socket
+                .clone()
+                .or_else(|| file.as_ref().and_then(|f| f.stats_socket.clone())),
+        })
+    }
 }
 
-fn config_from(args: Args, mut file: ConfigFile) -> Result<Config, ConfigError> {
-    if let Some(b) = args.buffer_size {
-        parse_size(&b)?;
-        file.buffer_size = Some(b);
-    }
-    if args.state_dir.is_some() {
-        file.state_dir = args.state_dir;
-    }
-    if let Some(socket) = args.socket {
-        file.vms.push(VmFile {
-            name: "vm0".into(),
-            socket,
-            mode: if args.connect {
-                SocketMode::Connect
-            } else {
-                SocketMode::Listen
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, Self::Error> {
+        let mut file = match &args.config {
+            Some(p) => load_toml::<ConfigFile>(p)?,
+            None => ConfigFile {
+                buffer_size: None,
+                state_dir: None,
+                stats_socket: None,
+                socket_mode: None,
+                socket_group: None,
+                vms: Vec::new(),
             },
-            kind: DeviceKind::Virtio,
-            ports: Vec::new(),
-        });
-    }
-    for v in &args.vm {
-        file.vms.push(parse_vm_arg(v)?);
-    }
-    for p in &args.port {
-        let (vm, port) = parse_port_arg(p)?;
-        let idx = match vm {
-            Some(name) => file
-                .vms
-                .iter()
-                .position(|v| v.name == name)
-                .ok_or_else(|| {
-                    ConfigError::Invalid(format!("--port '{p}': no VM named '{name}'"))
-                })?,
-            None if file.vms.len() == 1 => 0,
-            None => {
-                return Err(ConfigError::Invalid(format!(
-                    "--port '{p}': say which VM (VM/NAME=ENDPOINT) when there are several"
-                )))
-            }
         };
-        file.vms[idx].ports.push(port);
+        if let Some(b) = args.buffer_size {
+            parse_size(&b)?;
+            file.buffer_size = Some(b);
+        }
+        if args.state_dir.is_some() {
+            file.state_dir = args.state_dir;
+        }
+        if let Some(socket) = args.socket {
+            file.vms.push(VmFile {
+                name: "vm0".into(),
+                socket,
+                mode: if args.connect {
+                    SocketMode::Connect
+                } else {
+                    SocketMode::Listen
+                },
+                kind: DeviceKind::Virtio,
+                ports: Vec::new(),
+            });
+        }
+        for v in &args.vm {
+            file.vms.push(parse_vm_arg(v)?);
+        }
+        for p in &args.port {
+            let (vm, port) = parse_port_arg(p)?;
+            let idx = match vm {
+                Some(name) => file
+                    .vms
+                    .iter()
+                    .position(|v| v.name == name)
+                    .ok_or_else(|| {
+                        ConfigError::Invalid(format!("--port '{p}': no VM named '{name}'"))
+                    })?,
+                None if file.vms.len() == 1 => 0,
+                None => {
+                    return Err(ConfigError::Invalid(format!(
+                        "--port '{p}': say which VM (VM/NAME=ENDPOINT) when there are several"
+                    )))
+                }
+            };
+            file.vms[idx].ports.push(port);
+        }
+        Config::try_from(file)
     }
-    Config::try_from(file)
 }
 
-/// SIGHUP: the hook where the console reopens its log files (issue 9's log endpoints attach
+/// SIGHUP: the hook where the console reopens its log files (the `file:` endpoints attach
 /// here). Every VM keeps being served.
 fn on_reload(_engine: &engine::Shared) {
     log::info!("SIGHUP: no log file to reopen");
@@ -211,7 +230,8 @@ fn main() -> ExitCode {
     let print = args.print_qemu_args;
     let memory = qemu_size(args.memory);
     let pit_policy = args.pit_policy;
-    let (cfg, process) = match load(args) {
+    let loaded = ProcessConfig::try_from(&args).and_then(|p| Ok((Config::try_from(args)?, p)));
+    let (cfg, process) = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vhost-user-console: {e}");
@@ -242,30 +262,18 @@ fn main() -> ExitCode {
         },
         None => None,
     };
-    // Every vhost-user socket is created before anything runs, so a socket another running
-    // instance serves (or a file in the way) stops this one at start.
-    let mut sockets = Vec::new();
-    for vm in &cfg.vms {
-        // Stream sockets are still bound by the stream module; refuse here what listen()
-        // refuses (a live socket, a file that is not a socket) before it would replace it.
-        if vm.kind == DeviceKind::Stream && vm.mode == SocketMode::Listen {
-            if let Err(e) = devshare_common::listen::check_free(&vm.socket) {
-                eprintln!("vhost-user-console: VM {}: {e}", vm.name);
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    for vm in cfg.vms.iter().filter(|vm| vm.kind == DeviceKind::Virtio) {
-        let transport = match vm.mode {
-            SocketMode::Listen => Transport::Listen(vm.socket.clone()),
-            SocketMode::Connect => Transport::Connect(vm.socket.clone()),
-        };
-        match FrontendSocket::open(&transport, &process.socket) {
-            Ok(s) => sockets.push((transport, s)),
-            Err(e) => {
-                eprintln!("vhost-user-console: VM {}: {e}", vm.name);
-                return ExitCode::FAILURE;
-            }
+    // Refuse a socket path another running instance serves (or a file in the way) before
+    // anything is opened: a second instance must not touch the first one's endpoints.
+    let listen_paths = cfg
+        .vms
+        .iter()
+        .filter(|vm| vm.mode == SocketMode::Listen)
+        .map(|vm| (vm.name.as_str(), &vm.socket))
+        .chain(process.stats_socket.iter().map(|p| ("stats", p)));
+    for (name, path) in listen_paths {
+        if let Err(e) = devshare_common::listen::check_free(path) {
+            eprintln!("vhost-user-console: {name}: {e}");
+            return ExitCode::FAILURE;
         }
     }
     let engine = match Engine::new(&cfg) {
@@ -308,6 +316,21 @@ fn main() -> ExitCode {
         if let Err(e) = served {
             eprintln!("vhost-user-console: {e}");
             return ExitCode::FAILURE;
+        }
+    }
+    // The vhost-user sockets appear last: once a socket exists, its VM's endpoints are ready.
+    let mut sockets = Vec::new();
+    for vm in cfg.vms.iter().filter(|vm| vm.kind == DeviceKind::Virtio) {
+        let transport = match vm.mode {
+            SocketMode::Listen => Transport::Listen(vm.socket.clone()),
+            SocketMode::Connect => Transport::Connect(vm.socket.clone()),
+        };
+        match FrontendSocket::open(&transport, &process.socket) {
+            Ok(s) => sockets.push((transport, s)),
+            Err(e) => {
+                eprintln!("vhost-user-console: VM {}: {e}", vm.name);
+                return ExitCode::FAILURE;
+            }
         }
     }
     let mut workers = Vec::new();

@@ -17,8 +17,10 @@ pub mod virtio_net;
 use std::sync::Arc;
 use std::thread;
 
-use devshare_common::daemon::{FrontendSocket, ServeOptions};
+use devshare_common::daemon::{FrontendSocket, ServeOptions, Transport};
+use devshare_common::listen::check_free;
 use devshare_common::signals::ProcessStats;
+use devshare_common::stats::StatsError;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Config, HostPortConfig, MacAddr, UplinkSpec};
@@ -123,18 +125,19 @@ pub fn build_fabric(
 
 /// Runs the switch until the process is stopped (SIGTERM/SIGINT, handled by
 /// `devshare_common::signals`): the uplink receive thread, the stats socket and one vhost-user
-/// daemon per guest port. Every socket is created first, so a port socket that another
+/// daemon per guest port. Every socket path is checked first, so a port socket that another
 /// running netmux serves (or a file in the way) stops this one before it touches the uplink.
 pub fn run(config: Config) -> Result<(), NetmuxError> {
-    let mut sockets = Vec::new();
     for pc in &config.ports {
-        let socket = FrontendSocket::open(&pc.transport, &config.socket).map_err(|source| {
-            NetmuxError::Port {
+        if let Transport::Listen(path) = &pc.transport {
+            check_free(path).map_err(|e| NetmuxError::Port {
                 port: pc.name.clone(),
-                source,
-            }
-        })?;
-        sockets.push(socket);
+                source: e.into(),
+            })?;
+        }
+    }
+    if let Some(path) = &config.stats_socket {
+        check_free(path).map_err(StatsError::from)?;
     }
     let uplink = open_uplink(&config.uplink)?;
     log::info!(
@@ -181,6 +184,17 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
                 }
             })
             .map_err(NetmuxError::Thread)?;
+    }
+    // The port sockets appear last: once a socket exists, the switch is ready for its guest.
+    let mut sockets = Vec::new();
+    for pc in &config.ports {
+        let socket = FrontendSocket::open(&pc.transport, &config.socket).map_err(|source| {
+            NetmuxError::Port {
+                port: pc.name.clone(),
+                source,
+            }
+        })?;
+        sockets.push(socket);
     }
     let mut workers = Vec::new();
     for (i, (pc, socket)) in config.ports.iter().zip(sockets).enumerate() {
