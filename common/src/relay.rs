@@ -243,3 +243,32 @@ fn send_with_fds(s: &UnixStream, data: &[u8], fds: &[OwnedFd]) -> io::Result<()>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn the_library_end_lives_in_a_private_directory_and_vanishes_once_connected() {
+        let l = PrivateListener::new().unwrap();
+        let path = l.path().to_path_buf();
+        let dir = path.parent().unwrap().to_path_buf();
+        let meta = std::fs::symlink_metadata(&dir).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.mode() & 0o777, 0o700, "others could reach the socket");
+        assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
+        // No abstract name: nothing outside the directory leads to it.
+        assert!(std::os::linux::net::SocketAddrExt::as_abstract_name(
+            &l.listener.local_addr().unwrap()
+        )
+        .is_none());
+        let _inner = UnixStream::connect(&path).unwrap();
+        let _accepted = l.listener.accept().unwrap();
+        drop(l);
+        assert!(
+            !dir.exists(),
+            "the private directory outlived the connection"
+        );
+    }
+}
