@@ -1,10 +1,12 @@
 //! Shared pieces of the devshare vhost-user backends: daemon lifecycle ([`daemon`]),
-//! split-ring access ([`ring`]) and descriptor-chain access ([`chain`]), configuration ([`config`]) and counters ([`stats`]).
+//! split-ring access ([`ring`]) and descriptor-chain access ([`chain`]), configuration ([`config`]), counters ([`stats`]) and the QEMU options that differ between
+//! QEMU versions ([`qemu`]).
 
 pub mod chain;
 pub mod config;
 pub mod daemon;
 pub mod pit;
+pub mod qemu;
 pub mod relay;
 pub mod ring;
 pub mod stats;
