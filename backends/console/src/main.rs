@@ -10,6 +10,7 @@ use clap::Parser;
 use devshare_common::config::{load_toml, parse_size, ConfigError};
 use devshare_common::daemon::{serve, ServeOptions, Transport};
 use devshare_common::pit::LostTickPolicy;
+use devshare_common::qemu::QemuVersion;
 use vhost_user_console::config::{
     parse_port_arg, parse_vm_arg, Config, ConfigFile, DeviceKind, SocketMode, VmFile,
 };
@@ -96,6 +97,16 @@ struct Args {
     /// (delay = re-inject lost timer ticks, discard = drop them; see kvm-pit-policy).
     #[arg(long, value_name = "POLICY", value_parser = parse_pit_policy)]
     pit_policy: Option<LostTickPolicy>,
+
+    /// With --print-qemu-args: spell the options for this QEMU version (e.g. 7.2: reconnect=
+    /// instead of reconnect-ms=; before 10.2 a virtio VM is refused, use stream mode)
+    /// [default: 11.1, the newest tested].
+    #[arg(long, value_name = "X.Y", conflicts_with = "qemu")]
+    qemu_version: Option<QemuVersion>,
+
+    /// With --print-qemu-args: take the QEMU version from `PATH --version`.
+    #[arg(long, value_name = "PATH")]
+    qemu: Option<PathBuf>,
 }
 
 fn parse_pit_policy(s: &str) -> Result<LostTickPolicy, String> {
@@ -166,6 +177,7 @@ fn main() -> ExitCode {
     let print = args.print_qemu_args;
     let memory = args.memory.clone();
     let pit_policy = args.pit_policy;
+    let qemu = QemuVersion::chosen(args.qemu_version, args.qemu.as_deref());
     let stats_socket = args.stats_socket.clone();
     let cfg = match Config::try_from(args) {
         Ok(c) => c,
@@ -175,16 +187,39 @@ fn main() -> ExitCode {
         }
     };
     if print {
-        for vm in &cfg.vms {
-            println!("# {}", vm.name);
-            for line in qemu_args(vm, &memory) {
-                println!("{line}");
+        let qemu = match qemu {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("vhost-user-console: {e}");
+                return ExitCode::from(2);
             }
-            if let Some(p) = pit_policy {
-                println!("{}", devshare_common::pit::qemu_args(p).join(" "));
+        };
+        if let Some(warning) = qemu.untested_warning() {
+            eprintln!("vhost-user-console: warning: {warning}");
+        }
+        let mut refused = false;
+        for vm in &cfg.vms {
+            match qemu_args(vm, &memory, qemu) {
+                Ok(lines) => {
+                    println!("# {}", vm.name);
+                    for line in lines {
+                        println!("{line}");
+                    }
+                    if let Some(p) = pit_policy {
+                        println!("{}", devshare_common::pit::qemu_args(p).join(" "));
+                    }
+                }
+                Err(e) => {
+                    eprintln!("vhost-user-console: {e}");
+                    refused = true;
+                }
             }
         }
-        return ExitCode::SUCCESS;
+        return if refused {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
     }
     if let Some(dir) = &cfg.state_dir {
         if let Err(e) = std::fs::create_dir_all(dir) {
