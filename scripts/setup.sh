@@ -208,12 +208,12 @@ build_qemu_root() {
 # Provides QEMU $1 (e.g. 7.2) in its own root, $CACHE/qemu-$1, run by the launcher
 # $CACHE/bin/qemu-$1 (left in LAUNCHER). A root whose stamp names its version is kept.
 provide_qemu() {
-    local version=$1 build suite="" target="" ver t0
+    local version=$1 build v s t suite="" target="" ver t0
     for build in "${QEMU_BUILDS[@]}"; do
-        set -- $build
-        if [ "$1" = "$version" ]; then
-            suite=$2
-            target=$3
+        read -r v s t <<<"$build"
+        if [ "$v" = "$version" ]; then
+            suite=$s
+            target=$t
         fi
     done
     [ -n "$suite" ] || die "unknown QEMU version '$version' in DEVSHARE_QEMU_VERSIONS (known: $(qemu_known))"
@@ -407,5 +407,6 @@ setup: ready in $((T1 - T0)) s
   initrd    $DEVSHARE_INITRD
   env file  $CACHE/env   (source it, or let scripts/qemu and the tests read it)
 EOF
-    printf '%s' "$QEMU_ENV_LINES" | sed 's/^DEVSHARE_QEMU_\([0-9]*\)_\([0-9]*\)=/  QEMU \1.\2  /'
+    printf '%s' "$QEMU_ENV_LINES" | sed 's/^DEVSHARE_QEMU_\([0-9]*\)_\([0-9]*\)=\(.*\)/\1.\2 \3/' |
+        while read -r v path; do printf '  QEMU %-5s%s\n' "$v" "$path"; done
 fi
