@@ -3,7 +3,8 @@
 //!
 //! `setup.sh` provides each version named in `DEVSHARE_QEMU_VERSIONS` in its own root file
 //! system and writes its launcher into the env file as `DEVSHARE_QEMU_<MAJOR>_<MINOR>` (e.g.
-//! `DEVSHARE_QEMU_7_2`). A matrix test on a version that is not set up fails when
+//! `DEVSHARE_QEMU_7_2`); without that key, the default QEMU (`DEVSHARE_QEMU`) stands in when it
+//! is that version. A matrix test on a version that is not set up fails when
 //! `DEVSHARE_QEMU_VERSIONS` names that version (setup was asked for it: `scripts/test.sh` sets
 //! it under CI), and otherwise prints `SKIPPED <test>: ...` and passes, the way the KVM tests
 //! treat `DEVSHARE_REQUIRE_KVM`.
@@ -85,9 +86,14 @@ pub fn qemu_or_skip(version: &'static str, test: &str) -> Option<MatrixQemu> {
         );
         None
     };
+    let wanted: QemuVersion = version.parse().unwrap_or_else(|e| panic!("{test}: {e}"));
     let path = match TestBed::setting(&key) {
         Ok(Some(path)) => PathBuf::from(path),
-        Ok(None) => return missing(format!("{key} is not set")),
+        // The default QEMU may be this version (setup.sh's 11.1, or the host's).
+        Ok(None) => match default_qemu_if(wanted) {
+            Some(path) => path,
+            None => return missing(format!("{key} is not set")),
+        },
         Err(e @ QemuError::File { .. }) => return missing(e.to_string()),
         Err(e) => panic!("{test}: {e}"),
     };
@@ -95,7 +101,6 @@ pub fn qemu_or_skip(version: &'static str, test: &str) -> Option<MatrixQemu> {
         return missing(format!("{key}={} does not exist", path.display()));
     }
     let reported = QemuVersion::of_binary(&path).unwrap_or_else(|e| panic!("{test}: {e}"));
-    let wanted: QemuVersion = version.parse().unwrap_or_else(|e| panic!("{test}: {e}"));
     assert!(
         reported.major == wanted.major && reported.minor == wanted.minor,
         "{test}: {key}={} reports QEMU {reported}, not {version}",
@@ -106,6 +111,13 @@ pub fn qemu_or_skip(version: &'static str, test: &str) -> Option<MatrixQemu> {
         path,
         version: reported,
     })
+}
+
+/// The default QEMU (`DEVSHARE_QEMU`) when it reports `wanted`'s major.minor.
+fn default_qemu_if(wanted: QemuVersion) -> Option<PathBuf> {
+    let path = PathBuf::from(TestBed::setting("DEVSHARE_QEMU").ok()??);
+    let v = QemuVersion::of_binary(&path).ok()?;
+    (v.major == wanted.major && v.minor == wanted.minor).then_some(path)
 }
 
 /// One `#[test]` per QEMU version and test function: for each `module ("X.Y"): [tests]`

@@ -15,6 +15,11 @@ use kvm_pit_policy::inspect::inspect_pid;
 
 const Q35_KVM: [&str; 4] = ["-accel", "kvm", "-machine", "q35"];
 
+/// The matrix test's full name, `qemu_7_2::test`, for skip messages.
+fn named(qemu: &MatrixQemu, test: &str) -> String {
+    format!("qemu_{}::{test}", qemu.name.replace('.', "_"))
+}
+
 fn with(extra: &[&'static str]) -> Vec<&'static str> {
     let mut args = Q35_KVM.to_vec();
     args.extend_from_slice(extra);
@@ -40,7 +45,7 @@ fn qemu_args(qemu: &MatrixQemu, policy: &str, line: &[&str]) -> (Option<i32>, St
 }
 
 fn inspect_reports_each_policy_of_running_qemus(qemu: &MatrixQemu) {
-    if !kvm_or_skip("inspect_reports_each_policy_of_running_qemus") {
+    if !kvm_or_skip(&named(qemu, "inspect_reports_each_policy_of_running_qemus")) {
         return;
     }
     let cases: [(&[&'static str], LostTickPolicy, bool); 3] = [
@@ -89,7 +94,10 @@ fn inspect_reports_each_policy_of_running_qemus(qemu: &MatrixQemu) {
 }
 
 fn inspect_reports_no_in_kernel_pit_with_split_irqchip_or_tcg(qemu: &MatrixQemu) {
-    if !kvm_or_skip("inspect_reports_no_in_kernel_pit_with_split_irqchip_or_tcg") {
+    if !kvm_or_skip(&named(
+        qemu,
+        "inspect_reports_no_in_kernel_pit_with_split_irqchip_or_tcg",
+    )) {
         return;
     }
     let split = [
@@ -115,7 +123,7 @@ fn inspect_reports_no_in_kernel_pit_with_split_irqchip_or_tcg(qemu: &MatrixQemu)
 }
 
 fn inspect_command_lists_running_qemus_as_json(qemu: &MatrixQemu) {
-    if !kvm_or_skip("inspect_command_lists_running_qemus_as_json") {
+    if !kvm_or_skip(&named(qemu, "inspect_command_lists_running_qemus_as_json")) {
         return;
     }
     let discard = Qemu::start(
@@ -169,7 +177,7 @@ fn inspect_command_lists_running_qemus_as_json(qemu: &MatrixQemu) {
 }
 
 fn qemu_accepts_what_qemu_args_prints(qemu: &MatrixQemu) {
-    if !kvm_or_skip("qemu_accepts_what_qemu_args_prints") {
+    if !kvm_or_skip(&named(qemu, "qemu_accepts_what_qemu_args_prints")) {
         return;
     }
     for policy in LostTickPolicy::ALL {
@@ -199,7 +207,10 @@ fn qemu_accepts_what_qemu_args_prints(qemu: &MatrixQemu) {
 }
 
 fn qemu_args_warns_when_the_command_line_makes_it_moot(qemu: &MatrixQemu) {
-    if !kvm_or_skip("qemu_args_warns_when_the_command_line_makes_it_moot") {
+    if !kvm_or_skip(&named(
+        qemu,
+        "qemu_args_warns_when_the_command_line_makes_it_moot",
+    )) {
         return;
     }
     let split = ["-accel", "kvm", "-machine", "q35,kernel-irqchip=split"];
@@ -298,7 +309,10 @@ const CASES: [Case; 7] = [
 /// record is what the README states), `qemu-args --qemu` says "would refuse" exactly when
 /// QEMU refuses, and for a running QEMU `inspect` reports the PIT QEMU built.
 fn command_lines_are_read_by_the_running_versions_rules(qemu: &MatrixQemu) {
-    if !kvm_or_skip("command_lines_are_read_by_the_running_versions_rules") {
+    if !kvm_or_skip(&named(
+        qemu,
+        "command_lines_are_read_by_the_running_versions_rules",
+    )) {
         return;
     }
     for case in CASES {
