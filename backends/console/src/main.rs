@@ -177,7 +177,7 @@ fn main() -> ExitCode {
     let print = args.print_qemu_args;
     let memory = args.memory.clone();
     let pit_policy = args.pit_policy;
-    let qemu = QemuVersion::chosen(args.qemu_version, args.qemu.as_deref());
+    let (qemu_version, qemu_binary) = (args.qemu_version, args.qemu.clone());
     let stats_socket = args.stats_socket.clone();
     let cfg = match Config::try_from(args) {
         Ok(c) => c,
@@ -187,7 +187,7 @@ fn main() -> ExitCode {
         }
     };
     if print {
-        let qemu = match qemu {
+        let qemu = match QemuVersion::chosen(qemu_version, qemu_binary.as_deref()) {
             Ok(v) => v,
             Err(e) => {
                 eprintln!("vhost-user-console: {e}");
