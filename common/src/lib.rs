@@ -1,13 +1,31 @@
-//! Shared pieces of the devshare vhost-user backends: daemon lifecycle ([`daemon`]),
-//! split-ring access ([`ring`]) and descriptor-chain access ([`chain`]), configuration ([`config`]) and counters ([`stats`]).
+//! Shared pieces of the devshare vhost-user backends: daemon lifecycle ([`daemon`]), the
+//! front-end message relay ([`relay`]) and its memory-table check ([`mem_table`]),
+//! split-ring access ([`ring`]) and descriptor-chain access ([`chain`]), configuration
+//! ([`config`]), counters ([`stats`]), listening sockets ([`listen`]), signals ([`signals`]),
+//! private files ([`files`]) and the QEMU options that differ between QEMU versions ([`qemu`]).
 
 pub mod chain;
 pub mod config;
 pub mod daemon;
+pub mod files;
+pub mod listen;
+pub mod mem_table;
 pub mod pit;
+pub mod qemu;
 pub mod relay;
 pub mod ring;
+pub mod signals;
 pub mod stats;
+
+/// Serializes the unit tests that change process-wide state (the umask, the list of created
+/// sockets), which would otherwise see each other's changes.
+#[cfg(test)]
+pub(crate) static PROCESS_STATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[cfg(test)]
+pub(crate) fn process_state_lock() -> std::sync::MutexGuard<'static, ()> {
+    PROCESS_STATE.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Starts logging to stderr; `RUST_LOG` overrides the default level (`info`).
 pub fn init_logging() {

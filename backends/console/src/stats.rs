@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use devshare_common::signals::ProcessStats;
 use devshare_common::stats::Counter;
 use serde::{Serialize, Serializer};
 
@@ -60,6 +61,8 @@ fn shared<S: Serializer>(v: &Arc<PortStats>, s: S) -> Result<S::Ok, S::Error> {
 pub struct Report {
     /// Every port of every VM, in configuration order.
     pub ports: Vec<PortReport>,
+    /// Counters of the whole process (signals handled).
+    pub process: ProcessStats,
 }
 
 impl Report {
@@ -87,10 +90,14 @@ mod tests {
                 port: "console".into(),
                 stats,
             }],
+            process: ProcessStats::current(),
         };
-        assert_eq!(
-            doc.to_json(),
-            r#"{"ports":[{"vm":"a","port":"console","to_host_bytes":5,"to_guest_bytes":6,"dropped_bytes":7,"bad_chains":1,"buffered_bytes":9}]}"#
+        let json = doc.to_json();
+        assert!(
+            json.starts_with(
+                r#"{"ports":[{"vm":"a","port":"console","to_host_bytes":5,"to_guest_bytes":6,"dropped_bytes":7,"bad_chains":1,"buffered_bytes":9}],"process":{"signals":{"#
+            ),
+            "{json}"
         );
     }
 }

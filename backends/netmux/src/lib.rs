@@ -4,11 +4,12 @@
 //! Layout: [`config`] (what to serve), [`switch`] (where a frame goes, pure logic),
 //! [`virtio_net`] (wire formats and offload rules), [`port`] (a guest port and its RX side),
 //! [`uplink`] (AF_PACKET and TAP links), [`fabric`] (the running switch), [`vhu_net`] (the
-//! vhost-user device of one connection).
+//! vhost-user device of one connection), [`qemu_args`] (the QEMU options of a port).
 
 pub mod config;
 pub mod fabric;
 pub mod port;
+pub mod qemu_args;
 pub mod switch;
 pub mod uplink;
 pub mod vhu_net;
@@ -16,9 +17,11 @@ pub mod virtio_net;
 
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
 
-use devshare_common::daemon::ServeOptions;
+use devshare_common::daemon::{FrontendSocket, ServeOptions, Transport};
+use devshare_common::listen::check_free;
+use devshare_common::signals::ProcessStats;
+use devshare_common::stats::StatsError;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Config, HostPortConfig, MacAddr, UplinkSpec};
@@ -44,13 +47,8 @@ pub enum NetmuxError {
         reason: String,
     },
     /// The stats socket could not be created.
-    #[error("cannot serve statistics on {path}: {source}")]
-    Stats {
-        /// Socket path.
-        path: std::path::PathBuf,
-        /// Underlying error.
-        source: std::io::Error,
-    },
+    #[error("cannot serve statistics: {0}")]
+    Stats(#[from] devshare_common::stats::StatsError),
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
@@ -126,9 +124,22 @@ pub fn build_fabric(
     })
 }
 
-/// Runs the switch until the process is killed: the uplink receive thread, the stats socket
-/// and one vhost-user daemon per guest port. Returns only if a port's socket cannot be served.
+/// Runs the switch until the process is stopped (SIGTERM/SIGINT, handled by
+/// `devshare_common::signals`): the uplink receive thread, the stats socket and one vhost-user
+/// daemon per guest port. Every socket path is checked first, so a port socket that another
+/// running netmux serves (or a file in the way) stops this one before it touches the uplink.
 pub fn run(config: Config) -> Result<(), NetmuxError> {
+    for pc in &config.ports {
+        if let Transport::Listen(path) = &pc.transport {
+            check_free(path).map_err(|e| NetmuxError::Port {
+                port: pc.name.clone(),
+                source: e.into(),
+            })?;
+        }
+    }
+    if let Some(path) = &config.stats_socket {
+        check_free(path).map_err(StatsError::from)?;
+    }
     let uplink = open_uplink(&config.uplink)?;
     log::info!(
         "uplink {}, {} port(s), {:?} mode, anti-spoofing {}",
@@ -148,12 +159,16 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
     let fabric = build_fabric(&config, uplink, host);
     if let Some(path) = &config.stats_socket {
         let f = fabric.clone();
-        devshare_common::stats::serve_json(path, move || f.snapshot().to_string()).map_err(
-            |source| NetmuxError::Stats {
-                path: path.clone(),
-                source,
-            },
-        )?;
+        devshare_common::stats::serve_json(path, &config.socket, move || {
+            let mut doc = f.snapshot();
+            if let Some(obj) = doc.as_object_mut() {
+                obj.insert(
+                    "process".into(),
+                    serde_json::to_value(ProcessStats::current()).unwrap_or_default(),
+                );
+            }
+            doc.to_string()
+        })?;
     }
     let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(NetmuxError::Thread)?;
     let links = [(Link::Uplink, "uplink-rx")]
@@ -171,58 +186,53 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
             })
             .map_err(NetmuxError::Thread)?;
     }
+    // The port sockets appear last: once a socket exists, the switch is ready for its guest.
+    let mut sockets = Vec::new();
+    for pc in &config.ports {
+        let socket = FrontendSocket::open(&pc.transport, &config.socket).map_err(|source| {
+            NetmuxError::Port {
+                port: pc.name.clone(),
+                source,
+            }
+        })?;
+        sockets.push(socket);
+    }
     let mut workers = Vec::new();
-    for (i, pc) in config.ports.iter().enumerate() {
+    for (i, (pc, socket)) in config.ports.iter().zip(sockets).enumerate() {
         let f = fabric.clone();
         let mtu = config.mtu;
         let opts = ServeOptions::new(pc.name.clone(), pc.transport.clone());
         let handle = thread::Builder::new()
             .name(format!("port-{}", pc.name))
-            .spawn(move || serve_port(&f, i, mtu, &opts))
+            .spawn(move || serve_port(&f, i, mtu, &opts, &socket))
             .map_err(NetmuxError::Thread)?;
         workers.push(handle);
     }
     for w in workers {
-        match w.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => log::error!("a port thread panicked"),
+        if w.join().is_err() {
+            log::error!("a port thread panicked");
         }
     }
     Ok(())
 }
 
-/// Serves one port's socket for good. A failure to listen at all is returned; anything else
-/// is logged and retried, so one port's trouble never stops the others.
+/// Serves one port's socket for good: failures are logged and retried with a bounded
+/// back-off by [`serve`], so one port's trouble never stops the others.
 fn serve_port(
     fabric: &Arc<Fabric>,
     index: usize,
     mtu: u16,
     opts: &ServeOptions,
-) -> Result<(), NetmuxError> {
+    socket: &FrontendSocket,
+) {
     let port = fabric.ports[index].clone();
-    loop {
-        let res = serve(
-            opts,
-            || NetBackend::new(fabric.clone(), index, mtu).map_err(|e| e.to_string()),
-            || {
-                port.mark_disconnected();
-                log::info!("{}: guest gone; other ports unaffected", port.config.name);
-            },
-        );
-        match res {
-            Ok(()) => return Ok(()),
-            Err(e @ DaemonError::Listen { .. }) => {
-                return Err(NetmuxError::Port {
-                    port: port.config.name.clone(),
-                    source: e,
-                })
-            }
-            Err(e) => {
-                log::error!("{}: {e}; serving again in 1 s", port.config.name);
-                port.mark_disconnected();
-                thread::sleep(Duration::from_secs(1));
-            }
-        }
-    }
+    serve(
+        opts,
+        socket,
+        || NetBackend::new(fabric.clone(), index, mtu).map_err(|e| e.to_string()),
+        || {
+            port.mark_disconnected();
+            log::info!("{}: guest gone; other ports unaffected", port.config.name);
+        },
+    );
 }
