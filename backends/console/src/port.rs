@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use devshare_common::chain::GuestBuffers;
 
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, EndpointError};
 use crate::event_loop::Interest;
 use crate::link::PeerPort;
 use crate::log_limit::{warn_limited, LogLimit};
@@ -151,7 +151,11 @@ pub struct Port {
 impl Port {
     /// A port named `name` of VM `vm` whose output waits in `spool`.
     pub fn new(vm: &str, name: &str, console: bool, host: Host, spool: Spool) -> Port {
-        let stats = Arc::new(PortStats::default());
+        let endpoint = match &host {
+            Host::Endpoint(ep) => ep.counters(),
+            Host::Link { .. } => Arc::default(),
+        };
+        let stats = Arc::new(PortStats::new(endpoint));
         stats.set_buffered(spool.len());
         Port {
             label: format!("{vm}/{name}"),
@@ -183,9 +187,23 @@ impl Port {
     }
 
     /// Buffers `src` from `from` on, keeping the newest bytes: the oldest buffered bytes (and
-    /// the oldest of `src`, beyond the capacity) make room, and are counted as dropped.
-    pub fn keep_newest(&mut self, src: &dyn Source, from: usize) {
+    /// the oldest of `src`, beyond the capacity) make room, and are counted as dropped. What
+    /// the host side takes now goes there first (`peer` for a link): only bytes it cannot
+    /// take are ever dropped.
+    pub fn keep_newest(
+        &mut self,
+        src: &dyn Source,
+        from: usize,
+        mut peer: Option<&mut PeerPort<'_>>,
+    ) {
         let mut from = from.min(src.len());
+        if src.len() - from > self.spool.free() {
+            // Room the host side can make before anything is dropped.
+            self.flush(peer.as_deref_mut());
+            if self.spool.is_empty() {
+                from += self.deliver(src, from, peer);
+            }
+        }
         let cap = self.spool.capacity();
         let n = src.len() - from;
         if n > cap {
@@ -196,6 +214,43 @@ impl Port {
         let dropped = self.spool.discard(rest.saturating_sub(self.spool.free()));
         self.stats.dropped_bytes.add(dropped as u64);
         self.push(src, from, rest);
+    }
+
+    /// Takes guest output under the console's rule (never holds the guest back): older output
+    /// first, then `src` straight to the host side, the rest buffered keeping the newest
+    /// bytes. Returns the bytes the host side took now (old and new).
+    pub fn take_newest(&mut self, src: &dyn Source) -> u64 {
+        let before = self.stats.to_host_bytes.get();
+        if !self.spool.is_empty() {
+            self.flush(None);
+        }
+        let mut off = 0;
+        if self.spool.is_empty() {
+            off = self.deliver(src, 0, None);
+        }
+        if off < src.len() {
+            self.keep_newest(src, off, None);
+        }
+        self.stats.to_host_bytes.get() - before
+    }
+
+    /// Room left in the buffer, in bytes.
+    pub fn buffer_free(&self) -> usize {
+        self.spool.free()
+    }
+
+    /// The buffer's capacity, in bytes.
+    pub fn buffer_capacity(&self) -> usize {
+        self.spool.capacity()
+    }
+
+    /// Whether the host side is attached and can be slower than the guest (a socket client,
+    /// a PTY, a serial device; not a log file, which takes everything, nor a link).
+    pub fn host_can_wait(&self) -> bool {
+        match &self.host {
+            Host::Endpoint(ep) => ep.is_attached() && ep.output_fd().is_some(),
+            Host::Link { .. } => false,
+        }
     }
 
     /// Appends up to `max` bytes of `src` from `from` on to the spool; returns how many fit.
@@ -216,16 +271,16 @@ impl Port {
     pub fn take_output(
         &mut self,
         bufs: &GuestBuffers<'_>,
-        peer: Option<&mut PeerPort<'_>>,
+        mut peer: Option<&mut PeerPort<'_>>,
     ) -> bool {
         let len = bufs.readable_len();
         let mut off = self.tx_offset.min(len);
         if self.spool.is_empty() {
-            off += self.deliver(bufs, off, peer);
+            off += self.deliver(bufs, off, peer.as_deref_mut());
         }
         if off < len {
             if self.console {
-                self.keep_newest(bufs, off);
+                self.keep_newest(bufs, off, peer);
                 off = len;
             } else {
                 off += self.push(bufs, off, len - off);
@@ -249,7 +304,7 @@ impl Port {
                 match ep.write_output(&src.io_slices(off)) {
                     Ok(n) => n,
                     Err(e) => {
-                        log::info!("{}: {e}", self.label);
+                        self.output_failed(&e);
                         0
                     }
                 }
@@ -277,7 +332,7 @@ impl Port {
                 Host::Endpoint(ep) => match ep.write_output(&front.io_slices(0)) {
                     Ok(n) => n,
                     Err(e) => {
-                        log::info!("{}: {e}", self.label);
+                        self.output_failed(&e);
                         0
                     }
                 },
@@ -292,6 +347,15 @@ impl Port {
             if n == 0 {
                 break;
             }
+        }
+    }
+
+    /// Writing output to the endpoint failed. A peer that left was logged by the endpoint as
+    /// it dropped it; anything else (a full disk under a log file) is logged within limits:
+    /// the guest can make it happen on every chain.
+    fn output_failed(&mut self, e: &EndpointError) {
+        if !matches!(e, EndpointError::Detached { .. }) {
+            warn_limited!(self.warnings, "{}: {e}", self.label);
         }
     }
 
@@ -348,7 +412,8 @@ impl Port {
             match dst.read_writable_from(&RawFdRef(fd), 0, usize::MAX) {
                 Ok(0) => {
                     rx.rewind(start);
-                    self.endpoint_gone("end of file");
+                    // A client that finished sending stays for output; a device hung up.
+                    ep.end_of_input();
                     return Input::Done;
                 }
                 Ok(n) => {
@@ -362,21 +427,31 @@ impl Port {
                     rx.no_kicks();
                     return Input::Done;
                 }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    rx.rewind(start);
+                }
                 Err(e) => {
                     rx.rewind(start);
-                    self.endpoint_gone(&e.to_string());
+                    // Logged by the endpoint as it lets the client or device go.
+                    let _ = ep.input_failed(&e);
                     return Input::Done;
                 }
             }
         }
     }
 
-    /// The endpoint's client (or device) went away.
-    pub fn endpoint_gone(&mut self, why: &str) {
-        let label = &self.label;
+    /// The process shuts down: the buffer goes to the endpoint as far as it takes it without
+    /// waiting, the endpoint cleans up (a PTY link, a log file synced), and a buffer kept in
+    /// `--state-dir` is synced to disk for the next process to replay.
+    pub fn shut_down(&mut self) {
+        if matches!(self.host, Host::Endpoint(_)) {
+            self.flush(None);
+        }
         if let Host::Endpoint(ep) = &mut self.host {
-            log::info!("{label}: {} detached ({why})", ep.describe());
-            ep.detach();
+            ep.shutdown();
+        }
+        if let Err(e) = self.spool.sync() {
+            log::warn!("{}: cannot sync the buffer to disk: {e}", self.label);
         }
     }
 
