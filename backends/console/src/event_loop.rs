@@ -426,7 +426,7 @@ impl Vms {
                 }
             }
             WatchRole::Data { .. } => {
-                if ev.contains(EventSet::READ_HANG_UP) {
+                if ev.contains(EventSet::READ_HANG_UP) && !hang_up {
                     ep.on_read_hang_up(fd);
                 }
                 if ev.contains(EventSet::IN) || (hang_up && self.devices[dev].takes_input(port)) {

@@ -235,10 +235,11 @@ impl Side for Listener {
             self.drop_client("closed");
             return Readiness::Gone;
         }
-        if c.input != ClientInput::Ended {
-            c.input = ClientInput::Ended;
+        let was_open = c.input == ClientInput::Open;
+        c.input = ClientInput::Ended;
+        if was_open {
             log::info!(
-                "{}: the client finished sending; it gets output until it closes",
+                "{}: client shut down its sending side; it gets output until it closes",
                 self.what()
             );
         }
@@ -263,9 +264,14 @@ impl Side for Listener {
     }
 
     fn read_hang_up(&mut self, fd: RawFd) {
+        let what = self.what();
         if let Some(c) = &mut self.client {
             if c.fd.as_raw_fd() == fd && c.input == ClientInput::Open {
                 c.input = ClientInput::Closing;
+                log::info!(
+                    "{what}: client {} shut down its sending side; it gets output until it closes",
+                    c.peer
+                );
             }
         }
     }

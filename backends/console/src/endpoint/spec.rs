@@ -320,14 +320,18 @@ fn parse_serial(rest: &str) -> Result<SerialSettings, String> {
             "reopen" => {
                 settings.reopen = match humantime::parse_duration(value) {
                     Ok(d) if d >= MIN_REOPEN && d <= MAX_REOPEN => d,
-                    _ => return Err(format!(
+                    _ => {
+                        return Err(format!(
                         "reopen={value:?} must be a duration from 10ms to 1h, such as 1s or 500ms"
-                    )),
+                    ))
+                    }
                 }
             }
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "unknown serial option {other:?} (known: baud, data, parity, stop, flow, reopen)"
-            )),
+            ))
+            }
         }
     }
     Ok(settings)
