@@ -74,14 +74,46 @@ impl Console {
         })
     }
 
-    /// Counter `key` of port `vm/port`.
-    pub fn stat(&self, vm: &str, port: &str, key: &str) -> u64 {
+    /// The entry of port `vm/port` in one stats document.
+    pub fn port_stats(&self, vm: &str, port: &str) -> serde_json::Value {
         let doc = self.stats();
         doc["ports"]
             .as_array()
             .and_then(|ports| ports.iter().find(|p| p["vm"] == vm && p["port"] == port))
-            .and_then(|p| p[key].as_u64())
-            .unwrap_or_else(|| panic!("no {key} for {vm}/{port} in {doc}"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no port {vm}/{port} in {doc}"))
+    }
+
+    /// Counter `key` of port `vm/port`.
+    pub fn stat(&self, vm: &str, port: &str, key: &str) -> u64 {
+        let p = self.port_stats(vm, port);
+        p[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {key} for {vm}/{port} in {p}"))
+    }
+
+    /// Waits until one snapshot of port `vm/port`'s counters satisfies `ok` (`what`
+    /// describes it), and returns that snapshot.
+    pub fn wait_port(
+        &self,
+        vm: &str,
+        port: &str,
+        what: &str,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let p = self.port_stats(vm, port);
+            if ok(&p) {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{vm}/{port}: {p} never showed {what}; log:\n{}",
+                self.process.log()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Waits until counter `key` of `vm/port` is `want`.

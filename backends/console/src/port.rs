@@ -541,6 +541,61 @@ mod tests {
     }
 
     #[test]
+    fn console_output_goes_to_a_client_that_made_room_before_anything_is_dropped() {
+        let mut rig = Rig::new("flush-first", "4096", MULTIPORT);
+        open(&rig, 0);
+        let (_, txq) = vc::port_queues(0);
+        let mut client = rig.client("console");
+        rig.vms().serve_events(0);
+        let stats = rig.vms().devices[0].ports[0].stats.clone();
+        // The client reads nothing: its socket fills up, then the buffer keeps the newest.
+        let data: Vec<u8> = (0..512 * 1024u32)
+            .map(|i| (i * 7 + i / 251) as u8)
+            .collect();
+        for chunk in data.chunks(64 * 1024) {
+            let head = rig.post(txq, chunk, 0);
+            rig.vms().on_queue_event(0, txq);
+            assert_eq!(rig.used(txq), vec![(head, 0)], "a console chain was held");
+        }
+        let dropped = stats.dropped_bytes.get();
+        assert!(dropped > 0, "the socket took half a MiB");
+        // The client drains its socket; the backend is not told (no event is served).
+        client.set_nonblocking(true).unwrap();
+        let mut early = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match client.read(&mut buf) {
+                Ok(n) if n > 0 => early.extend_from_slice(&buf[..n]),
+                Ok(_) => panic!("the backend closed the client"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(early, data[..early.len()]);
+        // More output through the path that takes it without a flush before it (an
+        // emergency write): the buffer goes to the client first, and nothing is dropped.
+        assert!(rig.vms().write_config(0, vc::CONFIG_EMERG_WR, b"!"));
+        assert_eq!(
+            stats.dropped_bytes.get(),
+            dropped,
+            "dropped what the client could take"
+        );
+        // And a chain after it.
+        rig.post(txq, b"after", 0);
+        rig.vms().on_queue_event(0, txq);
+        assert_eq!(stats.dropped_bytes.get(), dropped);
+        client.set_nonblocking(false).unwrap();
+        let rest = read_n(&mut client, 4096 + 6);
+        assert_eq!(rest[..4096], data[data.len() - 4096..]);
+        assert_eq!(&rest[4096..], b"!after");
+        assert_eq!(
+            stats.to_host_bytes.get() + dropped,
+            data.len() as u64 + 6,
+            "every byte is delivered or counted as dropped"
+        );
+    }
+
+    #[test]
     fn malformed_transmit_chains_are_refused_counted_and_returned() {
         let mut rig = Rig::new("refuse", "64", MULTIPORT);
         open(&rig, 1);
