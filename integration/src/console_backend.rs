@@ -213,13 +213,15 @@ impl Console {
     }
 }
 
-/// Spawns the backend in `dir` with `args` (`{dir}` replaced) and its stats socket; the log
-/// goes to `DIR/log`.
+/// Spawns the backend in `dir` with `args` (`{dir}` replaced) and, unless `args` name one,
+/// its stats socket at `DIR/stats.sock`; the log goes to `DIR/log`.
 pub fn spawn(dir: &ScratchDir, args: &[&str], log: &str) -> BackendProcess {
     let d = dir.path().display().to_string();
     let mut full: Vec<String> = args.iter().map(|a| a.replace("{dir}", &d)).collect();
-    full.push("--stats-socket".into());
-    full.push(format!("{d}/stats.sock"));
+    if !args.contains(&"--stats-socket") {
+        full.push("--stats-socket".into());
+        full.push(format!("{d}/stats.sock"));
+    }
     BackendProcess::spawn("vhost-user-console", &full, &dir.path().join(log))
         .unwrap_or_else(|e| panic!("cannot start vhost-user-console: {e}"))
 }
