@@ -163,6 +163,23 @@ impl Console {
         }
     }
 
+    /// Waits until one of `needles` occurs more often than `before` says it did (counts
+    /// from [`log_count`](Self::log_count)); returns which one did.
+    pub fn wait_log_change(&self, needles: &[&str], before: &[usize]) -> usize {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(i) = (0..needles.len()).find(|&i| self.log_count(needles[i]) > before[i]) {
+                return i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backend never logged any of {needles:?} again; log:\n{}",
+                self.process.log()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits until `needle` is in the log.
     pub fn wait_log(&self, needle: &str) {
         self.wait_log_n(needle, 1);

@@ -252,14 +252,25 @@ fn half_closed_clients_get_the_answer_until_they_close() {
         .find(|p| *p != tcp_t)
         .unwrap_or_else(|| panic!("second TCP port not logged:\n{log}"));
 
-    let closed = "shut down its sending side";
+    // Readiness: the backend took the end of the client's input, whatever it made of it
+    // (it must keep the client: a client dropped here never gets the answer).
+    let took_eof = |c: &Console, before: &[usize]| {
+        c.wait_log_change(&["shut down its sending side", "detached"], before)
+    };
+    let counts = |c: &Console| {
+        [
+            c.log_count("shut down its sending side"),
+            c.log_count("detached"),
+        ]
+    };
     // Stream, Unix.
     let mut qemu = unix_client(&c.path("s.sock"));
     let mut client = unix_client(&c.path("c.sock"));
+    let before = counts(&c);
     client.write_all(b"cmd\n").unwrap();
     client.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_n(&mut qemu, 4), b"cmd\n");
-    c.wait_log_n(closed, 1);
+    took_eof(&c, &before);
     qemu.write_all(b"answer\n").unwrap();
     assert_eq!(read_n(&mut client, 7), b"answer\n");
     assert_eq!(c.stat("s", "serial", "buffered_bytes"), 0);
@@ -267,10 +278,11 @@ fn half_closed_clients_get_the_answer_until_they_close() {
     // Stream, TCP.
     let mut qemu = unix_client(&c.path("t.sock"));
     let mut client = tcp_client(tcp_t);
+    let before = counts(&c);
     client.write_all(b"cmd\n").unwrap();
     client.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_n(&mut qemu, 4), b"cmd\n");
-    c.wait_log_n(closed, 2);
+    took_eof(&c, &before);
     qemu.write_all(b"answer\n").unwrap();
     assert_eq!(read_n(&mut client, 7), b"answer\n");
 
@@ -279,10 +291,11 @@ fn half_closed_clients_get_the_answer_until_they_close() {
     g.bring_up(2).unwrap();
     g.post_rx(1, 4, 256, 1).unwrap();
     let mut client = tcp_client(tcp_v);
+    let before = counts(&c);
     client.write_all(b"cmd\n").unwrap();
     client.shutdown(Shutdown::Write).unwrap();
     assert_eq!(g.recv_exact(1, 4, WAIT).unwrap(), b"cmd\n");
-    c.wait_log_n(closed, 3);
+    took_eof(&c, &before);
     g.send(1, b"answer\n", 1).unwrap();
     assert_eq!(read_n(&mut client, 7), b"answer\n");
     assert_eq!(c.stat("v", "data", "buffered_bytes"), 0);
