@@ -4,5 +4,6 @@ pub mod frontend;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod soak;
 pub mod testdata;
 pub mod workspace;
