@@ -50,8 +50,13 @@ impl EndpointReader {
     /// Starts reading from the endpoint at `path`; `sessions` are the writer's (to place
     /// short fragments), if it has sessions.
     pub fn start(path: PathBuf, sessions: Option<Sessions>) -> EndpointReader {
+        EndpointReader::start_with(path, LineCheck::new(sessions))
+    }
+
+    /// Starts reading from the endpoint at `path` into `check`.
+    pub fn start_with(path: PathBuf, check: LineCheck) -> EndpointReader {
         let state = Arc::new(ReaderState {
-            check: Mutex::new(LineCheck::new(sessions)),
+            check: Mutex::new(check),
             connects: AtomicU64::new(0),
             busy: AtomicU64::new(0),
             reconnect: AtomicBool::new(false),

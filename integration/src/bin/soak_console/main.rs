@@ -19,6 +19,7 @@
 //! memory and threads must not grow across them either.
 
 mod endpoint_reader;
+mod qemu_stream;
 mod rig;
 mod stream_writer;
 mod virtio_writer;
@@ -47,7 +48,7 @@ use virtio_writer::VirtioWriter;
 /// flat. Prints one line per kill and a summary; exits non-zero on any failure.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
-struct Args {
+pub(crate) struct Args {
     /// Kills (SIGKILL) and restarts of the backend.
     #[arg(long, default_value_t = 100)]
     iterations: u32,
@@ -81,6 +82,10 @@ struct Args {
     /// Only the stream-mode VM.
     #[arg(long)]
     no_virtio: bool,
+    /// The stream VM's front-end is a real QEMU guest printing the lines to its serial port
+    /// (QEMU's reconnect-ms redials); only the kills, no virtio VM (see qemu_stream.rs).
+    #[arg(long)]
+    qemu: bool,
     /// Seed of the kill points.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -539,6 +544,21 @@ fn soak(a: &Args) -> Result<(), String> {
         std::env::temp_dir().join(format!("devshare-soak-console.{}", std::process::id()))
     });
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if a.qemu {
+        let problems = qemu_stream::run(a, &dir)?;
+        if !problems.is_empty() {
+            return Err(format!(
+                "{} problem(s):\n  {}\n(scratch directory kept: {})",
+                problems.len(),
+                problems.join("\n  "),
+                dir.display()
+            ));
+        }
+        if own_dir {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return Ok(());
+    }
     let paths = Paths::new(&dir);
     let virtio = !a.no_virtio;
     let args = backend_args(&dir, &paths, virtio, &a.buffer_size);
