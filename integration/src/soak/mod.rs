@@ -3,14 +3,16 @@
 //! check what survived.
 //!
 //! - [`lines`]: numbered fixed-width lines a writer sends, and the reader-side check that
-//!   splits what arrived into contiguous runs and accounts every byte against the writer's
-//!   sessions (delivered, lost while unaccepted, lost although accepted, duplicated).
+//!   splits what arrived into contiguous runs.
+//! - [`accounting`]: the runs held against the writer's sessions: every byte delivered, lost
+//!   while unaccepted, lost although accepted, or duplicated.
 //! - [`usage`]: a process's open descriptors, resident memory and threads, from `/proc`.
 //! - [`series`]: one number per iteration, its first/last/max, and the flatness bound.
 //! - [`backend`]: the backend under test, killed with SIGKILL and started again.
 //! - [`socket`]: how much of what a writer sent its peer has read (the stream acknowledgement).
 //! - [`pace`]: a token bucket for a steady rate, and a small seeded generator for kill points.
 
+pub mod accounting;
 pub mod backend;
 pub mod lines;
 pub mod pace;

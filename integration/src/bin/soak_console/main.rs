@@ -31,8 +31,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use devshare_integration::soak::accounting::{account, Accounting};
 use devshare_integration::soak::backend::Backend;
-use devshare_integration::soak::lines::{account, Accounting};
 use devshare_integration::soak::pace::Rng;
 use devshare_integration::soak::series::{Series, UsageSeries};
 use devshare_integration::soak::usage::Usage;

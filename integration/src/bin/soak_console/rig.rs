@@ -7,8 +7,9 @@ use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use devshare_integration::soak::accounting::{account, Accounting};
 use devshare_integration::soak::backend::{stats, Backend};
-use devshare_integration::soak::lines::{account, Accounting, Session, LINE_LEN};
+use devshare_integration::soak::lines::{Session, LINE_LEN};
 use devshare_integration::soak::usage::{fd_growth, fd_targets};
 
 use crate::endpoint_reader::EndpointReader;

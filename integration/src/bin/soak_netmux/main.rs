@@ -350,7 +350,8 @@ fn kill_phase(a: &Args, rig: &mut Rig, res: &mut Results) -> Result<(), String> 
         let dup = rig.sum(|s| s.duplicates.load(Ordering::Acquire));
         println!(
             "kill {i:3}/{}: frames taken {}, received {}, lost at the kill {}, twice {} | \
-             netmux up {} ms, guests back {} ms, traffic {} ms | netmux drops: {} | \
+             netmux up {} ms, guests back {} ms, traffic {} ms | drops counted by the killed \
+             process: {} | \
              backend fds {} rss {} KiB threads {} | driver fds {}",
             a.iterations,
             sent - sent_prev,
