@@ -16,6 +16,7 @@ pub mod relay;
 pub mod ring;
 pub mod signals;
 pub mod stats;
+mod worker_exit;
 
 /// Serializes the unit tests that change process-wide state (the umask, the list of created
 /// sockets), which would otherwise see each other's changes.
