@@ -1,10 +1,14 @@
 //! Descriptor-chain access: turns a guest's descriptor chain into validated slices of guest
 //! memory and moves bytes between them and host file descriptors without staging copies.
 //!
-//! [`crate::ring::Ring`] walks a chain's descriptors (links, loops, indirect tables) and hands
-//! each buffer to [`GuestBuffers::push_buffer`], which holds the checks on buffers (addresses
-//! outside guest memory, readable descriptors after writable ones, oversize chains). Together
-//! they are the one place where what a hostile or buggy driver can trip is checked.
+//! The checks a hostile or buggy driver can trip live in two places, one job each:
+//! [`crate::ring::Ring::walk`] follows the chain (links, loops, indirect tables, a chain no
+//! longer than the queue) and hands each buffer to [`GuestBuffers::push_buffer`], which checks
+//! the buffer itself (inside guest memory, not empty, no device-readable buffer after a
+//! device-writable one, the chain's total size). [`crate::ring::Ring::chain_into`] runs both;
+//! there is no other way a backend turns descriptors into buffers, except
+//! [`GuestBuffers::parse`], kept for code that still walks with virtio-queue's iterator: it
+//! applies the same buffer checks but not the ring's bounds on chain length.
 
 use std::io;
 use std::ops::Deref;
@@ -59,6 +63,24 @@ pub enum ChainError {
     TooLarge {
         /// Head index of the chain.
         head: u16,
+    },
+    /// The chain has more buffers than the queue size, which a driver must not build
+    /// (virtio 1.2, 2.7.13.1).
+    #[error("chain {head} has more than {max} buffers (the queue size)")]
+    TooLong {
+        /// Head index of the chain.
+        head: u16,
+        /// The queue size.
+        max: u16,
+    },
+    /// A buffer of length zero. No driver needs one and QEMU refuses them too ("zero sized
+    /// buffers are not allowed"); accepting them would let a chain cost work without bytes.
+    #[error("chain {head} has an empty buffer at {addr:#x}")]
+    ZeroLength {
+        /// Head index of the chain.
+        head: u16,
+        /// Guest physical address of the empty buffer.
+        addr: u64,
     },
 }
 
@@ -169,8 +191,9 @@ impl<'a> GuestBuffers<'a> {
     }
 
     /// Adds the buffer of one descriptor (`len` bytes at guest address `addr`, device-writable
-    /// if `write`), mapped into `mem`. Refuses buffers outside memory, a readable buffer after a
-    /// writable one and chains beyond [`MAX_CHAIN_BYTES`] or [`MAX_CHAIN_SEGMENTS`].
+    /// if `write`), mapped into `mem`. Refuses, in this order, a readable buffer after a
+    /// writable one, chains beyond [`MAX_CHAIN_BYTES`], empty buffers, buffers outside memory
+    /// and chains beyond [`MAX_CHAIN_SEGMENTS`].
     pub fn push_buffer(
         &mut self,
         mem: &'a Memory,
@@ -198,7 +221,7 @@ impl<'a> GuestBuffers<'a> {
             return Err(ChainError::TooLarge { head });
         }
         if len == 0 {
-            return Ok(());
+            return Err(ChainError::ZeroLength { head, addr });
         }
         addr.checked_add(len as u64).ok_or_else(outside)?;
         // Counted per part, as the limit always was.
@@ -237,6 +260,12 @@ impl<'a> GuestBuffers<'a> {
             return Err(outside());
         }
         Ok(())
+    }
+
+    /// Guest memory segments the chain maps to (one per buffer, more where a buffer straddles
+    /// memory regions): a measure of the work the chain costs.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
     }
 
     /// Head index of the chain, to hand back with `add_used`.

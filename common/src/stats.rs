@@ -6,8 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 
-/// A monotonically increasing counter, cheap enough for every packet.
-#[derive(Debug, Default)]
+/// A monotonically increasing counter, cheap enough for every packet. Serializes as its
+/// current value (a JSON number), so a struct of counters that derives `serde::Serialize` is
+/// its own stats document.
+#[derive(Debug, Default, serde::Serialize)]
+#[serde(transparent)]
 pub struct Counter(AtomicU64);
 
 impl Counter {
