@@ -82,6 +82,11 @@ pub struct ServeOptions {
     pub reconnect_delay: Duration,
     /// Set to stop after the current connection ends.
     pub stop: Arc<AtomicBool>,
+    /// The answer to GET_QUEUE_NUM when it is not the number of virtqueues (the vhost-user
+    /// library's answer). QEMU's vhost-user-net reads it as queue pairs and refuses a netdev
+    /// with more (`you are asking more queues than supported: N`), so a network device sets
+    /// its queue pairs here. `None`: the library's answer.
+    pub queue_num: Option<u64>,
 }
 
 impl ServeOptions {
@@ -92,6 +97,7 @@ impl ServeOptions {
             transport,
             reconnect_delay: Duration::from_millis(500),
             stop: Arc::new(AtomicBool::new(false)),
+            queue_num: None,
         }
     }
 }
@@ -156,7 +162,7 @@ where
         waiting_logged = false;
         let backend = make_backend().map_err(DaemonError::Backend)?;
         log::info!("{}: front-end connected", opts.name);
-        if let Err(e) = run_connection(&opts.name, frontend, backend.clone()) {
+        if let Err(e) = run_connection(&opts.name, frontend, backend.clone(), opts.queue_num) {
             log::warn!("{}: connection ended: {e}", opts.name);
         } else {
             log::info!("{}: front-end disconnected", opts.name);
@@ -170,7 +176,12 @@ where
     Ok(())
 }
 
-fn run_connection<B>(name: &str, frontend: UnixStream, backend: B) -> io::Result<()>
+fn run_connection<B>(
+    name: &str,
+    frontend: UnixStream,
+    backend: B,
+    queue_num: Option<u64>,
+) -> io::Result<()>
 where
     B: VhostUserBackend<Bitmap = ()> + Clone + 'static,
     B::Vring: Clone + Send + Sync,
@@ -214,12 +225,14 @@ where
             })?
     };
     let to_frontend = {
-        let (mut from, mut to) = (inner.try_clone()?, frontend.try_clone()?);
+        let (from, to) = (inner.try_clone()?, frontend.try_clone()?);
         thread::Builder::new()
             .name(format!("{name}-reply"))
             .spawn(move || {
-                // Replies carry no descriptors for the features this device offers.
-                let _ = io::copy(&mut from, &mut to);
+                // Replies carry no descriptors for the features these devices offer.
+                if let Err(e) = relay::relay_backend_replies(&from, &to, queue_num) {
+                    log::debug!("reply relay: {e}");
+                }
                 let _ = to.shutdown(Shutdown::Both);
                 let _ = from.shutdown(Shutdown::Both);
             })?

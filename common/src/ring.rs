@@ -24,6 +24,7 @@
 //! tables and loops. [`Ring::chain_into`] adds [`GuestBuffers::push_buffer`]'s checks on each
 //! buffer; together they are every check a descriptor chain gets (see [`crate::chain`]).
 
+use std::cell::Cell;
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
@@ -112,6 +113,8 @@ pub struct Ring<'m> {
     published_used: Wrapping<u16>,
     /// The used index when the guest was last considered for an interrupt.
     signalled_used: Wrapping<u16>,
+    /// Descriptors read by walks since the ring was opened, for work budgets.
+    descriptors_read: Cell<usize>,
 }
 
 impl<'m> Ring<'m> {
@@ -143,6 +146,7 @@ impl<'m> Ring<'m> {
             next_used,
             published_used: next_used,
             signalled_used: next_used,
+            descriptors_read: Cell::new(0),
         })
     }
 
@@ -169,6 +173,13 @@ impl<'m> Ring<'m> {
     /// The ring's size (entries, and descriptors in its table).
     pub fn size(&self) -> u16 {
         self.size
+    }
+
+    /// Descriptors read by [`Ring::walk`] (and so by [`Ring::chain`] and
+    /// [`Ring::chain_into`]) since the ring was opened, refused chains included: the work the
+    /// guest's chains cost, for callers that bound it.
+    pub fn descriptors_read(&self) -> usize {
+        self.descriptors_read.get()
     }
 
     /// How many chains the guest has made available that were not taken yet. Reads the avail
@@ -258,6 +269,7 @@ impl<'m> Ring<'m> {
                 return Err(broken());
             }
             let d = self.desc(table, index).ok_or_else(broken)?;
+            self.descriptors_read.set(self.descriptors_read.get() + 1);
             if d.flags & DESC_F_INDIRECT != 0 {
                 let entries = d.len as usize / DESC_SIZE;
                 if indirect
