@@ -2,14 +2,19 @@
 //! socket, and switches their frames to and from one host link (the uplink).
 //!
 //! Layout: [`config`] (what to serve), [`switch`] (where a frame goes, pure logic),
-//! [`virtio_net`] (wire formats and offload rules), [`port`] (a guest port and its RX side),
-//! [`uplink`] (AF_PACKET and TAP links), [`fabric`] (the running switch), [`vhu_net`] (the
-//! vhost-user device of one connection).
+//! [`virtio_net`] (wire formats and offload rules), [`frame`] (a frame in flight and the host
+//! copy of its headers), [`port`] (a guest port and its RX side), [`uplink`] (AF_PACKET and
+//! TAP links), [`fabric`] (the running switch: TX passes and link receive), [`stats`]
+//! (counters and the stats document), [`vhu_net`] (the vhost-user device of one connection).
 
 pub mod config;
 pub mod fabric;
+pub mod frame;
 pub mod port;
+pub mod stats;
 pub mod switch;
+#[cfg(test)]
+mod testing;
 pub mod uplink;
 pub mod vhu_net;
 pub mod virtio_net;
@@ -21,11 +26,11 @@ use std::time::Duration;
 use devshare_common::daemon::ServeOptions;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::fabric::Link;
+
 use crate::config::{Config, HostPortConfig, MacAddr, UplinkSpec};
-use crate::fabric::{Fabric, HostPort, Link};
-use crate::port::Port;
-use crate::switch::SwitchTable;
-use crate::uplink::{AfPacket, Tap, Uplink, UplinkError, UplinkStats};
+use crate::fabric::Fabric;
+use crate::uplink::{AfPacket, Tap, Uplink, UplinkError};
 use crate::vhu_net::NetBackend;
 use devshare_common::daemon::{serve, DaemonError};
 
@@ -93,39 +98,6 @@ pub fn open_host_port(
     Ok((tap, mac))
 }
 
-/// Builds the switch for `config` around an opened uplink and, if any, the host port's TAP
-/// with its MAC.
-pub fn build_fabric(
-    config: &Config,
-    uplink: Box<dyn Uplink>,
-    host: Option<(Box<dyn Uplink>, MacAddr)>,
-) -> Arc<Fabric> {
-    let entries: Vec<_> = config.ports.iter().map(|p| (p.mac, p.vlan)).collect();
-    let table = SwitchTable::new(&entries, config.mode, config.anti_spoof);
-    let (table, host) = match host {
-        Some((tap, mac)) => (
-            table.with_host(mac),
-            Some(HostPort {
-                tap,
-                stats: UplinkStats::default(),
-            }),
-        ),
-        None => (table, None),
-    };
-    Arc::new(Fabric {
-        table,
-        ports: config
-            .ports
-            .iter()
-            .enumerate()
-            .map(|(i, p)| Arc::new(Port::new(i, p.clone())))
-            .collect(),
-        uplink,
-        uplink_stats: UplinkStats::default(),
-        host,
-    })
-}
-
 /// Runs the switch until the process is killed: the uplink receive thread, the stats socket
 /// and one vhost-user daemon per guest port. Returns only if a port's socket cannot be served.
 pub fn run(config: Config) -> Result<(), NetmuxError> {
@@ -145,21 +117,22 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
         }
         None => None,
     };
-    let fabric = build_fabric(&config, uplink, host);
+    let fabric = Arc::new(Fabric::new(&config, uplink, host));
     if let Some(path) = &config.stats_socket {
         let f = fabric.clone();
-        devshare_common::stats::serve_json(path, move || f.snapshot().to_string()).map_err(
-            |source| NetmuxError::Stats {
+        devshare_common::stats::serve_json(path, move || f.stats_json()).map_err(|source| {
+            NetmuxError::Stats {
                 path: path.clone(),
                 source,
-            },
-        )?;
+            }
+        })?;
     }
     let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(NetmuxError::Thread)?;
-    let links = [(Link::Uplink, "uplink-rx")]
-        .into_iter()
-        .chain(fabric.host.is_some().then_some((Link::Host, "host-rx")));
-    for (link, name) in links {
+    for link in fabric.links() {
+        let name = match link {
+            Link::Uplink => "uplink-rx",
+            Link::Host => "host-rx",
+        };
         let f = fabric.clone();
         let stop = stop.try_clone().map_err(NetmuxError::Thread)?;
         thread::Builder::new()
@@ -174,11 +147,13 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
     let mut workers = Vec::new();
     for (i, pc) in config.ports.iter().enumerate() {
         let f = fabric.clone();
-        let mtu = config.mtu;
-        let opts = ServeOptions::new(pc.name.clone(), pc.transport.clone());
+        let mut opts = ServeOptions::new(pc.name.clone(), pc.transport.clone());
+        // QEMU's vhost-user-net counts queue pairs here, and refuses a netdev asking for
+        // more with an error that says so.
+        opts.queue_num = Some(u64::from(pc.queue_pairs));
         let handle = thread::Builder::new()
             .name(format!("port-{}", pc.name))
-            .spawn(move || serve_port(&f, i, mtu, &opts))
+            .spawn(move || serve_port(&f, i, &opts))
             .map_err(NetmuxError::Thread)?;
         workers.push(handle);
     }
@@ -194,17 +169,14 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
 
 /// Serves one port's socket for good. A failure to listen at all is returned; anything else
 /// is logged and retried, so one port's trouble never stops the others.
-fn serve_port(
-    fabric: &Arc<Fabric>,
-    index: usize,
-    mtu: u16,
-    opts: &ServeOptions,
-) -> Result<(), NetmuxError> {
-    let port = fabric.ports[index].clone();
+fn serve_port(fabric: &Arc<Fabric>, index: usize, opts: &ServeOptions) -> Result<(), NetmuxError> {
+    let Some(port) = fabric.port(index).cloned() else {
+        return Ok(());
+    };
     loop {
         let res = serve(
             opts,
-            || NetBackend::new(fabric.clone(), index, mtu).map_err(|e| e.to_string()),
+            || NetBackend::new(fabric.clone(), index).map_err(|e| e.to_string()),
             || {
                 port.mark_disconnected();
                 log::info!("{}: guest gone; other ports unaffected", port.config.name);
