@@ -331,7 +331,7 @@ fn client_mode_dials_a_listening_front_end_and_redials_after_it_restarts() {
     let path = Netmux::socket(nm.dir.path(), 1);
     for round in 0..2u32 {
         let listener = FrontendListener::bind(&path).unwrap();
-        let conn = listener.accept(Duration::from_secs(20)).unwrap();
+        let conn = listener.accept(WAIT).unwrap();
         let mut b = HarnessGuest::setup(conn);
         let mut a = HarnessGuest::attach(&nm, 0);
         b.post_rx(2);
@@ -660,4 +660,104 @@ fn guest_vlan_tags_and_link_local_frames_stay_inside() {
             nm.stats()
         );
     }
+}
+
+/// One guest flooding the longest chains the ring allows cannot hold the others up: while
+/// guest 0 keeps its TX ring full of indirect chains of 256 buffers (the queue size; one byte
+/// each after the headers) and leaves in its RX ring only buffers too small for what comes,
+/// guest 1's frames all reach guest 2, each one also offered to guest 0 (a broadcast) and
+/// refused there without netmux walking those buffers again. The flood runs on throughout:
+/// compared by counters, not by time.
+#[test]
+fn a_flood_of_the_longest_chains_does_not_hold_other_guests_up() {
+    use devshare_integration::frontend::{QueueConfig, VIRTIO_RING_F_INDIRECT_DESC};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let ns = NetNs::new();
+    let ports: Vec<PortSpec> = (0..3).map(PortSpec::new).collect();
+    let nm = Netmux::start("netmux-flood", &ns.host_if, &ports, &[]);
+    // Guest 0 by hand: indirect tables as large as the queue.
+    let mut conn = Connection::connect(Netmux::socket(nm.dir.path(), 0)).unwrap();
+    conn.device_counts_queue_pairs();
+    conn.handshake(
+        1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | VHOST_USER_F_PROTOCOL_FEATURES,
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK,
+    )
+    .unwrap();
+    let ram = GuestRam::new(16 << 20).unwrap();
+    conn.set_mem_table(&ram).unwrap();
+    let mut rx0 = conn.start_queue(&ram, 0, 256).unwrap();
+    let cfg = QueueConfig {
+        indirect_max: 256,
+        ..QueueConfig::new(1, 256)
+    };
+    let mut tx0 = DriverQueue::new(&ram, cfg).unwrap();
+    conn.attach_queue(&mut tx0).unwrap();
+    // Its RX ring: 100 buffers of 13 bytes (the first must hold the 12-byte header), 1300
+    // bytes in all, less than any of guest 1's frames needs.
+    for _ in 0..100 {
+        let b = ram.alloc(13).unwrap();
+        rx0.add_chain(&[Segment::writable(b)]).unwrap();
+    }
+    rx0.kick().unwrap();
+    let mut g1 = HarnessGuest::attach(&nm, 1);
+    let mut g2 = HarnessGuest::attach(&nm, 2);
+    g2.post_rx(250);
+
+    let head = frame([0x02, 0, 0, 0, 0, 0x42], mac_bytes(0), 0, 0);
+    let head_buf = ram.alloc(head.len() as u32).unwrap();
+    ram.fill(head_buf, &head).unwrap();
+    let byte = ram.alloc(1).unwrap();
+    let mut segs = vec![Segment::readable(head_buf)];
+    segs.extend((1..256).map(|_| Segment::readable(byte)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooded = Arc::new(AtomicU64::new(0));
+    let flooder = {
+        let (stop, flooded) = (stop.clone(), flooded.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                while tx0.free_descriptors() > 0 {
+                    tx0.add_indirect_chain(&segs).unwrap();
+                }
+                tx0.kick().unwrap();
+                tx0.wait_used(WAIT).expect("the flood is held up");
+                let mut n = 1;
+                while tx0.poll_used().unwrap().is_some() {
+                    n += 1;
+                }
+                flooded.fetch_add(n, Ordering::Relaxed);
+            }
+            (tx0, conn)
+        })
+    };
+    // The flood is under way before guest 1 starts.
+    assert!(eventually(WAIT, || flooded.load(Ordering::Relaxed) >= 256));
+    const N: usize = 200;
+    let before = flooded.load(Ordering::Relaxed);
+    for seq in 0..N as u32 {
+        // Broadcasts: to guest 2, and to guest 0, whose buffers are too small.
+        g1.send(&frame([0xff; 6], mac_bytes(1), seq, 1400));
+    }
+    let got = g2
+        .rx
+        .wait_used_n(N, WAIT)
+        .unwrap_or_else(|e| panic!("{e}: {}", nm.stats()));
+    let during = flooded.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    let (_tx0, _conn) = flooder.join().unwrap();
+    for (k, u) in got.iter().enumerate() {
+        let d = g2.rx.raw_read_desc(u.head).unwrap();
+        let bytes = g2.ram.read_vec(d.addr, u.len as usize).unwrap();
+        assert_eq!(&bytes[HDR + 14..HDR + 18], &(k as u32).to_be_bytes());
+    }
+    eprintln!("guest 0 flooded {during} chains of 256 buffers while guest 1 sent {N} frames");
+    assert!(during > 0, "the flood stopped while guest 1 sent");
+    assert_eq!(nm.port_counter(2, "rx_packets"), N as u64);
+    assert_eq!(nm.port_counter(0, "drops/rx_no_buffer"), N as u64);
+    assert_eq!(nm.port_counter(0, "drops/bad_chain"), 0, "{}", nm.stats());
+    assert!(nm.port_counter(0, "tx_packets") >= before + during);
 }

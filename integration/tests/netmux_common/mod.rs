@@ -14,6 +14,10 @@ use devshare_integration::qemu::{Guest, GuestBuilder, ScratchDir};
 /// How long a guest may take to boot and finish its part under TCG on a busy 2-core machine.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(400);
 
+/// Upper bound for a started netmux to create its sockets: a readiness wait that only a
+/// failure exhausts, generous for a busy machine paging a fresh binary in.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Address of the namespace's end of the veth (the "far side" of the NIC).
 pub const NS_IP: &str = "10.77.0.254";
 
@@ -250,11 +254,11 @@ impl Netmux {
             BackendProcess::spawn("vhost-user-netmux", args, &log).expect("start netmux");
         for p in ports.iter().filter(|p| !p.client) {
             process
-                .wait_for_path(&Self::socket(dir, p.index), Duration::from_secs(20))
+                .wait_for_path(&Self::socket(dir, p.index), START_TIMEOUT)
                 .expect("netmux socket");
         }
         process
-            .wait_for_path(&dir.join("stats.sock"), Duration::from_secs(20))
+            .wait_for_path(&dir.join("stats.sock"), START_TIMEOUT)
             .expect("stats socket");
         process
     }
