@@ -294,6 +294,16 @@ impl<'a> GuestBuffers<'a> {
 
     /// Copies `data` into the writable part starting at `offset`; returns how many bytes fit.
     pub fn write_at(&self, offset: usize, data: &[u8]) -> usize {
+        // Headers written per packet nearly always fall in the first buffer: one slice, no
+        // walk.
+        if let Some(first) = self.writable().first() {
+            if offset + data.len() <= first.len() {
+                if let Ok(s) = first.subslice(offset, data.len()) {
+                    s.copy_from(data);
+                    return data.len();
+                }
+            }
+        }
         let mut done = 0;
         for_each_range(self.writable(), offset, data.len(), |s| {
             let n = s.len().min(data.len() - done);

@@ -67,6 +67,7 @@ pub struct GuestFrame<'a, 'm> {
 impl<'a, 'm> GuestFrame<'a, 'm> {
     /// Copies the headers of the frame in `bufs` (which starts with a virtio-net header of
     /// `hdr_len` bytes) and checks them.
+    #[inline]
     pub fn parse(bufs: &'a GuestBuffers<'m>, hdr_len: usize) -> Result<Self, FrameError> {
         let mut head = [0u8; 12 + ETH_HLEN];
         let need = hdr_len + ETH_HLEN;
@@ -160,6 +161,16 @@ impl Payload<'_, '_> {
     /// True for an empty frame.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The first bytes of the frame when they are in host memory apart from the rest (a
+    /// guest frame's Ethernet header), so a receiver can write them together with its own
+    /// header; empty otherwise.
+    pub fn host_prefix(&self) -> &[u8] {
+        match self {
+            Payload::Guest { eth, .. } => &eth.0,
+            Payload::Host(_) => &[],
+        }
     }
 
     /// Copies frame bytes from `from` on into `dst`'s writable part at `dst_offset`; returns

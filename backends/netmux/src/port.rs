@@ -411,29 +411,39 @@ fn write_frame<'m>(
         }
     }
 
-    // Each chain goes back with what it holds: the header (first chain only) and its share of
-    // the frame. Nothing is visible to the guest before the caller publishes the batch, so the
-    // header may still be written below.
-    let mut copied = 0usize;
+    // The virtio-net header and, when it is in host memory apart from the rest, the start of
+    // the frame (a guest frame's Ethernet header) are written together, in one copy, when the
+    // first chain has room for both; the rest comes straight from where the frame is.
+    let prefix = frame.payload.host_prefix();
+    let together = chains
+        .first()
+        .is_some_and(|b| b.writable_len() >= hdr_len + prefix.len());
+    let skip = if together { prefix.len() } else { 0 };
+    // Each chain goes back with what it holds: the headers (first chain only) and its share
+    // of the frame. Nothing is visible to the guest before the caller publishes the batch, so
+    // the headers may still be written below.
+    let mut copied = skip;
     for (k, b) in chains.iter().enumerate() {
-        let off = if k == 0 { hdr_len } else { 0 };
+        let off = if k == 0 { hdr_len + skip } else { 0 };
         let n = frame.payload.copy_into(copied, b, off);
         copied += n;
         ring.push_used(b.head(), (off + n) as u32);
     }
 
     let mut hdr = frame.hdr;
-    match fixup {
-        RxFixup::AsIs | RxFixup::Refuse => {}
-        RxFixup::ClearFlags => clear_offload(&mut hdr),
-        RxFixup::CompleteChecksum => {
-            complete_checksum(&hdr, frame, chains, hdr_len);
-            clear_offload(&mut hdr);
-        }
+    if matches!(fixup, RxFixup::ClearFlags | RxFixup::CompleteChecksum) {
+        clear_offload(&mut hdr);
     }
     hdr.num_buffers = chains.len() as u16;
     if let Some(first) = chains.first() {
-        first.write_at(0, &hdr.to_bytes()[..hdr_len]);
+        let mut head = [0u8; 12 + crate::frame::ETH_HLEN];
+        head[..hdr_len].copy_from_slice(&hdr.to_bytes()[..hdr_len]);
+        head[hdr_len..hdr_len + skip].copy_from_slice(&prefix[..skip]);
+        first.write_at(0, &head[..hdr_len + skip]);
+    }
+    // Last: the checksum may lie anywhere in the frame, the copied headers included.
+    if fixup == RxFixup::CompleteChecksum {
+        complete_checksum(&frame.hdr, frame, chains, hdr_len);
     }
     Ok(())
 }
@@ -560,6 +570,51 @@ mod tests {
         assert_eq!(&bytes[HDR..], &data[..]);
         // The memory is forgotten once the frame went in.
         assert_eq!(Shortfall::unpack(g_shortfall(&port)), None);
+    }
+
+    /// A guest without GUEST_CSUM gets a guest frame's pending checksum completed, behind
+    /// the headers as they were copied.
+    #[test]
+    fn a_pending_checksum_is_completed_for_a_guest_without_csum_offload() {
+        let mem = memory();
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let mut rx = Guest::new(&mem, &atomic, 1);
+        let mut tx = Guest::new(&mem, &atomic, 0);
+        let port = Port::new(
+            1,
+            config(&[None, None], crate::config::Mode::Bridge).ports[1].clone(),
+        );
+        port.ensure_attached(|| Some(rx.rx_path(&atomic, 1 << VIRTIO_F_VERSION_1)));
+        rx.post_rx(1, 2048);
+        let mut bytes = frame(mac(1), mac(0), 0x0800, 100);
+        let (start, offset) = (34usize, 6usize);
+        bytes[0] = F_NEEDS_CSUM;
+        bytes[6..8].copy_from_slice(&(start as u16).to_le_bytes());
+        bytes[8..10].copy_from_slice(&(offset as u16).to_le_bytes());
+        bytes[HDR + start + offset..HDR + start + offset + 2].copy_from_slice(&[0x12, 0x34]);
+        let addr = tx.buffer(bytes.len(), &bytes);
+        let mut bufs = GuestBuffers::empty(0);
+        bufs.push_buffer(&mem, addr, bytes.len() as u32, false)
+            .unwrap();
+        let f = crate::frame::GuestFrame::parse(&bufs, HDR).unwrap();
+        port.receive_batch(0, &[f.as_frame()]);
+        let got = rx.rx_frames();
+        assert_eq!(got.len(), 1);
+        let out = &got[0].1;
+        let mut odd = false;
+        let want = csum_finish(csum_add(0, &bytes[HDR + start..], &mut odd)).to_be_bytes();
+        assert_eq!(&out[HDR + start + offset..HDR + start + offset + 2], &want);
+        // Everything else as sent; the header's offload flags cleared, one buffer.
+        assert_eq!(
+            &out[HDR..HDR + start + offset],
+            &bytes[HDR..HDR + start + offset]
+        );
+        assert_eq!(
+            &out[HDR + start + offset + 2..],
+            &bytes[HDR + start + offset + 2..]
+        );
+        assert_eq!(&out[..10], &[0; 10]);
+        assert_eq!(u16::from_le_bytes([out[10], out[11]]), 1);
     }
 
     fn g_shortfall(port: &Port) -> u64 {
