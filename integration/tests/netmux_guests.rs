@@ -275,6 +275,8 @@ sleep 1000
     );
 }
 
+/// Each of the steady guest's pings must be answered (a lost frame is a FAIL tick); the 30 s
+/// reply bound only ever runs out for a lost frame, not for a busy machine.
 #[test]
 fn a_restarted_guest_does_not_disturb_the_others() {
     let ns = NetNs::new();
@@ -285,7 +287,7 @@ fn a_restarted_guest_does_not_disturb_the_others() {
 reach {NS_IP}
 echo NETMUX ready
 while :; do
-    if ping -c 1 -W 3 {NS_IP} >/dev/null 2>&1; then echo NETMUX tick ok; else echo NETMUX tick FAIL; fi
+    if ping -c 1 -W 30 {NS_IP} >/dev/null 2>&1; then echo NETMUX tick ok; else echo NETMUX tick FAIL; fi
     sleep 1
 done
 "
