@@ -8,7 +8,7 @@
 //! message; the real `SET_FEATURES` follows later and replaces it. Everything else, file
 //! descriptors included, passes unchanged. Only control messages take this path, never data.
 //!
-//! Replies go back through [`relay_backend_replies`], which can put a device's own answer to
+//! Replies go back through `relay_backend_replies`, which can put a device's own answer to
 //! GET_QUEUE_NUM in place of the library's (the number of virtqueues): virtio-net counts
 //! queue pairs there.
 
