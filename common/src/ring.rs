@@ -252,7 +252,22 @@ impl<'m> Ring<'m> {
     pub fn walk(
         &self,
         head: u16,
+        visit: impl FnMut(Buffer) -> Result<(), ChainError>,
+    ) -> Result<(), ChainError> {
+        let mut read = 0;
+        let res = self.walk_counting(head, visit, &mut read);
+        // Once per chain, not per descriptor: this runs for every packet.
+        self.descriptors_read
+            .set(self.descriptors_read.get() + read);
+        res
+    }
+
+    /// [`Ring::walk`], adding the descriptors it reads to `read`.
+    fn walk_counting(
+        &self,
+        head: u16,
         mut visit: impl FnMut(Buffer) -> Result<(), ChainError>,
+        read: &mut usize,
     ) -> Result<(), ChainError> {
         let broken = || ChainError::Broken { head };
         let (mut table, mut table_len) = (self.desc, self.size);
@@ -269,7 +284,7 @@ impl<'m> Ring<'m> {
                 return Err(broken());
             }
             let d = self.desc(table, index).ok_or_else(broken)?;
-            self.descriptors_read.set(self.descriptors_read.get() + 1);
+            *read += 1;
             if d.flags & DESC_F_INDIRECT != 0 {
                 let entries = d.len as usize / DESC_SIZE;
                 if indirect
