@@ -28,7 +28,7 @@ use std::cell::Cell;
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
-use crate::chain::{ChainError, GuestBuffers, Memory};
+use crate::chain::{ChainError, GuestBuffers, Memory, Region};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -100,6 +100,9 @@ struct Desc {
 /// [`Ring::publish_used`] or [`Ring::finish`].
 pub struct Ring<'m> {
     mem: &'m Memory,
+    /// The region holding the descriptor table, where a guest's buffers nearly always are
+    /// too: tried first for each buffer.
+    region: Option<&'m Region>,
     size: u16,
     desc: Area,
     avail: Area,
@@ -136,6 +139,7 @@ impl<'m> Ring<'m> {
         let next_used = Wrapping(queue.next_used());
         Ok(Ring {
             mem,
+            region: mem.find_region(GuestAddress(queue.desc_table())),
             size,
             desc,
             avail,
@@ -221,7 +225,9 @@ impl<'m> Ring<'m> {
     /// and maps its buffers, returning them (see [`Ring::chain_into`] for the checks).
     pub fn chain(&self, head: u16) -> Result<GuestBuffers<'m>, ChainError> {
         let mut bufs = GuestBuffers::empty(head);
-        self.walk(head, |b| bufs.push_buffer(self.mem, b.addr, b.len, b.write))?;
+        self.walk(head, |b| {
+            bufs.push_buffer_in(self.mem, self.region, b.addr, b.len, b.write)
+        })?;
         Ok(bufs)
     }
 
@@ -233,7 +239,9 @@ impl<'m> Ring<'m> {
     pub fn chain_into(&self, head: u16, out: &mut Vec<GuestBuffers<'m>>) -> Result<(), ChainError> {
         out.push(GuestBuffers::empty(head));
         let res = match out.last_mut() {
-            Some(bufs) => self.walk(head, |b| bufs.push_buffer(self.mem, b.addr, b.len, b.write)),
+            Some(bufs) => self.walk(head, |b| {
+                bufs.push_buffer_in(self.mem, self.region, b.addr, b.len, b.write)
+            }),
             None => Err(ChainError::Broken { head }),
         };
         if res.is_err() {

@@ -86,7 +86,7 @@ impl<'a, 'm> GuestFrame<'a, 'm> {
             return Err(FrameError::Malformed);
         }
         let mut eth = [0u8; ETH_HLEN];
-        eth.copy_from_slice(&head[hdr_len..need]);
+        eth.copy_from_slice(&head[hdr_len..hdr_len + ETH_HLEN]);
         Ok(GuestFrame {
             hdr,
             eth: EthHeader(eth),

@@ -19,9 +19,11 @@ use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 
 use crate::config::PortConfig;
-use crate::frame::Frame;
+use crate::frame::{Frame, ETH_HLEN};
 use crate::stats::{PortCounters, PortDoc};
-use crate::virtio_net::{csum_add, csum_finish, Negotiated, NetHdr, RxFixup, F_NEEDS_CSUM};
+use crate::virtio_net::{
+    csum_add, csum_finish, Negotiated, NetHdr, RxFixup, F_NEEDS_CSUM, HDR_LEN,
+};
 
 /// The vring type every port uses.
 pub type Vring = VringMutex<MemoryAtomic>;
@@ -436,9 +438,13 @@ fn write_frame<'m>(
     }
     hdr.num_buffers = chains.len() as u16;
     if let Some(first) = chains.first() {
-        let mut head = [0u8; 12 + crate::frame::ETH_HLEN];
-        head[..hdr_len].copy_from_slice(&hdr.to_bytes()[..hdr_len]);
-        head[hdr_len..hdr_len + skip].copy_from_slice(&prefix[..skip]);
+        // Fixed-size copies only (the compiler makes them moves, not memcpy calls): this
+        // runs for every frame. A 10-byte header has its last two bytes overwritten.
+        let mut head = [0u8; HDR_LEN + ETH_HLEN];
+        head[..HDR_LEN].copy_from_slice(&hdr.to_bytes());
+        if let Ok(eth) = <&[u8; ETH_HLEN]>::try_from(&prefix[..skip]) {
+            head[hdr_len..hdr_len + ETH_HLEN].copy_from_slice(eth);
+        }
         first.write_at(0, &head[..hdr_len + skip]);
     }
     // Last: the checksum may lie anywhere in the frame, the copied headers included.
