@@ -63,6 +63,38 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
         .ok_or_else(|| ConfigError::Invalid(format!("size '{s}' is too large")))
 }
 
+/// Parses a guest RAM size for `--memory` (the syntax of [`parse_size`], e.g. `512M`, `2G`)
+/// and returns it in bytes: a whole, non-zero number of MiB, as QEMU's memory backends need.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] for a bad size, zero, or a size that is not a whole number of MiB.
+pub fn parse_guest_memory(s: &str) -> Result<u64, ConfigError> {
+    let bytes = parse_size(s)?;
+    if bytes == 0 || bytes % (1 << 20) != 0 {
+        return Err(ConfigError::Invalid(format!(
+            "guest memory '{s}' must be a whole, non-zero number of MiB (e.g. 512M, 2G)"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Renders a byte count the way QEMU's `size=` options read it: `512M`, `2G`, or plain bytes.
+pub fn qemu_size(bytes: u64) -> String {
+    if bytes != 0 && bytes % (1 << 30) == 0 {
+        format!("{}G", bytes >> 30)
+    } else if bytes != 0 && bytes % (1 << 20) == 0 {
+        format!("{}M", bytes >> 20)
+    } else {
+        bytes.to_string()
+    }
+}
+
+/// Logs (at warn level) that `old`, an option or key still accepted, has been renamed to `new`.
+/// Called while the configuration is read, so the warning appears once, at start.
+pub fn warn_deprecated(old: &str, new: &str) {
+    log::warn!("{old} is deprecated and will be removed; use {new}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +108,16 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("K").is_err());
         assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn guest_memory() {
+        assert_eq!(parse_guest_memory("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_guest_memory("1G").unwrap(), 1 << 30);
+        assert!(parse_guest_memory("0").is_err());
+        assert!(parse_guest_memory("1000K").is_err());
+        assert_eq!(qemu_size(512 << 20), "512M");
+        assert_eq!(qemu_size(2 << 30), "2G");
+        assert_eq!(qemu_size(4096), "4096");
     }
 }

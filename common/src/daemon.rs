@@ -1,9 +1,10 @@
 //! Daemon lifecycle shared by every backend: serve one vhost-user socket for the life of the
 //! process, across front-end disconnects and restarts.
 //!
-//! A backend hands [`serve`] a factory that builds a fresh `VhostUserBackend` for each
-//! connection; whatever must outlive a connection (buffers, endpoints, counters) lives in state
-//! the factory closes over. In [`Transport::Listen`] mode one listening socket is kept for the
+//! A backend opens each device's [`FrontendSocket`] at start-up (so a socket that cannot be
+//! served stops the process before it runs) and hands [`serve`] that socket and a factory that
+//! builds a fresh `VhostUserBackend` for each connection; whatever must outlive a connection
+//! (buffers, endpoints, counters) lives in state the factory closes over. In [`Transport::Listen`] mode one listening socket is kept for the
 //! whole run, so a QEMU started with `reconnect-ms` finds it again after it restarts; in
 //! [`Transport::Connect`] mode (QEMU's `server=on`, as libvirt and OVS use) the daemon dials
 //! the front-end and dials again whenever either side went away.
@@ -11,7 +12,7 @@
 use std::fmt;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +27,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::chain::Memory;
+use crate::listen::{listen, ListenError, SocketFile, SocketOptions};
 use crate::relay;
 
 /// How a backend meets its front-end.
@@ -55,20 +57,13 @@ impl fmt::Display for Transport {
     }
 }
 
-/// Why a daemon stopped serving.
+/// Why a daemon could not serve.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// The listening socket could not be created.
-    #[error("cannot listen on {path}: {source}")]
-    Listen {
-        /// Socket path.
-        path: PathBuf,
-        /// Underlying error.
-        source: io::Error,
-    },
-    /// The backend for a new connection could not be built.
-    #[error("cannot set up the device for a new connection: {0}")]
-    Backend(String),
+    /// The listening socket could not be created (the error names the path and the cause: a
+    /// live process serving it, a file that is not a socket, permissions...).
+    #[error(transparent)]
+    Listen(#[from] ListenError),
 }
 
 /// Knobs of [`serve`].
@@ -80,6 +75,11 @@ pub struct ServeOptions {
     pub transport: Transport,
     /// Delay between attempts to reach a listening front-end (client mode).
     pub reconnect_delay: Duration,
+    /// Back-off after a failure (a connection that ended in an error, a backend that could not
+    /// be built, a failed accept): the first wait, doubled after each further failure in a row.
+    pub retry_min: Duration,
+    /// Longest back-off between failures in a row.
+    pub retry_max: Duration,
     /// Set to stop after the current connection ends.
     pub stop: Arc<AtomicBool>,
     /// The answer to GET_QUEUE_NUM when it is not the number of virtqueues (the vhost-user
@@ -87,17 +87,59 @@ pub struct ServeOptions {
     /// with more (`you are asking more queues than supported: N`), so a network device sets
     /// its queue pairs here. `None`: the library's answer.
     pub queue_num: Option<u64>,
+    /// Fds the first worker thread of every connection also watches (readable, level
+    /// triggered), each with its `device_event` (past [`connection_start_event`]): a backend's
+    /// own event sources, so one thread serves its kicks and its other fds. The backend must
+    /// keep them open while it may be connected.
+    pub worker_fds: Vec<(RawFd, u16)>,
 }
 
 impl ServeOptions {
-    /// Options with a 500 ms reconnect delay and a fresh stop flag.
+    /// Options with a 500 ms reconnect delay, a 100 ms to 5 s back-off and a fresh stop flag.
     pub fn new(name: impl Into<String>, transport: Transport) -> Self {
         ServeOptions {
             name: name.into(),
             transport,
             reconnect_delay: Duration::from_millis(500),
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
             stop: Arc::new(AtomicBool::new(false)),
             queue_num: None,
+            worker_fds: Vec::new(),
+        }
+    }
+}
+
+/// The front-end side of one device's socket, opened once for the life of the process.
+#[derive(Debug)]
+pub enum FrontendSocket {
+    /// This process listens (the socket file is removed when this is dropped).
+    Listening(UnixListener, SocketFile),
+    /// This process connects to a front-end listening on this path.
+    Connecting(PathBuf),
+}
+
+impl FrontendSocket {
+    /// Opens `transport`: in listen mode creates the socket now through
+    /// [`crate::listen::listen`] (so a second instance, or a file in the way, is refused at
+    /// start-up, before any thread runs); in connect mode only records the path.
+    ///
+    /// # Errors
+    /// [`DaemonError::Listen`] naming the path.
+    pub fn open(transport: &Transport, socket: &SocketOptions) -> Result<Self, DaemonError> {
+        Ok(match transport {
+            Transport::Listen(path) => {
+                let (l, f) = listen(path, socket)?;
+                FrontendSocket::Listening(l, f)
+            }
+            Transport::Connect(path) => FrontendSocket::Connecting(path.clone()),
+        })
+    }
+
+    fn next(&self) -> io::Result<UnixStream> {
+        match self {
+            FrontendSocket::Listening(l, _) => l.accept().map(|(s, _)| s),
+            FrontendSocket::Connecting(path) => UnixStream::connect(path),
         }
     }
 }
@@ -110,7 +152,46 @@ pub fn connection_start_event(num_queues: usize) -> u16 {
     (num_queues + 1) as u16
 }
 
-/// Serves one front-end after another until `opts.stop` is set.
+/// Bounded exponential back-off between failures in a row.
+#[derive(Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    fn new(opts: &ServeOptions) -> Self {
+        Backoff {
+            min: opts.retry_min,
+            max: opts.retry_max.max(opts.retry_min),
+            failures: 0,
+        }
+    }
+
+    /// Records a failure and returns how long to wait before the next attempt.
+    fn failed(&mut self) -> Duration {
+        let d = self
+            .min
+            .checked_mul(1u32 << self.failures.min(16))
+            .map_or(self.max, |d| d.min(self.max));
+        self.failures = self.failures.saturating_add(1);
+        d
+    }
+
+    fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// Serves one front-end after another on `socket` until `opts.stop` is set.
+///
+/// The policy, the same for every backend: a device's socket keeps being served for the life
+/// of the process. A connection that ends in an error, a failed accept or a backend that
+/// cannot be built is logged and followed by a bounded back-off ([`ServeOptions::retry_min`]
+/// doubling up to [`ServeOptions::retry_max`]; reset by a connection that ends cleanly), never
+/// by a busy loop and never by the end of service for that device. In connect mode, a
+/// front-end that is not there yet is retried every [`ServeOptions::reconnect_delay`].
 ///
 /// `make_backend` is called once per connection. Its backend's `exit_event` must hand out
 /// clones of one fixed event pair per thread: after a connection ends the daemon signals them
@@ -118,39 +199,22 @@ pub fn connection_start_event(num_queues: usize) -> u16 {
 /// Every connection's messages pass through [`relay`].
 pub fn serve<B, F, D>(
     opts: &ServeOptions,
+    socket: &FrontendSocket,
     mut make_backend: F,
     mut on_disconnect: D,
-) -> Result<(), DaemonError>
-where
+) where
     B: VhostUserBackend<Bitmap = ()> + Clone + 'static,
     B::Vring: Clone + Send + Sync,
     F: FnMut() -> Result<B, String>,
     D: FnMut(),
 {
-    let public = match &opts.transport {
-        Transport::Listen(path) => {
-            if path.exists() {
-                let _ = std::fs::remove_file(path);
-            }
-            Some(
-                UnixListener::bind(path).map_err(|source| DaemonError::Listen {
-                    path: path.clone(),
-                    source,
-                })?,
-            )
-        }
-        Transport::Connect(_) => None,
-    };
     log::info!("{}: {}", opts.name, opts.transport);
     let mut waiting_logged = false;
+    let mut backoff = Backoff::new(opts);
     while !opts.stop.load(Ordering::Acquire) {
-        let frontend = match (&public, &opts.transport) {
-            (Some(l), _) => l.accept().map(|(s, _)| s),
-            (None, t) => UnixStream::connect(t.path()),
-        };
-        let frontend = match frontend {
+        let frontend = match socket.next() {
             Ok(s) => s,
-            Err(e) => {
+            Err(e) if matches!(socket, FrontendSocket::Connecting(_)) => {
                 if !waiting_logged {
                     log::info!("{}: front-end not reachable yet ({e}); retrying", opts.name);
                     waiting_logged = true;
@@ -158,46 +222,77 @@ where
                 thread::sleep(opts.reconnect_delay);
                 continue;
             }
+            Err(e) => {
+                let wait = backoff.failed();
+                log::warn!(
+                    "{}: cannot accept a front-end: {e}; again in {wait:?}",
+                    opts.name
+                );
+                thread::sleep(wait);
+                continue;
+            }
         };
         waiting_logged = false;
-        let backend = make_backend().map_err(DaemonError::Backend)?;
+        let backend = match make_backend() {
+            Ok(b) => b,
+            Err(e) => {
+                // The front-end sees the connection close; QEMU with reconnect-ms comes back.
+                drop(frontend);
+                let wait = backoff.failed();
+                log::error!(
+                    "{}: cannot set up the device for a new connection: {e}; serving again in {wait:?}",
+                    opts.name
+                );
+                thread::sleep(wait);
+                continue;
+            }
+        };
         log::info!("{}: front-end connected", opts.name);
-        if let Err(e) = run_connection(&opts.name, frontend, backend.clone(), opts.queue_num) {
-            log::warn!("{}: connection ended: {e}", opts.name);
-        } else {
-            log::info!("{}: front-end disconnected", opts.name);
-        }
+        let failed = match run_connection(opts, frontend, backend.clone()) {
+            Err(e) => {
+                log::warn!("{}: connection ended: {e}", opts.name);
+                true
+            }
+            Ok(()) => {
+                log::info!("{}: front-end disconnected", opts.name);
+                false
+            }
+        };
         stop_workers(&backend);
         on_disconnect();
-        if public.is_none() {
-            thread::sleep(opts.reconnect_delay);
+        if failed {
+            let wait = backoff.failed();
+            log::debug!("{}: serving again in {wait:?}", opts.name);
+            thread::sleep(wait);
+        } else {
+            backoff.succeeded();
+            if matches!(socket, FrontendSocket::Connecting(_)) {
+                thread::sleep(opts.reconnect_delay);
+            }
         }
     }
-    Ok(())
 }
 
-fn run_connection<B>(
-    name: &str,
-    frontend: UnixStream,
-    backend: B,
-    queue_num: Option<u64>,
-) -> io::Result<()>
+fn run_connection<B>(opts: &ServeOptions, frontend: UnixStream, backend: B) -> io::Result<()>
 where
     B: VhostUserBackend<Bitmap = ()> + Clone + 'static,
     B::Vring: Clone + Send + Sync,
 {
+    let name = opts.name.as_str();
     let mem = GuestMemoryAtomic::new(Memory::new());
     let num_queues = backend.num_queues();
     let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
         .map_err(|e| io::Error::other(e.to_string()))?;
-    // A private, nameless (abstract, kernel-chosen) socket between the relay and the library.
-    let private = relay::autobound_listener()?;
-    let addr = private.local_addr()?;
-    let inner = UnixStream::connect_addr(&addr)?;
-    let mut listener = Listener::from(private);
+    // The library's end of the relay, reachable by this process only (see PrivateListener).
+    let private = relay::PrivateListener::new()?;
+    let inner = UnixStream::connect(private.path())?;
+    let mut listener = Listener::from(private.listener.try_clone()?);
     daemon
         .start(&mut listener)
         .map_err(|e| io::Error::other(e.to_string()))?;
+    // Accepted: nothing else can ever connect to the library now.
+    drop(listener);
+    drop(private);
     // Edge-triggered and written once: each worker sees the start event exactly once. The
     // descriptors stay open (and registered) until the connection ends.
     let start_event = u64::from(connection_start_event(num_queues));
@@ -212,13 +307,19 @@ where
         fd.write(1)?;
         start_fds.push(fd);
     }
+    if let Some(first) = daemon.get_epoll_handlers().first() {
+        for &(fd, event) in &opts.worker_fds {
+            first.register_listener(fd, EventSet::IN, u64::from(event))?;
+        }
+    }
 
     let to_daemon = {
         let (from, to) = (frontend.try_clone()?, inner.try_clone()?);
+        let vm = name.to_string();
         thread::Builder::new()
             .name(format!("{name}-relay"))
             .spawn(move || {
-                let r = relay::relay_frontend_messages(&from, &to);
+                let r = relay::relay_frontend_messages(&vm, &from, &to);
                 let _ = to.shutdown(Shutdown::Both);
                 let _ = from.shutdown(Shutdown::Both);
                 r
@@ -226,6 +327,7 @@ where
     };
     let to_frontend = {
         let (from, to) = (inner.try_clone()?, frontend.try_clone()?);
+        let queue_num = opts.queue_num;
         thread::Builder::new()
             .name(format!("{name}-reply"))
             .spawn(move || {
@@ -240,12 +342,18 @@ where
     let res = daemon.wait().map_err(|e| io::Error::other(e.to_string()));
     let _ = frontend.shutdown(Shutdown::Both);
     let _ = inner.shutdown(Shutdown::Both);
-    if let Ok(Err(e)) = to_daemon.join() {
-        log::debug!("{name}: relay: {e}");
-    }
+    let relayed = to_daemon.join();
     let _ = to_frontend.join();
     drop(start_fds);
-    res
+    match relayed {
+        // What the relay refused is the cause, whatever the library made of the hang-up.
+        Ok(Err(e @ relay::RelayError::Refused { .. })) => Err(io::Error::other(e.to_string())),
+        Ok(Err(e)) => {
+            log::debug!("{name}: relay: {e}");
+            res
+        }
+        _ => res,
+    }
 }
 
 /// Tells each worker thread of a finished connection to exit.
@@ -256,5 +364,117 @@ fn stop_workers<B: VhostUserBackend>(backend: &B) {
                 log::warn!("cannot stop worker thread {i}: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::atomic::AtomicUsize;
+    use vhost::vhost_user::message::VhostUserProtocolFeatures;
+    use vhost_user_backend::VringMutex;
+
+    use crate::chain::MemoryAtomic;
+
+    #[test]
+    fn backoff_doubles_up_to_its_bound_and_resets() {
+        let mut opts = ServeOptions::new("t", Transport::Listen("/x".into()));
+        opts.retry_min = Duration::from_millis(100);
+        opts.retry_max = Duration::from_secs(1);
+        let mut b = Backoff::new(&opts);
+        let waits: Vec<u128> = (0..7).map(|_| b.failed().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 1000, 1000]);
+        for _ in 0..100 {
+            b.failed(); // never overflows, never exceeds the bound
+        }
+        assert_eq!(b.failed(), Duration::from_secs(1));
+        b.succeeded();
+        assert_eq!(b.failed(), Duration::from_millis(100));
+    }
+
+    /// The smallest device: one queue, nothing to do.
+    #[derive(Clone)]
+    struct Idle;
+
+    impl VhostUserBackend for Idle {
+        type Bitmap = ();
+        type Vring = VringMutex<MemoryAtomic>;
+        fn num_queues(&self) -> usize {
+            1
+        }
+        fn max_queue_size(&self) -> usize {
+            256
+        }
+        fn features(&self) -> u64 {
+            1 << 32 | 1 << 30
+        }
+        fn protocol_features(&self) -> VhostUserProtocolFeatures {
+            VhostUserProtocolFeatures::empty()
+        }
+        fn set_event_idx(&self, _enabled: bool) {}
+        fn update_memory(&self, _mem: MemoryAtomic) -> io::Result<()> {
+            Ok(())
+        }
+        fn handle_event(
+            &self,
+            _device_event: u16,
+            _evset: EventSet,
+            _vrings: &[Self::Vring],
+            _thread_id: usize,
+        ) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// GET_FEATURES (request 1) and its reply: the device answered.
+    fn features_answered(path: &Path) -> bool {
+        let Ok(mut s) = UnixStream::connect(path) else {
+            return false;
+        };
+        let mut msg = [0u8; 12];
+        msg[0] = 1;
+        msg[4] = 1; // version 1
+        if s.write_all(&msg).is_err() {
+            return false;
+        }
+        let mut reply = [0u8; 20];
+        s.read_exact(&mut reply).is_ok() && reply[12..20] == (1u64 << 32 | 1 << 30).to_le_bytes()
+    }
+
+    #[test]
+    fn a_failing_backend_factory_is_retried_and_the_socket_stays_served() {
+        let _serial = crate::process_state_lock();
+        let dir = std::env::temp_dir().join(format!("ds-daemon-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.sock");
+        let transport = Transport::Listen(path.clone());
+        let mut opts = ServeOptions::new("t", transport.clone());
+        opts.retry_min = Duration::from_millis(1);
+        let socket = FrontendSocket::open(&transport, &SocketOptions::default()).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        thread::spawn(move || {
+            serve(
+                &opts,
+                &socket,
+                || {
+                    // Fails for the first three connections, as a backend short of a resource.
+                    if c.fetch_add(1, Ordering::SeqCst) < 3 {
+                        Err("no eventfd left".to_string())
+                    } else {
+                        Ok(Idle)
+                    }
+                },
+                || {},
+            )
+        });
+        let mut answered = false;
+        for _ in 0..4 {
+            answered = features_answered(&path);
+        }
+        assert!(answered, "the device stopped being served");
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 }

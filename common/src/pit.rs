@@ -85,13 +85,35 @@ impl FromStr for LostTickPolicy {
     type Err = UnknownPolicy;
 
     /// Parses QEMU's spelling, `delay` or `discard`: lower case only, as QEMU itself
-    /// refuses `DISCARD`.
+    /// refuses `DISCARD`. This is the one parser of the policy: the command lines of every
+    /// binary use it through [`clap::ValueEnum`], and QEMU command lines are read with it.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "delay" => Ok(LostTickPolicy::Delay),
-            "discard" => Ok(LostTickPolicy::Discard),
-            _ => Err(UnknownPolicy(s.to_owned())),
-        }
+        LostTickPolicy::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| UnknownPolicy(s.to_owned()))
+    }
+}
+
+/// Lets every binary take the policy as a clap argument (`#[arg(long, value_enum)]`), with the
+/// values and their meaning listed in `--help`.
+impl clap::ValueEnum for LostTickPolicy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &LostTickPolicy::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        let help = match self {
+            LostTickPolicy::Delay => {
+                "re-inject timer ticks a descheduled vCPU missed (QEMU's default)"
+            }
+            LostTickPolicy::Discard => "drop the missed ticks",
+        };
+        Some(clap::builder::PossibleValue::new(self.as_str()).help(help))
+    }
+
+    fn from_str(input: &str, _ignore_case: bool) -> Result<Self, String> {
+        input.parse().map_err(|e: UnknownPolicy| e.to_string())
     }
 }
 
@@ -118,6 +140,19 @@ mod tests {
         // QEMU's generic LostTickPolicy also has "slew", which kvm-pit refuses.
         assert!("slew".parse::<LostTickPolicy>().is_err());
         assert!("".parse::<LostTickPolicy>().is_err());
+    }
+
+    #[test]
+    fn clap_takes_the_same_spellings() {
+        use clap::ValueEnum;
+        for p in LostTickPolicy::ALL {
+            assert_eq!(
+                <LostTickPolicy as ValueEnum>::from_str(p.as_str(), false),
+                Ok(p)
+            );
+        }
+        assert!(<LostTickPolicy as ValueEnum>::from_str("slew", false).is_err());
+        assert!(<LostTickPolicy as ValueEnum>::from_str("DELAY", true).is_err());
     }
 
     #[test]

@@ -8,6 +8,10 @@
 //! message; the real `SET_FEATURES` follows later and replaces it. Everything else, file
 //! descriptors included, passes unchanged. Only control messages take this path, never data.
 //!
+//! Seeing every message with its descriptors, the relay is also where a memory table that
+//! would crash the process (a region past the end of its file: SIGBUS on first access) is
+//! refused, before the library maps it ([`crate::mem_table`]). Only that connection ends.
+//!
 //! Replies go back through `relay_backend_replies`, which can put a device's own answer to
 //! GET_QUEUE_NUM in place of the library's (the number of virtqueues): virtio-net counts
 //! queue pairs there.
@@ -15,8 +19,10 @@
 use std::io::{self, Read, Write};
 use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
+
+use crate::listen::PrivateDir;
+use crate::mem_table;
 
 const REQ_SET_FEATURES: u32 = 2;
 const REQ_GET_QUEUE_NUM: u32 = 17;
@@ -31,45 +37,65 @@ const MAX_BODY: usize = 4096;
 /// Most descriptors one message carries (SET_MEM_TABLE: one per region, at most 8).
 const MAX_FDS: usize = 16;
 
-/// A listening socket with a kernel-chosen abstract name, for the library's end of the relay.
-pub(crate) fn autobound_listener() -> io::Result<UnixListener> {
-    // SAFETY: plain socket creation; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_un is plain data; zeroed is valid.
-    let mut sa: libc::sockaddr_un = unsafe { mem::zeroed() };
-    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    // Binding with only the family asks the kernel for a unique abstract name (autobind).
-    // SAFETY: `sa` is valid for the length given.
-    let r = unsafe {
-        libc::bind(
-            owned.as_raw_fd(),
-            (&sa as *const libc::sockaddr_un).cast(),
-            mem::size_of::<libc::sa_family_t>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: listen on our own bound socket.
-    if unsafe { libc::listen(owned.as_raw_fd(), 1) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let l = UnixListener::from(owned);
-    // Sanity: the name must be abstract, or connect_addr above would not find it.
-    if l.local_addr()?.as_abstract_name().is_none() {
-        return Err(io::Error::other("autobind gave no abstract name"));
-    }
-    Ok(l)
+/// The library's end of the relay: a listening socket inside a fresh 0700 directory under
+/// the temporary directory, so no other user can connect to it, not even in the moment between
+/// `listen` and the relay's own connect. (`VhostUserDaemon` of vhost-user-backend 0.24 only
+/// starts from a listener it accepts on, or by connecting to a path; it has no way to take an
+/// already connected stream such as one end of a socketpair.) The caller connects to
+/// [`PrivateListener::path`], lets the library accept, then drops the [`PrivateListener`]:
+/// the path and the directory go away and the socket can no longer be reached at all.
+pub(crate) struct PrivateListener {
+    /// The listening socket, for the library.
+    pub(crate) listener: UnixListener,
+    addr: std::path::PathBuf,
+    _dir: PrivateDir,
 }
 
-/// Forwards front-end messages to the library, inserting the feature bit fix-up.
-pub(crate) fn relay_frontend_messages(from: &UnixStream, to: &UnixStream) -> io::Result<()> {
+impl PrivateListener {
+    /// Binds in a new private directory.
+    pub(crate) fn new() -> io::Result<PrivateListener> {
+        let mut dir = PrivateDir::create(&std::env::temp_dir())?;
+        let addr = dir.socket_addr()?;
+        let listener = UnixListener::bind(&addr)?;
+        Ok(PrivateListener {
+            listener,
+            addr,
+            _dir: dir,
+        })
+    }
+
+    /// The address to connect to (valid while `self` lives).
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.addr
+    }
+}
+
+/// Why the relay stopped.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RelayError {
+    /// The front-end sent something this backend refuses; the connection was ended.
+    #[error("refused the front-end's {what}: {reason}")]
+    Refused {
+        /// Which message.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A socket error.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Forwards front-end messages to the library, inserting the feature bit fix-up and checking
+/// memory tables against their files ([`crate::mem_table`]). Returns `Ok` when the front-end
+/// hangs up, [`RelayError::Refused`] when it sent a table that would crash the process.
+pub(crate) fn relay_frontend_messages(
+    name: &str,
+    from: &UnixStream,
+    to: &UnixStream,
+) -> Result<(), RelayError> {
     let mut features_seen = false;
+    let mut shrink_noted = false;
     let mut body = vec![0u8; MAX_BODY];
     loop {
         let mut hdr = [0u8; HDR_SIZE];
@@ -80,11 +106,34 @@ pub(crate) fn relay_frontend_messages(from: &UnixStream, to: &UnixStream) -> io:
         let request = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
         if size > MAX_BODY {
-            return Err(io::Error::other(format!(
-                "front-end message {request} has a {size}-byte body"
-            )));
+            return Err(RelayError::Refused {
+                what: "message",
+                reason: format!("request {request} has a {size}-byte body (at most {MAX_BODY})"),
+            });
         }
         (&*from).read_exact(&mut body[..size])?;
+        if let Err(e) = mem_table::check_message(request, &body[..size], &fds) {
+            return Err(RelayError::Refused {
+                what: match request {
+                    mem_table::REQ_ADD_MEM_REG => "ADD_MEM_REG",
+                    mem_table::REQ_SET_LOG_BASE => "SET_LOG_BASE",
+                    mem_table::REQ_SET_INFLIGHT_FD => "SET_INFLIGHT_FD",
+                    _ => "SET_MEM_TABLE",
+                },
+                reason: e.to_string(),
+            });
+        }
+        if !shrink_noted
+            && (request == mem_table::REQ_SET_MEM_TABLE || request == mem_table::REQ_ADD_MEM_REG)
+            && fds.iter().any(|f| !mem_table::shrink_sealed(f))
+        {
+            shrink_noted = true;
+            log::info!(
+                "{name}: guest memory is not sealed against shrinking (memfd seal=off or a \
+                 file backend): a front-end that truncates it while mapped would crash this \
+                 process"
+            );
+        }
         if request == REQ_SET_FEATURES {
             features_seen = true;
         } else if request == REQ_SET_VRING_ENABLE && !features_seen {
@@ -237,4 +286,33 @@ fn send_with_fds(s: &UnixStream, data: &[u8], fds: &[OwnedFd]) -> io::Result<()>
         (&*s).write_all(&data[n..])?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn the_library_end_lives_in_a_private_directory_and_vanishes_once_connected() {
+        let l = PrivateListener::new().unwrap();
+        let path = l.path().to_path_buf();
+        let dir = path.parent().unwrap().to_path_buf();
+        let meta = std::fs::symlink_metadata(&dir).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.mode() & 0o777, 0o700, "others could reach the socket");
+        assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
+        // No abstract name: nothing outside the directory leads to it.
+        assert!(std::os::linux::net::SocketAddrExt::as_abstract_name(
+            &l.listener.local_addr().unwrap()
+        )
+        .is_none());
+        let _inner = UnixStream::connect(&path).unwrap();
+        let _accepted = l.listener.accept().unwrap();
+        drop(l);
+        assert!(
+            !dir.exists(),
+            "the private directory outlived the connection"
+        );
+    }
 }

@@ -127,6 +127,12 @@ pub struct ConfigFile {
     pub buffer_size: Option<String>,
     /// Directory for buffers that must survive a restart of this process.
     pub state_dir: Option<PathBuf>,
+    /// Unix socket serving the counters as JSON.
+    pub stats_socket: Option<PathBuf>,
+    /// Octal mode of every socket this process creates (default "0600").
+    pub socket_mode: Option<String>,
+    /// Group (name or number) of every socket this process creates.
+    pub socket_group: Option<String>,
     /// The VMs.
     #[serde(rename = "vm", default)]
     pub vms: Vec<VmFile>,

@@ -7,15 +7,21 @@ use std::sync::Arc;
 use std::thread;
 
 use clap::Parser;
-use devshare_common::config::{load_toml, parse_size, ConfigError};
-use devshare_common::daemon::{serve, ServeOptions, Transport};
+use devshare_common::config::{load_toml, parse_guest_memory, parse_size, qemu_size, ConfigError};
+use devshare_common::daemon::{serve, FrontendSocket, ServeOptions, Transport};
+use devshare_common::files::{ensure_private_dir, StateDirLock};
+use devshare_common::listen::SocketOptions;
 use devshare_common::pit::LostTickPolicy;
+use devshare_common::qemu::QemuVersion;
+use devshare_common::signals::{handle_signals, ProcessStats, SignalActions};
 use vhost_user_console::config::{
     parse_port_arg, parse_vm_arg, Config, ConfigFile, DeviceKind, SocketMode, VmFile,
 };
-use vhost_user_console::engine::{self, Engine};
+use vhost_user_console::event_loop::run_home;
+use vhost_user_console::group::{self, Group};
 use vhost_user_console::qemu_args::qemu_args;
-use vhost_user_console::vhu_console::VhuConsole;
+use vhost_user_console::stats::{PortReport, Report};
+use vhost_user_console::vhu_console::{reactor_event, VhuConsole};
 
 const AFTER_HELP: &str = "\
 ENDPOINTS (what a port is bridged to):
@@ -43,7 +49,11 @@ EXAMPLES:
 The first port of a virtio VM is its console (/dev/hvc0); the others appear in the guest
 as /dev/virtio-ports/NAME. Output with nothing attached is buffered (--buffer-size) and
 replayed when a client attaches; a full buffer holds data ports back and makes the console
-keep its newest bytes.";
+keep its newest bytes.
+
+Sockets are created 0600 (--socket-mode, --socket-group open them to QEMU's group). A socket
+another running process serves is never taken over, and a file that is not a socket is never
+removed. SIGTERM/SIGINT remove this process's sockets and exit 0; SIGHUP does not stop it.";
 
 /// Serve virtio-console devices (vhost-user) and serial streams to QEMU guests, bridging
 /// every guest port to a host endpoint or to a port of another guest.
@@ -84,22 +94,72 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     stats_socket: Option<PathBuf>,
 
+    /// Permission bits (octal) of every socket this process creates [default: 0600]. E.g. 0660
+    /// with --socket-group to let QEMU or libvirt's group connect.
+    #[arg(long, value_name = "MODE")]
+    socket_mode: Option<String>,
+
+    /// Group (name or number) given to every socket this process creates.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+
     /// Print the QEMU options for each VM and exit.
     #[arg(long)]
     print_qemu_args: bool,
 
-    /// Guest RAM size used in --print-qemu-args output.
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
-    memory: String,
+    /// Guest RAM size used in --print-qemu-args output, e.g. 512M or 2G.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_guest_memory)]
+    memory: u64,
 
     /// With --print-qemu-args: also print the option that sets KVM's PIT lost-tick policy
-    /// (delay = re-inject lost timer ticks, discard = drop them; see kvm-pit-policy).
-    #[arg(long, value_name = "POLICY", value_parser = parse_pit_policy)]
+    /// (see kvm-pit-policy).
+    #[arg(long, value_name = "POLICY", value_enum)]
     pit_policy: Option<LostTickPolicy>,
+
+    /// With --print-qemu-args: spell the options for this QEMU version (e.g. 7.2: reconnect=
+    /// instead of reconnect-ms=; before 10.2 a virtio VM is refused, use stream mode)
+    /// [default: 11.1, the newest tested].
+    #[arg(long, value_name = "X.Y", conflicts_with = "qemu")]
+    qemu_version: Option<QemuVersion>,
+
+    /// With --print-qemu-args: take the QEMU version from `PATH --version`.
+    #[arg(long, value_name = "PATH")]
+    qemu: Option<PathBuf>,
 }
 
-fn parse_pit_policy(s: &str) -> Result<LostTickPolicy, String> {
-    s.parse::<LostTickPolicy>().map_err(|e| e.to_string())
+/// What the process needs besides the VMs: who may use its sockets, and where counters go.
+struct ProcessConfig {
+    socket: SocketOptions,
+    stats_socket: Option<PathBuf>,
+}
+
+impl TryFrom<&Args> for ProcessConfig {
+    type Error = ConfigError;
+
+    /// The command line wins over the config file's keys.
+    fn try_from(args: &Args) -> Result<Self, Self::Error> {
+        let file = args
+            .config
+            .as_deref()
+            .map(load_toml::<ConfigFile>)
+            .transpose()?;
+        let key = |f: fn(&ConfigFile) -> Option<&str>| file.as_ref().and_then(f);
+        Ok(ProcessConfig {
+            socket: SocketOptions::parse(
+                args.socket_mode
+                    .as_deref()
+                    .or(key(|f| f.socket_mode.as_deref())),
+                args.socket_group
+                    .as_deref()
+                    .or(key(|f| f.socket_group.as_deref())),
+            )
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+            stats_socket: args
+                .stats_socket
+                .clone()
+                .or_else(|| file.as_ref().and_then(|f| f.stats_socket.clone())),
+        })
+    }
 }
 
 impl TryFrom<Args> for Config {
@@ -111,6 +171,9 @@ impl TryFrom<Args> for Config {
             None => ConfigFile {
                 buffer_size: None,
                 state_dir: None,
+                stats_socket: None,
+                socket_mode: None,
+                socket_group: None,
                 vms: Vec::new(),
             },
         };
@@ -160,14 +223,31 @@ impl TryFrom<Args> for Config {
     }
 }
 
+/// SIGHUP: the hook where the console reopens its log files (the `file:` endpoints attach
+/// here). Every VM keeps being served.
+fn on_reload(_groups: &[Arc<Group>]) {
+    log::info!("SIGHUP: no log file to reopen");
+}
+
+/// SIGTERM/SIGINT, after this process's sockets were removed and before it exits 0: the hook
+/// where the console flushes its spools and removes its PTY links. Spools are shared file
+/// mappings, complete after every write; holding every group's lock until exit makes sure no
+/// guest output is taken in that the next process would not find.
+fn on_shutdown(groups: &[Arc<Group>]) {
+    for g in groups {
+        std::mem::forget(g.lock());
+    }
+}
+
 fn main() -> ExitCode {
     devshare_common::init_logging();
     let args = Args::parse();
     let print = args.print_qemu_args;
-    let memory = args.memory.clone();
+    let memory = qemu_size(args.memory);
     let pit_policy = args.pit_policy;
-    let stats_socket = args.stats_socket.clone();
-    let cfg = match Config::try_from(args) {
+    let (qemu_version, qemu_binary) = (args.qemu_version, args.qemu.clone());
+    let loaded = ProcessConfig::try_from(&args).and_then(|p| Ok((Config::try_from(args)?, p)));
+    let (cfg, process) = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vhost-user-console: {e}");
@@ -175,90 +255,161 @@ fn main() -> ExitCode {
         }
     };
     if print {
-        for vm in &cfg.vms {
-            println!("# {}", vm.name);
-            for line in qemu_args(vm, &memory) {
-                println!("{line}");
+        let qemu = match QemuVersion::chosen(qemu_version, qemu_binary.as_deref()) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("vhost-user-console: {e}");
+                return ExitCode::from(2);
             }
-            if let Some(p) = pit_policy {
-                println!("{}", devshare_common::pit::qemu_args(p).join(" "));
+        };
+        if let Some(warning) = qemu.untested_warning() {
+            eprintln!("vhost-user-console: warning: {warning}");
+        }
+        let mut refused = false;
+        for vm in &cfg.vms {
+            match qemu_args(vm, &memory, qemu) {
+                Ok(lines) => {
+                    println!("# {}", vm.name);
+                    for line in lines {
+                        println!("{line}");
+                    }
+                    if let Some(p) = pit_policy {
+                        println!("{}", devshare_common::pit::qemu_args(p).join(" "));
+                    }
+                }
+                Err(e) => {
+                    eprintln!("vhost-user-console: {e}");
+                    refused = true;
+                }
             }
         }
-        return ExitCode::SUCCESS;
+        return if refused {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
     }
-    if let Some(dir) = &cfg.state_dir {
-        if let Err(e) = std::fs::create_dir_all(dir) {
-            eprintln!(
-                "vhost-user-console: cannot create state dir {}: {e}",
-                dir.display()
-            );
+    // Held for the life of the process: a second instance on the same state directory would
+    // corrupt the spools.
+    let _state_lock = match &cfg.state_dir {
+        Some(dir) => match ensure_private_dir(dir).and_then(|()| StateDirLock::acquire(dir)) {
+            Ok(lock) => Some(lock),
+            Err(e) => {
+                eprintln!("vhost-user-console: state directory: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    // Refuse a socket path another running instance serves (or a file in the way) before
+    // anything is opened: a second instance must not touch the first one's endpoints.
+    let listen_paths = cfg
+        .vms
+        .iter()
+        .filter(|vm| vm.mode == SocketMode::Listen)
+        .map(|vm| (vm.name.as_str(), &vm.socket))
+        .chain(process.stats_socket.iter().map(|p| ("stats", p)));
+    for (name, path) in listen_paths {
+        if let Err(e) = devshare_common::listen::check_free(path) {
+            eprintln!("vhost-user-console: {name}: {e}");
             return ExitCode::FAILURE;
         }
     }
-    let engine = match Engine::new(&cfg) {
-        Ok(e) => Arc::new(std::sync::Mutex::new(e)),
+    let (groups, vms) = match group::build(&cfg) {
+        Ok(g) => g,
         Err(e) => {
             eprintln!("vhost-user-console: {e}");
             return ExitCode::FAILURE;
         }
     };
-    if let Some(path) = stats_socket {
-        let e = engine.clone();
-        let served = devshare_common::stats::serve_json(&path, move || {
-            let stats = engine::lock(&e).stats();
-            let ports: Vec<serde_json::Value> = stats
-                .iter()
-                .map(|(vm, port, s)| {
-                    serde_json::json!({
-                        "vm": vm, "port": port,
-                        "to_host_bytes": s.to_host.get(),
-                        "to_guest_bytes": s.to_guest.get(),
-                        "dropped_bytes": s.dropped.get(),
-                        "bad_chains": s.bad_chains.get(),
-                        "buffered_bytes": s.buffered.load(std::sync::atomic::Ordering::Relaxed),
-                    })
-                })
-                .collect();
-            serde_json::json!({ "ports": ports }).to_string()
-        });
+    let actions = {
+        let (reload, shutdown) = (groups.clone(), groups.clone());
+        SignalActions {
+            on_reload: Box::new(move || on_reload(&reload)),
+            on_shutdown: Box::new(move || on_shutdown(&shutdown)),
+        }
+    };
+    if let Err(e) = handle_signals(actions) {
+        eprintln!("vhost-user-console: {e}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(path) = process.stats_socket {
+        // Counters are atomics the data path updates: reading them takes no VM's lock. The
+        // document keeps the configuration's order (groups are built from it).
+        let mut ports: Vec<_> = groups.iter().flat_map(|g| g.lock().stats()).collect();
+        let order = |r: &PortReport| cfg.vms.iter().position(|v| v.name == r.vm);
+        ports.sort_by_key(|r| order(r));
+        let report = Report {
+            ports,
+            process: ProcessStats::current(),
+        };
+        let served =
+            devshare_common::stats::serve_json(&path, &process.socket, move || report.to_json());
         if let Err(e) = served {
-            eprintln!("vhost-user-console: stats socket {}: {e}", path.display());
+            eprintln!("vhost-user-console: {e}");
             return ExitCode::FAILURE;
         }
     }
-    let mut workers = Vec::new();
-    for (dev, vm) in cfg.vms.iter().enumerate() {
-        if vm.kind != DeviceKind::Virtio {
-            continue;
-        }
-        let transport = match vm.mode {
-            SocketMode::Listen => Transport::Listen(vm.socket.clone()),
-            SocketMode::Connect => Transport::Connect(vm.socket.clone()),
-        };
-        let opts = ServeOptions::new(vm.name.clone(), transport);
-        let e = engine.clone();
-        let name = vm.name.clone();
-        let spawned = thread::Builder::new()
-            .name(format!("vm-{name}"))
-            .spawn(move || {
-                let e2 = e.clone();
-                let result = serve(
-                    &opts,
-                    || VhuConsole::new(e.clone(), dev).map_err(|err| err.to_string()),
-                    || engine::lock(&e2).detach(dev),
-                );
-                if let Err(err) = result {
-                    log::error!("{name}: stopped serving: {err}");
-                }
-            });
-        match spawned {
-            Ok(h) => workers.push(h),
+    let mut threads = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        let g = g.clone();
+        match thread::Builder::new()
+            .name(format!("group-{i}"))
+            .spawn(move || run_home(g))
+        {
+            Ok(h) => threads.push(h),
             Err(e) => {
                 eprintln!("vhost-user-console: cannot start a thread: {e}");
                 return ExitCode::FAILURE;
             }
         }
     }
-    engine::run_event_loop(engine);
+    // The vhost-user sockets appear last: once a socket exists, its VM's endpoints are ready.
+    let mut sockets = Vec::new();
+    for vm in cfg.vms.iter().filter(|vm| vm.kind == DeviceKind::Virtio) {
+        let transport = match vm.mode {
+            SocketMode::Listen => Transport::Listen(vm.socket.clone()),
+            SocketMode::Connect => Transport::Connect(vm.socket.clone()),
+        };
+        match FrontendSocket::open(&transport, &process.socket) {
+            Ok(s) => sockets.push((transport, s)),
+            Err(e) => {
+                eprintln!("vhost-user-console: VM {}: {e}", vm.name);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let virtio = cfg
+        .vms
+        .iter()
+        .zip(vms)
+        .filter(|(vm, _)| vm.kind == DeviceKind::Virtio);
+    for ((vm, vmref), (transport, socket)) in virtio.zip(sockets) {
+        let mut opts = ServeOptions::new(vm.name.clone(), transport);
+        // The VM's reactor joins its worker's epoll set while a front-end is connected.
+        let queues =
+            vhost_user_console::virtio_console::queue_count(vm.ports.len(), vm.multiport());
+        opts.worker_fds = vec![(vmref.reactor_fd(), reactor_event(queues))];
+        let spawned = thread::Builder::new()
+            .name(format!("vm-{}", vm.name))
+            .spawn(move || {
+                serve(
+                    &opts,
+                    &socket,
+                    || VhuConsole::new(vmref.clone()).map_err(|err| err.to_string()),
+                    || vmref.disconnected(),
+                );
+            });
+        match spawned {
+            Ok(h) => threads.push(h),
+            Err(e) => {
+                eprintln!("vhost-user-console: cannot start a thread: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    for t in threads {
+        let _ = t.join();
+    }
     ExitCode::SUCCESS
 }

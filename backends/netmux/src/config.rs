@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use devshare_common::daemon::Transport;
+use devshare_common::listen::SocketOptions;
 use serde::Deserialize;
 
 /// Why a configuration was refused.
@@ -279,6 +280,8 @@ pub struct Config {
     pub mtu: u16,
     /// Unix socket serving JSON counters, if any.
     pub stats_socket: Option<PathBuf>,
+    /// Mode and group of every socket this process creates (ports and stats).
+    pub socket: SocketOptions,
 }
 
 /// A `[[port]]` table of the TOML file.
@@ -296,6 +299,9 @@ pub struct PortFile {
     /// Queue pairs.
     pub queues: Option<u16>,
     /// Connect to a listening QEMU (`server=on`) instead of listening.
+    #[serde(default)]
+    pub connect: bool,
+    /// Deprecated spelling of `connect`.
     #[serde(default)]
     pub client: bool,
 }
@@ -318,6 +324,10 @@ pub struct ConfigFile {
     pub mtu: Option<u32>,
     /// Stats socket path.
     pub stats_socket: Option<PathBuf>,
+    /// Octal mode of the sockets (default "0600").
+    pub socket_mode: Option<String>,
+    /// Group of the sockets (name or number).
+    pub socket_group: Option<String>,
     /// Guest ports.
     #[serde(default)]
     pub port: Vec<PortFile>,
@@ -325,7 +335,8 @@ pub struct ConfigFile {
 
 impl PortConfig {
     /// Parses a command-line port spec:
-    /// `socket=PATH,mac=MAC[,name=NAME][,vlan=ID][,queues=N][,client]`.
+    /// `socket=PATH,mac=MAC[,name=NAME][,vlan=ID][,queues=N][,connect]` (`client`, the old
+    /// spelling of `connect`, is still accepted with a warning).
     pub fn parse_spec(spec: &str, index: usize) -> Result<PortConfig, ConfigError> {
         let err = |reason: String| ConfigError::PortSpec {
             spec: spec.into(),
@@ -337,6 +348,7 @@ impl PortConfig {
             mac: String::new(),
             vlan: None,
             queues: None,
+            connect: false,
             client: false,
         };
         let mut have_socket = false;
@@ -370,6 +382,7 @@ impl PortConfig {
                             .map_err(|_| err("queues must be a number".into()))?,
                     )
                 }
+                "connect" if value.is_none() => file.connect = true,
                 "client" if value.is_none() => file.client = true,
                 other => return Err(err(format!("unknown key '{other}'"))),
             }
@@ -406,7 +419,13 @@ impl PortConfig {
                 max: MAX_QUEUE_PAIRS,
             });
         }
-        let transport = if f.client {
+        if f.client {
+            devshare_common::config::warn_deprecated(
+                &format!("port {name}: 'client'"),
+                "'connect'",
+            );
+        }
+        let transport = if f.connect || f.client {
             Transport::Connect(f.socket)
         } else {
             Transport::Listen(f.socket)
@@ -479,36 +498,6 @@ impl Config {
     pub fn untagged_port_with(&self, mac: MacAddr) -> Option<&PortConfig> {
         self.ports.iter().find(|p| p.vlan.is_none() && p.mac == mac)
     }
-
-    /// The QEMU options that attach a guest to port `index` (one line per option).
-    pub fn qemu_args(&self, index: usize, mem_mib: u64) -> Option<Vec<String>> {
-        let p = self.ports.get(index)?;
-        let id = format!("nm{index}");
-        let path = p.transport.path().display();
-        let server = match p.transport {
-            // The backend listens: QEMU is the client and should come back after a restart.
-            Transport::Listen(_) => ",reconnect-ms=1000".to_string(),
-            Transport::Connect(_) => ",server=on,wait=off".to_string(),
-        };
-        let mut dev = format!(
-            "virtio-net-pci,netdev={id},mac={},host_mtu={}",
-            p.mac, self.mtu
-        );
-        if p.queue_pairs > 1 {
-            // One MSI-X vector per queue plus config and control queue.
-            dev.push_str(&format!(",mq=on,vectors={}", 2 * p.queue_pairs + 2));
-        }
-        Some(vec![
-            format!("-object memory-backend-memfd,id=mem,size={mem_mib}M,share=on"),
-            "-machine q35,memory-backend=mem".to_string(),
-            format!("-chardev socket,id={id}c,path={path}{server}"),
-            format!(
-                "-netdev vhost-user,id={id},chardev={id}c,queues={}",
-                p.queue_pairs
-            ),
-            format!("-device {dev}"),
-        ])
-    }
 }
 
 #[cfg(test)]
@@ -555,6 +544,26 @@ mod tests {
     }
 
     #[test]
+    fn connect_and_its_old_spelling_client_both_dial_qemu() {
+        for word in ["connect", "client"] {
+            let p = PortConfig::parse_spec(
+                &format!("socket=/tmp/c.sock,mac=52:54:00:00:00:03,{word}"),
+                0,
+            )
+            .unwrap();
+            assert_eq!(p.transport, Transport::Connect("/tmp/c.sock".into()));
+        }
+        let f: ConfigFile = toml::from_str(
+            "uplink = \"tap:x\"\nsocket_mode = \"0660\"\nsocket_group = \"kvm\"\n\
+             [[port]]\nsocket = \"/a\"\nmac = \"52:54:00:00:00:01\"\nconnect = true\n",
+        )
+        .unwrap();
+        assert_eq!(f.socket_mode.as_deref(), Some("0660"));
+        let p = PortConfig::from_file(f.port.into_iter().next().unwrap(), 0).unwrap();
+        assert!(matches!(p.transport, Transport::Connect(_)));
+    }
+
+    #[test]
     fn port_specs() {
         let p = PortConfig::parse_spec(
             "socket=/tmp/a.sock,mac=52:54:00:00:00:01,vlan=10,queues=2,name=vm1",
@@ -595,6 +604,7 @@ mod tests {
             anti_spoof: true,
             mtu: 1500,
             stats_socket: None,
+            socket: SocketOptions::default(),
         }
     }
 
@@ -659,21 +669,5 @@ mod tests {
         // A tagged guest never meets the host port, so sharing its MAC is harmless.
         c.host_port = Some(HostPortConfig::new("nmhost0", Some("52:54:00:00:00:02")).unwrap());
         assert!(c.validate().is_ok());
-    }
-
-    #[test]
-    fn qemu_args_name_the_socket_and_mac() {
-        let c = config(&[
-            "socket=/a,mac=52:54:00:00:00:01",
-            "socket=/b,mac=52:54:00:00:00:02,queues=2,client",
-        ]);
-        let a = c.qemu_args(0, 256).unwrap().join(" ");
-        assert!(a.contains("path=/a,reconnect-ms=1000"));
-        assert!(a.contains("mac=52:54:00:00:00:01"));
-        let b = c.qemu_args(1, 256).unwrap().join(" ");
-        assert!(b.contains("server=on"));
-        assert!(b.contains("queues=2"));
-        assert!(b.contains("mq=on"));
-        assert!(c.qemu_args(2, 256).is_none());
     }
 }

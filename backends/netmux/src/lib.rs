@@ -5,12 +5,14 @@
 //! [`virtio_net`] (wire formats and offload rules), [`frame`] (a frame in flight and the host
 //! copy of its headers), [`port`] (a guest port and its RX side), [`uplink`] (AF_PACKET and
 //! TAP links), [`fabric`] (the running switch: TX passes and link receive), [`stats`]
-//! (counters and the stats document), [`vhu_net`] (the vhost-user device of one connection).
+//! (counters and the stats document), [`vhu_net`] (the vhost-user device of one connection),
+//! [`qemu_args`] (the QEMU options of a port).
 
 pub mod config;
 pub mod fabric;
 pub mod frame;
 pub mod port;
+pub mod qemu_args;
 pub mod stats;
 pub mod switch;
 #[cfg(test)]
@@ -21,9 +23,11 @@ pub mod virtio_net;
 
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
 
-use devshare_common::daemon::ServeOptions;
+use devshare_common::daemon::{FrontendSocket, ServeOptions, Transport};
+use devshare_common::listen::check_free;
+use devshare_common::signals::ProcessStats;
+use devshare_common::stats::StatsError;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::fabric::Link;
@@ -49,13 +53,8 @@ pub enum NetmuxError {
         reason: String,
     },
     /// The stats socket could not be created.
-    #[error("cannot serve statistics on {path}: {source}")]
-    Stats {
-        /// Socket path.
-        path: std::path::PathBuf,
-        /// Underlying error.
-        source: std::io::Error,
-    },
+    #[error("cannot serve statistics: {0}")]
+    Stats(#[from] devshare_common::stats::StatsError),
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
@@ -98,9 +97,22 @@ pub fn open_host_port(
     Ok((tap, mac))
 }
 
-/// Runs the switch until the process is killed: the uplink receive thread, the stats socket
-/// and one vhost-user daemon per guest port. Returns only if a port's socket cannot be served.
+/// Runs the switch until the process is stopped (SIGTERM/SIGINT, handled by
+/// `devshare_common::signals`): the uplink receive thread, the stats socket and one vhost-user
+/// daemon per guest port. Every socket path is checked first, so a port socket that another
+/// running netmux serves (or a file in the way) stops this one before it touches the uplink.
 pub fn run(config: Config) -> Result<(), NetmuxError> {
+    for pc in &config.ports {
+        if let Transport::Listen(path) = &pc.transport {
+            check_free(path).map_err(|e| NetmuxError::Port {
+                port: pc.name.clone(),
+                source: e.into(),
+            })?;
+        }
+    }
+    if let Some(path) = &config.stats_socket {
+        check_free(path).map_err(StatsError::from)?;
+    }
     let uplink = open_uplink(&config.uplink)?;
     log::info!(
         "uplink {}, {} port(s), {:?} mode, anti-spoofing {}",
@@ -120,11 +132,15 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
     let fabric = Arc::new(Fabric::new(&config, uplink, host));
     if let Some(path) = &config.stats_socket {
         let f = fabric.clone();
-        devshare_common::stats::serve_json(path, move || f.stats_json()).map_err(|source| {
-            NetmuxError::Stats {
-                path: path.clone(),
-                source,
+        devshare_common::stats::serve_json(path, &config.socket, move || {
+            let mut doc = serde_json::to_value(f.stats()).unwrap_or_default();
+            if let Some(obj) = doc.as_object_mut() {
+                obj.insert(
+                    "process".into(),
+                    serde_json::to_value(ProcessStats::current()).unwrap_or_default(),
+                );
             }
+            doc.to_string()
         })?;
     }
     let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(NetmuxError::Thread)?;
@@ -144,8 +160,19 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
             })
             .map_err(NetmuxError::Thread)?;
     }
+    // The port sockets appear last: once a socket exists, the switch is ready for its guest.
+    let mut sockets = Vec::new();
+    for pc in &config.ports {
+        let socket = FrontendSocket::open(&pc.transport, &config.socket).map_err(|source| {
+            NetmuxError::Port {
+                port: pc.name.clone(),
+                source,
+            }
+        })?;
+        sockets.push(socket);
+    }
     let mut workers = Vec::new();
-    for (i, pc) in config.ports.iter().enumerate() {
+    for (i, (pc, socket)) in config.ports.iter().zip(sockets).enumerate() {
         let f = fabric.clone();
         let mut opts = ServeOptions::new(pc.name.clone(), pc.transport.clone());
         // QEMU's vhost-user-net counts queue pairs here, and refuses a netdev asking for
@@ -153,48 +180,31 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
         opts.queue_num = Some(u64::from(pc.queue_pairs));
         let handle = thread::Builder::new()
             .name(format!("port-{}", pc.name))
-            .spawn(move || serve_port(&f, i, &opts))
+            .spawn(move || serve_port(&f, i, &opts, &socket))
             .map_err(NetmuxError::Thread)?;
         workers.push(handle);
     }
     for w in workers {
-        match w.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => log::error!("a port thread panicked"),
+        if w.join().is_err() {
+            log::error!("a port thread panicked");
         }
     }
     Ok(())
 }
 
-/// Serves one port's socket for good. A failure to listen at all is returned; anything else
-/// is logged and retried, so one port's trouble never stops the others.
-fn serve_port(fabric: &Arc<Fabric>, index: usize, opts: &ServeOptions) -> Result<(), NetmuxError> {
+/// Serves one port's socket for good: failures are logged and retried with a bounded
+/// back-off by [`serve`], so one port's trouble never stops the others.
+fn serve_port(fabric: &Arc<Fabric>, index: usize, opts: &ServeOptions, socket: &FrontendSocket) {
     let Some(port) = fabric.port(index).cloned() else {
-        return Ok(());
+        return;
     };
-    loop {
-        let res = serve(
-            opts,
-            || NetBackend::new(fabric.clone(), index).map_err(|e| e.to_string()),
-            || {
-                port.mark_disconnected();
-                log::info!("{}: guest gone; other ports unaffected", port.config.name);
-            },
-        );
-        match res {
-            Ok(()) => return Ok(()),
-            Err(e @ DaemonError::Listen { .. }) => {
-                return Err(NetmuxError::Port {
-                    port: port.config.name.clone(),
-                    source: e,
-                })
-            }
-            Err(e) => {
-                log::error!("{}: {e}; serving again in 1 s", port.config.name);
-                port.mark_disconnected();
-                thread::sleep(Duration::from_secs(1));
-            }
-        }
-    }
+    serve(
+        opts,
+        socket,
+        || NetBackend::new(fabric.clone(), index).map_err(|e| e.to_string()),
+        || {
+            port.mark_disconnected();
+            log::info!("{}: guest gone; other ports unaffected", port.config.name);
+        },
+    );
 }

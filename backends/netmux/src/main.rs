@@ -4,10 +4,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use devshare_common::config::load_toml;
+use devshare_common::config::{load_toml, parse_guest_memory, warn_deprecated};
+use devshare_common::listen::SocketOptions;
+use devshare_common::pit::LostTickPolicy;
+use devshare_common::qemu::QemuVersion;
+use devshare_common::signals::{handle_signals, SignalActions};
 use vhost_user_netmux::config::{
     Config, ConfigError, ConfigFile, FileError, HostPortConfig, Mode, PortConfig, UplinkSpec,
 };
+use vhost_user_netmux::qemu_args::{caveats, qemu_args};
 
 const AFTER_HELP: &str = "\
 Each guest gets its own vhost-user socket and MAC. Frames for a guest's MAC go to that guest,
@@ -18,7 +23,7 @@ Example: two guests sharing eth0
   vhost-user-netmux --uplink af-packet:eth0 \\
       --port name=vm1,socket=/run/vm1.sock,mac=52:54:00:00:00:01 \\
       --port name=vm2,socket=/run/vm2.sock,mac=52:54:00:00:00:02,queues=2 \\
-      --stats-socket /run/netmux.stats
+      --stats-socket /run/netmux.stats --socket-group kvm --socket-mode 0660
 
   vhost-user-netmux --uplink af-packet:eth0 --port ... --host-port nmhost0 # host reaches guests
   vhost-user-netmux --uplink af-packet:eth0 --port ... --print-qemu-args   # QEMU options
@@ -30,13 +35,19 @@ A TOML file (--config) may hold the same settings:
   host_port = \"nmhost0\"     # optional: a TAP through which the host reaches the guests
   mode = \"bridge\"            # or \"private\"
   stats_socket = \"/run/netmux.stats\"
+  socket_mode = \"0660\"       # default 0600: only this user may connect
+  socket_group = \"kvm\"       # the group QEMU or libvirt runs as
   [[port]]
   name = \"vm1\"
   socket = \"/run/vm1.sock\"
   mac = \"52:54:00:00:00:01\"
   vlan = 10                  # optional: tagged on the uplink
   queues = 2                 # optional: queue pairs (QEMU queues=2)
-  client = false             # true: connect to a QEMU started with server=on
+  connect = false            # true: connect to a QEMU started with server=on
+
+Sockets are created 0600 (--socket-mode, --socket-group open them to QEMU's group). A socket
+another running process serves is never taken over, and a file that is not a socket is never
+removed. SIGTERM/SIGINT remove this process's sockets and exit 0; SIGHUP is logged and counted.
 
 RUST_LOG=debug shows per-frame refusals.";
 
@@ -83,8 +94,9 @@ struct RunArgs {
     #[arg(long, value_name = "MAC", requires = "host_port")]
     host_mac: Option<String>,
 
-    /// A guest port: socket=PATH,mac=MAC[,name=NAME][,vlan=ID][,queues=N][,client].
-    /// Repeat for each guest. With `client` the backend connects to a QEMU listening on PATH.
+    /// A guest port: socket=PATH,mac=MAC[,name=NAME][,vlan=ID][,queues=N][,connect].
+    /// Repeat for each guest. With `connect` the backend connects to a QEMU listening on PATH
+    /// (`client` is the deprecated spelling).
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
 
@@ -105,23 +117,40 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     stats_socket: Option<PathBuf>,
 
+    /// Permission bits (octal) of every socket this process creates [default: 0600]. E.g. 0660
+    /// with --socket-group to let QEMU or libvirt's group connect.
+    #[arg(long, value_name = "MODE")]
+    socket_mode: Option<String>,
+
+    /// Group (name or number) given to every socket this process creates.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+
     /// Print the QEMU options for each port and exit.
     #[arg(long)]
     print_qemu_args: bool,
 
-    /// Guest memory size (MiB) used in --print-qemu-args.
-    #[arg(long, default_value_t = 512, value_name = "MIB")]
-    guest_mem: u64,
+    /// Guest RAM size used in --print-qemu-args, e.g. 512M or 2G.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_guest_memory)]
+    memory: u64,
+
+    /// Deprecated: use --memory SIZE (this took MiB: --guest-mem 512 is --memory 512M).
+    #[arg(long, value_name = "MIB", conflicts_with = "memory")]
+    guest_mem: Option<u64>,
 
     /// With --print-qemu-args: also print the option that sets KVM's PIT lost-tick policy
-    /// (delay = re-inject lost timer ticks, discard = drop them; see kvm-pit-policy).
-    #[arg(long, value_name = "POLICY", value_parser = parse_pit_policy)]
-    pit_policy: Option<devshare_common::pit::LostTickPolicy>,
-}
+    /// (see kvm-pit-policy).
+    #[arg(long, value_name = "POLICY", value_enum)]
+    pit_policy: Option<LostTickPolicy>,
 
-fn parse_pit_policy(s: &str) -> Result<devshare_common::pit::LostTickPolicy, String> {
-    s.parse()
-        .map_err(|e: devshare_common::pit::UnknownPolicy| e.to_string())
+    /// With --print-qemu-args: spell the options for this QEMU version (e.g. 7.2: reconnect=
+    /// instead of reconnect-ms=) [default: 11.1, the newest tested].
+    #[arg(long, value_name = "X.Y", conflicts_with = "qemu")]
+    qemu_version: Option<QemuVersion>,
+
+    /// With --print-qemu-args: take the QEMU version from `PATH --version`.
+    #[arg(long, value_name = "PATH")]
+    qemu: Option<PathBuf>,
 }
 
 impl TryFrom<&RunArgs> for Config {
@@ -138,6 +167,8 @@ impl TryFrom<&RunArgs> for Config {
                 anti_spoof: None,
                 mtu: None,
                 stats_socket: None,
+                socket_mode: None,
+                socket_group: None,
                 port: Vec::new(),
             },
         };
@@ -167,6 +198,11 @@ impl TryFrom<&RunArgs> for Config {
             let i = ports.len();
             ports.push(PortConfig::parse_spec(spec, i)?);
         }
+        let socket = SocketOptions::parse(
+            a.socket_mode.as_deref().or(file.socket_mode.as_deref()),
+            a.socket_group.as_deref().or(file.socket_group.as_deref()),
+        )
+        .map_err(|e| FileError(e.to_string()))?;
         let mtu = a.mtu.or(file.mtu).unwrap_or(1500);
         let mtu = u16::try_from(mtu).map_err(|_| ConfigError::Mtu(mtu))?;
         Config {
@@ -177,6 +213,7 @@ impl TryFrom<&RunArgs> for Config {
             anti_spoof: !a.no_anti_spoof && file.anti_spoof.unwrap_or(true),
             mtu,
             stats_socket: a.stats_socket.clone().or(file.stats_socket),
+            socket,
         }
         .validate()
     }
@@ -207,17 +244,42 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let memory_mib = match cli.run.guest_mem {
+        Some(mib) => {
+            warn_deprecated("--guest-mem MIB", "--memory SIZE (e.g. --memory 512M)");
+            mib
+        }
+        None => cli.run.memory >> 20,
+    };
     if cli.run.print_qemu_args {
+        let qemu = match QemuVersion::chosen(cli.run.qemu_version, cli.run.qemu.as_deref()) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("vhost-user-netmux: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let warnings = qemu.untested_warning().into_iter().chain(caveats(qemu));
+        for w in warnings {
+            eprintln!("vhost-user-netmux: note: {w}");
+        }
         for (i, p) in config.ports.iter().enumerate() {
             println!("# guest on port {} ({})", p.name, p.mac);
-            if let Some(mut args) = config.qemu_args(i, cli.run.guest_mem) {
-                if let Some(policy) = cli.run.pit_policy {
-                    args.push(devshare_common::pit::qemu_args(policy).join(" "));
-                }
-                println!("{}", args.join(" \\\n  "));
+            let mut args = qemu_args(p, i, config.mtu, memory_mib, qemu);
+            if let Some(policy) = cli.run.pit_policy {
+                args.push(devshare_common::pit::qemu_args(policy).join(" "));
             }
+            println!("{}", args.join(" \\\n  "));
         }
         return ExitCode::SUCCESS;
+    }
+    let actions = SignalActions {
+        on_reload: Box::new(|| log::info!("SIGHUP: netmux has nothing to reload")),
+        on_shutdown: Box::new(|| {}),
+    };
+    if let Err(e) = handle_signals(actions) {
+        log::error!("{e}");
+        return ExitCode::FAILURE;
     }
     match vhost_user_netmux::run(config) {
         Ok(()) => ExitCode::SUCCESS,

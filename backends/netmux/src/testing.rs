@@ -56,6 +56,7 @@ pub fn config(vlans: &[Option<u16>], mode: Mode) -> Config {
         anti_spoof: true,
         mtu: 1500,
         stats_socket: None,
+        socket: Default::default(),
     }
 }
 

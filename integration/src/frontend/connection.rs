@@ -263,6 +263,27 @@ impl Connection {
         Ok(())
     }
 
+    /// SET_MEM_TABLE as a broken or hostile front-end might send it: region `index` of `ram`
+    /// declared `extra` bytes larger than the memfd behind it, so its end lies past the end of
+    /// the file (a backend that maps it dies of SIGBUS on the first access there). The guest
+    /// addresses `[end of region, end + extra)` are then "in" the region for the backend only.
+    pub fn set_mem_table_oversized(
+        &mut self,
+        ram: &GuestRam,
+        index: usize,
+        extra: u64,
+    ) -> Result<(), Error> {
+        let mut regions = ram.region_infos()?;
+        let region = regions
+            .get_mut(index)
+            .ok_or_else(|| Error::MemoryLayout(format!("no region {index} to make oversized")))?;
+        region.memory_size += extra;
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(req("SET_MEM_TABLE"))?;
+        Ok(())
+    }
+
     /// SET_VRING_NUM.
     pub fn set_vring_num(&mut self, index: u16, num: u16) -> Result<(), Error> {
         self.frontend

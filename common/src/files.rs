@@ -1,0 +1,337 @@
+//! Files and directories a backend creates for itself (state directory, spools, logs): private
+//! by default, never reached through a planted symlink, and never shared by two instances.
+//!
+//! A backend runs as root more often than not, in directories other users may write to. So:
+//!
+//! - [`ensure_private_dir`] makes a directory 0700, or accepts an existing one only if it is a
+//!   real directory (not a symlink) owned by this user and not group- or world-writable.
+//! - [`StateDirLock::acquire`] takes an exclusive `flock` on a directory, so two instances
+//!   pointed at one `--state-dir` cannot corrupt each other's files.
+//! - [`open_private`] opens or creates a file with `O_NOFOLLOW | O_CLOEXEC` and mode 0600, and
+//!   refuses anything but a regular file with a single link (a hard link planted in a shared
+//!   directory would otherwise turn an append into a write to any file).
+
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{flock, FlockArg};
+
+/// Mode of files a backend creates: the owner only.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// Mode of directories a backend creates: the owner only.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Why a private file or directory could not be used. Every variant names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// A system call failed.
+    #[error("{path}: cannot {op}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// The path is not what it must be (a symlink where a directory or file belongs, a file
+    /// with several links, a directory others may write to...).
+    #[error("{path}: {reason}; refusing to use it")]
+    Unsafe {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Another process holds the directory's lock.
+    #[error("{path} is in use by another running instance (it holds the directory's lock); give each instance its own directory")]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+    },
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> FileError + 'a {
+    move |source| FileError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// Makes `dir` (and any missing parents, with the default mode) with mode 0700, or checks an
+/// existing `dir`: it must be a directory, not a symlink to one, owned by the effective user,
+/// and neither group- nor world-writable (others must not be able to plant or swap files in it).
+///
+/// # Errors
+/// [`FileError::Unsafe`] when an existing `dir` fails a check, [`FileError::Io`] otherwise.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), FileError> {
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(io_err(parent, "create directory"))?;
+            }
+            match DirBuilder::new().mode(PRIVATE_DIR_MODE).create(dir) {
+                Ok(()) => {}
+                // Made by someone else meanwhile: check it like any existing one.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err(dir, "create directory")(e)),
+            }
+            check_private_dir(dir)
+        }
+        Err(e) => Err(io_err(dir, "stat")(e)),
+        Ok(_) => check_private_dir(dir),
+    }
+}
+
+fn check_private_dir(dir: &Path) -> Result<(), FileError> {
+    let unsafe_dir = |reason: String| FileError::Unsafe {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::symlink_metadata(dir).map_err(io_err(dir, "stat"))?;
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_dir("is a symlink, not a directory".into()));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_dir("is not a directory".into()));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(unsafe_dir(format!(
+            "is owned by uid {}, not by this process's user (uid {euid})",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "is writable by its group or by everyone (mode {:o}); chmod go-w it",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// An exclusive lock on a directory, held until dropped (or the process ends, however it
+/// ends: the kernel releases `flock` locks with the descriptor, so a killed instance never
+/// leaves a stale lock behind).
+#[derive(Debug)]
+pub struct StateDirLock {
+    _dir: File,
+}
+
+impl StateDirLock {
+    /// Locks `dir` (which must exist) without waiting.
+    ///
+    /// # Errors
+    /// [`FileError::Locked`] when another process (or another lock in this one) holds it;
+    /// [`FileError::Io`] when it cannot be opened.
+    pub fn acquire(dir: &Path) -> Result<StateDirLock, FileError> {
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(dir)
+            .map_err(io_err(dir, "open directory"))?;
+        match flock(f.as_raw_fd(), FlockArg::LockExclusiveNonblock) {
+            Ok(()) => Ok(StateDirLock { _dir: f }),
+            Err(nix::errno::Errno::EWOULDBLOCK) => Err(FileError::Locked {
+                path: dir.to_path_buf(),
+            }),
+            Err(e) => Err(io_err(dir, "lock directory")(e.into())),
+        }
+    }
+}
+
+/// Opens `path` as `options` says (read, write, append, create, truncate...), adding
+/// `O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK` (a FIFO planted at the path must not block the open)
+/// and mode 0600 for a file it creates. After opening, refuses anything but a regular file
+/// with exactly one link. `O_NONBLOCK` has no effect on regular files.
+///
+/// `O_NOFOLLOW` covers the last component; the directories above are the caller's to trust
+/// (use [`ensure_private_dir`] on them). An existing file keeps its mode.
+///
+/// # Errors
+/// [`FileError::Unsafe`] for a symlink (ELOOP), a non-regular file or a hard-linked file;
+/// [`FileError::Io`] for anything else.
+pub fn open_private(path: &Path, options: &OpenOptions) -> Result<File, FileError> {
+    let mut options = options.clone();
+    options
+        .mode(PRIVATE_FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK);
+    let file = match options.open(path) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(FileError::Unsafe {
+                path: path.to_path_buf(),
+                reason: "is a symlink".into(),
+            })
+        }
+        Err(e) => return Err(io_err(path, "open")(e)),
+    };
+    let meta = file.metadata().map_err(io_err(path, "stat"))?;
+    if !meta.is_file() {
+        return Err(FileError::Unsafe {
+            path: path.to_path_buf(),
+            reason: "is not a regular file".into(),
+        });
+    }
+    if meta.nlink() != 1 {
+        return Err(FileError::Unsafe {
+            path: path.to_path_buf(),
+            reason: format!("has {} hard links", meta.nlink()),
+        });
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ds-files-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn append() -> OpenOptions {
+        let mut o = OpenOptions::new();
+        o.append(true).create(true);
+        o
+    }
+
+    #[test]
+    fn private_dir_is_created_0700_whatever_the_umask() {
+        let _serial = crate::process_state_lock();
+        let d = scratch("mkdir").join("a/b/state");
+        // SAFETY: umask only changes this process's file-creation mask.
+        let old = unsafe { libc::umask(0) };
+        let r = ensure_private_dir(&d);
+        // SAFETY: restores the previous mask.
+        unsafe { libc::umask(old) };
+        r.unwrap();
+        let m = std::fs::symlink_metadata(&d).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o700);
+        // Existing and fine: accepted again.
+        ensure_private_dir(&d).unwrap();
+    }
+
+    #[test]
+    fn writable_or_symlinked_dirs_are_refused() {
+        let _serial = crate::process_state_lock();
+        let base = scratch("baddir");
+        let open = base.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = ensure_private_dir(&open).unwrap_err();
+        assert!(matches!(e, FileError::Unsafe { .. }), "{e}");
+        assert!(e.to_string().contains("open"), "{e}");
+
+        let real = base.join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(matches!(
+            ensure_private_dir(&link),
+            Err(FileError::Unsafe { .. })
+        ));
+
+        let file = base.join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(matches!(
+            ensure_private_dir(&file),
+            Err(FileError::Unsafe { .. })
+        ));
+    }
+
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn second_lock_is_refused_until_the_first_is_dropped() {
+        let _serial = crate::process_state_lock();
+        let d = scratch("lock");
+        let first = StateDirLock::acquire(&d).unwrap();
+        let e = StateDirLock::acquire(&d).unwrap_err();
+        assert!(matches!(e, FileError::Locked { .. }), "{e}");
+        assert!(e.to_string().contains(&d.display().to_string()));
+        drop(first);
+        StateDirLock::acquire(&d).unwrap();
+    }
+
+    #[test]
+    fn lock_is_held_against_another_process() {
+        let _serial = crate::process_state_lock();
+        let d = scratch("lockproc");
+        let _held = StateDirLock::acquire(&d).unwrap();
+        // flock(1) in another process must fail to take it without waiting.
+        let status = std::process::Command::new("flock")
+            .args(["-n", "-x"])
+            .arg(&d)
+            .arg("true")
+            .status();
+        if let Ok(status) = status {
+            assert!(!status.success(), "another process took the lock");
+        }
+    }
+
+    #[test]
+    fn new_files_are_0600_whatever_the_umask() {
+        let _serial = crate::process_state_lock();
+        let d = scratch("mode");
+        let p = d.join("log");
+        // SAFETY: as above.
+        let old = unsafe { libc::umask(0) };
+        let r = open_private(&p, &append());
+        // SAFETY: restores the previous mask.
+        unsafe { libc::umask(old) };
+        r.unwrap().write_all(b"x").unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn planted_symlink_is_not_followed() {
+        let _serial = crate::process_state_lock();
+        let d = scratch("symlink");
+        let victim = d.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let log = d.join("log");
+        std::os::unix::fs::symlink(&victim, &log).unwrap();
+        let mut trunc = OpenOptions::new();
+        trunc.write(true).create(true).truncate(true);
+        for o in [append(), trunc] {
+            let e = open_private(&log, &o).unwrap_err();
+            assert!(matches!(e, FileError::Unsafe { .. }), "{e}");
+        }
+        let mut s = String::new();
+        File::open(&victim).unwrap().read_to_string(&mut s).unwrap();
+        assert_eq!(s, "precious");
+    }
+
+    #[test]
+    fn hard_links_and_fifos_are_refused() {
+        let _serial = crate::process_state_lock();
+        let d = scratch("links");
+        let victim = d.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let log = d.join("log");
+        std::fs::hard_link(&victim, &log).unwrap();
+        assert!(matches!(
+            open_private(&log, &append()),
+            Err(FileError::Unsafe { .. })
+        ));
+        let fifo = d.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut rd = OpenOptions::new();
+        rd.read(true);
+        assert!(matches!(
+            open_private(&fifo, &rd),
+            Err(FileError::Unsafe { .. })
+        ));
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    }
+}
