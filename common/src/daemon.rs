@@ -83,6 +83,11 @@ pub struct ServeOptions {
     pub retry_max: Duration,
     /// Set to stop after the current connection ends.
     pub stop: Arc<AtomicBool>,
+    /// The answer to GET_QUEUE_NUM when it is not the number of virtqueues (the vhost-user
+    /// library's answer). QEMU's vhost-user-net reads it as queue pairs and refuses a netdev
+    /// with more (`you are asking more queues than supported: N`), so a network device sets
+    /// its queue pairs here. `None`: the library's answer.
+    pub queue_num: Option<u64>,
     /// Fds the first worker thread of every connection also watches (readable, level
     /// triggered), each with its `device_event` (past [`connection_start_event`]): a backend's
     /// own event sources, so one thread serves its kicks and its other fds. The backend must
@@ -100,6 +105,7 @@ impl ServeOptions {
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
             stop: Arc::new(AtomicBool::new(false)),
+            queue_num: None,
             worker_fds: Vec::new(),
         }
     }
@@ -324,12 +330,15 @@ where
             })?
     };
     let to_frontend = {
-        let (mut from, mut to) = (inner.try_clone()?, frontend.try_clone()?);
+        let (from, to) = (inner.try_clone()?, frontend.try_clone()?);
+        let queue_num = opts.queue_num;
         thread::Builder::new()
             .name(format!("{name}-reply"))
             .spawn(move || {
-                // Replies carry no descriptors for the features this device offers.
-                let _ = io::copy(&mut from, &mut to);
+                // Replies carry no descriptors for the features these devices offer.
+                if let Err(e) = relay::relay_backend_replies(&from, &to, queue_num) {
+                    log::debug!("reply relay: {e}");
+                }
                 let _ = to.shutdown(Shutdown::Both);
                 let _ = from.shutdown(Shutdown::Both);
             })?
