@@ -390,7 +390,10 @@ fn virtio_client_hang_ups_cost_no_cpu_in_every_port_state() {
 
     // The front-end goes away with clients attached: nothing spins either.
     drop(g);
-    c.wait_log_change(&["v: front-end disconnected", "v: connection ended"], &[0, 0]);
+    c.wait_log_change(
+        &["v: front-end disconnected", "v: connection ended"],
+        &[0, 0],
+    );
     c.assert_quiet("virtio, front-end gone, clients attached");
 }
 
