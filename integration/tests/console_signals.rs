@@ -158,6 +158,30 @@ fn files_in_the_way_of_endpoint_sockets_are_kept_and_busy_tcp_ports_named() {
     c.wait_stat("s", "serial", "attached", 1);
 }
 
+#[test]
+fn endpoint_and_stream_sockets_are_0600_or_take_the_socket_mode_and_group() {
+    use std::os::unix::fs::MetadataExt;
+    let mode_gid = |p: &Path| {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        assert!(m.file_type().is_socket(), "{}", p.display());
+        (m.mode() & 0o777, m.gid())
+    };
+    let args = [
+        "--vm",
+        "s={dir}/s.sock,stream",
+        "-p",
+        "s/serial=unix:{dir}/c.sock",
+    ];
+    let c = Console::start("sock-endpoint-mode", &args, &["s.sock", "c.sock"]);
+    assert_eq!(mode_gid(&c.path("s.sock")).0, 0o600);
+    assert_eq!(mode_gid(&c.path("c.sock")).0, 0o600);
+    let mut with_group = args.to_vec();
+    with_group.extend(["--socket-mode", "0660", "--socket-group", "4242"]);
+    let c = Console::start("sock-endpoint-group", &with_group, &["s.sock", "c.sock"]);
+    assert_eq!(mode_gid(&c.path("s.sock")), (0o660, 4242));
+    assert_eq!(mode_gid(&c.path("c.sock")), (0o660, 4242));
+}
+
 /// The arguments of the signal test: a stream VM `s` and a virtio VM `v` whose data port has
 /// nobody attached (so their output stays in the buffers), and VMs with PTY links.
 const SIGNAL_ARGS: &[&str] = &[
