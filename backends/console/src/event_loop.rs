@@ -1,8 +1,6 @@
-//! Readiness: each VM has a [`Reactor`], an epoll set of its endpoint fds, its stream socket
-//! and a timer armed only while something needs it. Every registration carries a token saying
-//! what the fd is (port endpoint, stream socket, timer) and its generation, so an event needs
-//! no lookup and a stale one is recognised, and each port remembers what it registered, so
-//! `epoll_ctl` runs only when the wanted interest changes.
+//! Readiness: what each event of a VM's [`Reactor`](crate::reactor::Reactor) (its endpoint fds, its stream socket, its
+//! timer) means, and which fds with which interest each port and the stream socket keep in
+//! it ([`Device::sync`]).
 //!
 //! Hang-ups and errors are reported by the kernel whether asked for or not, and keep being
 //! reported while the condition lasts: every one is taken here ([`Vms::serve_events`]) in
@@ -15,238 +13,21 @@
 //! it is the VM's vhost-user worker thread, which then serves the VM's kicks and its
 //! endpoints alike (see `vhu_console.rs`): a round trip crosses one backend thread, not two.
 
-use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device::{Device, Guest};
 use crate::endpoint::{Readiness, WatchRole};
 use crate::group::{Group, Vms};
 use crate::port::Host;
+use crate::reactor::Token;
 
-/// How often PTY sizes are polled, a client-mode stream dials QEMU, and devices that went away
-/// are retried (only while one of these needs it: the timer is disarmed otherwise).
-pub const TICK: Duration = Duration::from_millis(250);
 /// Events handled per round before other work gets the lock.
 const EVENTS_PER_ROUND: usize = 64;
-
-/// What an event is about. `gen` tells a registration from an earlier one of the same fd
-/// number: an event still queued for an fd that was closed (and its number reused) in the
-/// same round is recognised as stale and skipped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Token {
-    /// An fd of port `port`'s endpoint.
-    Port {
-        /// Port index.
-        port: usize,
-        /// The fd.
-        fd: RawFd,
-        /// Registration generation.
-        gen: u8,
-    },
-    /// The stream socket (listener or connection).
-    Stream {
-        /// The fd.
-        fd: RawFd,
-        /// Registration generation.
-        gen: u8,
-    },
-    /// The periodic timer.
-    Timer,
-}
-
-const KIND_PORT: u64 = 1;
-const KIND_STREAM: u64 = 2;
-const KIND_TIMER: u64 = 3;
-
-impl Token {
-    fn encode(self) -> u64 {
-        match self {
-            Token::Port { port, fd, gen } => {
-                KIND_PORT << 56
-                    | (gen as u64) << 48
-                    | (port as u64 & 0xffff) << 32
-                    | fd as u32 as u64
-            }
-            Token::Stream { fd, gen } => KIND_STREAM << 56 | (gen as u64) << 48 | fd as u32 as u64,
-            Token::Timer => KIND_TIMER << 56,
-        }
-    }
-
-    fn decode(v: u64) -> Option<Token> {
-        let fd = v as u32 as RawFd;
-        let gen = (v >> 48) as u8;
-        match v >> 56 {
-            KIND_PORT => Some(Token::Port {
-                port: (v >> 32 & 0xffff) as usize,
-                fd,
-                gen,
-            }),
-            KIND_STREAM => Some(Token::Stream { fd, gen }),
-            KIND_TIMER => Some(Token::Timer),
-            _ => None,
-        }
-    }
-}
-
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_GETFL/F_SETFL on an fd we own; the result is checked.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// The fds one owner (a port's endpoint, a stream socket) registered, for what, and under
-/// which generation.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Interest([Option<(RawFd, EventSet, u8)>; 2]);
-
-impl Interest {
-    /// Whether `fd` is registered under generation `gen`.
-    pub fn has(&self, fd: RawFd, gen: u8) -> bool {
-        self.0
-            .iter()
-            .flatten()
-            .any(|&(f, _, g)| f == fd && g == gen)
-    }
-
-    fn same(&self, want: &[Option<(RawFd, EventSet)>; 2]) -> bool {
-        self.0
-            .iter()
-            .zip(want)
-            .all(|(have, want)| have.map(|(f, e, _)| (f, e)) == *want)
-    }
-}
-
-/// A VM's epoll set (see the module docs).
-pub struct Reactor {
-    epoll: Epoll,
-    timer: TimerFd,
-    ticking: bool,
-    next_gen: Cell<u8>,
-}
-
-impl Reactor {
-    /// An empty set with a (disarmed) timer in it.
-    pub fn new() -> io::Result<Reactor> {
-        let epoll = Epoll::new()?;
-        let timer = TimerFd::new()?;
-        // Non-blocking: two threads may both see it ready (while a VM's worker and its
-        // group's home thread change hands), and the second must not block in read.
-        set_nonblocking(timer.as_raw_fd())?;
-        epoll.ctl(
-            ControlOperation::Add,
-            timer.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, Token::Timer.encode()),
-        )?;
-        Ok(Reactor {
-            epoll,
-            timer,
-            ticking: false,
-            next_gen: Cell::new(0),
-        })
-    }
-
-    /// The epoll fd, to be watched by the thread serving this VM.
-    pub fn fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
-    }
-
-    /// Arms the periodic timer ([`TICK`]) or disarms it.
-    pub fn set_ticking(&mut self, on: bool) {
-        if on == self.ticking {
-            return;
-        }
-        let res = if on {
-            self.timer.reset(TICK, Some(TICK))
-        } else {
-            self.timer.clear()
-        };
-        match res {
-            Ok(()) => self.ticking = on,
-            Err(e) => log::warn!("event loop timer: {e}"),
-        }
-    }
-
-    /// Brings the registration of `interest` in line with `want`, calling `epoll_ctl` only
-    /// for what changed. An fd registered with no events is still told about hang-ups and
-    /// errors (the kernel always reports those).
-    pub fn set(
-        &self,
-        interest: &mut Interest,
-        want: [Option<(RawFd, EventSet)>; 2],
-        token: impl Fn(RawFd, u8) -> Token,
-    ) {
-        if interest.same(&want) {
-            return;
-        }
-        for (fd, _, _) in interest.0.iter().flatten() {
-            if !want.iter().flatten().any(|(w, _)| w == fd) {
-                // Fails harmlessly when the fd was closed already (which unregistered it).
-                let _ = self.epoll.ctl(
-                    ControlOperation::Delete,
-                    *fd,
-                    EpollEvent::new(EventSet::empty(), 0),
-                );
-            }
-        }
-        let mut now = Interest::default();
-        for (slot, (fd, ev)) in want.iter().flatten().enumerate() {
-            let old = interest.0.iter().flatten().find(|(o, _, _)| o == fd);
-            let res = match old {
-                Some(&(_, old_ev, gen)) if old_ev == *ev => Ok(gen),
-                Some(&(_, _, gen)) => {
-                    let event = EpollEvent::new(*ev, token(*fd, gen).encode());
-                    self.epoll
-                        .ctl(ControlOperation::Modify, *fd, event)
-                        .map(|()| gen)
-                }
-                None => {
-                    let gen = self.next_gen.get().wrapping_add(1);
-                    self.next_gen.set(gen);
-                    let event = EpollEvent::new(*ev, token(*fd, gen).encode());
-                    self.epoll
-                        .ctl(ControlOperation::Add, *fd, event)
-                        .or_else(|_| self.epoll.ctl(ControlOperation::Modify, *fd, event))
-                        .map(|()| gen)
-                }
-            };
-            match res {
-                Ok(gen) => now.0[slot] = Some((*fd, *ev, gen)),
-                Err(e) => log::warn!("cannot watch fd {fd}: {e}"),
-            }
-        }
-        *interest = now;
-    }
-
-    /// The events ready now (without waiting).
-    fn ready(&self, events: &mut [EpollEvent]) -> usize {
-        loop {
-            match self.epoll.wait(0, events) {
-                Ok(n) => return n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::warn!("event loop: {e}");
-                    return 0;
-                }
-            }
-        }
-    }
-
-    /// Consumes the timer's expirations.
-    fn consume_timer(&mut self) {
-        let _ = self.timer.wait();
-    }
-}
-
 /// Bit of [`Device::tick_wants`] for what needs ticks besides ports: a console on a PTY (its
 /// size is polled) or a stream VM that dials QEMU.
 pub const TICK_ALWAYS: u64 = 1 << 63;
@@ -393,7 +174,6 @@ impl Vms {
     fn on_endpoint(&mut self, dev: usize, port: usize, fd: RawFd, ev: EventSet) {
         let hang_up = ev.intersects(EventSet::HANG_UP | EventSet::ERROR);
         let p = &mut self.devices[dev].ports[port];
-        let label = p.label.clone();
         let Host::Endpoint(ep) = &mut p.host else {
             return;
         };
@@ -415,13 +195,13 @@ impl Vms {
                     match ep.on_readable(fd) {
                         Ok(r) => r,
                         Err(e) => {
-                            log::warn!("{label}: {e}");
+                            log::warn!("{}: {e}", p.label);
                             Readiness::Nothing
                         }
                     }
                 };
                 if r == Readiness::Connected {
-                    log::info!("{label}: {} attached", ep.describe());
+                    log::info!("{}: {} attached", p.label, ep.describe());
                     self.replay(dev, port);
                 }
             }

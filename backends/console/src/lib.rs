@@ -13,6 +13,7 @@ pub mod log_limit;
 pub mod port;
 pub mod qemu_args;
 pub mod queue;
+pub mod reactor;
 pub mod spool;
 pub mod stats;
 pub mod stream;

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use devshare_common::chain::GuestBuffers;
 
 use crate::endpoint::{Endpoint, EndpointError};
-use crate::event_loop::Interest;
 use crate::link::PeerPort;
 use crate::log_limit::{warn_limited, LogLimit};
 use crate::queue::{Batch, Dir};
+use crate::reactor::Interest;
 use crate::spool::Spool;
 use crate::stats::PortStats;
 

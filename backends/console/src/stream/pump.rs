@@ -164,7 +164,7 @@ impl Device {
     }
 
     /// Periodic work: client mode dials QEMU when due; a hold on guest output is checked
-    /// against [`STALL_LIMIT`].
+    /// against the stall limit (500 ms).
     pub fn stream_tick(&mut self) {
         let Guest::Stream(s) = &mut self.guest else {
             return;
