@@ -230,3 +230,170 @@ fn a_vm_with_31_ports_negotiates_and_every_port_carries_data_both_ways() {
     b.assert_running();
 }
 
+// ---- hole 6: state files ----
+
+/// Arguments of a backend serving VM `tag` with a console and a data port on Unix sockets,
+/// its buffers in `state`.
+fn state_args(d: &Path, state: &Path, tag: &str) -> Vec<String> {
+    let mut args = vec![
+        arg("--vm"),
+        format!("{tag}={}", d.join(format!("{tag}.sock")).display()),
+        arg("--state-dir"),
+        state.display().to_string(),
+    ];
+    args.extend(unix_port(d, Some(tag), "console", &format!("{tag}-console")));
+    args.extend(unix_port(d, Some(tag), "data", &format!("{tag}-data")));
+    args
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+}
+
+#[test]
+fn the_state_dir_is_0700_and_spool_files_0600() {
+    let scratch = ScratchDir::new("con-state-modes").unwrap();
+    let d = scratch.path();
+    let state = d.join("state");
+    let mut b = Backend::start(d, state_args(d, &state, "vm0"), &["vm0"]);
+    assert_eq!(mode(&state), 0o700, "state directory");
+    let spool = state.join("vm0.console.spool");
+    for port in ["console", "data"] {
+        assert_eq!(mode(&state.join(format!("vm0.{port}.spool"))), 0o600, "{port}");
+    }
+    // Output the guest sent while nobody listened is in the spool...
+    let mut g = ConsoleGuest::connect(b.socket("vm0"), GuestOptions::default()).unwrap();
+    g.bring_up(2).unwrap();
+    g.send(1, b"kept across restarts\n", 1).unwrap();
+    b.wait_stat("vm0", "data", "buffered_bytes", 21);
+    drop(g);
+    b.process.kill();
+
+    // ...and a spool an older version left readable by others is made private again, its
+    // content kept.
+    std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let data_spool = state.join("vm0.data.spool");
+    std::fs::set_permissions(&data_spool, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let b = Backend::start(d, state_args(d, &state, "vm0"), &["vm0"]);
+    assert_eq!(mode(&spool), 0o600);
+    assert_eq!(mode(&data_spool), 0o600);
+    let mut data = b.client("vm0-data");
+    assert_eq!(read_n(&mut data, 21), b"kept across restarts\n");
+}
+
+#[test]
+fn a_planted_symlink_hard_link_or_foreign_file_at_a_spool_path_is_refused_and_left_intact() {
+    let scratch = ScratchDir::new("con-state-planted").unwrap();
+    let d = scratch.path();
+    let state = d.join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let victim = d.join("victim");
+    let precious = pattern(10_000, 99);
+    let spool = state.join("vm0.console.spool");
+
+    type Plant = fn(&Path, &Path);
+    let plants: [(&str, Plant, &str); 3] = [
+        (
+            "symlink",
+            |victim, spool| std::os::unix::fs::symlink(victim, spool).unwrap(),
+            "is a symlink",
+        ),
+        (
+            "hard link",
+            |victim, spool| std::fs::hard_link(victim, spool).unwrap(),
+            "hard links",
+        ),
+        (
+            "a file that is not a spool",
+            |victim, spool| {
+                std::fs::copy(victim, spool).unwrap();
+            },
+            "not a spool",
+        ),
+    ];
+    for (what, plant, reason) in plants {
+        std::fs::write(&victim, &precious).unwrap();
+        let _ = std::fs::remove_file(&spool);
+        plant(&victim, &spool);
+        let mut process = BackendProcess::spawn(
+            "vhost-user-console",
+            state_args(d, &state, "vm0"),
+            &d.join(format!("{}.log", what.replace(' ', "-"))),
+        )
+        .unwrap();
+        wait_for_refusal(&mut process, &d.join("vm0.sock"));
+        let log = process.log();
+        assert!(
+            log.contains(&spool.display().to_string()) && log.contains(reason),
+            "{what}: the refusal must name the spool and say why; log:\n{log}"
+        );
+        assert!(
+            std::fs::read(&victim).unwrap() == precious,
+            "{what}: the target was changed"
+        );
+        if what == "a file that is not a spool" {
+            assert!(std::fs::read(&spool).unwrap() == precious, "{what}: changed");
+        }
+    }
+}
+
+#[test]
+fn two_ports_whose_spools_would_share_a_file_are_refused() {
+    // "a.b" + "c" and "a" + "b.c" both make "a.b.c.spool": two ports mapping one file would
+    // overwrite each other's output.
+    let scratch = ScratchDir::new("con-state-clash").unwrap();
+    let d = scratch.path();
+    let state = d.join("state");
+    let mut args = vec![
+        arg("--state-dir"),
+        state.display().to_string(),
+        arg("--vm"),
+        format!("a.b={}", d.join("ab.sock").display()),
+        arg("--vm"),
+        format!("a={}", d.join("a.sock").display()),
+    ];
+    args.extend(unix_port(d, Some("a.b"), "c", "abc"));
+    args.extend(unix_port(d, Some("a"), "b.c", "abc2"));
+    let mut process =
+        BackendProcess::spawn("vhost-user-console", &args, &d.join("backend.log")).unwrap();
+    wait_for_refusal(&mut process, &d.join("a.sock"));
+    let log = process.log();
+    assert!(
+        log.contains(&state.join("a.b.c.spool").display().to_string()) && log.contains("in use"),
+        "the refusal must name the shared spool; log:\n{log}"
+    );
+}
+
+#[test]
+fn a_second_instance_on_the_same_state_dir_is_refused_and_the_first_keeps_its_spools() {
+    let scratch = ScratchDir::new("con-state-lock").unwrap();
+    let d = scratch.path();
+    let state = d.join("state");
+    let mut first = Backend::start(d, state_args(d, &state, "one"), &["one"]);
+    let mut g = ConsoleGuest::connect(first.socket("one"), GuestOptions::default()).unwrap();
+    g.bring_up(2).unwrap();
+    let kept = pattern(50_000, 7);
+    g.send(1, &kept, 3).unwrap();
+    first.wait_stat("one", "data", "buffered_bytes", kept.len() as u64);
+    let spool = state.join("one.data.spool");
+    let before = std::fs::read(&spool).unwrap();
+
+    let mut second = BackendProcess::spawn(
+        "vhost-user-console",
+        state_args(d, &state, "two"),
+        &d.join("second.log"),
+    )
+    .unwrap();
+    wait_for_refusal(&mut second, &d.join("two.sock"));
+    let log = second.log();
+    assert!(
+        log.contains(&state.display().to_string()) && log.contains("in use"),
+        "the second instance must say the state directory is in use; log:\n{log}"
+    );
+    assert!(std::fs::read(&spool).unwrap() == before, "spool touched");
+    first.assert_running();
+    let mut data = first.client("one-data");
+    assert!(read_n(&mut data, kept.len()) == kept, "buffered output lost");
+}
+
