@@ -47,7 +47,9 @@ impl Backend {
                 .wait_for_socket(&dir.join(format!("{vm}.sock")), WAIT)
                 .unwrap();
         }
-        process.wait_for_path(&dir.join("stats.sock"), WAIT).unwrap();
+        process
+            .wait_for_path(&dir.join("stats.sock"), WAIT)
+            .unwrap();
         Backend {
             dir: dir.to_path_buf(),
             process,
@@ -139,7 +141,10 @@ fn unix_port(dir: &Path, vm: Option<&str>, name: &str, endpoint: &str) -> [Strin
     };
     [
         arg("-p"),
-        format!("{lhs}=unix:{}", dir.join(format!("{endpoint}.sock")).display()),
+        format!(
+            "{lhs}=unix:{}",
+            dir.join(format!("{endpoint}.sock")).display()
+        ),
     ]
 }
 
@@ -241,7 +246,12 @@ fn state_args(d: &Path, state: &Path, tag: &str) -> Vec<String> {
         arg("--state-dir"),
         state.display().to_string(),
     ];
-    args.extend(unix_port(d, Some(tag), "console", &format!("{tag}-console")));
+    args.extend(unix_port(
+        d,
+        Some(tag),
+        "console",
+        &format!("{tag}-console"),
+    ));
     args.extend(unix_port(d, Some(tag), "data", &format!("{tag}-data")));
     args
 }
@@ -259,7 +269,11 @@ fn the_state_dir_is_0700_and_spool_files_0600() {
     assert_eq!(mode(&state), 0o700, "state directory");
     let spool = state.join("vm0.console.spool");
     for port in ["console", "data"] {
-        assert_eq!(mode(&state.join(format!("vm0.{port}.spool"))), 0o600, "{port}");
+        assert_eq!(
+            mode(&state.join(format!("vm0.{port}.spool"))),
+            0o600,
+            "{port}"
+        );
     }
     // Output the guest sent while nobody listened is in the spool...
     let mut g = ConsoleGuest::connect(b.socket("vm0"), GuestOptions::default()).unwrap();
@@ -333,7 +347,10 @@ fn a_planted_symlink_hard_link_or_foreign_file_at_a_spool_path_is_refused_and_le
             "{what}: the target was changed"
         );
         if what == "a file that is not a spool" {
-            assert!(std::fs::read(&spool).unwrap() == precious, "{what}: changed");
+            assert!(
+                std::fs::read(&spool).unwrap() == precious,
+                "{what}: changed"
+            );
         }
     }
 }
@@ -394,6 +411,110 @@ fn a_second_instance_on_the_same_state_dir_is_refused_and_the_first_keeps_its_sp
     assert!(std::fs::read(&spool).unwrap() == before, "spool touched");
     first.assert_running();
     let mut data = first.client("one-data");
-    assert!(read_n(&mut data, kept.len()) == kept, "buffered output lost");
+    assert!(
+        read_n(&mut data, kept.len()) == kept,
+        "buffered output lost"
+    );
+}
+
+// ---- hole 9: guest-caused warnings at a bounded rate ----
+
+/// A chain of one descriptor outside guest memory on queue `q`, published again and again
+/// by [`refused_chains`].
+fn outside_chain(g: &mut ConsoleGuest, q: u16) -> u16 {
+    let ram_end = g.options().ram;
+    let queue = g.queue(q).unwrap();
+    let head = queue.raw_reserve(1).unwrap()[0];
+    let outside = Descriptor {
+        addr: ram_end + 4096,
+        len: 64,
+        flags: 0,
+        next: 0,
+    };
+    queue.raw_write_desc(head, outside).unwrap();
+    head
+}
+
+/// Publishes chain `head` `n` times on `q`, kicks, and waits for all of them to come back
+/// refused.
+fn refused_chains(g: &mut ConsoleGuest, q: u16, head: u16, n: usize) {
+    let queue = g.queue(q).unwrap();
+    for _ in 0..n {
+        queue.raw_publish(head);
+    }
+    queue.notify().unwrap();
+    let used = queue.wait_used_n(n, WAIT).unwrap();
+    assert!(used.iter().all(|u| u.head == head && u.len == 0));
+}
+
+#[test]
+fn guest_caused_warnings_are_logged_at_a_bounded_rate_with_a_count() {
+    let scratch = ScratchDir::new("con-log-rate").unwrap();
+    let d = scratch.path();
+    let mut args = vec![arg("--socket"), d.join("vm0.sock").display().to_string()];
+    args.extend(unix_port(d, None, "console", "console"));
+    args.extend(unix_port(d, None, "data", "data"));
+    let mut b = Backend::start(d, args, &["vm0"]);
+    let mut g = ConsoleGuest::connect(b.socket("vm0"), GuestOptions::default()).unwrap();
+    g.bring_up(2).unwrap();
+    let (_, txq) = port_queues(1);
+    let start = Instant::now();
+
+    // A front-end writing the read-only config space, over and over.
+    for _ in 0..200 {
+        g.conn.set_config(0, &[1, 2, 3, 4]).unwrap();
+    }
+    // A driver breaking and repairing a ring, over and over.
+    for _ in 0..50 {
+        let q = g.queue(txq).unwrap();
+        let real = q.avail_idx();
+        q.raw_set_avail_idx(real.wrapping_add(1000));
+        q.notify().unwrap();
+        q.raw_set_avail_idx(real);
+        g.send(1, b"x", 1).unwrap();
+    }
+    // Bad control messages and kicks on queues nothing uses.
+    for _ in 0..100 {
+        g.send_control(77, PORT_OPEN, 1).unwrap();
+    }
+    // Refused chains, until a whole interval has passed and the count was logged.
+    let bad = outside_chain(&mut g, txq);
+    let mut sent = 0u64;
+    while b.lines("vm0/data: ... and").is_empty() {
+        refused_chains(&mut g, txq, bad, 100);
+        sent += 100;
+        assert!(
+            start.elapsed() < LONG_WAIT,
+            "no held-back count after {sent} refused chains; log:\n{}",
+            b.process.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    b.wait_stat("vm0", "data", "bad_chains", sent);
+    let intervals = start.elapsed().as_secs() / 10 + 1;
+    let bound = |what: &str, lines: usize| {
+        assert!(
+            lines as u64 <= 5 * intervals + 1,
+            "{lines} lines of {what} in {intervals} intervals; log:\n{}",
+            b.process.log()
+        );
+    };
+    bound("refused chains", b.lines("refused descriptor chain").len());
+    bound("config writes", b.lines("ignored config write").len());
+    bound("broken rings", b.lines("Iterator error").len());
+    bound("unknown ports", b.lines("unknown port 77").len());
+    // The count says how many were held back.
+    let summary = b.lines("vm0/data: ... and").remove(0);
+    let held: u64 = summary
+        .split("... and ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {summary:?}"));
+    assert!(held >= 100, "{summary}");
+    // The whole log stays short: a few hundred events, a few dozen lines.
+    let total = b.process.log().lines().count();
+    assert!(total < 80, "{total} lines:\n{}", b.process.log());
+    b.assert_running();
 }
 

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use devshare_common::chain::Memory;
+use devshare_common::ratelimit::RateLimit;
 use devshare_common::ring::RingError;
 use vhost_user_backend::VringRwLock;
 use vm_memory::GuestMemoryAtomic;
@@ -98,6 +99,10 @@ pub struct Device {
     pub reactor: Reactor,
     /// The stream socket fds registered with `reactor`.
     pub stream_interest: Interest,
+    /// Limits what the VM's guest and front-end can make it log (bad control messages, kicks
+    /// on unused queues, config writes, broken rings); a port's chains have the port's own.
+    /// It outlives connections: a front-end that reconnects gets no fresh burst.
+    pub warnings: RateLimit,
 }
 
 impl Device {
@@ -170,6 +175,7 @@ impl Device {
             ports,
             reactor,
             stream_interest: Interest::default(),
+            warnings: RateLimit::standard(vm.name.clone()),
         };
         d.sync_stream();
         for p in 0..d.ports.len() {
@@ -201,18 +207,17 @@ impl Device {
 
     /// Records whether queue `q` could be used (see [`GuestRings::note`]).
     pub fn note_ring(&mut self, q: usize, result: Result<(), &RingError>) {
-        let name = self.cfg.name.clone();
-        if let Some(c) = self.conn() {
-            c.rings.note(&name, q, result);
+        if let Guest::Virtio(Some(c)) = &mut self.guest {
+            c.rings.note(&self.cfg.name, &self.warnings, q, result);
         }
     }
 
     /// The guest kicked a queue the device does not use.
     pub fn unused_queue(&mut self, q: usize) {
-        let name = self.cfg.name.clone();
-        match self.conn() {
-            Some(c) => c.control.unused_queue(&name, q),
-            None => log::debug!("{name}: kick on queue {q} without a connection"),
+        let name = &self.cfg.name;
+        match &mut self.guest {
+            Guest::Virtio(Some(c)) => c.control.unused_queue(name, &self.warnings, q),
+            _ => log::debug!("{name}: kick on queue {q} without a connection"),
         }
     }
 
@@ -286,14 +291,13 @@ impl Device {
             return Vec::new();
         };
         let mem = pin(&mem);
-        let name = self.cfg.name.clone();
-        let Some(c) = self.conn() else {
+        let Guest::Virtio(Some(c)) = &mut self.guest else {
             return Vec::new();
         };
         let opened = Batch::open(&vring, &mem);
         let (msgs, res) = match opened {
             Ok(mut tx) => {
-                let got = c.control.receive(&name, &mut tx);
+                let got = c.control.receive(&self.cfg.name, &self.warnings, &mut tx);
                 tx.finish();
                 got
             }
@@ -308,8 +312,9 @@ impl Device {
         let Some((vring, mem)) = self.rings().and_then(|r| r.get(vc::CONTROL_RX)) else {
             return;
         };
-        let name = self.cfg.name.clone();
-        let Some(c) = self.conn() else { return };
+        let Guest::Virtio(Some(c)) = &mut self.guest else {
+            return;
+        };
         if c.control.pending() == 0 {
             return;
         }
@@ -317,7 +322,7 @@ impl Device {
         let opened = Batch::open(&vring, &mem);
         match opened {
             Ok(mut rx) => {
-                c.control.flush(&name, &mut rx);
+                c.control.flush(&self.cfg.name, &self.warnings, &mut rx);
                 rx.finish();
             }
             Err(e) => self.note_ring(vc::CONTROL_RX, Err(&e)),

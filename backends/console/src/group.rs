@@ -9,6 +9,8 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use devshare_common::warn_limited;
+
 use crate::config::Config;
 use crate::control::Effect;
 use crate::device::{Device, DeviceError, Guest};
@@ -253,15 +255,15 @@ impl Vms {
         let msgs = self.devices[dev].control_receive();
         for m in msgs {
             let d = &mut self.devices[dev];
-            let name = d.cfg.name.clone();
-            let Some(c) = m else {
-                if let Some(conn) = d.conn() {
-                    conn.control.malformed(&name);
+            let (name, limit) = (&d.cfg.name, &d.warnings);
+            let effect = match (&mut d.guest, m) {
+                (Guest::Virtio(Some(conn)), None) => {
+                    conn.control.malformed(name, limit);
+                    Effect::None
                 }
-                continue;
-            };
-            let effect = match &mut d.guest {
-                Guest::Virtio(Some(conn)) => conn.control.answer(&name, c, &mut d.ports),
+                (Guest::Virtio(Some(conn)), Some(c)) => {
+                    conn.control.answer(name, limit, c, &mut d.ports)
+                }
                 _ => Effect::None,
             };
             if let Effect::Opened(id) = effect {
@@ -285,7 +287,8 @@ impl Vms {
     pub fn write_config(&mut self, dev: usize, offset: u32, data: &[u8]) -> bool {
         let d = &mut self.devices[dev];
         if offset != vc::CONFIG_EMERG_WR || data.is_empty() || data.len() > 4 {
-            log::warn!(
+            warn_limited!(
+                d.warnings,
                 "{}: ignored config write of {} bytes at offset {offset}",
                 d.name(),
                 data.len()

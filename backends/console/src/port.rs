@@ -11,11 +11,12 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use devshare_common::chain::GuestBuffers;
+use devshare_common::ratelimit::RateLimit;
+use devshare_common::warn_limited;
 
 use crate::endpoint::Endpoint;
 use crate::event_loop::Interest;
 use crate::link::PeerPort;
-use crate::log_limit::{warn_limited, LogLimit};
 use crate::queue::{Batch, Dir};
 use crate::spool::Spool;
 use crate::stats::PortStats;
@@ -145,7 +146,7 @@ pub struct Port {
     /// The endpoint fds registered with the VM's event loop, and for what.
     pub interest: Interest,
     /// Limits the warnings the guest can cause on this port.
-    warnings: LogLimit,
+    warnings: RateLimit,
 }
 
 impl Port {
@@ -153,8 +154,10 @@ impl Port {
     pub fn new(vm: &str, name: &str, console: bool, host: Host, spool: Spool) -> Port {
         let stats = Arc::new(PortStats::default());
         stats.set_buffered(spool.len());
+        let label = format!("{vm}/{name}");
         Port {
-            label: format!("{vm}/{name}"),
+            warnings: RateLimit::standard(label.clone()),
+            label,
             name: name.to_string(),
             console,
             host,
@@ -165,7 +168,6 @@ impl Port {
             rx_starved: false,
             winsize: None,
             interest: Interest::default(),
-            warnings: LogLimit::default(),
         }
     }
 

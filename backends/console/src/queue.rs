@@ -5,6 +5,8 @@
 use std::sync::RwLockWriteGuard;
 
 use devshare_common::chain::{ChainError, GuestBuffers, Memory, MemoryAtomic};
+use devshare_common::log_limited;
+use devshare_common::ratelimit::RateLimit;
 use devshare_common::ring::{Ring, RingError};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 
@@ -27,14 +29,18 @@ impl GuestRings {
         Some((vr, self.mem.clone()?))
     }
 
-    /// Records whether queue `q` could be used and logs the changes only: a guest that keeps
-    /// kicking a broken ring must not flood the log.
-    pub fn note(&mut self, vm: &str, q: usize, result: Result<(), &RingError>) {
-        let bit = 1u64 << (q % 64);
+    /// Records whether queue `q` could be used and logs the changes only, through `limit` (the
+    /// VM's limit): a guest that keeps kicking a broken ring, or breaks and repairs it again
+    /// and again, must not flood the log.
+    pub fn note(&mut self, vm: &str, limit: &RateLimit, q: usize, result: Result<(), &RingError>) {
+        // One bit per queue: a device has at most 64 (`virtio_console::MAX_QUEUES`).
+        let Some(bit) = u32::try_from(q).ok().and_then(|q| 1u64.checked_shl(q)) else {
+            return;
+        };
         match result {
             Ok(()) if self.broken & bit != 0 => {
                 self.broken &= !bit;
-                log::info!("{vm}: queue {q} is usable again");
+                log_limited!(log::Level::Info, limit, "{vm}: queue {q} is usable again");
             }
             Ok(()) => {}
             // Not set up yet (or reset): nothing the guest did wrong.
@@ -42,7 +48,11 @@ impl GuestRings {
             Err(e) if self.broken & bit == 0 => {
                 self.broken |= bit;
                 // "Iterator error" is what operators (and tests) know this as from virtio-queue.
-                log::warn!("{vm}: queue {q}: Iterator error: {e}; nothing is taken from it until the driver repairs it");
+                log_limited!(
+                    log::Level::Warn,
+                    limit,
+                    "{vm}: queue {q}: Iterator error: {e}; nothing is taken from it until the driver repairs it"
+                );
             }
             Err(_) => {}
         }

@@ -357,7 +357,10 @@ mod tests {
         let e = Spool::open(&path, 16).err().unwrap();
         assert!(matches!(e, SpoolError::NotASpool { .. }), "{e}");
         assert!(e.to_string().contains(&path.display().to_string()), "{e}");
-        assert_eq!(std::fs::read(&path).unwrap(), b"someone's notes, not a spool");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"someone's notes, not a spool"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
