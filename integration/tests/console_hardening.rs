@@ -464,12 +464,17 @@ fn guest_caused_warnings_are_logged_at_a_bounded_rate_with_a_count() {
     for _ in 0..200 {
         g.conn.set_config(0, &[1, 2, 3, 4]).unwrap();
     }
-    // A driver breaking and repairing a ring, over and over.
-    for _ in 0..50 {
+    // A driver breaking and repairing a ring, over and over (the device sees the first
+    // break for sure, the others when it gets to the kick before the repair).
+    for i in 0..50 {
         let q = g.queue(txq).unwrap();
         let real = q.avail_idx();
         q.raw_set_avail_idx(real.wrapping_add(1000));
         q.notify().unwrap();
+        if i == 0 {
+            b.wait_log("Iterator error");
+        }
+        let q = g.queue(txq).unwrap();
         q.raw_set_avail_idx(real);
         g.send(1, b"x", 1).unwrap();
     }
@@ -518,3 +523,247 @@ fn guest_caused_warnings_are_logged_at_a_bounded_rate_with_a_count() {
     b.assert_running();
 }
 
+// ---- hole 3: a work budget per kick ----
+
+/// Round trips through a data port, in a thread until stopped: the guest sends 4 KiB, the
+/// client reads them and answers 1 KiB, the guest receives it.
+struct RoundTrips {
+    rounds: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    failure: Arc<Mutex<Option<String>>>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl RoundTrips {
+    fn start(mut g: ConsoleGuest, port: usize, mut client: UnixStream) -> RoundTrips {
+        let rounds = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let failure = Arc::new(Mutex::new(None));
+        let (r, s, f) = (rounds.clone(), stop.clone(), failure.clone());
+        let handle = thread::spawn(move || {
+            if let Err(e) = g.post_rx(port, 8, 1024, 1) {
+                *f.lock().unwrap() = Some(e.to_string());
+                return;
+            }
+            let mut round = |n: u32| -> Result<(), String> {
+                let out = pattern(4096, n);
+                g.send(port, &out, 2).map_err(|e| e.to_string())?;
+                let mut got = vec![0u8; out.len()];
+                client.read_exact(&mut got).map_err(|e| e.to_string())?;
+                if got != out {
+                    return Err(format!("round {n}: output corrupted"));
+                }
+                let input = pattern(1024, n + 1_000_000);
+                client.write_all(&input).map_err(|e| e.to_string())?;
+                let got = g
+                    .recv_exact(port, input.len(), WAIT)
+                    .map_err(|e| e.to_string())?;
+                if got != input {
+                    return Err(format!("round {n}: input corrupted"));
+                }
+                Ok(())
+            };
+            while !s.load(Ordering::Relaxed) {
+                let n = r.load(Ordering::Relaxed) as u32;
+                if let Err(e) = round(n) {
+                    *f.lock().unwrap() = Some(e);
+                    return;
+                }
+                r.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        RoundTrips {
+            rounds,
+            stop,
+            failure,
+            handle: Some(handle),
+        }
+    }
+
+    fn rounds(&self) -> u64 {
+        if let Some(e) = self.failure.lock().unwrap().clone() {
+            panic!("round trips failed: {e}");
+        }
+        self.rounds.load(Ordering::Relaxed)
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            h.join().unwrap();
+        }
+        self.rounds()
+    }
+}
+
+/// A hostile driver on one transmit queue: it publishes the same worst-case chain (one
+/// indirect table of as many 1-byte buffers as the queue size allows) over and over, as fast
+/// as the device takes it. It watches the used ring element by element (it marks each slot
+/// it has seen), so it never announces more than a ring's worth beyond what the device took
+/// and the device never has a reason to stop, and it never waits for the device to publish.
+struct Flood {
+    taken: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<Result<(), String>>>,
+}
+
+const UNSEEN: u32 = u32::MAX;
+
+impl Flood {
+    fn start(mut q: DriverQueue) -> Flood {
+        let taken = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (t, s) = (taken.clone(), stop.clone());
+        let handle = thread::spawn(move || -> Result<(), String> {
+            let e = |e: devshare_integration::frontend::Error| e.to_string();
+            let size = q.size();
+            let ram = q.ram().clone();
+            let bytes = ram.alloc(u32::from(size)).map_err(e)?;
+            let table = ram.alloc(u32::from(size) * 16).map_err(e)?;
+            let entries: Vec<Descriptor> = (0..size)
+                .map(|k| Descriptor {
+                    addr: bytes.addr + u64::from(k),
+                    len: 1,
+                    flags: if k + 1 < size { DESC_F_NEXT } else { 0 },
+                    next: k + 1,
+                })
+                .collect();
+            ram.write_descriptors(table.addr, &entries).map_err(e)?;
+            let head = q.raw_reserve(1).map_err(e)?[0];
+            q.raw_write_desc(
+                head,
+                Descriptor {
+                    addr: table.addr,
+                    len: u32::from(size) * 16,
+                    flags: DESC_F_INDIRECT,
+                    next: 0,
+                },
+            )
+            .map_err(e)?;
+            for slot in 0..size {
+                q.raw_write_used_elem(slot, UNSEEN, 0).map_err(e)?;
+            }
+            let mut seen = q.avail_idx();
+            while !s.load(Ordering::Relaxed) {
+                let mut published = false;
+                while q.avail_idx().wrapping_sub(seen) < size {
+                    q.raw_publish(head);
+                    published = true;
+                }
+                if published {
+                    q.notify().map_err(e)?;
+                }
+                let mut progressed = false;
+                loop {
+                    let slot = seen % size;
+                    let (id, _) = q.raw_read_used_elem(slot).map_err(e)?;
+                    if id == UNSEEN {
+                        break;
+                    }
+                    if id != u32::from(head) {
+                        return Err(format!("the device used id {id}, never published"));
+                    }
+                    q.raw_write_used_elem(slot, UNSEEN, 0).map_err(e)?;
+                    seen = seen.wrapping_add(1);
+                    t.fetch_add(1, Ordering::Relaxed);
+                    progressed = true;
+                }
+                if !progressed {
+                    thread::yield_now();
+                }
+            }
+            Ok(())
+        });
+        Flood {
+            taken,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Relaxed)
+    }
+
+    fn finish(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            h.join().unwrap().unwrap();
+        }
+    }
+}
+
+#[test]
+fn worst_case_chains_on_one_port_hold_up_neither_its_other_ports_nor_the_linked_vm() {
+    let scratch = ScratchDir::new("con-budget").unwrap();
+    let d = scratch.path();
+    let mut args = Vec::new();
+    for vm in ["a", "b"] {
+        args.push(arg("--vm"));
+        args.push(format!("{vm}={}", d.join(format!("{vm}.sock")).display()));
+    }
+    for vm in ["a", "b"] {
+        args.extend(unix_port(d, Some(vm), "console", &format!("{vm}-console")));
+        args.extend(unix_port(d, Some(vm), "data", &format!("{vm}-data")));
+        let other = if vm == "a" { "b" } else { "a" };
+        args.push(arg("-p"));
+        args.push(format!("{vm}/link=vm:{other}/link"));
+    }
+    let mut b = Backend::start(d, args, &["a", "b"]);
+    // The largest queues the device accepts: the longest chains the spec allows.
+    let opts = GuestOptions {
+        queue_size: 1024,
+        ..GuestOptions::default()
+    };
+    let mut ga = ConsoleGuest::connect(b.socket("a"), opts).unwrap();
+    ga.bring_up(3).unwrap();
+    let mut gb = ConsoleGuest::connect(b.socket("b"), opts).unwrap();
+    gb.bring_up(3).unwrap();
+
+    // a's console transmitq goes to the flood (nobody listens on the console: it keeps the
+    // newest bytes and never holds the guest back, so the device always takes more).
+    let (_, flood_q) = port_queues(0);
+    let spare = DriverQueue::new(&ga.ram, QueueConfig::new(flood_q, 8)).unwrap();
+    let flood_queue = std::mem::replace(&mut ga.queues[usize::from(flood_q)], spare);
+    let a_data = b.client("a-data");
+    let b_data = b.client("b-data");
+    let flood = Flood::start(flood_queue);
+    // The flood is in full swing: the device went through three rings of it.
+    let deadline = Instant::now() + LONG_WAIT;
+    while flood.taken() < 3 * 1024 {
+        assert!(Instant::now() < deadline, "the flood never got going");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let other_vm = RoundTrips::start(gb, 1, b_data);
+    let other_port = RoundTrips::start(ga, 1, a_data);
+    let flood_before = flood.taken();
+    let deadline = Instant::now() + LONG_WAIT;
+    while other_vm.rounds() < 20 || other_port.rounds() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "starved: {} round trips on the linked VM and {} on a's other port while the \
+             device took {} worst-case chains; log:\n{}",
+            other_vm.rounds(),
+            other_port.rounds(),
+            flood.taken() - flood_before,
+            b.process.log()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    // The flood went on meanwhile: all three were served side by side.
+    let flood_during = flood.taken() - flood_before;
+    let (vm_rounds, port_rounds) = (other_vm.finish(), other_port.finish());
+    flood.finish();
+    assert!(
+        flood_during >= 16,
+        "the flood stalled while the others ran: {flood_during} chains"
+    );
+    eprintln!(
+        "while the device took {flood_during} worst-case chains of 1024 buffers: \
+         {vm_rounds} round trips on the linked VM, {port_rounds} on a's other port"
+    );
+    b.wait_stat("b", "data", "to_host_bytes", 4096 * vm_rounds);
+    b.wait_stat("a", "data", "to_host_bytes", 4096 * port_rounds);
+    assert_eq!(b.stat("a", "console", "bad_chains"), 0);
+    b.assert_running();
+}

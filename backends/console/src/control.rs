@@ -13,7 +13,7 @@ use devshare_common::ring::RingError;
 use devshare_common::warn_limited;
 
 use crate::port::Port;
-use crate::queue::Batch;
+use crate::queue::{Batch, Budget, Pass};
 use crate::virtio_console as vc;
 
 /// What the device must do after a driver message.
@@ -56,24 +56,31 @@ impl ControlChannel {
         self.send(vc::Control::encode(port as u32, vc::RESIZE, 0, &payload));
     }
 
-    /// Reads every message the driver queued on the control transmitq (`tx`); None stands for
-    /// a malformed one. Every chain goes back used. A broken ring ends the reading early; its
-    /// error comes back beside the messages read before.
+    /// Reads the messages the driver queued on the control transmitq (`tx`), until the ring
+    /// is empty or the event's `budget` is spent (then the caller kicks the queue for the
+    /// rest); None stands for a malformed one. Every chain read goes back used. A broken ring
+    /// ends the reading early; its error comes back beside the messages read before.
     pub fn receive(
         &mut self,
         vm: &str,
         limit: &RateLimit,
         tx: &mut Batch<'_, '_>,
-    ) -> (Vec<Option<vc::Control>>, Result<(), RingError>) {
+        budget: &Budget,
+    ) -> (Vec<Option<vc::Control>>, Result<Pass, RingError>) {
         let mut msgs = Vec::new();
         loop {
+            if budget.spent() {
+                return (msgs, Ok(Pass::Yielded));
+            }
             let head = match tx.pop() {
                 Ok(Some(head)) => head,
-                Ok(None) => return (msgs, Ok(())),
+                Ok(None) => return (msgs, Ok(Pass::Done)),
                 Err(e) => return (msgs, Err(e)),
             };
             match tx.chain(head) {
                 Ok(b) => {
+                    // The header is copied out of guest memory once and decoded from the
+                    // copy: the driver cannot change it between a check and a use.
                     let mut raw = [0u8; 8];
                     msgs.push(if b.read_at(0, &mut raw) == 8 {
                         vc::Control::decode(&raw)
@@ -86,6 +93,7 @@ impl ControlChannel {
                     msgs.push(None);
                 }
             }
+            tx.charge(budget, 8);
             tx.push_used(head, 0);
         }
     }

@@ -17,7 +17,7 @@ use devshare_common::warn_limited;
 use crate::endpoint::Endpoint;
 use crate::event_loop::Interest;
 use crate::link::PeerPort;
-use crate::queue::{Batch, Dir};
+use crate::queue::{Batch, Budget, Dir};
 use crate::spool::Spool;
 use crate::stats::PortStats;
 
@@ -309,16 +309,20 @@ impl Port {
     }
 
     /// Fills the guest's receive buffers in `rx` from the endpoint's input, until the input
-    /// or the buffers run out.
+    /// or the buffers run out, or the event's `budget` is spent (the input is still ready
+    /// then, and the event loop comes back for it).
     ///
     /// Kicks for new receive buffers are asked for only when input is waiting and no buffer
     /// is left (then the port is starved and its input no longer watched). A guest that posts
     /// buffers ahead of the input, as drivers do, is never woken up for that, and the input fd
     /// stays watched: one thread wake-up and two `epoll_ctl` less per message.
-    pub fn fill_from_endpoint(&mut self, rx: &mut Batch<'_, '_>) -> Input {
+    pub fn fill_from_endpoint(&mut self, rx: &mut Batch<'_, '_>, budget: &Budget) -> Input {
         // Whether the last read left the input drained (a short read).
         let mut drained = false;
         loop {
+            if budget.spent() {
+                return Input::Done;
+            }
             let Host::Endpoint(ep) = &mut self.host else {
                 return Input::Done;
             };
@@ -342,12 +346,15 @@ impl Port {
             let dst = match rx.chain_for(head, Dir::Receive) {
                 Ok(dst) => dst,
                 Err(why) => {
+                    rx.charge(budget, 0);
                     self.refuse(&why);
                     rx.push_used(head, 0);
                     continue;
                 }
             };
-            match dst.read_writable_from(&RawFdRef(fd), 0, usize::MAX) {
+            let read = dst.read_writable_from(&RawFdRef(fd), 0, usize::MAX);
+            rx.charge(budget, *read.as_ref().unwrap_or(&0));
+            match read {
                 Ok(0) => {
                     rx.rewind(start);
                     self.endpoint_gone("end of file");
