@@ -517,9 +517,14 @@ fn guest_caused_warnings_are_logged_at_a_bounded_rate_with_a_count() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no count in {summary:?}"));
     assert!(held >= 100, "{summary}");
-    // The whole log stays short: a few hundred events, a few dozen lines.
-    let total = b.process.log().lines().count();
-    assert!(total < 80, "{total} lines:\n{}", b.process.log());
+    // The whole log stays short: tens of thousands of events, a few dozen lines (start-up,
+    // connection, and at most 5 per kind and interval).
+    let total = b.process.log().lines().count() as u64;
+    assert!(
+        total <= 20 + 30 * intervals,
+        "{total} lines:\n{}",
+        b.process.log()
+    );
     b.assert_running();
 }
 
