@@ -285,7 +285,11 @@ impl Port {
                 self.keep_newest(bufs, off, peer);
                 off = len;
             } else {
-                off += self.push(bufs, off, len - off);
+                let pushed = self.push(bufs, off, len - off);
+                if pushed > 0 {
+                    crate::failpoint::reached("chain-buffered");
+                }
+                off += pushed;
             }
         }
         if off < len {
@@ -316,6 +320,9 @@ impl Port {
                 None => 0,
             },
         };
+        if n > 0 {
+            crate::failpoint::reached("host-write");
+        }
         self.stats.to_host_bytes.add(n as u64);
         n
     }
@@ -343,6 +350,9 @@ impl Port {
                     None => 0,
                 },
             };
+            if n > 0 {
+                crate::failpoint::reached("host-write");
+            }
             self.spool.discard(n);
             self.stats.set_buffered(self.spool.len());
             self.stats.to_host_bytes.add(n as u64);

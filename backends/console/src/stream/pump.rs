@@ -124,6 +124,7 @@ impl Device {
             match s.read(&mut buf[..limit]) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    crate::failpoint::reached("guest-output-read");
                     if port.take_newest(&Pieces([&buf[..n], &[]])) > 0 {
                         // The client takes bytes again: it may hold the guest back again.
                         s.gave_up = false;
