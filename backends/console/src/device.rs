@@ -263,7 +263,7 @@ impl Device {
         self.guest = Guest::Virtio(Some(Connection::default()));
         for p in &mut self.ports {
             p.guest_open = false;
-            p.tx_offset = 0;
+            p.new_connection();
             p.rx_starved = false;
         }
     }
@@ -275,7 +275,7 @@ impl Device {
         }
         for p in &mut self.ports {
             p.guest_open = false;
-            p.tx_offset = 0;
+            p.new_connection();
         }
         for p in 0..self.ports.len() {
             self.sync(p);
