@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use devshare_integration::console_backend::{Console, WAIT};
 use devshare_integration::console_guest::{port_queues, ConsoleGuest, GuestOptions};
-use devshare_integration::frontend::Segment;
+use devshare_integration::frontend::{Connection, Segment};
 use devshare_integration::testdata::pattern;
 
 /// The variable that arms a crash point of a debug build.
@@ -365,4 +365,46 @@ fn virtio_a_half_taken_chain_continues_where_it_stopped_after_a_kill() {
     );
     assert!(got == data, "the bytes differ");
     assert_eq!(c.stat("v", "data", "replayed_after_restart_bytes"), 0);
+}
+
+/// The same half-taken chain, but the backend stays up and the front-end goes away and comes
+/// back (QEMU reconnecting: GET_VRING_BASE on every queue, close, dial again with the same
+/// memory and the rings resumed where GET_VRING_BASE said). The chain is handed over again
+/// and must be continued, not taken from its start a second time.
+#[test]
+fn virtio_a_half_taken_chain_continues_where_it_stopped_after_a_front_end_restart() {
+    for durable in [true, false] {
+        let args: Vec<&str> = VIRTIO_ARGS
+            .iter()
+            .copied()
+            .filter(|a| durable || !a.contains("state"))
+            .chain(["--buffer-size", "8K"])
+            .collect();
+        let c = Console::start("frontend-restart-partial", &args, VIRTIO_READY);
+        let mut g = guest(&c);
+        let data = pattern(20 * 1024, 16);
+        post_chains(&mut g, &[&data]);
+        c.wait_stat("v", "data", "buffered_bytes", 8192);
+        assert!(!all_used(&mut g), "the chain did not stay in the ring");
+        for i in 0..g.queues.len() {
+            let (conn, q) = (&mut g.conn, &mut g.queues[i]);
+            conn.stop_queue(q).unwrap();
+        }
+        let placeholder = UnixStream::pair().unwrap().0;
+        std::mem::replace(&mut g.conn, Connection::from_stream(placeholder)).disconnect();
+        g.reconnect(c.path("v.sock")).unwrap();
+        let mut client = unix_client(&c.path("data.sock"));
+        let got = read_until_settled(&mut client, &mut || {
+            all_used(&mut g) && c.stat("v", "data", "buffered_bytes") == 0
+        });
+        assert_eq!(
+            got.len(),
+            data.len(),
+            "durable {durable}: {} bytes arrived for a {}-byte chain",
+            got.len(),
+            data.len()
+        );
+        assert!(got == data, "durable {durable}: the bytes differ");
+        assert_eq!(c.stat("v", "data", "replayed_after_restart_bytes"), 0);
+    }
 }

@@ -378,6 +378,12 @@ impl Spool {
         usize::try_from(taken).ok().filter(|&t| t <= id.len)
     }
 
+    /// Keeps `sum` as the [`chain_fingerprint`] of the chain being taken (a spool that is not
+    /// durable takes it only when the chain has to wait for room).
+    pub fn set_chain_sum(&self, sum: u64) {
+        self.header().chain_sum.store(sum, Ordering::Release);
+    }
+
     /// The fingerprint kept of the chain being taken.
     pub fn chain_sum(&self) -> u64 {
         self.header().chain_sum.load(Ordering::Acquire)

@@ -59,8 +59,9 @@ pub struct Port {
     /// A data port's transmit chain is taken in part and waits in the ring for room
     /// (back-pressure); the spool's header says how much of it is taken.
     tx_partial: bool,
-    /// The spool's header names a chain the process before this one was taking and had not
-    /// marked used: the first chain the front-end hands over is checked against it.
+    /// The spool's header names a chain taken in part and not marked used on rings that are
+    /// gone (the process before this one died, or the front-end went away while the chain
+    /// waited for room): the first chain the front-end hands over is checked against it.
     chain_from_earlier: bool,
     /// The guest opened the port (or it is the console).
     pub guest_open: bool,
@@ -117,14 +118,19 @@ impl Port {
         !self.spool.is_empty() || self.tx_partial
     }
 
-    /// A front-end connected or went away: its rings are new (or gone), so a chain begun on
-    /// the old ones is not continued, unless it is one the process before this one left,
-    /// which waits for the first chain of the rings the front-end hands over after a crash.
+    /// A front-end connected or went away: its rings are new (or gone). A chain taken in part
+    /// (back-pressure), or left by the process before this one, is not used: a front-end
+    /// that comes back with the same guest (QEMU reconnecting, resuming the ring where
+    /// GET_VRING_BASE said) hands it over again, and the first chain it hands over is checked
+    /// against the spool's header (place, length, fingerprint) so that it is continued, not
+    /// taken twice. Any other chain begins anew.
     pub fn new_connection(&mut self) {
-        self.tx_partial = false;
-        if !self.chain_from_earlier {
+        if self.tx_partial {
+            self.chain_from_earlier = true;
+        } else if !self.chain_from_earlier {
             self.spool.end_chain();
         }
+        self.tx_partial = false;
     }
 
     /// The endpoint, if the host side is one.

@@ -243,6 +243,11 @@ impl Port {
             }
         }
         self.tx_partial = off < len;
+        if self.tx_partial && !self.spool.durable() {
+            // A durable spool has it from the start (a crash can come at any time); here it
+            // is only needed should the front-end go away while the chain waits for room.
+            self.spool.set_chain_sum(chain.fingerprint());
+        }
         off == len
     }
 
@@ -256,19 +261,20 @@ impl Port {
                 // Ours, taken again after back-pressure: the ring cannot have changed it.
                 return taken;
             }
-            // The dead process's chain, handed over again; unless the guest rebooted
+            // A chain of rings that are gone, handed over again; unless the guest rebooted
             // meanwhile and put another chain where it stood.
             if self.spool.chain_sum() == chain.fingerprint() {
                 let replay = self.spool.chain_replay(taken).min(id.len - taken);
                 log::info!(
-                    "{}: continuing the chain the process before this one was taking at byte \
-                     {taken} of {}{}",
+                    "{}: continuing a chain taken up to byte {taken} of {} before the \
+                     front-end came back{}",
                     self.label,
                     id.len,
                     if replay > 0 {
                         format!(
-                            "; it died while writing {replay} bytes of it, which are sent again \
-                             (counted in replayed_after_restart_bytes)"
+                            "; the process before this one died while writing {replay} bytes of \
+                             it, which are sent again (counted in \
+                             replayed_after_restart_bytes)"
                         )
                     } else {
                         String::new()
