@@ -395,19 +395,21 @@ impl Port {
             }
             self.spool.discard(n);
             self.spool.land();
-            self.stats.set_buffered(self.spool.len());
             self.stats.to_host_bytes.add(n as u64);
             if n < k {
                 break;
             }
         }
+        // Set once the writes are done: stream output passes through the spool on its way,
+        // and bytes the host side took at once were never waiting for it.
+        self.stats.set_buffered(self.spool.len());
     }
 
     /// Stream mode: takes up to `max` bytes of guest output from `src` into the spool, keeping
     /// the newest bytes (what the host side does not take first is dropped, and counted, to
     /// make room). The bytes are copied with a peek, published, and only then taken from
     /// `src`: a crash never loses a byte `src` gave up. Returns the bytes taken (0: none
-    /// waiting). The caller flushes.
+    /// waiting). The caller flushes (which also updates `buffered_bytes`).
     pub fn take_peeked(&mut self, max: usize, src: &mut dyn PeekSource) -> usize {
         let want = max.min(self.spool.capacity());
         if want > self.spool.free() {
@@ -429,7 +431,7 @@ impl Port {
             src.consume(n);
             failpoint::reached("guest-output-read");
         }
-        self.stats.set_buffered(self.spool.len());
+        // `buffered_bytes` is left to the flush that follows.
         n
     }
 }
