@@ -594,6 +594,32 @@ enum Reattach {
     ComeThenLeave,
 }
 
+/// Waits until every thread of the backend is stopped: SIGSTOP is delivered
+/// asynchronously, and a thread still running could take the next event before the test
+/// has set both up.
+fn wait_stopped(c: &Console) {
+    let pid = c.process.pid().expect("backend pid");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        let all_stopped = tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+                // The state follows the command name, which ends with the last ')'.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with(['T', 't']))
+            })
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backend never stopped"
+        );
+        std::thread::yield_now();
+    }
+}
+
 /// How many lines of the log contain both `a` and `b`.
 fn log_lines_with(c: &Console, a: &str, b: &str) -> usize {
     c.process
@@ -628,6 +654,7 @@ fn reattach_at_once<S: Read + Write>(
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     c.process.signal(libc::SIGSTOP).unwrap();
+    wait_stopped(c);
     let new = match order {
         Reattach::LeaveThenCome => {
             drop(old);
