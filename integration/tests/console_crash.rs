@@ -303,6 +303,55 @@ fn virtio_a_crash_during_a_write_to_the_client_repeats_at_most_that_write_and_co
     assert_eq!(counted, dup, "the repeat was not counted");
 }
 
+/// Virtio mode: one chain larger than a write (192 KiB, three writes of 64 KiB) goes
+/// straight to a client that keeps up, so nothing was ever buffered; the backend dies right
+/// after the chain's second write. The next process continues the chain after its first
+/// write and repeats only the second, counted. (It used to lose track of a chain once more
+/// had gone straight to the client than the buffer had ever held, and sent it all again.)
+#[test]
+fn virtio_a_crash_in_the_middle_of_a_large_chain_repeats_only_the_last_write() {
+    let c = Console::start_in_with_env(
+        devshare_integration::qemu::ScratchDir::new("crash-virtio-large").unwrap(),
+        VIRTIO_ARGS,
+        VIRTIO_READY,
+        &[(CRASH_AT, "host-write:2")],
+    );
+    let client = unix_client(&c.path("data.sock"));
+    // Room for the whole chain in the client's socket: every write is taken whole.
+    let sz: libc::c_int = 1 << 20;
+    // SAFETY: setsockopt on an open socket with a c_int option of its size.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&client),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&sz as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "{}", io::Error::last_os_error());
+    c.wait_stat("v", "data", "attached", 1);
+    let mut g = guest(&c);
+    let data = pattern(3 * REPEAT_BOUND, 17);
+    post_chains(&mut g, &[&data]);
+    let c = after_crash(c, VIRTIO_ARGS, VIRTIO_READY);
+    let before = read_to_end(client);
+    assert_eq!(
+        before.len(),
+        2 * REPEAT_BOUND,
+        "the first two writes were not taken whole"
+    );
+    g.reconnect(c.path("v.sock")).unwrap();
+    let mut client = unix_client(&c.path("data.sock"));
+    let after = read_until_settled(&mut client, &mut || {
+        all_used(&mut g) && c.stat("v", "data", "buffered_bytes") == 0
+    });
+    let dup = repeated(&data, &before, &after);
+    assert_eq!(dup, REPEAT_BOUND, "not just the last write was repeated");
+    let counted = c.stat("v", "data", "replayed_after_restart_bytes") as usize;
+    assert_eq!(counted, dup, "the repeat was not counted");
+}
+
 /// Virtio mode with no client: chains go into the buffer file and are marked used one by
 /// one. The backend dies after the third chain of a pass went into the buffer, before it
 /// was marked used. The next process finds that chain in the ring again (the front-end

@@ -371,10 +371,13 @@ impl Spool {
         {
             return None;
         }
+        // Modulo 2^64: bytes that went elsewhere lower the base, below 0 when the spool's
+        // write position is still smaller than they are (a port whose client always keeps
+        // up never buffers anything).
         let taken = h
             .write
             .load(Ordering::Acquire)
-            .checked_sub(h.chain_base.load(Ordering::Acquire))?;
+            .wrapping_sub(h.chain_base.load(Ordering::Acquire));
         usize::try_from(taken).ok().filter(|&t| t <= id.len)
     }
 
@@ -607,6 +610,64 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn a_write_in_flight_is_replayed_by_the_next_process_only_until_recorded() {
+        let dir = scratch("flight");
+        let path = dir.join("p.spool");
+        let mut s = Spool::open(&path, 64).unwrap();
+        s.push(b"0123456789");
+        // Died after the write returned, before the front was discarded: replay it.
+        s.launch(Flight::Front {
+            from: s.read_position(),
+            len: 8,
+        });
+        drop(s);
+        let mut s = Spool::open(&path, 64).unwrap();
+        assert_eq!(s.leftover().front_replay, 8);
+        // Died after the discard, before the record was cleared: nothing to replay.
+        s.discard(8);
+        drop(s);
+        let mut s = Spool::open(&path, 64).unwrap();
+        assert_eq!(s.leftover().front_replay, 0);
+        assert_eq!(contents(&mut s), b"89");
+        s.land();
+        drop(s);
+        assert_eq!(
+            Spool::open(&path, 64).unwrap().leftover(),
+            Leftover::default()
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_chain_begun_is_known_by_place_and_length_with_its_taken_bytes() {
+        let dir = scratch("chain");
+        let path = dir.join("p.spool");
+        let id = ChainId {
+            pos: 7,
+            head: 3,
+            len: 20,
+        };
+        let mut s = Spool::open(&path, 64).unwrap();
+        s.begin_chain(id, 42);
+        s.chain_passed(5); // delivered straight to the host side
+        s.push(b"abcd"); // buffered
+        s.launch(Flight::Chain { from: 9, len: 6 });
+        drop(s);
+        let s = Spool::open(&path, 64).unwrap();
+        assert!(s.leftover().chain);
+        assert_eq!(s.chain_taken(id), Some(9));
+        assert_eq!(s.chain_sum(), 42);
+        assert_eq!(s.chain_replay(9), 6);
+        assert_eq!(s.chain_replay(3), 0, "a write of another part");
+        assert_eq!(s.chain_taken(ChainId { len: 21, ..id }), None);
+        assert_eq!(s.chain_taken(ChainId { pos: 8, ..id }), None);
+        s.end_chain();
+        assert_eq!(s.chain_taken(id), None);
+        assert!(!s.leftover().chain);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
