@@ -3,7 +3,8 @@
 //! is its field name, written once.
 //!
 //! `{"ports":[{"vm":..,"port":..,"to_host_bytes":..,"to_guest_bytes":..,"dropped_bytes":..,
-//! "bad_chains":..,"replayed_after_restart_bytes":..,"buffered_bytes":..,"attached":..,"reopens":..,"rotations":..}, ...],
+//! "bad_chains":..,"replayed_after_restart_bytes":..,"buffered_bytes":..,"attached":..,
+//! "reopens":..,"rotations":..}, ...],
 //! "process":{"signals":{"hup":..,"term":..,"int":..}}}`
 
 use std::sync::atomic::{AtomicU64, Ordering};
