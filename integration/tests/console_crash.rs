@@ -29,6 +29,16 @@ const CRASH_AT: &str = "DEVSHARE_CONSOLE_CRASH_AT";
 /// The most a crash may make the next process send again, per port (README).
 const REPEAT_BOUND: usize = 64 * 1024;
 
+/// Whether the backend under test has crash points: debug builds only, and the backend is
+/// built with the profile of these tests (`scripts/test.sh` with
+/// `DEVSHARE_TEST_PROFILE=release` builds both without them). Says so when it has none.
+fn has_crash_points(test: &str) -> bool {
+    if !cfg!(debug_assertions) {
+        eprintln!("{test}: skipped, release builds have no crash points");
+    }
+    cfg!(debug_assertions)
+}
+
 fn unix_client(path: &Path) -> UnixStream {
     let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     s.set_read_timeout(Some(WAIT)).unwrap();
@@ -151,6 +161,9 @@ const STREAM_READY: &[&str] = &["s.sock", "c.sock"];
 /// the connection (the README's "only what QEMU sends while no backend is connected").
 #[test]
 fn stream_output_taken_from_qemu_survives_a_crash_at_every_step() {
+    if !has_crash_points("stream_output_taken_from_qemu_survives_a_crash_at_every_step") {
+        return;
+    }
     // (crash point, whether the bytes were accepted when the process died)
     for (point, accepted) in [
         ("guest-output-read", true),
@@ -197,6 +210,11 @@ fn stream_output_taken_from_qemu_survives_a_crash_at_every_step() {
 /// again: at most 64 KiB, and exactly what it counts.
 #[test]
 fn stream_a_crash_during_a_write_to_the_client_repeats_at_most_that_write_and_counts_it() {
+    if !has_crash_points(
+        "stream_a_crash_during_a_write_to_the_client_repeats_at_most_that_write_and_counts_it",
+    ) {
+        return;
+    }
     let c = Console::start_in_with_env(
         devshare_integration::qemu::ScratchDir::new("crash-stream-write").unwrap(),
         STREAM_ARGS,
@@ -274,6 +292,11 @@ fn guest(c: &Console) -> ConsoleGuest {
 /// every chain written so far was sent twice.
 #[test]
 fn virtio_a_crash_during_a_write_to_the_client_repeats_at_most_that_write_and_counts_it() {
+    if !has_crash_points(
+        "virtio_a_crash_during_a_write_to_the_client_repeats_at_most_that_write_and_counts_it",
+    ) {
+        return;
+    }
     let c = Console::start_in_with_env(
         devshare_integration::qemu::ScratchDir::new("crash-virtio-write").unwrap(),
         VIRTIO_ARGS,
@@ -310,6 +333,11 @@ fn virtio_a_crash_during_a_write_to_the_client_repeats_at_most_that_write_and_co
 /// had gone straight to the client than the buffer had ever held, and sent it all again.)
 #[test]
 fn virtio_a_crash_in_the_middle_of_a_large_chain_repeats_only_the_last_write() {
+    if !has_crash_points(
+        "virtio_a_crash_in_the_middle_of_a_large_chain_repeats_only_the_last_write",
+    ) {
+        return;
+    }
     let c = Console::start_in_with_env(
         devshare_integration::qemu::ScratchDir::new("crash-virtio-large").unwrap(),
         VIRTIO_ARGS,
@@ -359,6 +387,9 @@ fn virtio_a_crash_in_the_middle_of_a_large_chain_repeats_only_the_last_write() {
 /// marks it used without taking it twice.
 #[test]
 fn virtio_a_buffered_chain_not_yet_used_is_not_taken_twice_after_a_crash() {
+    if !has_crash_points("virtio_a_buffered_chain_not_yet_used_is_not_taken_twice_after_a_crash") {
+        return;
+    }
     let c = Console::start_in_with_env(
         devshare_integration::qemu::ScratchDir::new("crash-virtio-spool").unwrap(),
         VIRTIO_ARGS,
