@@ -1,0 +1,22 @@
+//! Writes every target's seed inputs into `corpus/<target>/seed-<name>` (run from `fuzz/`,
+//! or through `scripts/fuzz.sh --write-seeds`).
+
+use std::path::Path;
+
+use devshare_fuzz::seed::Seed;
+
+fn write<T: Seed>(target: &str, seeds: Vec<(&str, T)>) -> std::io::Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
+    std::fs::create_dir_all(&dir)?;
+    for (name, input) in seeds {
+        std::fs::write(dir.join(format!("seed-{name}")), input.to_input())?;
+    }
+    Ok(())
+}
+
+fn main() -> std::io::Result<()> {
+    write("relay", devshare_fuzz::relay::seeds())?;
+    Ok(())
+}
