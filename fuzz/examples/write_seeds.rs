@@ -16,7 +16,20 @@ fn write<T: Seed>(target: &str, seeds: Vec<(&str, T)>) -> std::io::Result<()> {
     Ok(())
 }
 
+fn write_raw(target: &str, seeds: Vec<(&str, Vec<u8>)>) -> std::io::Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
+    std::fs::create_dir_all(&dir)?;
+    for (name, input) in seeds {
+        std::fs::write(dir.join(format!("seed-{name}")), input)?;
+    }
+    Ok(())
+}
+
 fn main() -> std::io::Result<()> {
     write("relay", devshare_fuzz::relay::seeds())?;
+    write("ring", devshare_fuzz::ring::seeds())?;
+    write_raw("config", devshare_fuzz::config::seeds())?;
     Ok(())
 }

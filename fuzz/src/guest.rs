@@ -2,34 +2,37 @@
 //! rings and buffers straddle two regions), and guest addresses expressed relative to them so
 //! that most land inside memory, some right at a region's end and some anywhere.
 
-use arbitrary::Arbitrary;
+use crate::{seed_enum, seed_struct};
 use devshare_common::chain::Memory;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Page size the layouts count in.
 pub const PAGE: u64 = 4096;
 
-/// One region: the gap before it and its size, in pages.
-#[derive(Arbitrary, Debug, Clone, Copy)]
-pub struct RegionShape {
-    gap_pages: u8,
-    pages: u8,
+seed_struct! {
+    /// One region: the gap before it and its size, in pages.
+    pub struct RegionShape {
+        pub gap_pages: u8,
+        pub pages: u8,
+    }
 }
 
-/// Up to four regions, each up to `max_pages` pages, after gaps of up to three pages.
-#[derive(Arbitrary, Debug, Clone)]
-pub struct Layout {
-    first: RegionShape,
-    more: Vec<RegionShape>,
+seed_struct! {
+    /// Up to four regions, each up to `max_pages` pages, after gaps of up to three pages.
+    pub struct Layout {
+        pub first: RegionShape,
+        pub more: Vec<RegionShape>,
+    }
 }
 
-/// A guest address: inside a region (possibly a little past its end), counted back from a
-/// region's end (a buffer there runs into the next region or off memory), or any value.
-#[derive(Arbitrary, Debug, Clone, Copy)]
-pub enum GuestAddr {
-    In { region: u8, offset: u32 },
-    FromEnd { region: u8, back: u16 },
-    Raw(u64),
+seed_enum! {
+    /// A guest address: inside a region (possibly a little past its end), counted back from
+    /// a region's end (a buffer there runs into the next region or off memory), or any value.
+    pub enum GuestAddr {
+        In { region: u8, offset: u32 },
+        FromEnd { region: u8, back: u16 },
+        Raw { addr: u64 },
+    }
 }
 
 /// Built guest memory and where its regions are.
@@ -65,8 +68,8 @@ impl Layout {
 
 impl Guest {
     /// The guest address `a` stands for.
-    pub fn addr(&self, a: GuestAddr) -> u64 {
-        match a {
+    pub fn addr(&self, a: &GuestAddr) -> u64 {
+        match *a {
             GuestAddr::In { region, offset } => {
                 let (start, len) = self.regions[usize::from(region) % self.regions.len()];
                 start + u64::from(offset) % (len + 64)
@@ -75,7 +78,7 @@ impl Guest {
                 let (start, len) = self.regions[usize::from(region) % self.regions.len()];
                 (start + len).saturating_sub(u64::from(back) % 512)
             }
-            GuestAddr::Raw(r) => r,
+            GuestAddr::Raw { addr } => addr,
         }
     }
 
@@ -142,5 +145,37 @@ impl Guest {
             }
         }
         runs
+    }
+
+    /// Copies the current bytes of `[addr, addr + len)` (where it is guest memory) into
+    /// `shadow`, a [`Guest::snapshot`]: after the guest itself wrote there.
+    pub fn sync(&self, shadow: &mut [Vec<u8>], addr: u64, len: u64) {
+        let end = addr.saturating_add(len);
+        for (i, &(start, rlen)) in self.regions.iter().enumerate() {
+            let (from, to) = (addr.max(start), end.min(start + rlen));
+            if from < to {
+                let part = &mut shadow[i][(from - start) as usize..(to - start) as usize];
+                let _ = vm_memory::Bytes::read_slice(&self.mem, part, GuestAddress(from));
+            }
+        }
+    }
+
+    /// The bytes of `[addr, addr + len)`, if all of it is guest memory.
+    pub fn read(&self, addr: u64, len: usize) -> Option<Vec<u8>> {
+        if !self.contains(addr, len as u64) {
+            return None;
+        }
+        let mut v = vec![0u8; len];
+        vm_memory::Bytes::read_slice(&self.mem, &mut v, GuestAddress(addr)).ok()?;
+        Some(v)
+    }
+
+    /// How many pieces `[addr, addr + len)` falls into (one per region it touches).
+    pub fn pieces(&self, addr: u64, len: u64) -> usize {
+        let end = addr.saturating_add(len);
+        self.regions
+            .iter()
+            .filter(|&&(s, l)| addr < s + l && end > s)
+            .count()
     }
 }

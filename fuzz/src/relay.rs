@@ -767,6 +767,7 @@ mod tests {
 
     #[test]
     fn seeds_decode_to_themselves_and_pass() {
+        let _serial = crate::serial();
         for (name, input) in seeds() {
             let bytes = input.to_input();
             let back = Input::arbitrary_take_rest(Unstructured::new(&bytes)).unwrap();
