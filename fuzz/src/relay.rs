@@ -313,6 +313,9 @@ struct Chunk {
     fds: Vec<MadeFd>,
 }
 
+/// A descriptor as the model sees it: the file, and its size if it is a regular file.
+type SentFd = (FileId, Option<u64>);
+
 /// How the relay must end.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 enum End {
@@ -342,7 +345,7 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 /// Whether a memory-table message is acceptable, from the vhost-user spec's layouts: every
 /// region it announces is present, there is one descriptor per region, and each region lies
 /// inside its file where the descriptor is a regular file. `None` for other requests.
-fn mem_table_ok(request: u32, body: &[u8], fds: &[(FileId, Option<u64>)]) -> Option<bool> {
+fn mem_table_ok(request: u32, body: &[u8], fds: &[SentFd]) -> Option<bool> {
     // (size, offset) of each area the message asks to map.
     let areas: Option<Vec<(u64, u64)>> = match request {
         SET_MEM_TABLE => u32_at(body, 0).and_then(|n| {
@@ -378,7 +381,7 @@ fn mem_table_ok(request: u32, body: &[u8], fds: &[(FileId, Option<u64>)]) -> Opt
 fn model(chunks: &[Chunk]) -> (Vec<Forwarded>, End) {
     let mut stream = Vec::new();
     // (offset of the chunk's first byte, its descriptors)
-    let mut attached: Vec<(usize, Vec<(FileId, Option<u64>)>)> = Vec::new();
+    let mut attached: Vec<(usize, Vec<SentFd>)> = Vec::new();
     for c in chunks {
         if !c.fds.is_empty() {
             let fds = c.fds.iter().map(|f| (f.id, f.regular_size)).collect();

@@ -231,7 +231,7 @@ fn plainly_valid(g: &Guest, bufs: &[Buf], size: u16) -> bool {
         && bufs
             .iter()
             .all(|b| b.len > 0 && g.contains(b.addr, u64::from(b.len)))
-        && bufs.windows(2).all(|w| !(w[0].write && !w[1].write))
+        && bufs.windows(2).all(|w| !w[0].write || w[1].write)
         && total <= MAX_CHAIN_BYTES as u64
         && pieces(false) <= MAX_CHAIN_SEGMENTS
         && pieces(true) <= MAX_CHAIN_SEGMENTS
@@ -326,24 +326,24 @@ pub fn run(input: &Input) {
     for t in input.tables.iter().take(8) {
         let at = g.addr(&t.at) & !15;
         for (i, d) in t.descs.iter().take(usize::from(size) + 8).enumerate() {
-            put_desc(at + 16 * i as u64, d);
+            put_desc(at.wrapping_add(16 * i as u64), d);
         }
     }
     for (i, d) in input.descs.iter().take(usize::from(size)).enumerate() {
-        put_desc(desc_table + 16 * i as u64, d);
+        put_desc(desc_table.wrapping_add(16 * i as u64), d);
     }
     let heads = &input.heads[..input.heads.len().min(usize::from(size))];
     for (i, &h) in heads.iter().enumerate() {
         let slot = (input.next_avail as usize + i) % usize::from(size);
-        put_u16(avail + 4 + 2 * slot as u64, h);
+        put_u16(avail.wrapping_add(4 + 2 * slot as u64), h);
     }
     put_u16(avail, input.avail_flags);
     let avail_idx = input
         .avail_idx
         .unwrap_or(input.next_avail.wrapping_add(heads.len() as u16));
-    put_u16(avail + 2, avail_idx);
-    put_u16(avail + 4 + 2 * n, input.used_event);
-    put_u16(used + 2, input.next_used);
+    put_u16(avail.wrapping_add(2), avail_idx);
+    put_u16(avail.wrapping_add(4 + 2 * n), input.used_event);
+    put_u16(used.wrapping_add(2), input.next_used);
 
     let mut queue = match Queue::new(1 << MAX_QUEUE_LOG2) {
         Ok(q) => q,
@@ -757,7 +757,7 @@ fn check_chain(g: &Guest, c: &GuestBuffers<'_>, spec: &[Buf], size: u16) {
         );
     }
     assert!(
-        spec.windows(2).all(|w| !(w[0].write && !w[1].write)),
+        spec.windows(2).all(|w| !w[0].write || w[1].write),
         "an accepted chain has a readable buffer after a writable one"
     );
     assert_eq!(c.readable_len(), part_len(spec, false), "readable length");

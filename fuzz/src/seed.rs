@@ -25,7 +25,7 @@ pub trait Seed {
 pub fn variant(out: &mut Vec<u8>, index: u32, count: u32) {
     // `arbitrary` picks variant (x * count) >> 32 for a u32 x: the smallest x that picks
     // `index` is ceil(index * 2^32 / count).
-    let x = ((u64::from(index) << 32) + u64::from(count) - 1) / u64::from(count);
+    let x = (u64::from(index) << 32).div_ceil(u64::from(count));
     out.extend_from_slice(&(x as u32).to_le_bytes());
 }
 
