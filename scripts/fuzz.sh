@@ -12,9 +12,10 @@
 #   --write-seeds    check the seed inputs (cargo test in fuzz/) and write them into
 #                    fuzz/corpus/<target>/seed-*, then exit
 #   --help           this text
-# Arguments after `--` go to libFuzzer (e.g. `-- -jobs=1 -dict=FILE`).
+# Arguments after `--` go to libFuzzer (e.g. `-- -max_len=8192 -seed=1`).
 #
-# Targets run one after the other. New inputs go to fuzz/target/corpus/<target>/, so a run
+# Targets run one after the other, with fuzz/dict/<target>.dict as libFuzzer's dictionary
+# when there is one. New inputs go to fuzz/target/corpus/<target>/, so a run
 # never changes the committed corpus unless asked to. For each target the script prints the
 # executions, exec/s, libFuzzer's final coverage (cov: edges, ft: features), the corpus size
 # and whether it crashed; a crash, a timeout (an input taking over 10 s) or a leak fails the
@@ -113,10 +114,12 @@ for t in "${TARGETS[@]}"; do
     echo
     echo "=== $t: ${SECONDS_EACH} s"
     status=0
+    dict=()
+    [ -f "fuzz/dict/$t.dict" ] && dict=(-dict="fuzz/dict/$t.dict")
     # New inputs land in the first directory (the work corpus); both are read.
     "${FUZZ[@]}" run --fuzz-dir fuzz "$t" "$work" "$corpus" -- \
         -max_total_time="$SECONDS_EACH" -timeout=10 -print_final_stats=1 \
-        "${EXTRA[@]}" >"$log" 2>&1 || status=$?
+        "${dict[@]}" "${EXTRA[@]}" >"$log" 2>&1 || status=$?
     # The last status line carries the final coverage: "#N DONE cov: C ft: F corp: U/S ...".
     last=$(grep -E '^#[0-9]+.*cov: ' "$log" | tail -n 1 || true)
     cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$last")

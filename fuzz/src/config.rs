@@ -1,6 +1,7 @@
 //! Everything an operator types: the console's TOML file and its `--vm`, `--port` and endpoint
 //! spec strings, netmux's TOML file and its `--port`, `--uplink` and host-port specs, sizes,
-//! socket modes and groups, and the PIT lost-tick policy.
+//! socket modes and groups, the PIT lost-tick policy, and what kvm-pit-policy reads: QEMU
+//! command lines (of any process it inspects) and its stall patterns.
 //!
 //! The input is text, not a structure: its first byte picks the parser, the rest is the text
 //! (so libFuzzer's dictionary and comparison tricks work on it directly, and the seeds are
@@ -14,6 +15,7 @@ use std::str::FromStr;
 use devshare_common::config::{parse_guest_memory, parse_size, qemu_size};
 use devshare_common::listen::{parse_group, parse_mode, SocketOptions};
 use devshare_common::pit::LostTickPolicy;
+use kvm_pit_policy::{cmdline, stall};
 use vhost_user_console::config as console;
 use vhost_user_console::endpoint::EndpointSpec;
 use vhost_user_netmux::config as netmux;
@@ -35,9 +37,11 @@ pub enum Parser {
     ConsoleVm,
     ConsolePort,
     ConsoleToml,
+    QemuCommandLine,
+    StallPattern,
 }
 
-const PARSERS: [Parser; 14] = [
+const PARSERS: [Parser; 16] = [
     Parser::Size,
     Parser::LostTickPolicy,
     Parser::SocketMode,
@@ -52,6 +56,8 @@ const PARSERS: [Parser; 14] = [
     Parser::ConsoleVm,
     Parser::ConsolePort,
     Parser::ConsoleToml,
+    Parser::QemuCommandLine,
+    Parser::StallPattern,
 ];
 
 /// The input for `parser` with `text`.
@@ -173,6 +179,25 @@ pub fn run(data: &[u8]) {
         Parser::ConsolePort => {
             if let Ok((_, port)) = console::parse_port_arg(t) {
                 let _ = port.endpoint.parse::<console::Target>();
+            }
+        }
+        Parser::QemuCommandLine => {
+            // As /proc/PID/cmdline gives it: arguments separated by NULs.
+            let argv: Vec<String> = t.split(['\0', '\n']).map(str::to_owned).collect();
+            let _ = cmdline::split_qemu_argv(&argv);
+            let _ = cmdline::read_pit(&argv);
+        }
+        Parser::StallPattern => {
+            let _ = stall::parse_duration(t);
+            if let Ok(p) = t.parse::<stall::StallPattern>() {
+                round_trip("stall pattern", &p);
+                // The lab asks for a few seconds of windows; they must stay few.
+                let w = p.windows(std::time::Duration::from_secs(2), 1);
+                assert!(
+                    w.len() <= 100_000,
+                    "{p} makes {} stall windows in 2 s",
+                    w.len()
+                );
             }
         }
         Parser::ConsoleToml => {
