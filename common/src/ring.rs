@@ -178,7 +178,8 @@ impl<'m> Ring<'m> {
     /// Walks the chain starting at descriptor `head` (following one level of indirect table),
     /// maps its buffers and appends them to `out`, where the chain is built (a chain is moved
     /// once less per packet). Refuses heads and links past the table, loops (more descriptors
-    /// than the table holds), nested or malformed indirect tables and whatever
+    /// than the table holds), chains of more buffers than the queue size, nested or malformed
+    /// indirect tables (more entries than the queue size included) and whatever
     /// [`GuestBuffers::push_buffer`] refuses; nothing is appended then.
     pub fn chain_into(&self, head: u16, out: &mut Vec<GuestBuffers<'m>>) -> Result<(), ChainError> {
         out.push(GuestBuffers::empty(head));
@@ -200,6 +201,9 @@ impl<'m> Ring<'m> {
         // Descriptors left before the walk must have ended: a chain never holds more than its
         // table, so running out means a loop.
         let mut ttl = table_len;
+        // Buffers left for the whole chain, direct and indirect together: a driver must not
+        // build a chain longer than the queue size (virtio 1.2, 2.7.13.1).
+        let mut left = self.size;
         let mut total = 0u32;
         loop {
             if ttl == 0 || index >= table_len {
@@ -211,7 +215,7 @@ impl<'m> Ring<'m> {
                 if indirect
                     || d.len as usize % DESC_SIZE != 0
                     || entries == 0
-                    || entries > usize::from(u16::MAX)
+                    || entries > usize::from(self.size)
                 {
                     return Err(broken());
                 }
@@ -222,6 +226,7 @@ impl<'m> Ring<'m> {
                 indirect = true;
                 continue;
             }
+            left = left.checked_sub(1).ok_or_else(broken)?;
             total = total.checked_add(d.len).ok_or_else(broken)?;
             bufs.push_buffer(self.mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0)?;
             if d.flags & DESC_F_NEXT == 0 {
@@ -581,6 +586,48 @@ mod tests {
         assert!(
             r.is_err(),
             "a readable buffer after a writable one was accepted"
+        );
+    }
+
+    // Found by the ring fuzz target: an indirect table may hold more buffers than the queue
+    // (minimized: a queue of 1, a table of 2 chained entries), so one chain could cost up to
+    // 65,535 descriptors of work (issue 10, "work per guest is bounded").
+    #[test]
+    fn chains_longer_than_the_queue_are_refused() {
+        let mem = memory();
+        let mq = MockSplitQueue::new(&mem, 4);
+        // Indirect tables of four and five chained entries.
+        let (four, five) = (0x2_0000u64, 0x3_0000u64);
+        for (at, n) in [(four, 4u16), (five, 5)] {
+            for i in 0..n {
+                let flags = if i + 1 < n { DESC_F_NEXT } else { 0 };
+                let d = desc(0x8000 + 0x100 * u64::from(i), 8, flags, i + 1);
+                mem.write_obj(d, GuestAddress(at + 16 * u64::from(i)))
+                    .unwrap();
+            }
+        }
+        let table = [
+            // Four entries, the queue size: accepted.
+            desc(four, 64, DESC_F_INDIRECT, 0),
+            // Five entries.
+            desc(five, 80, DESC_F_INDIRECT, 0),
+            // One direct buffer, then the four-entry table: five buffers.
+            desc(0x9000, 8, DESC_F_NEXT, 3),
+            desc(four, 64, DESC_F_INDIRECT, 0),
+        ];
+        for (i, d) in table.iter().enumerate() {
+            mq.desc_table().store(i as u16, *d).unwrap();
+        }
+        let q: Queue = queue(&mq);
+        let ring = Ring::open(&q, &mem).unwrap();
+        assert_eq!(ring.chain(0).unwrap().readable_len(), 32);
+        assert!(
+            ring.chain(1).is_err(),
+            "an indirect table longer than the queue was taken"
+        );
+        assert!(
+            ring.chain(2).is_err(),
+            "a chain longer than the queue was taken"
         );
     }
 
