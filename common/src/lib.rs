@@ -1,8 +1,8 @@
 //! Shared pieces of the devshare vhost-user backends: daemon lifecycle ([`daemon`]), the
 //! front-end message relay ([`relay`]) and its memory-table check ([`mem_table`]),
 //! split-ring access ([`ring`]) and descriptor-chain access ([`chain`]), configuration
-//! ([`config`]), counters ([`stats`]), listening sockets ([`listen`]), signals ([`signals`])
-//! and private files ([`files`]).
+//! ([`config`]), counters ([`stats`]), listening sockets ([`listen`]), signals ([`signals`]),
+//! private files ([`files`]) and the QEMU options that differ between QEMU versions ([`qemu`]).
 
 pub mod chain;
 pub mod config;
@@ -11,6 +11,7 @@ pub mod files;
 pub mod listen;
 pub mod mem_table;
 pub mod pit;
+pub mod qemu;
 pub mod relay;
 pub mod ring;
 pub mod signals;

@@ -1,6 +1,7 @@
 //! Test harnesses.
 pub mod console_guest;
 pub mod frontend;
+pub mod matrix;
 pub mod process;
 pub mod qemu;
 pub mod qmp;

@@ -171,9 +171,12 @@ impl TestBed {
         PathBuf::from(cache).join("env")
     }
 
-    /// Finds the test bed: each of `DEVSHARE_QEMU`, `DEVSHARE_KERNEL` and `DEVSHARE_INITRD` from
-    /// the environment, else from [`TestBed::env_file`]; every path must exist.
-    pub fn locate() -> Result<TestBed> {
+    /// A setting of the test bed: the environment variable `key`, else the line `key=...` of
+    /// [`TestBed::env_file`]; `None` when neither has it.
+    pub fn setting(key: &str) -> Result<Option<String>> {
+        if let Some(value) = std::env::var(key).ok().filter(|v| !v.is_empty()) {
+            return Ok(Some(value));
+        }
         let env_file = Self::env_file();
         let file_vars = match fs::read_to_string(&env_file) {
             Ok(text) => parse_env_file(&text),
@@ -186,28 +189,38 @@ impl TestBed {
                 })
             }
         };
-        let lookup = |key: &'static str, what: &'static str| -> Result<PathBuf> {
-            let value = std::env::var_os(key)
-                .filter(|v| !v.is_empty())
-                .or_else(|| {
-                    file_vars
-                        .iter()
-                        .find(|(k, _)| k == key)
-                        .map(|(_, v)| OsString::from(v))
-                })
-                .ok_or_else(|| QemuError::NotSetUp(key, env_file.clone()))?;
-            let path = PathBuf::from(value);
-            if path.exists() {
-                Ok(path)
-            } else {
-                Err(QemuError::MissingFile { what, path })
-            }
-        };
+        Ok(file_vars
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v))
+    }
+
+    /// Finds the test bed: each of `DEVSHARE_QEMU`, `DEVSHARE_KERNEL` and `DEVSHARE_INITRD` from
+    /// the environment, else from [`TestBed::env_file`]; every path must exist.
+    pub fn locate() -> Result<TestBed> {
         Ok(TestBed {
-            qemu: lookup("DEVSHARE_QEMU", "QEMU")?,
-            kernel: lookup("DEVSHARE_KERNEL", "guest kernel")?,
-            initrd: lookup("DEVSHARE_INITRD", "guest initrd")?,
+            qemu: Self::existing("DEVSHARE_QEMU", "QEMU")?,
+            kernel: Self::existing("DEVSHARE_KERNEL", "guest kernel")?,
+            initrd: Self::existing("DEVSHARE_INITRD", "guest initrd")?,
         })
+    }
+
+    /// The path setting `key` names ([`TestBed::setting`]), which must exist.
+    pub fn existing(key: &'static str, what: &'static str) -> Result<PathBuf> {
+        let path = PathBuf::from(
+            Self::setting(key)?.ok_or_else(|| QemuError::NotSetUp(key, Self::env_file()))?,
+        );
+        if path.exists() {
+            Ok(path)
+        } else {
+            Err(QemuError::MissingFile { what, path })
+        }
+    }
+
+    /// The same test bed with another QEMU binary (e.g. one QEMU of the version matrix).
+    pub fn with_qemu(mut self, qemu: PathBuf) -> TestBed {
+        self.qemu = qemu;
+        self
     }
 }
 

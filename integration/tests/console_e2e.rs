@@ -4,6 +4,11 @@
 //! Every test takes its QEMU options from the backend's own `--print-qemu-args`, so those
 //! printed options are proven to plug a guest in. Every host-side read has a timeout, and a
 //! failure prints the guest console, QEMU's stderr and the backend log.
+//!
+//! The tests at the end of this file run once per QEMU of the version matrix (`qemu_7_2::...`,
+//! `qemu_10_0::...`, `qemu_11_1::...`, see `devshare_integration::matrix`): stream mode on
+//! every version, the vhost-user virtio-console where the QEMU can plug it, and proof that it
+//! cannot where the README says so.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -14,8 +19,10 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
+use devshare_integration::matrix::MatrixQemu;
 use devshare_integration::process::BackendProcess;
 use devshare_integration::qemu::{Guest, GuestRun, ScratchDir};
+use devshare_integration::qemu_matrix;
 use devshare_integration::testdata::{pattern, printed_qemu_args};
 use sha2::{Digest, Sha256};
 
@@ -37,6 +44,13 @@ const BULK_MEMORY_MIB: u64 = 512;
 /// sets itself).
 fn qemu_device_args(backend_args: &[String], vm: &str) -> Vec<String> {
     printed_qemu_args("vhost-user-console", backend_args, |h| h == vm)
+}
+
+/// [`qemu_device_args`] spelled for the matrix QEMU `qemu` (`--print-qemu-args --qemu PATH`).
+fn qemu_device_args_for(backend_args: &[String], vm: &str, qemu: &MatrixQemu) -> Vec<String> {
+    let mut args = backend_args.to_vec();
+    args.extend(qemu.print_args());
+    qemu_device_args(&args, vm)
 }
 
 fn start_backend(dir: &Path, args: &[String], wait_for: &Path) -> BackendProcess {
@@ -202,9 +216,9 @@ fn expect_clean_exit(guest: &mut Guest, backend: &BackendProcess, timeout: Durat
 }
 
 /// Guest writes reach a PTY endpoint (console, hvc0) and a Unix endpoint (named port), and
-/// host writes on both reach the guest.
-#[test]
-fn console_on_pty_and_named_port_on_unix_socket_carry_both_ways() {
+/// host writes on both reach the guest. Runs on every QEMU of the matrix that can plug a
+/// vhost-user virtio-console (>= 10.2).
+fn console_on_pty_and_named_port_on_unix_socket_carry_both_ways(qemu: &MatrixQemu) {
     let dir = ScratchDir::new("console-basic").unwrap();
     let sock = dir.path().join("vm.sock");
     let pty_link = dir.path().join("console.pty");
@@ -228,7 +242,8 @@ fn console_on_pty_and_named_port_on_unix_socket_carry_both_ways() {
     // when its last opener closes it, so an echo-then-reopen script would race the host.
     let mut guest = Guest::builder()
         .name("console-basic")
-        .args(qemu_device_args(&args, "a"))
+        .test_bed(qemu.bed())
+        .args(qemu_device_args_for(&args, "a", qemu))
         .script(
             r#"
 set -e
@@ -532,9 +547,8 @@ fn termios_of(fd: &OwnedFd) -> libc::termios {
 
 /// Stream mode: the backend's port is a second 16550 in the guest. The runner's console is
 /// the first `-serial` (ttyS0), so the `-serial chardev:...` the backend prints becomes
-/// ttyS1. Bytes go both ways through a Unix endpoint.
-#[test]
-fn stream_mode_serial_port_carries_both_ways() {
+/// ttyS1. Bytes go both ways through a Unix endpoint. Runs on every QEMU of the matrix.
+fn stream_mode_serial_port_carries_both_ways(qemu: &MatrixQemu) {
     let dir = ScratchDir::new("console-stream").unwrap();
     let sock = dir.path().join("stream.sock");
     let ep = dir.path().join("serial.sock");
@@ -545,14 +559,22 @@ fn stream_mode_serial_port_carries_both_ways() {
         format!("s/serial=unix:{}", s(&ep)),
     ];
     let backend = start_backend(dir.path(), &args, &sock);
-    let qemu_args = qemu_device_args(&args, "s");
+    let qemu_args = qemu_device_args_for(&args, "s", qemu);
     assert!(
         qemu_args.iter().any(|a| a.starts_with("chardev:")),
         "{qemu_args:?}"
     );
+    // QEMU redials a restarted backend, spelled the way this QEMU wants it.
+    let reconnect = qemu.version.chardev_reconnect();
+    assert!(
+        qemu_args.iter().any(|a| a.ends_with(reconnect)),
+        "QEMU {}: no {reconnect} in {qemu_args:?}",
+        qemu.version
+    );
     let mut client = connect(&ep);
     let mut guest = Guest::builder()
         .name("console-stream")
+        .test_bed(qemu.bed())
         .args(qemu_args)
         .script(
             r#"
@@ -943,4 +965,124 @@ while [ $i -le 310 ]; do echo "L$i" >&4; i=$((i+1)); done
             );
         }
     }
+}
+
+/// On a QEMU without a user-creatable generic vhost-user device (before 10.2): the backend's
+/// `--print-qemu-args` refuses a virtio VM and points to stream mode; QEMU itself refuses the
+/// device; and the README's compatibility table says so for this version.
+fn virtio_console_device_is_not_creatable(qemu: &MatrixQemu) {
+    assert_eq!(
+        qemu.version.generic_vhost_user_device(),
+        None,
+        "QEMU {} has the device: run the virtio tests on it instead",
+        qemu.version
+    );
+    let dir = ScratchDir::new("console-no-device").unwrap();
+    let sock = dir.path().join("vm.sock");
+    let args: Vec<String> = vec![
+        "--vm".into(),
+        format!("a={}", s(&sock)),
+        "-p".into(),
+        format!("a/console=file:{}", s(&dir.path().join("console.log"))),
+    ];
+
+    // 1. The backend will not print options this QEMU would refuse.
+    let bin = devshare_integration::workspace::binary("vhost-user-console").unwrap();
+    let out = std::process::Command::new(bin)
+        .args(&args)
+        .arg("--print-qemu-args")
+        .args(qemu.print_args())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "QEMU {} cannot plug a vhost-user virtio-console",
+            qemu.version
+        )) && stderr.contains("--vm a=SOCKET,stream"),
+        "{stderr}"
+    );
+
+    // 2. QEMU refuses both generic vhost-user devices, with the backend listening.
+    let backend = start_backend(dir.path(), &args, &sock);
+    for device in ["vhost-user-test-device-pci", "vhost-user-device-pci"] {
+        let out = std::process::Command::new(qemu.path())
+            .args(["-S", "-display", "none", "-nodefaults", "-monitor", "none"])
+            .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+            .args(["-machine", "q35,memory-backend=mem", "-m", "256M"])
+            .arg("-chardev")
+            .arg(format!("socket,id=con0,path={}", s(&sock)))
+            .arg("-device")
+            .arg(format!(
+                "{device},chardev=con0,virtio-id=3,num_vqs=2,config_size=12"
+            ))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "QEMU {} created {device}:\n{err}\n{}",
+            qemu.version,
+            backend.log()
+        );
+        // 7.2 has neither device; 10.0 has vhost-user-device-pci but will not create it.
+        assert!(
+            err.contains(&format!("'{device}' is not a valid device model name"))
+                || (device == "vhost-user-device-pci"
+                    && err.contains("expects a pluggable device type")),
+            "QEMU {} refused {device} for another reason:\n{err}",
+            qemu.version
+        );
+        eprintln!(
+            "QEMU {}: -device {device}: {}",
+            qemu.version,
+            err.lines().last().unwrap_or("").trim()
+        );
+    }
+
+    // 3. The README's table says this QEMU has no vhost-user console.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let row = compatibility_row(&readme, qemu.name)
+        .unwrap_or_else(|| panic!("no compatibility-table row for QEMU {}", qemu.name));
+    assert!(
+        row.get(1)
+            .is_some_and(|cell| cell.contains("not creatable")),
+        "README's vhost-user console cell for QEMU {} does not say 'not creatable': {row:?}",
+        qemu.name
+    );
+}
+
+/// The cells of the README compatibility table's row for QEMU `version` (the first cell,
+/// e.g. `7.2 (bookworm)`, starts with the version).
+fn compatibility_row(readme: &str, version: &str) -> Option<Vec<String>> {
+    let table = &readme[readme.find("## Which QEMU supports what")?..];
+    table.lines().find_map(|line| {
+        let cells: Vec<String> = line
+            .trim()
+            .strip_prefix('|')?
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect();
+        let first = cells.first()?;
+        let rest = first.strip_prefix(version)?;
+        (rest.is_empty() || rest.starts_with(' ')).then_some(cells)
+    })
+}
+
+qemu_matrix! {
+    qemu_7_2("7.2"): [
+        stream_mode_serial_port_carries_both_ways,
+        virtio_console_device_is_not_creatable,
+    ];
+    qemu_10_0("10.0"): [
+        stream_mode_serial_port_carries_both_ways,
+        virtio_console_device_is_not_creatable,
+    ];
+    qemu_11_1("11.1"): [
+        stream_mode_serial_port_carries_both_ways,
+        console_on_pty_and_named_port_on_unix_socket_carry_both_ways,
+    ];
 }

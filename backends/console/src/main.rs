@@ -12,6 +12,7 @@ use devshare_common::daemon::{serve, FrontendSocket, ServeOptions, Transport};
 use devshare_common::files::{ensure_private_dir, StateDirLock};
 use devshare_common::listen::SocketOptions;
 use devshare_common::pit::LostTickPolicy;
+use devshare_common::qemu::QemuVersion;
 use devshare_common::signals::{handle_signals, ProcessStats, SignalActions};
 use vhost_user_console::config::{
     parse_port_arg, parse_vm_arg, Config, ConfigFile, DeviceKind, SocketMode, VmFile,
@@ -112,6 +113,16 @@ struct Args {
     /// (see kvm-pit-policy).
     #[arg(long, value_name = "POLICY", value_enum)]
     pit_policy: Option<LostTickPolicy>,
+
+    /// With --print-qemu-args: spell the options for this QEMU version (e.g. 7.2: reconnect=
+    /// instead of reconnect-ms=; before 10.2 a virtio VM is refused, use stream mode)
+    /// [default: 11.1, the newest tested].
+    #[arg(long, value_name = "X.Y", conflicts_with = "qemu")]
+    qemu_version: Option<QemuVersion>,
+
+    /// With --print-qemu-args: take the QEMU version from `PATH --version`.
+    #[arg(long, value_name = "PATH")]
+    qemu: Option<PathBuf>,
 }
 
 /// What the process needs besides the VMs: who may use its sockets, and where counters go.
@@ -230,6 +241,7 @@ fn main() -> ExitCode {
     let print = args.print_qemu_args;
     let memory = qemu_size(args.memory);
     let pit_policy = args.pit_policy;
+    let (qemu_version, qemu_binary) = (args.qemu_version, args.qemu.clone());
     let loaded = ProcessConfig::try_from(&args).and_then(|p| Ok((Config::try_from(args)?, p)));
     let (cfg, process) = match loaded {
         Ok(c) => c,
@@ -239,16 +251,39 @@ fn main() -> ExitCode {
         }
     };
     if print {
-        for vm in &cfg.vms {
-            println!("# {}", vm.name);
-            for line in qemu_args(vm, &memory) {
-                println!("{line}");
+        let qemu = match QemuVersion::chosen(qemu_version, qemu_binary.as_deref()) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("vhost-user-console: {e}");
+                return ExitCode::from(2);
             }
-            if let Some(p) = pit_policy {
-                println!("{}", devshare_common::pit::qemu_args(p).join(" "));
+        };
+        if let Some(warning) = qemu.untested_warning() {
+            eprintln!("vhost-user-console: warning: {warning}");
+        }
+        let mut refused = false;
+        for vm in &cfg.vms {
+            match qemu_args(vm, &memory, qemu) {
+                Ok(lines) => {
+                    println!("# {}", vm.name);
+                    for line in lines {
+                        println!("{line}");
+                    }
+                    if let Some(p) = pit_policy {
+                        println!("{}", devshare_common::pit::qemu_args(p).join(" "));
+                    }
+                }
+                Err(e) => {
+                    eprintln!("vhost-user-console: {e}");
+                    refused = true;
+                }
             }
         }
-        return ExitCode::SUCCESS;
+        return if refused {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
     }
     // Held for the life of the process: a second instance on the same state directory would
     // corrupt the spools.

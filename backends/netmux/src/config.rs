@@ -498,36 +498,6 @@ impl Config {
     pub fn untagged_port_with(&self, mac: MacAddr) -> Option<&PortConfig> {
         self.ports.iter().find(|p| p.vlan.is_none() && p.mac == mac)
     }
-
-    /// The QEMU options that attach a guest to port `index` (one line per option).
-    pub fn qemu_args(&self, index: usize, mem_mib: u64) -> Option<Vec<String>> {
-        let p = self.ports.get(index)?;
-        let id = format!("nm{index}");
-        let path = p.transport.path().display();
-        let server = match p.transport {
-            // The backend listens: QEMU is the client and should come back after a restart.
-            Transport::Listen(_) => ",reconnect-ms=1000".to_string(),
-            Transport::Connect(_) => ",server=on,wait=off".to_string(),
-        };
-        let mut dev = format!(
-            "virtio-net-pci,netdev={id},mac={},host_mtu={}",
-            p.mac, self.mtu
-        );
-        if p.queue_pairs > 1 {
-            // One MSI-X vector per queue plus config and control queue.
-            dev.push_str(&format!(",mq=on,vectors={}", 2 * p.queue_pairs + 2));
-        }
-        Some(vec![
-            format!("-object memory-backend-memfd,id=mem,size={mem_mib}M,share=on"),
-            "-machine q35,memory-backend=mem".to_string(),
-            format!("-chardev socket,id={id}c,path={path}{server}"),
-            format!(
-                "-netdev vhost-user,id={id},chardev={id}c,queues={}",
-                p.queue_pairs
-            ),
-            format!("-device {dev}"),
-        ])
-    }
 }
 
 #[cfg(test)]
@@ -699,21 +669,5 @@ mod tests {
         // A tagged guest never meets the host port, so sharing its MAC is harmless.
         c.host_port = Some(HostPortConfig::new("nmhost0", Some("52:54:00:00:00:02")).unwrap());
         assert!(c.validate().is_ok());
-    }
-
-    #[test]
-    fn qemu_args_name_the_socket_and_mac() {
-        let c = config(&[
-            "socket=/a,mac=52:54:00:00:00:01",
-            "socket=/b,mac=52:54:00:00:00:02,queues=2,client",
-        ]);
-        let a = c.qemu_args(0, 256).unwrap().join(" ");
-        assert!(a.contains("path=/a,reconnect-ms=1000"));
-        assert!(a.contains("mac=52:54:00:00:00:01"));
-        let b = c.qemu_args(1, 256).unwrap().join(" ");
-        assert!(b.contains("server=on"));
-        assert!(b.contains("queues=2"));
-        assert!(b.contains("mq=on"));
-        assert!(c.qemu_args(2, 256).is_none());
     }
 }

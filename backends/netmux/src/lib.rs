@@ -4,11 +4,12 @@
 //! Layout: [`config`] (what to serve), [`switch`] (where a frame goes, pure logic),
 //! [`virtio_net`] (wire formats and offload rules), [`port`] (a guest port and its RX side),
 //! [`uplink`] (AF_PACKET and TAP links), [`fabric`] (the running switch), [`vhu_net`] (the
-//! vhost-user device of one connection).
+//! vhost-user device of one connection), [`qemu_args`] (the QEMU options of a port).
 
 pub mod config;
 pub mod fabric;
 pub mod port;
+pub mod qemu_args;
 pub mod switch;
 pub mod uplink;
 pub mod vhu_net;

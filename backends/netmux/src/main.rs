@@ -7,10 +7,12 @@ use clap::{Args, Parser, Subcommand};
 use devshare_common::config::{load_toml, parse_guest_memory, warn_deprecated};
 use devshare_common::listen::SocketOptions;
 use devshare_common::pit::LostTickPolicy;
+use devshare_common::qemu::QemuVersion;
 use devshare_common::signals::{handle_signals, SignalActions};
 use vhost_user_netmux::config::{
     Config, ConfigError, ConfigFile, FileError, HostPortConfig, Mode, PortConfig, UplinkSpec,
 };
+use vhost_user_netmux::qemu_args::{caveats, qemu_args};
 
 const AFTER_HELP: &str = "\
 Each guest gets its own vhost-user socket and MAC. Frames for a guest's MAC go to that guest,
@@ -140,6 +142,15 @@ struct RunArgs {
     /// (see kvm-pit-policy).
     #[arg(long, value_name = "POLICY", value_enum)]
     pit_policy: Option<LostTickPolicy>,
+
+    /// With --print-qemu-args: spell the options for this QEMU version (e.g. 7.2: reconnect=
+    /// instead of reconnect-ms=) [default: 11.1, the newest tested].
+    #[arg(long, value_name = "X.Y", conflicts_with = "qemu")]
+    qemu_version: Option<QemuVersion>,
+
+    /// With --print-qemu-args: take the QEMU version from `PATH --version`.
+    #[arg(long, value_name = "PATH")]
+    qemu: Option<PathBuf>,
 }
 
 impl TryFrom<&RunArgs> for Config {
@@ -241,14 +252,24 @@ fn main() -> ExitCode {
         None => cli.run.memory >> 20,
     };
     if cli.run.print_qemu_args {
+        let qemu = match QemuVersion::chosen(cli.run.qemu_version, cli.run.qemu.as_deref()) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("vhost-user-netmux: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let warnings = qemu.untested_warning().into_iter().chain(caveats(qemu));
+        for w in warnings {
+            eprintln!("vhost-user-netmux: note: {w}");
+        }
         for (i, p) in config.ports.iter().enumerate() {
             println!("# guest on port {} ({})", p.name, p.mac);
-            if let Some(mut args) = config.qemu_args(i, memory_mib) {
-                if let Some(policy) = cli.run.pit_policy {
-                    args.push(devshare_common::pit::qemu_args(policy).join(" "));
-                }
-                println!("{}", args.join(" \\\n  "));
+            let mut args = qemu_args(p, i, config.mtu, memory_mib, qemu);
+            if let Some(policy) = cli.run.pit_policy {
+                args.push(devshare_common::pit::qemu_args(policy).join(" "));
             }
+            println!("{}", args.join(" \\\n  "));
         }
         return ExitCode::SUCCESS;
     }

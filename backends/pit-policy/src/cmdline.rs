@@ -1,22 +1,30 @@
-//! Reads a QEMU (x86) command line the way QEMU 11 does, as far as the PIT is concerned:
-//! which accelerator, machine type, `kernel-irqchip` mode and `pit` setting it gets, and so
-//! whether an in-kernel (KVM) PIT exists and which lost-tick policy it runs with.
+//! Reads a QEMU (x86) command line the way the QEMU that runs it does, as far as the PIT is
+//! concerned: which accelerator, machine type, `kernel-irqchip` mode and `pit` setting it gets,
+//! and so whether an in-kernel (KVM) PIT exists and which lost-tick policy it runs with.
 //!
-//! Checked against QEMU 11.1 (`info qtree` shows `kvm-pit` vs `isa-pit`):
+//! Checked against QEMU 7.2, 10.0 and 11.1 (`info qtree` shows `kvm-pit` vs `isa-pit`; the
+//! version-matrix tests in `tests/qemu.rs` hold every rule below against each binary):
 //! - the default accelerator is TCG; `-enable-kvm`, `-accel kvm` or `-machine accel=kvm`
 //!   select KVM; `-accel` and `-machine accel=` together make QEMU refuse to start;
 //! - with KVM, `kernel-irqchip` defaults to `on` (in-kernel PIT) for `pc`/`q35`/`isapc` and to
-//!   `split` for `microvm`; `split` and `off` put the PIT in QEMU (`isa-pit`);
+//!   `split` for `microvm`; `split` puts the PIT in QEMU (`isa-pit`). `off` does too where QEMU
+//!   still takes it: from 8.0 QEMU refuses it for machines whose CPUs have a local APIC ("KVM
+//!   does not support userspace APIC"), 7.2 takes it with a deprecation warning, and `isapc`
+//!   takes it everywhere;
 //! - `-accel kvm,kernel-irqchip=` takes only the dashed spelling, `-machine` both; values
 //!   are exactly `on`, `off`, `split`; the machine's `pit` is `on`/`off`/`auto`;
 //! - `-global kvm-pit.lost_tick_policy=` (or `driver=kvm-pit,property=...,value=...`) sets
 //!   the policy, the last one wins, values are exactly `delay` or `discard` (default `delay`);
-//! - the old `-no-kvm-pit-reinjection` flag is gone ("invalid option").
+//! - options QEMU removed are refused ("invalid option") from the version that removed them
+//!   on: `-no-kvm-pit` (2.12), `-no-kvm-pit-reinjection` and `-no-kvm-irqchip` (3.0),
+//!   `-no-kvm` (5.2), `-no-hpet` and `-no-acpi` (9.0). 7.2 still takes the last two; all
+//!   three versions refuse `-no-kvm-pit-reinjection`.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use devshare_common::pit::{LostTickPolicy, QEMU_DEVICE, QEMU_PROPERTY};
+use devshare_common::qemu::QemuVersion;
 use serde::Serialize;
 
 /// How the guest's interrupt controllers (and with them the PIT) are split between KVM and
@@ -58,7 +66,7 @@ pub enum PitVerdict {
         /// Why.
         reason: String,
     },
-    /// QEMU 11 refuses to start with this command line.
+    /// The QEMU the reading is for refuses to start with this command line.
     Rejected {
         /// QEMU's objection.
         reason: String,
@@ -68,6 +76,8 @@ pub enum PitVerdict {
 /// The PIT-relevant reading of one QEMU command line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PitReading {
+    /// The QEMU version whose rules were applied (`7.2.22`).
+    pub qemu_version: String,
     /// Accelerators in the order QEMU tries them.
     pub accelerators: Vec<String>,
     /// Machine type (QEMU's default `pc` when none is given).
@@ -138,8 +148,24 @@ fn parse_irqchip(value: &str) -> Option<KernelIrqchip> {
     }
 }
 
-/// Reads the QEMU arguments `args` (everything after the binary).
-pub fn read_pit(args: &[String]) -> PitReading {
+/// Options QEMU removed: (option without dash, the version that removed it, what replaces
+/// it), from QEMU's docs/about/removed-features.rst.
+const REMOVED_OPTIONS: [(&str, (u32, u32), &str); 6] = [
+    ("no-kvm-pit", (2, 12), "-machine kernel-irqchip=split"),
+    (
+        "no-kvm-pit-reinjection",
+        (3, 0),
+        "-global kvm-pit.lost_tick_policy=discard",
+    ),
+    ("no-kvm-irqchip", (3, 0), "-machine kernel-irqchip=off"),
+    ("no-kvm", (5, 2), "-accel tcg"),
+    ("no-hpet", (9, 0), "-machine hpet=off"),
+    ("no-acpi", (9, 0), "-machine acpi=off"),
+];
+
+/// Reads the QEMU arguments `args` (everything after the binary) by the rules of QEMU
+/// `qemu`.
+pub fn read_pit(args: &[String], qemu: QemuVersion) -> PitReading {
     let mut accel_opts: Vec<(String, Vec<(String, String)>)> = Vec::new();
     let mut machine: BTreeMap<String, String> = BTreeMap::new();
     let mut policy_option: Option<String> = None;
@@ -185,16 +211,20 @@ pub fn read_pit(args: &[String]) -> PitReading {
                         }
                     }
                 }
-                "no-kvm-pit-reinjection" | "no-kvm" | "no-kvm-irqchip" | "no-kvm-pit" => {
-                    rejected.push(format!(
-                        "{} is no QEMU 11 option (\"invalid option\"); use {}",
-                        args[i],
-                        if opt == "no-kvm-pit-reinjection" {
-                            "-global kvm-pit.lost_tick_policy=discard"
-                        } else {
-                            "-accel / -machine kernel-irqchip="
-                        }
-                    ));
+                _ if REMOVED_OPTIONS.iter().any(|(o, _, _)| *o == opt) => {
+                    if let Some((_, (major, minor), instead)) = REMOVED_OPTIONS
+                        .iter()
+                        .find(|(o, (major, minor), _)| *o == opt && qemu.at_least(*major, *minor))
+                    {
+                        rejected.push(format!(
+                            "{} was removed in QEMU {major}.{minor} (\"invalid option\"); use \
+                             {instead}",
+                            args[i]
+                        ));
+                    } else if opt == "no-kvm-pit-reinjection" {
+                        // Before 3.0 it was sugar for the -global below.
+                        policy_option = Some(LostTickPolicy::Discard.to_string());
+                    }
                 }
                 "readconfig" => {
                     takes_value = true;
@@ -255,6 +285,20 @@ pub fn read_pit(args: &[String]) -> PitReading {
         None if is_microvm => Some(KernelIrqchip::Split),
         None => Some(KernelIrqchip::On),
     };
+    // QEMU 8.0 removed the userspace local APIC under KVM; isapc's CPUs have none.
+    if kvm && kernel_irqchip == Some(KernelIrqchip::Off) && machine_type != "isapc" {
+        if qemu.at_least(8, 0) {
+            rejected.push(
+                "kernel-irqchip=off: KVM does not support userspace APIC (removed in QEMU 8.0; \
+                 kernel-irqchip=split keeps the PIT in QEMU too)"
+                    .into(),
+            );
+        } else {
+            notes.push(format!(
+                "kernel-irqchip=off with KVM is deprecated in QEMU {qemu} (userspace local APIC)"
+            ));
+        }
+    }
 
     let pit = machine.get("pit").map(String::as_str).unwrap_or("auto");
     if !matches!(pit, "on" | "off" | "auto") {
@@ -318,6 +362,7 @@ pub fn read_pit(args: &[String]) -> PitReading {
     }
 
     PitReading {
+        qemu_version: qemu.to_string(),
         accelerators,
         machine: machine_type,
         kernel_irqchip: kvm.then_some(kernel_irqchip).flatten(),
@@ -350,8 +395,16 @@ mod tests {
     use super::*;
 
     fn read(line: &str) -> PitReading {
+        read_for(line, "11.1")
+    }
+
+    fn read_for(line: &str, qemu: &str) -> PitReading {
         let args: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-        read_pit(&args)
+        read_pit(&args, qemu.parse().unwrap())
+    }
+
+    fn rejected(r: &PitReading) -> bool {
+        matches!(r.verdict, PitVerdict::Rejected { .. })
     }
 
     fn in_kernel(policy: LostTickPolicy, explicit: bool) -> PitVerdict {
@@ -389,7 +442,7 @@ mod tests {
             "-accel tcg",
             "-accel kvm -M q35,kernel_irqchip=split",
             "-accel kvm,kernel-irqchip=split",
-            "-accel kvm -machine kernel-irqchip=off",
+            "-accel kvm -machine isapc,kernel-irqchip=off",
             "-accel kvm -M pc,pit=off",
             "-accel kvm -M microvm",
             "-accel kvm -M none",
@@ -423,6 +476,78 @@ mod tests {
                 read(line)
             );
         }
+    }
+
+    #[test]
+    fn removed_options_follow_the_qemu_version() {
+        for qemu in ["7.2", "10.0", "11.1"] {
+            for line in [
+                "-accel kvm -no-kvm-pit-reinjection",
+                "-accel kvm -no-kvm-pit",
+                "-accel kvm -no-kvm-irqchip",
+                "-accel kvm -no-kvm",
+            ] {
+                assert!(rejected(&read_for(line, qemu)), "QEMU {qemu}: {line}");
+            }
+        }
+        let r = read_for("-accel kvm -no-kvm-pit-reinjection", "7.2");
+        assert!(
+            matches!(&r.verdict, PitVerdict::Rejected { reason }
+                if reason.contains("removed in QEMU 3.0")
+                    && reason.contains("-global kvm-pit.lost_tick_policy=discard")),
+            "{r:?}"
+        );
+        // Before 3.0 the flag meant discard.
+        assert_eq!(
+            read_for("-accel kvm -no-kvm-pit-reinjection", "2.12").verdict,
+            in_kernel(LostTickPolicy::Discard, true)
+        );
+        // 7.2 still takes -no-hpet and -no-acpi; 9.0 removed them.
+        for line in ["-accel kvm -M q35 -no-hpet", "-accel kvm -M q35 -no-acpi"] {
+            assert_eq!(
+                read_for(line, "7.2").verdict,
+                in_kernel(LostTickPolicy::Delay, false),
+                "{line}"
+            );
+            assert!(rejected(&read_for(line, "9.0")), "{line}");
+            assert!(rejected(&read_for(line, "11.1")), "{line}");
+        }
+        assert_eq!(read_for("-M q35", "7.2").qemu_version, "7.2");
+    }
+
+    #[test]
+    fn userspace_apic_went_away_in_8_0() {
+        let off = "-accel kvm -M q35,kernel-irqchip=off -global kvm-pit.lost_tick_policy=discard";
+        let old = read_for(off, "7.2");
+        assert!(
+            matches!(&old.verdict, PitVerdict::NoInKernelPit { reason } if reason.contains("off")),
+            "{old:?}"
+        );
+        assert!(
+            old.notes.iter().any(|n| n.contains("deprecated")),
+            "{old:?}"
+        );
+        for qemu in ["8.0", "10.0", "11.1"] {
+            let r = read_for(off, qemu);
+            assert!(
+                matches!(&r.verdict, PitVerdict::Rejected { reason }
+                    if reason.contains("userspace APIC")),
+                "QEMU {qemu}: {r:?}"
+            );
+        }
+        // isapc's CPUs have no local APIC: off is fine everywhere, and leaves no in-kernel PIT.
+        for qemu in ["7.2", "11.1"] {
+            let r = read_for("-accel kvm -M isapc,kernel-irqchip=off", qemu);
+            assert!(
+                matches!(r.verdict, PitVerdict::NoInKernelPit { .. }),
+                "QEMU {qemu}: {r:?}"
+            );
+        }
+        // Under TCG the option is moot and QEMU does not check it against KVM.
+        assert!(!rejected(&read_for(
+            "-accel tcg -M q35,kernel-irqchip=off",
+            "11.1"
+        )));
     }
 
     #[test]

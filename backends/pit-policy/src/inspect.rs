@@ -3,7 +3,8 @@
 //! kernel worker thread `kvm-pit/<pid>` says KVM created an in-kernel PIT for that process.
 //!
 //! The policy itself cannot be read back from outside: `KVM_REINJECT_CONTROL` is write-only
-//! and only the VM's creator may call it. It comes from the command line.
+//! and only the VM's creator may call it. It comes from the command line, read by the rules of
+//! the QEMU version the process runs ([`crate::binary`] reads it from the mapped executable).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -13,7 +14,9 @@ use std::path::Path;
 use devshare_common::pit::LostTickPolicy;
 use serde::Serialize;
 
+use crate::binary::process_qemu_version;
 use crate::cmdline::{read_pit, split_qemu_argv, PitReading, PitVerdict};
+use devshare_common::qemu::QemuVersion;
 
 /// Why a process could not be inspected.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +58,9 @@ pub struct QemuPit {
     pub pid: u32,
     /// The QEMU binary.
     pub binary: String,
+    /// The version of the QEMU binary the process runs, when it could be read; the command
+    /// line is read by that version's rules (else by the newest tested version's).
+    pub qemu_version: Option<String>,
     /// The lost-tick policy in effect, or `None` when there is no in-kernel PIT.
     pub policy: Option<LostTickPolicy>,
     /// Whether KVM emulates this guest's PIT.
@@ -75,7 +81,11 @@ impl QemuPit {
     /// One line for humans.
     pub fn summary(&self) -> String {
         let name = self.binary.rsplit('/').next().unwrap_or(&self.binary);
-        let mut line = format!("pid {} ({name}): ", self.pid);
+        let version = match &self.qemu_version {
+            Some(v) => format!(" {v}"),
+            None => String::new(),
+        };
+        let mut line = format!("pid {} ({name}{version}): ", self.pid);
         match self.policy {
             Some(policy) => {
                 line.push_str(&format!(
@@ -161,10 +171,17 @@ fn pit_workers(proc_root: &Path) -> Result<BTreeMap<u32, u32>, InspectError> {
     Ok(workers)
 }
 
-fn judge(pid: u32, binary: String, reading: PitReading, evidence: KernelEvidence) -> QemuPit {
+fn judge(
+    pid: u32,
+    binary: String,
+    qemu_version: Option<QemuVersion>,
+    reading: PitReading,
+    evidence: KernelEvidence,
+) -> QemuPit {
     let mut report = QemuPit {
         pid,
         binary,
+        qemu_version: qemu_version.map(|v| v.to_string()),
         policy: None,
         in_kernel_pit: false,
         explicit: false,
@@ -219,7 +236,13 @@ fn judge(pid: u32, binary: String, reading: PitReading, evidence: KernelEvidence
             }
         }
         PitVerdict::Rejected { reason } => {
-            report.reason = Some(format!("QEMU 11 would refuse this command line: {reason}"));
+            // It runs, so QEMU took it: this tool's rules for the version are wrong, or the
+            // version is not the one the rules were applied for.
+            report.reason = Some(format!(
+                "QEMU {} should have refused this command line ({reason}), yet it runs: this \
+                 reading is doubtful",
+                reading.qemu_version
+            ));
         }
     }
     report
@@ -244,7 +267,15 @@ pub fn inspect_pid_in(proc_root: &Path, pid: u32) -> Result<QemuPit, InspectErro
         kvm_vm_fd: holds_kvm_vm(proc_root, pid),
         pit_worker: pit_workers(proc_root)?.get(&pid).copied(),
     };
-    Ok(judge(pid, binary, read_pit(&args), evidence))
+    let version = process_qemu_version(proc_root, pid);
+    let rules = version.as_ref().map_or(QemuVersion::NEWEST_TESTED, |v| *v);
+    let mut reading = read_pit(&args, rules);
+    if let Err(e) = &version {
+        reading.notes.push(format!(
+            "the QEMU version could not be read ({e}): QEMU {rules}'s rules applied"
+        ));
+    }
+    Ok(judge(pid, binary, version.ok(), reading, evidence))
 }
 
 /// Inspects process `pid`.
@@ -277,6 +308,7 @@ mod tests {
                 .split_whitespace()
                 .map(str::to_owned)
                 .collect::<Vec<_>>(),
+            QemuVersion::NEWEST_TESTED,
         )
     }
 
@@ -285,6 +317,7 @@ mod tests {
         let r = judge(
             1,
             "qemu-system-x86_64".into(),
+            None,
             reading("-machine accel=kvm:tcg"),
             KernelEvidence::default(),
         );
@@ -297,6 +330,7 @@ mod tests {
         let r = judge(
             7,
             "q".into(),
+            Some(QemuVersion::new(11, 1, 3)),
             reading("-accel kvm -global kvm-pit.lost_tick_policy=discard"),
             KernelEvidence {
                 kvm_vm_fd: true,
@@ -311,6 +345,7 @@ mod tests {
             "{}",
             r.summary()
         );
+        assert!(r.summary().contains("(q 11.1.3)"), "{}", r.summary());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use devshare_common::pit::{qemu_args, LostTickPolicy};
+use devshare_common::qemu::QemuVersion;
 use kvm_pit_policy::cmdline::{read_pit, PitVerdict};
 use kvm_pit_policy::inspect::{inspect_all, inspect_pid, QemuPit};
 use kvm_pit_policy::lab::{run_lab, LabConfig};
@@ -38,6 +39,14 @@ enum Command {
         /// Exit with status 2 when there is a warning.
         #[arg(long)]
         strict: bool,
+        /// Check the rest of the command line by the rules of this QEMU version (e.g. 7.2
+        /// still takes -no-hpet, 11.1 refuses it) [default: 11.1, the newest tested]. The
+        /// printed option is the same for every QEMU since 3.0.
+        #[arg(long, value_name = "X.Y", conflicts_with = "qemu_binary")]
+        qemu_version: Option<QemuVersion>,
+        /// Take that version from `PATH --version`.
+        #[arg(long = "qemu", value_name = "PATH")]
+        qemu_binary: Option<PathBuf>,
         /// The rest of the QEMU command line (after `--`), to check that the option applies.
         #[arg(last = true)]
         qemu: Vec<String>,
@@ -98,8 +107,21 @@ fn main() -> ExitCode {
         Command::QemuArgs {
             policy,
             strict,
+            qemu_version,
+            qemu_binary,
             qemu,
-        } => qemu_args_command(policy, strict, qemu),
+        } => match QemuVersion::chosen(qemu_version, qemu_binary.as_deref()) {
+            Ok(version) => {
+                if let Some(warning) = version.untested_warning() {
+                    eprintln!("kvm-pit-policy: {warning}");
+                }
+                qemu_args_command(policy, strict, version, qemu)
+            }
+            Err(e) => {
+                eprintln!("kvm-pit-policy: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Inspect { pid, json } => inspect_command(&pid, json),
         Command::Lab {
             rate,
@@ -125,7 +147,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn qemu_args_command(policy: LostTickPolicy, strict: bool, mut qemu: Vec<String>) -> ExitCode {
+fn qemu_args_command(
+    policy: LostTickPolicy,
+    strict: bool,
+    version: QemuVersion,
+    mut qemu: Vec<String>,
+) -> ExitCode {
     let ours = qemu_args(policy);
     println!("{}", ours.join(" "));
     if qemu.is_empty() {
@@ -145,7 +172,7 @@ fn qemu_args_command(policy: LostTickPolicy, strict: bool, mut qemu: Vec<String>
         qemu.remove(0);
     }
     let mut warnings = Vec::new();
-    let before = read_pit(&qemu);
+    let before = read_pit(&qemu, version);
     if let Some(existing) = &before.policy_option {
         if existing != policy.as_str() {
             warnings.push(format!(
@@ -155,15 +182,15 @@ fn qemu_args_command(policy: LostTickPolicy, strict: bool, mut qemu: Vec<String>
         }
     }
     qemu.extend(ours);
-    let reading = read_pit(&qemu);
+    let reading = read_pit(&qemu, version);
     match &reading.verdict {
         PitVerdict::InKernel { .. } => {}
         PitVerdict::NoInKernelPit { reason } => warnings.push(format!(
             "the option is moot with this command line: {reason}"
         )),
-        PitVerdict::Rejected { reason } => {
-            warnings.push(format!("QEMU would refuse this command line: {reason}"))
-        }
+        PitVerdict::Rejected { reason } => warnings.push(format!(
+            "QEMU {version} would refuse this command line: {reason}"
+        )),
     }
     for w in &warnings {
         eprintln!("kvm-pit-policy: warning: {w}");

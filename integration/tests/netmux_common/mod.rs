@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use devshare_integration::matrix::MatrixQemu;
 use devshare_integration::process::BackendProcess;
 use devshare_integration::qemu::{Guest, GuestBuilder, ScratchDir};
 
@@ -261,10 +262,17 @@ impl Netmux {
     /// separate arguments. The memory options (`-object memory-backend-memfd,...,share=on`
     /// and `-machine q35,memory-backend=mem`) are left out: the QEMU runner sets the same.
     pub fn qemu_args(&self, i: usize) -> Vec<String> {
+        self.qemu_args_with(i, &[]).0
+    }
+
+    /// Like [`Netmux::qemu_args`] with more `--print-qemu-args` options (`--qemu PATH`), and
+    /// what netmux printed on stderr (its notes for that QEMU).
+    pub fn qemu_args_with(&self, i: usize, print_options: &[String]) -> (Vec<String>, String) {
         let bin = devshare_integration::workspace::binary("vhost-user-netmux").unwrap();
         let out = Command::new(bin)
             .args(&self.args)
             .arg("--print-qemu-args")
+            .args(print_options)
             .output()
             .expect("run --print-qemu-args");
         assert!(
@@ -302,7 +310,7 @@ impl Netmux {
             args.len() >= 6,
             "no chardev/netdev/device for g{i} in:\n{text}"
         );
-        args
+        (args, String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
     /// The counters, as JSON, read through the `stats` subcommand.
@@ -370,10 +378,54 @@ reach() {{
 
 /// A guest on port `p` of `nm` running `script` (after [`guest_prelude`]).
 pub fn guest_builder(nm: &Netmux, p: &PortSpec, script: &str) -> GuestBuilder {
+    guest_builder_with(p, script, guest_net_args(nm, p), None)
+}
+
+/// A guest like [`guest_builder`] on the matrix QEMU `qemu`, with the options netmux prints
+/// for that QEMU (`--print-qemu-args --qemu PATH`). Where netmux notes that this QEMU crashes
+/// under TCG with MSI-X (before 8.0), the guest's NIC gets the workaround the note gives,
+/// `vectors=0`, unless the test runs under KVM.
+pub fn matrix_guest_builder(
+    nm: &Netmux,
+    p: &PortSpec,
+    script: &str,
+    qemu: &MatrixQemu,
+) -> GuestBuilder {
+    let (mut args, notes) = nm.qemu_args_with(p.index, &qemu.print_args());
+    if qemu.version.vhost_user_net_msix_crashes_under_tcg() && !guests_use_kvm() {
+        assert!(
+            notes.contains("vectors=0"),
+            "netmux gave no workaround for QEMU {}: {notes}",
+            qemu.version
+        );
+        let dev = args
+            .iter_mut()
+            .find(|a| a.starts_with("virtio-net-pci,"))
+            .expect("a virtio-net-pci device");
+        dev.push_str(",vectors=0");
+    }
+    guest_builder_with(p, script, args, Some(qemu))
+}
+
+/// Whether the guests run under KVM (`DEVSHARE_ACCEL=kvm`) rather than TCG.
+pub fn guests_use_kvm() -> bool {
+    std::env::var("DEVSHARE_ACCEL").is_ok_and(|a| a.starts_with("kvm"))
+}
+
+/// A guest on port `p` with the NIC options `net_args`, on `qemu` or the default QEMU.
+pub fn guest_builder_with(
+    p: &PortSpec,
+    script: &str,
+    net_args: Vec<String>,
+    qemu: Option<&MatrixQemu>,
+) -> GuestBuilder {
     let mut b = Guest::builder()
         .name(&format!("netmux-g{}", p.index))
-        .args(guest_net_args(nm, p))
+        .args(net_args)
         .script(&format!("{}\n{script}", guest_prelude(p.index)));
+    if let Some(qemu) = qemu {
+        b = b.test_bed(qemu.bed());
+    }
     if p.queues > 1 {
         b = b.cpus(u32::from(p.queues));
     }

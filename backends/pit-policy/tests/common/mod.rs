@@ -1,10 +1,10 @@
-//! What the kvm-pit-policy tests share: the /dev/kvm gate, locating QEMU, and a QEMU
-//! process with its HMP monitor on stdio.
+//! What the kvm-pit-policy tests share: the /dev/kvm gate and a QEMU process with its HMP
+//! monitor on stdio. The QEMUs come from the version matrix (`devshare_integration::matrix`).
 
 #![allow(dead_code)] // each test binary uses part of this
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -33,31 +33,6 @@ pub fn kvm_or_skip(test: &str) -> bool {
     }
 }
 
-fn env_file_value(key: &str) -> Option<String> {
-    let cache = std::env::var("DEVSHARE_CACHE").unwrap_or_else(|_| "/var/cache/devshare".into());
-    let text = std::fs::read_to_string(Path::new(&cache).join("env")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .map(str::to_owned)
-}
-
-/// The QEMU to run: `$DEVSHARE_QEMU`, else the one in setup.sh's env file, else the
-/// workspace's `scripts/qemu` wrapper.
-pub fn qemu_binary() -> PathBuf {
-    if let Ok(q) = std::env::var("DEVSHARE_QEMU") {
-        return q.into();
-    }
-    if let Some(q) = env_file_value("DEVSHARE_QEMU") {
-        return q.into();
-    }
-    let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/qemu");
-    assert!(
-        wrapper.exists(),
-        "no QEMU: set DEVSHARE_QEMU or run scripts/setup.sh"
-    );
-    wrapper
-}
-
 /// The tool's own binary.
 pub fn tool() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kvm-pit-policy"))
@@ -74,10 +49,18 @@ pub struct Qemu {
 const PROMPT: &str = "(qemu) ";
 
 impl Qemu {
-    /// Starts QEMU with `args` plus the idle/monitor options, and waits for its monitor, by
-    /// which time the machine (and any in-kernel PIT) exists.
-    pub fn start(args: &[&str]) -> Qemu {
-        let mut child = Command::new(qemu_binary())
+    /// Starts QEMU `binary` with `args` plus the idle/monitor options, and waits until its
+    /// monitor answers, by which time the machine (and any in-kernel PIT) exists.
+    pub fn start(binary: &Path, args: &[&str]) -> Qemu {
+        Qemu::try_start(binary, args).unwrap_or_else(|output| {
+            panic!("QEMU refused {args:?} before its monitor answered:\n{output}")
+        })
+    }
+
+    /// Like [`Qemu::start`], but a QEMU that exits before its monitor answers (it refused the
+    /// command line) is `Err` with everything it printed.
+    pub fn try_start(binary: &Path, args: &[&str]) -> Result<Qemu, String> {
+        let mut child = Command::new(binary)
             .args(args)
             .args(["-S", "-display", "none", "-nodefaults", "-monitor", "stdio"])
             .stdin(Stdio::piped())
@@ -112,8 +95,12 @@ impl Qemu {
             output,
             seen: 0,
         };
-        qemu.until_prompt();
-        qemu
+        qemu.until_prompt()?;
+        // Some QEMUs (7.2) print the first prompt before they build the machine, and only then
+        // refuse a bad -global: an answered command proves the machine exists.
+        writeln!(qemu.stdin, "info status").map_err(|e| format!("QEMU monitor: {e}"))?;
+        qemu.until_prompt()?;
+        Ok(qemu)
     }
 
     /// The process id (QEMU itself: the wrappers `exec` it).
@@ -121,7 +108,9 @@ impl Qemu {
         self.child.id()
     }
 
-    fn until_prompt(&mut self) -> String {
+    /// Waits for the monitor prompt and returns what came before it; `Err` with QEMU's output
+    /// when QEMU exits first.
+    fn until_prompt(&mut self) -> Result<String, String> {
         let deadline = Instant::now() + MONITOR_TIMEOUT;
         loop {
             {
@@ -129,14 +118,16 @@ impl Qemu {
                 if let Some(pos) = out[self.seen..].find(PROMPT) {
                     let text = out[self.seen..self.seen + pos].to_owned();
                     self.seen += pos + PROMPT.len();
-                    return text;
+                    return Ok(text);
                 }
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "QEMU exited ({status}) before its monitor answered:\n{}",
+                // Its stderr may still be in the pipe: let the readers drain it.
+                thread::sleep(Duration::from_millis(200));
+                return Err(format!(
+                    "QEMU exited ({status}):\n{}",
                     self.output.lock().unwrap()
-                );
+                ));
             }
             assert!(
                 Instant::now() < deadline,
@@ -151,6 +142,7 @@ impl Qemu {
     pub fn monitor(&mut self, command: &str) -> String {
         writeln!(self.stdin, "{command}").expect("write to QEMU monitor");
         self.until_prompt()
+            .unwrap_or_else(|output| panic!("QEMU died during `{command}`: {output}"))
     }
 
     /// The PIT device QEMU created and its `lost_tick_policy` property, from `info qtree`.
