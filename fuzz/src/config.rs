@@ -1,7 +1,8 @@
 //! Everything an operator types: the console's TOML file and its `--vm`, `--port` and endpoint
 //! spec strings, netmux's TOML file and its `--port`, `--uplink` and host-port specs, sizes,
-//! socket modes and groups, the PIT lost-tick policy, and what kvm-pit-policy reads: QEMU
-//! command lines (of any process it inspects) and its stall patterns.
+//! socket modes and groups, the PIT lost-tick policy, QEMU version strings (as given and as
+//! `qemu --version` prints them), and what kvm-pit-policy reads: QEMU command lines (of any
+//! process it inspects) and its stall patterns.
 //!
 //! The input is text, not a structure: its first byte picks the parser, the rest is the text
 //! (so libFuzzer's dictionary and comparison tricks work on it directly, and the seeds are
@@ -15,10 +16,12 @@ use std::str::FromStr;
 use devshare_common::config::{parse_guest_memory, parse_size, qemu_size};
 use devshare_common::listen::{parse_group, parse_mode, SocketOptions};
 use devshare_common::pit::LostTickPolicy;
+use devshare_common::qemu::QemuVersion;
 use kvm_pit_policy::{cmdline, stall};
 use vhost_user_console::config as console;
 use vhost_user_console::endpoint::EndpointSpec;
 use vhost_user_netmux::config as netmux;
+use vhost_user_netmux::qemu_args as netmux_qemu;
 
 /// The parsers, in the order the input's first byte picks them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,9 +42,10 @@ pub enum Parser {
     ConsoleToml,
     QemuCommandLine,
     StallPattern,
+    QemuVersion,
 }
 
-const PARSERS: [Parser; 16] = [
+const PARSERS: [Parser; 17] = [
     Parser::Size,
     Parser::LostTickPolicy,
     Parser::SocketMode,
@@ -58,6 +62,7 @@ const PARSERS: [Parser; 16] = [
     Parser::ConsoleToml,
     Parser::QemuCommandLine,
     Parser::StallPattern,
+    Parser::QemuVersion,
 ];
 
 /// The input for `parser` with `text`.
@@ -155,8 +160,11 @@ pub fn run(data: &[u8]) {
                     for p in &c.ports {
                         check_netmux_port(p);
                     }
-                    for i in 0..c.ports.len() {
-                        assert!(c.qemu_args(i, 512).is_some());
+                    for (i, p) in c.ports.iter().enumerate() {
+                        for v in [QemuVersion::OLDEST_TESTED, QemuVersion::NEWEST_TESTED] {
+                            let args = netmux_qemu::qemu_args(p, i, c.mtu, 512, v);
+                            assert!(args.iter().any(|a| a.starts_with("-netdev vhost-user")));
+                        }
                     }
                 }
             }
@@ -182,10 +190,22 @@ pub fn run(data: &[u8]) {
             }
         }
         Parser::QemuCommandLine => {
-            // As /proc/PID/cmdline gives it: arguments separated by NULs.
-            let argv: Vec<String> = t.split(['\0', '\n']).map(str::to_owned).collect();
+            // A QEMU version on the first line, then the command line as /proc/PID/cmdline
+            // gives it: arguments separated by NULs.
+            let (version, line) = t.split_once('\n').unwrap_or(("", t));
+            let qemu = version.parse().unwrap_or(QemuVersion::NEWEST_TESTED);
+            let argv: Vec<String> = line.split('\0').map(str::to_owned).collect();
             let _ = cmdline::split_qemu_argv(&argv);
-            let _ = cmdline::read_pit(&argv);
+            let _ = cmdline::read_pit(&argv, qemu);
+        }
+        Parser::QemuVersion => {
+            if let Ok(v) = t.parse::<QemuVersion>() {
+                round_trip("QEMU version", &v);
+                let _ = v.untested_warning();
+            }
+            if let Some(v) = QemuVersion::from_version_output(t) {
+                round_trip("QEMU version", &v);
+            }
         }
         Parser::StallPattern => {
             let _ = stall::parse_duration(t);
