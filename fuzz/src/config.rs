@@ -398,6 +398,28 @@ connect = true
             "console-stream-toml",
             input(Parser::ConsoleToml, stream_toml),
         ),
+        (
+            "qemu-cmdline",
+            input(
+                Parser::QemuCommandLine,
+                "7.2\n/usr/bin/qemu-system-x86_64\0-accel\0kvm,kernel-irqchip=split\0\
+                 -machine\0q35,pit=on\0-global\0kvm-pit.lost_tick_policy=discard\0-m\0512M",
+            ),
+        ),
+        ("stall-periodic", input(Parser::StallPattern, "50ms/150ms")),
+        (
+            "stall-random",
+            input(Parser::StallPattern, "random:10ms-80ms/50ms-200ms"),
+        ),
+        ("qemu-version", input(Parser::QemuVersion, "11.1")),
+        (
+            "qemu-version-output",
+            input(
+                Parser::QemuVersion,
+                "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\n\
+                 Copyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers\n",
+            ),
+        ),
     ]
 }
 
