@@ -14,6 +14,14 @@
 #   --help           this text
 # Arguments after `--` go to libFuzzer (e.g. `-- -max_len=8192 -seed=1`).
 #
+# Targets (what each checks is written at the top of fuzz/src/<target>.rs):
+#   relay    the front-end message relay: random vhost-user message streams with real file
+#            descriptors over a socketpair, against a model of what must pass and what ends it
+#   ring     descriptor chains over the split ring: random tables, indirect tables, avail
+#            indices and guest memory layouts, against a walk of the spec
+#   config   config files and command-line specs of both backends, sizes, QEMU versions and
+#            command lines: no panic, and what prints parses back
+#
 # Targets run one after the other, with fuzz/dict/<target>.dict as libFuzzer's dictionary
 # when there is one. New inputs go to fuzz/target/corpus/<target>/, so a run
 # never changes the committed corpus unless asked to. For each target the script prints the
@@ -27,6 +35,9 @@
 #   CARGO_FUZZ_VERSION   version installed when missing (default 0.13.2)
 set -euo pipefail
 
+# Everything below runs from main(), called on the last line: bash has then read the whole
+# file, so editing it while a long run goes on cannot change what that run does.
+main() {
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
@@ -167,3 +178,6 @@ if [ "${#FAILED[@]}" -gt 0 ]; then
     exit 1
 fi
 echo "no crashes"
+}
+
+main "$@"
