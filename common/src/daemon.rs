@@ -12,7 +12,7 @@
 use std::fmt;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,6 +82,11 @@ pub struct ServeOptions {
     pub retry_max: Duration,
     /// Set to stop after the current connection ends.
     pub stop: Arc<AtomicBool>,
+    /// Fds the first worker thread of every connection also watches (readable, level
+    /// triggered), each with its `device_event` (past [`connection_start_event`]): a backend's
+    /// own event sources, so one thread serves its kicks and its other fds. The backend must
+    /// keep them open while it may be connected.
+    pub worker_fds: Vec<(RawFd, u16)>,
 }
 
 impl ServeOptions {
@@ -94,6 +99,7 @@ impl ServeOptions {
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
             stop: Arc::new(AtomicBool::new(false)),
+            worker_fds: Vec::new(),
         }
     }
 }
@@ -236,7 +242,7 @@ pub fn serve<B, F, D>(
             }
         };
         log::info!("{}: front-end connected", opts.name);
-        let failed = match run_connection(&opts.name, frontend, backend.clone()) {
+        let failed = match run_connection(opts, frontend, backend.clone()) {
             Err(e) => {
                 log::warn!("{}: connection ended: {e}", opts.name);
                 true
@@ -261,11 +267,12 @@ pub fn serve<B, F, D>(
     }
 }
 
-fn run_connection<B>(name: &str, frontend: UnixStream, backend: B) -> io::Result<()>
+fn run_connection<B>(opts: &ServeOptions, frontend: UnixStream, backend: B) -> io::Result<()>
 where
     B: VhostUserBackend<Bitmap = ()> + Clone + 'static,
     B::Vring: Clone + Send + Sync,
 {
+    let name = opts.name.as_str();
     let mem = GuestMemoryAtomic::new(Memory::new());
     let num_queues = backend.num_queues();
     let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
@@ -293,6 +300,11 @@ where
         )?;
         fd.write(1)?;
         start_fds.push(fd);
+    }
+    if let Some(first) = daemon.get_epoll_handlers().first() {
+        for &(fd, event) in &opts.worker_fds {
+            first.register_listener(fd, EventSet::IN, u64::from(event))?;
+        }
     }
 
     let to_daemon = {

@@ -1,7 +1,13 @@
 #!/bin/bash
 # Benchmark of vhost-user-console beside rust-vmm's vhost-device-console, under the same load.
 #
-# Usage: scripts/bench/console.sh [--seconds N] [--only ours|vdc] [--help]
+# Usage: scripts/bench/console.sh [--seconds N] [--runs N] [--only ours|vdc] [--ours BIN] [--help]
+#   --ours BIN  measure this vhost-user-console binary (e.g. an older build) instead of the
+#               release build of the tree
+#
+# First the machine's limit, measured in the same run (integration/src/bin/memcpy_limit.rs):
+# memcpy of 64 KiB blocks over buffers larger than the last-level cache ("dram") and over
+# buffers that stay in cache ("cache"), in GB/s. Throughput cases are read against these.
 #
 # The load generator (integration/src/bin/console_load.rs, built on the frontend harness)
 # plays the guest's virtio-console driver and polls its rings. Cases:
@@ -20,19 +26,26 @@
 #          TCP only, no guest-to-guest links; the generator runs with --lenient because it
 #          reports a used length on transmit chains (the bytes it read), which the spec
 #          forbids. Cases it cannot do are listed as unsupported, with the reason.
-# Queues have 128 entries for both (vhost-device-console's maximum). A table is printed;
-# JSON goes to target/bench/console.json. This measures; it does not pass or fail. On a
-# 2-core machine the generator's polling threads and the backend share the cores.
+# Queues have 128 entries for both (vhost-device-console's maximum). Every case runs --runs
+# times (default 3), ours and vdc alternating case by case, so both see the same load; the
+# table shows medians (and how many runs failed). JSON with every run and the medians goes to
+# target/bench/console.json. This measures; it does not pass or fail. On a 2-core machine the
+# generator's polling threads and the backend share the cores, so other load on the machine
+# moves the figures a lot: compare within one run, and note the load average printed.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 
 SECONDS_PER_RUN=5
+RUNS=3
 ONLY=""
+OURS_BIN=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --seconds) SECONDS_PER_RUN=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
+        --runs) RUNS=$2; shift 2 ;;
+        --ours) OURS_BIN=$2; shift 2 ;;
         --help | -h) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "console.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
@@ -56,9 +69,10 @@ fi
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 echo "building (release)"
 cargo build --release -q -p vhost-user-console --bin vhost-user-console
-cargo build --release -q -p devshare-integration --bin console_load
-OURS=$TARGET/release/vhost-user-console
+cargo build --release -q -p devshare-integration --bin console_load --bin memcpy_limit
+OURS=${OURS_BIN:-$TARGET/release/vhost-user-console}
 LOAD=$TARGET/release/console_load
+MEMCPY=$TARGET/release/memcpy_limit
 OUT=$ROOT/target/bench
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/console-bench.XXXXXX)
@@ -147,46 +161,88 @@ run_case() { # backend case mode size endpoint-kind
         else "  \($b) \($c): p50 \(.p50_us|round) us, p99 \(.p99_us|round) us" end'
 }
 
-for backend in ours vdc; do
-    [ -z "$ONLY" ] || [ "$ONLY" = "$backend" ] || continue
-    echo "== $backend"
-    if [ "$backend" = ours ]; then
-        run_case ours g2e-unix to-endpoint 65536 unix
-        run_case ours e2g-unix from-endpoint 65536 unix
-    else
-        unsupported vdc g2e-unix "no Unix-socket endpoint (TCP or its own stdio only)"
-        unsupported vdc e2g-unix "no Unix-socket endpoint (TCP or its own stdio only)"
-    fi
-    run_case "$backend" g2e-tcp to-endpoint 65536 tcp
-    run_case "$backend" e2g-tcp from-endpoint 65536 tcp
-    if [ "$backend" = ours ]; then
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+LIMIT=$("$MEMCPY")
+echo "$LIMIT" | jq -r '"machine limit, memcpy of 64 KiB blocks: \(.dram_gb_per_s*100|round/100) GB/s from memory (buffers of \(.dram_buffer_bytes/1048576|round) MiB, last-level cache \((.llc_bytes // 0)/1048576|round) MiB), \(.cache_gb_per_s*100|round/100) GB/s in cache"'
+
+# One round: every case once, ours and vdc back to back.
+run_round() {
+    for backend in ours vdc; do
+        [ -z "$ONLY" ] || [ "$ONLY" = "$backend" ] || continue
+        if [ "$backend" = ours ]; then
+            run_case ours g2e-unix to-endpoint 65536 unix
+            run_case ours e2g-unix from-endpoint 65536 unix
+        fi
+    done
+    for c in "g2e-tcp to-endpoint 65536" "e2g-tcp from-endpoint 65536"; do
+        for backend in ours vdc; do
+            [ -z "$ONLY" ] || [ "$ONLY" = "$backend" ] || continue
+            # shellcheck disable=SC2086
+            run_case "$backend" $c tcp
+        done
+    done
+    if [ -z "$ONLY" ] || [ "$ONLY" = ours ]; then
         run_case ours g2g-link link 65536 unix
         run_case ours rtt-unix-64 latency 64 unix
-    else
-        unsupported vdc g2g-link "no guest-to-guest links (one VM per socket, each on its own TCP port)"
-        unsupported vdc rtt-unix-64 "no Unix-socket endpoint; longer input breaks its receive ring"
     fi
-    run_case "$backend" rtt-tcp-1 latency 1 tcp
-done
+    for backend in ours vdc; do
+        [ -z "$ONLY" ] || [ "$ONLY" = "$backend" ] || continue
+        run_case "$backend" rtt-tcp-1 latency 1 tcp
+    done
+}
 
-jq -s --arg cpus "$(nproc)" --arg kernel "$(uname -r)" --arg secs "$SECONDS_PER_RUN" '
-    (map(select(.backend == "vdc" and .mb_per_s)) | map({key: .case, value: .}) | from_entries) as $vdc
-    | {machine: {cpus: ($cpus|tonumber), kernel: $kernel}, seconds_per_run: ($secs|tonumber),
-       target_mb_per_s: 1000,
-       runs: map(. + (if .backend == "ours" and .mb_per_s and $vdc[.case] and $vdc[.case].mb_per_s > 0
-                     then {ratio_to_vdc: (.mb_per_s / $vdc[.case].mb_per_s)} else {} end))}
+for round in $(seq "$RUNS"); do
+    echo "== round $round of $RUNS (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+    run_round
+done
+if [ -z "$ONLY" ] || [ "$ONLY" = vdc ]; then
+    unsupported vdc g2e-unix "no Unix-socket endpoint (TCP or its own stdio only)"
+    unsupported vdc e2g-unix "no Unix-socket endpoint (TCP or its own stdio only)"
+    unsupported vdc g2g-link "no guest-to-guest links (one VM per socket, each on its own TCP port)"
+    unsupported vdc rtt-unix-64 "no Unix-socket endpoint; longer input breaks its receive ring"
+fi
+
+jq -s --arg cpus "$(nproc)" --arg kernel "$(uname -r)" --arg secs "$SECONDS_PER_RUN" \
+    --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" --argjson limit "$LIMIT" '
+    def median: sort | if length == 0 then null elif length % 2 == 1 then .[length/2|floor]
+        else (.[length/2-1] + .[length/2]) / 2 end;
+    . as $all
+    | group_by([.backend, .case])
+    | map({backend: .[0].backend, case: .[0].case, runs: length,
+           failed: map(select(.error)) | length,
+           unsupported: (map(.unsupported // empty) | first),
+           errors: (map(.error // empty) | unique),
+           mb_per_s: (map(.mb_per_s // empty) | median),
+           mb_per_cpu_s: (map(select((.backend_cpu_seconds // 0) > 0)
+                              | .bytes / 1e6 / .backend_cpu_seconds) | median),
+           p50_us: (map(.p50_us // empty) | median),
+           p99_us: (map(.p99_us // empty) | median)}) as $med
+    | ($med | map(select(.backend == "vdc")) | map({key: .case, value: .}) | from_entries) as $vdc
+    | {machine: {cpus: ($cpus|tonumber), kernel: $kernel, load_average_at_end: $load},
+       limit: $limit, seconds_per_run: ($secs|tonumber), target_mb_per_s: 1000,
+       medians: ($med | map(. + (if .backend == "ours" and .mb_per_s and (($vdc[.case].mb_per_s // 0) > 0)
+                     then {ratio_to_vdc: (.mb_per_s / $vdc[.case].mb_per_s)} else {} end)
+                   + (if .mb_per_s then {ratio_to_dram: (.mb_per_s / 1000 / $limit.dram_gb_per_s)}
+                     else {} end))),
+       runs: $all}
 ' "$RESULTS" >"$OUT"/console.json
 
 echo
-printf '%-7s %-12s %10s %10s %10s %9s  %s\n' backend case "MB/s" "p50 us" "p99 us" "x vdc" note
-jq -r '.runs[] | [.backend, .case,
+echo "medians of $RUNS runs (load average at the end: $(cut -d' ' -f1-3 /proc/loadavg))"
+printf '%-7s %-12s %9s %9s %9s %9s %7s %7s %6s  %s\n' backend case "MB/s" "MB/cpu-s" "p50 us" "p99 us" "x vdc" "x dram" failed note
+jq -r '.medians | sort_by(.backend != "ours", .case)[] | [.backend, .case,
         (if .mb_per_s then (.mb_per_s|round) else "-" end),
+        (if .mb_per_cpu_s then (.mb_per_cpu_s|round) else "-" end),
         (if .p50_us then (.p50_us*10|round/10) else "-" end),
         (if .p99_us then (.p99_us*10|round/10) else "-" end),
         (if .ratio_to_vdc then (.ratio_to_vdc*10|round/10) else "-" end),
-        (.unsupported // .error // "")] | @tsv' \
-    "$OUT"/console.json | while IFS=$'\t' read -r b c m p50 p99 r note; do
-    printf '%-7s %-12s %10s %10s %10s %9s  %s\n' "$b" "$c" "$m" "$p50" "$p99" "$r" "$note"
+        (if .ratio_to_dram then (.ratio_to_dram*100|round/100) else "-" end),
+        "\(.failed)/\(.runs)",
+        (.unsupported // (.errors | join("; ")))] | @tsv' \
+    "$OUT"/console.json | while IFS=$'\t' read -r b c m mc p50 p99 r d f note; do
+    printf '%-7s %-12s %9s %9s %9s %9s %7s %7s %6s  %s\n' "$b" "$c" "$m" "$mc" "$p50" "$p99" "$r" "$d" "$f" "$note"
 done
-echo "target: >= 1000 MB/s for g2e-unix and g2g-link (64 KiB writes)"
+echo "MB/cpu-s: bytes moved per second of backend CPU time (the backend's own efficiency,"
+echo "less moved by other load on the machine than MB/s)"
+echo "targets: g2g-link >= the memory figure above (x dram >= 1); rtt-tcp-1 p50 and p99 no worse than vdc's"
 echo "JSON: $OUT/console.json"

@@ -3,10 +3,21 @@
 //! port to a host endpoint or to a port of another VM.
 
 pub mod config;
+pub mod control;
+pub mod device;
 pub mod endpoint;
-pub mod engine;
+pub mod event_loop;
+pub mod group;
+pub mod link;
+pub mod log_limit;
+pub mod port;
 pub mod qemu_args;
+pub mod queue;
 pub mod spool;
+pub mod stats;
 pub mod stream;
 pub mod vhu_console;
 pub mod virtio_console;
+
+#[cfg(test)]
+mod testing;

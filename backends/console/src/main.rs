@@ -17,9 +17,11 @@ use devshare_common::signals::{handle_signals, ProcessStats, SignalActions};
 use vhost_user_console::config::{
     parse_port_arg, parse_vm_arg, Config, ConfigFile, DeviceKind, SocketMode, VmFile,
 };
-use vhost_user_console::engine::{self, Engine};
+use vhost_user_console::event_loop::run_home;
+use vhost_user_console::group::{self, Group};
 use vhost_user_console::qemu_args::qemu_args;
-use vhost_user_console::vhu_console::VhuConsole;
+use vhost_user_console::stats::{PortReport, Report};
+use vhost_user_console::vhu_console::{reactor_event, VhuConsole};
 
 const AFTER_HELP: &str = "\
 ENDPOINTS (what a port is bridged to):
@@ -223,16 +225,18 @@ impl TryFrom<Args> for Config {
 
 /// SIGHUP: the hook where the console reopens its log files (the `file:` endpoints attach
 /// here). Every VM keeps being served.
-fn on_reload(_engine: &engine::Shared) {
+fn on_reload(_groups: &[Arc<Group>]) {
     log::info!("SIGHUP: no log file to reopen");
 }
 
 /// SIGTERM/SIGINT, after this process's sockets were removed and before it exits 0: the hook
 /// where the console flushes its spools and removes its PTY links. Spools are shared file
-/// mappings, complete after every write; holding the engine's lock until exit makes sure no
+/// mappings, complete after every write; holding every group's lock until exit makes sure no
 /// guest output is taken in that the next process would not find.
-fn on_shutdown(engine: &engine::Shared) {
-    std::mem::forget(engine::lock(engine));
+fn on_shutdown(groups: &[Arc<Group>]) {
+    for g in groups {
+        std::mem::forget(g.lock());
+    }
 }
 
 fn main() -> ExitCode {
@@ -311,15 +315,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let engine = match Engine::new(&cfg) {
-        Ok(e) => Arc::new(std::sync::Mutex::new(e)),
+    let (groups, vms) = match group::build(&cfg) {
+        Ok(g) => g,
         Err(e) => {
             eprintln!("vhost-user-console: {e}");
             return ExitCode::FAILURE;
         }
     };
     let actions = {
-        let (reload, shutdown) = (engine.clone(), engine.clone());
+        let (reload, shutdown) = (groups.clone(), groups.clone());
         SignalActions {
             on_reload: Box::new(move || on_reload(&reload)),
             on_shutdown: Box::new(move || on_shutdown(&shutdown)),
@@ -330,27 +334,34 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     if let Some(path) = process.stats_socket {
-        let e = engine.clone();
-        let served = devshare_common::stats::serve_json(&path, &process.socket, move || {
-            let stats = engine::lock(&e).stats();
-            let ports: Vec<serde_json::Value> = stats
-                .iter()
-                .map(|(vm, port, s)| {
-                    serde_json::json!({
-                        "vm": vm, "port": port,
-                        "to_host_bytes": s.to_host.get(),
-                        "to_guest_bytes": s.to_guest.get(),
-                        "dropped_bytes": s.dropped.get(),
-                        "bad_chains": s.bad_chains.get(),
-                        "buffered_bytes": s.buffered.load(std::sync::atomic::Ordering::Relaxed),
-                    })
-                })
-                .collect();
-            serde_json::json!({ "ports": ports, "process": ProcessStats::current() }).to_string()
-        });
+        // Counters are atomics the data path updates: reading them takes no VM's lock. The
+        // document keeps the configuration's order (groups are built from it).
+        let mut ports: Vec<_> = groups.iter().flat_map(|g| g.lock().stats()).collect();
+        let order = |r: &PortReport| cfg.vms.iter().position(|v| v.name == r.vm);
+        ports.sort_by_key(|r| order(r));
+        let report = Report {
+            ports,
+            process: ProcessStats::current(),
+        };
+        let served =
+            devshare_common::stats::serve_json(&path, &process.socket, move || report.to_json());
         if let Err(e) = served {
             eprintln!("vhost-user-console: {e}");
             return ExitCode::FAILURE;
+        }
+    }
+    let mut threads = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        let g = g.clone();
+        match thread::Builder::new()
+            .name(format!("group-{i}"))
+            .spawn(move || run_home(g))
+        {
+            Ok(h) => threads.push(h),
+            Err(e) => {
+                eprintln!("vhost-user-console: cannot start a thread: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     }
     // The vhost-user sockets appear last: once a socket exists, its VM's endpoints are ready.
@@ -368,34 +379,37 @@ fn main() -> ExitCode {
             }
         }
     }
-    let mut workers = Vec::new();
     let virtio = cfg
         .vms
         .iter()
-        .enumerate()
-        .filter(|(_, vm)| vm.kind == DeviceKind::Virtio);
-    for ((dev, vm), (transport, socket)) in virtio.zip(sockets) {
-        let opts = ServeOptions::new(vm.name.clone(), transport);
-        let e = engine.clone();
+        .zip(vms)
+        .filter(|(vm, _)| vm.kind == DeviceKind::Virtio);
+    for ((vm, vmref), (transport, socket)) in virtio.zip(sockets) {
+        let mut opts = ServeOptions::new(vm.name.clone(), transport);
+        // The VM's reactor joins its worker's epoll set while a front-end is connected.
+        let queues =
+            vhost_user_console::virtio_console::queue_count(vm.ports.len(), vm.multiport());
+        opts.worker_fds = vec![(vmref.reactor_fd(), reactor_event(queues))];
         let spawned = thread::Builder::new()
             .name(format!("vm-{}", vm.name))
             .spawn(move || {
-                let e2 = e.clone();
                 serve(
                     &opts,
                     &socket,
-                    || VhuConsole::new(e.clone(), dev).map_err(|err| err.to_string()),
-                    || engine::lock(&e2).detach(dev),
+                    || VhuConsole::new(vmref.clone()).map_err(|err| err.to_string()),
+                    || vmref.disconnected(),
                 );
             });
         match spawned {
-            Ok(h) => workers.push(h),
+            Ok(h) => threads.push(h),
             Err(e) => {
                 eprintln!("vhost-user-console: cannot start a thread: {e}");
                 return ExitCode::FAILURE;
             }
         }
     }
-    engine::run_event_loop(engine);
+    for t in threads {
+        let _ = t.join();
+    }
     ExitCode::SUCCESS
 }

@@ -1,10 +1,11 @@
 //! The vhost-user side of one VM: a `VhostUserBackend` per front-end connection that hands
-//! every event to the shared [`Engine`](crate::engine::Engine).
+//! every event to the VM's [`Group`](crate::group::Group), locking only that group.
 
 use std::io;
 use std::sync::Arc;
 
 use devshare_common::chain::Memory;
+use devshare_common::daemon::connection_start_event;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -15,8 +16,14 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::engine::{lock, Shared};
+use crate::group::VmRef;
 use crate::virtio_console as vc;
+
+/// The `device_event` of the VM's reactor in its worker's epoll set, for a device with
+/// `queues` queues (past the events vhost-user-backend and the daemon use).
+pub fn reactor_event(queues: usize) -> u16 {
+    connection_start_event(queues) + 1
+}
 
 /// Largest queue the device accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
@@ -36,8 +43,7 @@ pub fn device_features(multiport: bool) -> u64 {
 }
 
 struct Inner {
-    engine: Shared,
-    dev: usize,
+    vm: VmRef,
     queues: usize,
     multiport: bool,
     exit: (EventConsumer, EventNotifier),
@@ -48,21 +54,23 @@ struct Inner {
 pub struct VhuConsole(Arc<Inner>);
 
 impl VhuConsole {
-    /// A backend for VM `dev` of `engine`; registers the connection with the engine.
-    pub fn new(engine: Shared, dev: usize) -> io::Result<VhuConsole> {
+    /// A backend for the VM `vm`; registers the connection with it.
+    pub fn new(vm: VmRef) -> io::Result<VhuConsole> {
         let (queues, multiport) = {
-            let mut e = lock(&engine);
-            e.attach(dev);
-            let vm = e.vm(dev);
+            let mut vms = vm.group.lock();
+            let d = &mut vms.devices[vm.dev];
+            d.attach();
             (
-                vc::queue_count(vm.ports.len(), vm.multiport()),
-                vm.multiport(),
+                vc::queue_count(d.ports.len(), d.cfg.multiport()),
+                d.cfg.multiport(),
             )
         };
         let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        // From now on this connection's worker serves the VM's endpoints (the reactor is in
+        // its epoll set, see `ServeOptions::worker_fds`): one thread for kicks and endpoints.
+        vm.release_home();
         Ok(VhuConsole(Arc::new(Inner {
-            engine,
-            dev,
+            vm,
             queues,
             multiport,
             exit,
@@ -87,7 +95,7 @@ impl VhostUserBackend for VhuConsole {
     }
 
     fn acked_features(&self, features: u64) {
-        lock(&self.0.engine).set_features(self.0.dev, features);
+        self.0.with(|d| d.set_features(features));
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -97,17 +105,19 @@ impl VhostUserBackend for VhuConsole {
     }
 
     fn reset_device(&self) {
-        let mut e = lock(&self.0.engine);
-        e.detach(self.0.dev);
-        e.attach(self.0.dev);
+        self.0.with(|d| {
+            d.detach();
+            d.attach();
+        });
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        lock(&self.0.engine).set_event_idx(self.0.dev, enabled);
+    fn set_event_idx(&self, _enabled: bool) {
+        // The queues know: vhost-user-backend sets it on each of them, and the ring code
+        // reads it from there.
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let cfg = lock(&self.0.engine).config_space(self.0.dev);
+        let cfg = self.0.with(|d| d.config_space());
         let start = (offset as usize).min(cfg.len());
         let end = start.saturating_add(size as usize).min(cfg.len());
         let mut out = cfg[start..end].to_vec();
@@ -119,17 +129,21 @@ impl VhostUserBackend for VhuConsole {
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         // Writes to the read-only fields are ignored (write_config logs them), as on a PCI
         // device: an error here would make the vhost crate drop the whole connection.
-        lock(&self.0.engine).write_config(self.0.dev, offset, buf);
+        self.0
+            .vm
+            .group
+            .lock()
+            .write_config(self.0.vm.dev, offset, buf);
         Ok(())
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Memory>) -> io::Result<()> {
-        lock(&self.0.engine).set_memory(self.0.dev, mem);
+        self.0.with(|d| d.set_memory(mem));
         Ok(())
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        // One worker per VM: the engine serialises the work anyway.
+        // One worker per VM: the group's lock serialises the work anyway.
         vec![(1u64 << self.0.queues) - 1]
     }
 
@@ -148,9 +162,21 @@ impl VhostUserBackend for VhuConsole {
         if !evset.contains(EventSet::IN) {
             return Ok(());
         }
-        if (device_event as usize) < self.0.queues {
-            lock(&self.0.engine).on_queue_event(self.0.dev, device_event as usize, vrings);
+        if device_event == reactor_event(self.0.queues) {
+            self.0.vm.group.lock().serve_events(self.0.vm.dev);
+        } else if (device_event as usize) < self.0.queues {
+            let mut vms = self.0.vm.group.lock();
+            vms.devices[self.0.vm.dev].set_vrings(vrings);
+            vms.on_queue_event(self.0.vm.dev, device_event as usize);
         }
         Ok(())
+    }
+}
+
+impl Inner {
+    /// Runs `f` on this VM under its group's lock.
+    fn with<R>(&self, f: impl FnOnce(&mut crate::device::Device) -> R) -> R {
+        let mut vms = self.vm.group.lock();
+        f(&mut vms.devices[self.vm.dev])
     }
 }

@@ -12,6 +12,8 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::config::SocketMode;
 
+mod pump;
+
 /// Most host input held for QEMU before the endpoint is no longer read.
 const TO_GUEST_LIMIT: usize = 64 * 1024;
 /// Delay between attempts to reach a listening QEMU.
@@ -67,19 +69,24 @@ impl StreamGuest {
     }
 
     /// The fds to watch and for what.
-    pub fn watch(&self) -> Vec<(RawFd, EventSet)> {
-        let mut v = Vec::new();
-        if let Some(l) = &self.listener {
-            v.push((l.as_raw_fd(), EventSet::IN));
-        }
-        if let Some(c) = &self.conn {
+    pub fn watch(&self) -> [Option<(RawFd, EventSet)>; 2] {
+        let listener = self
+            .listener
+            .as_ref()
+            .map(|l| (l.as_raw_fd(), EventSet::IN));
+        let conn = self.conn.as_ref().map(|c| {
             let mut ev = EventSet::IN;
             if !self.to_guest.is_empty() {
                 ev |= EventSet::OUT;
             }
-            v.push((c.as_raw_fd(), ev));
-        }
-        v
+            (c.as_raw_fd(), ev)
+        });
+        [listener, conn]
+    }
+
+    /// Whether this side dials QEMU (client mode) rather than listening.
+    pub fn dials(&self) -> bool {
+        self.listener.is_none()
     }
 
     /// Whether QEMU is connected.

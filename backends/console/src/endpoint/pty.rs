@@ -1,0 +1,188 @@
+//! PTY endpoints: a new PTY pair in raw mode; the master is ours, the slave is what a terminal
+//! program opens (optionally through a symlink).
+
+use std::ffi::{CStr, OsStr};
+use std::fs::OpenOptions;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use super::fd::{set_nonblocking, write_vectored};
+use super::{EndpointError, Side};
+
+#[derive(Debug)]
+pub(super) struct Pty {
+    master: OwnedFd,
+    /// Held open so the master never reads EIO while no program has the slave open.
+    _slave: OwnedFd,
+    slave_path: PathBuf,
+    link: Option<PtyLink>,
+}
+
+impl Pty {
+    pub(super) fn open(link: Option<&Path>) -> Result<Pty, EndpointError> {
+        let (master, slave, slave_path) = open_pty_pair().map_err(EndpointError::PtyCreate)?;
+        set_nonblocking(master.as_fd()).map_err(EndpointError::PtyCreate)?;
+        // Raw mode: bytes pass unchanged, and no echo sends guest output back to the guest.
+        make_raw(slave.as_fd()).map_err(EndpointError::PtyCreate)?;
+        let link = match link {
+            Some(link) => {
+                Some(
+                    make_link(link, &slave_path).map_err(|source| EndpointError::PtyLink {
+                        link: link.to_path_buf(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        Ok(Pty {
+            master,
+            _slave: slave,
+            slave_path,
+            link,
+        })
+    }
+}
+
+impl Side for Pty {
+    fn describe(&self) -> String {
+        match &self.link {
+            Some(link) => format!(
+                "pty {} (link {})",
+                self.slave_path.display(),
+                link.link.display()
+            ),
+            None => format!("pty {}", self.slave_path.display()),
+        }
+    }
+
+    fn watch_fds(&self) -> [Option<RawFd>; 2] {
+        [Some(self.master.as_raw_fd()), None]
+    }
+
+    fn input_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.master.as_fd())
+    }
+
+    fn is_attached(&self) -> bool {
+        true
+    }
+
+    fn write(&mut self, bufs: &[IoSlice<'_>], _total: usize) -> Option<io::Result<usize>> {
+        Some(write_vectored(self.master.as_fd(), bufs))
+    }
+
+    fn window_size(&self) -> Option<(u16, u16)> {
+        let mut ws = libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCGWINSZ writes one `winsize` into the pointer, which is valid.
+        let rc = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+        if rc != 0 || (ws.ws_col == 0 && ws.ws_row == 0) {
+            return None;
+        }
+        Some((ws.ws_col, ws.ws_row))
+    }
+
+    fn pty_path(&self) -> Option<&Path> {
+        Some(&self.slave_path)
+    }
+}
+
+/// A symlink to a PTY slave, removed on drop if it still points there.
+#[derive(Debug)]
+struct PtyLink {
+    link: PathBuf,
+    target: PathBuf,
+}
+
+impl Drop for PtyLink {
+    fn drop(&mut self) {
+        if std::fs::read_link(&self.link).is_ok_and(|t| t == self.target) {
+            if let Err(e) = std::fs::remove_file(&self.link) {
+                log::warn!("cannot remove PTY link {}: {e}", self.link.display());
+            }
+        }
+    }
+}
+
+/// Opens a new PTY pair: (master, slave, slave path).
+fn open_pty_pair() -> io::Result<(OwnedFd, OwnedFd, PathBuf)> {
+    // SAFETY: posix_openpt takes flags only; the result is checked before use.
+    let raw = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd nobody else owns.
+    let master = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: grantpt/unlockpt only take the master fd, which is open.
+    if unsafe { libc::grantpt(master.as_raw_fd()) } != 0
+        // SAFETY: as above.
+        || unsafe { libc::unlockpt(master.as_raw_fd()) } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: ptsname_r writes at most `name.len()` bytes, NUL-terminated, into `name`.
+    let rc = unsafe { libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    // SAFETY: ptsname_r succeeded, so `name` holds a NUL-terminated string.
+    let name = unsafe { CStr::from_ptr(name.as_ptr()) };
+    let slave_path = PathBuf::from(OsStr::from_bytes(name.to_bytes()));
+    let slave = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&slave_path)?;
+    Ok((master, OwnedFd::from(slave), slave_path))
+}
+
+fn make_raw(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: termios is plain data; zeroed is a valid value and tcgetattr overwrites it.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is a valid termios to write into; fd is open.
+    if unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: cfmakeraw only edits the struct it is given.
+    unsafe { libc::cfmakeraw(&mut t) };
+    // SAFETY: `t` is a valid termios; fd is open.
+    if unsafe { libc::tcsetattr(fd.as_raw_fd(), libc::TCSANOW, &t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Points `link` at `target`, replacing a stale symlink but never another kind of file.
+fn make_link(link: &Path, target: &Path) -> io::Result<PtyLink> {
+    if let Ok(meta) = std::fs::symlink_metadata(link) {
+        if !meta.file_type().is_symlink() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a symlink; not replacing it",
+            ));
+        }
+    }
+    // Make the new link beside it and rename over: the old one is replaced atomically.
+    let mut tmp = link.as_os_str().to_owned();
+    tmp.push(format!(".new-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)?;
+    if let Err(e) = std::fs::rename(&tmp, link) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(PtyLink {
+        link: link.to_path_buf(),
+        target: target.to_path_buf(),
+    })
+}

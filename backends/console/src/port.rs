@@ -1,0 +1,508 @@
+//! One guest port: its buffer of guest output (the [`Spool`]), its host side (an endpoint or
+//! a port of a linked guest), its counters and what the guest told us about it.
+//!
+//! Guest output goes to the host side directly when nothing is waiting before it, else into
+//! the spool. A full spool holds a data port's guest back (the chain stays in the ring) and
+//! makes the console keep the newest bytes ([`Port::keep_newest`], the one place that rule
+//! lives), so a guest kernel printing to `hvc0` never stalls.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use devshare_common::chain::GuestBuffers;
+
+use crate::endpoint::Endpoint;
+use crate::event_loop::Interest;
+use crate::link::PeerPort;
+use crate::log_limit::{warn_limited, LogLimit};
+use crate::queue::{Batch, Dir};
+use crate::spool::Spool;
+use crate::stats::PortStats;
+
+/// Bytes that can be read from an offset on: a guest chain's readable part or host memory.
+pub trait Source {
+    /// Total bytes.
+    fn len(&self) -> usize;
+    /// Whether there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copies bytes from `off` into `out`; returns how many.
+    fn read_at(&self, off: usize, out: &mut [u8]) -> usize;
+    /// The bytes from `off` on, for one `writev`.
+    fn io_slices(&self, off: usize) -> Vec<IoSlice<'_>>;
+    /// Copies bytes from `off` into the writable part of a guest chain; returns how many.
+    fn copy_into(&self, off: usize, dst: &GuestBuffers<'_>) -> usize;
+}
+
+impl Source for GuestBuffers<'_> {
+    fn len(&self) -> usize {
+        self.readable_len()
+    }
+    fn read_at(&self, off: usize, out: &mut [u8]) -> usize {
+        GuestBuffers::read_at(self, off, out)
+    }
+    fn io_slices(&self, off: usize) -> Vec<IoSlice<'_>> {
+        self.readable_io_slices(off)
+    }
+    fn copy_into(&self, off: usize, dst: &GuestBuffers<'_>) -> usize {
+        self.copy_to(off, dst, 0)
+    }
+}
+
+/// Host bytes in up to two pieces (a spool's front, or one slice).
+pub struct Pieces<'a>(pub [&'a [u8]; 2]);
+
+impl Pieces<'_> {
+    /// Where byte `off` lies: (piece, offset in it).
+    fn locate(&self, off: usize) -> (usize, usize) {
+        let first = self.0[0].len();
+        if off < first {
+            (0, off)
+        } else {
+            (1, (off - first).min(self.0[1].len()))
+        }
+    }
+}
+
+impl Source for Pieces<'_> {
+    fn len(&self) -> usize {
+        self.0[0].len() + self.0[1].len()
+    }
+    fn read_at(&self, off: usize, out: &mut [u8]) -> usize {
+        let (i, o) = self.locate(off);
+        let mut done = 0;
+        for (k, piece) in self.0.iter().enumerate().skip(i) {
+            let from = if k == i { o } else { 0 };
+            let n = (piece.len() - from).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&piece[from..from + n]);
+            done += n;
+        }
+        done
+    }
+    fn io_slices(&self, off: usize) -> Vec<IoSlice<'_>> {
+        let (i, o) = self.locate(off);
+        let mut v = vec![IoSlice::new(&self.0[i][o..])];
+        if i == 0 {
+            v.push(IoSlice::new(self.0[1]));
+        }
+        v
+    }
+    fn copy_into(&self, off: usize, dst: &GuestBuffers<'_>) -> usize {
+        let (i, o) = self.locate(off);
+        let mut done = dst.write_at(0, &self.0[i][o..]);
+        if i == 0 && done == self.0[0].len() - o {
+            done += dst.write_at(done, self.0[1]);
+        }
+        done
+    }
+}
+
+/// Where a port's host-side data goes.
+pub enum Host {
+    /// An endpoint on this host.
+    Endpoint(Endpoint),
+    /// Port `port` of VM `dev` (indices in the same group): a guest-to-guest link.
+    Link {
+        /// The peer VM.
+        dev: usize,
+        /// The peer port.
+        port: usize,
+    },
+}
+
+/// What [`Port::fill_from_endpoint`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Input {
+    /// Everything there was went in (or nothing could be read).
+    Done,
+    /// The guest had no receive buffer left.
+    Starved,
+}
+
+/// One guest port (see the module docs).
+pub struct Port {
+    /// `vm/port`, for logs.
+    pub label: String,
+    /// Name the guest sees.
+    pub name: String,
+    /// The console port: never holds the guest back, keeps the newest output.
+    pub console: bool,
+    /// Where the data goes.
+    pub host: Host,
+    spool: Spool,
+    /// Counters.
+    pub stats: Arc<PortStats>,
+    /// Bytes of the transmitq's next chain already taken (data ports under back-pressure).
+    pub tx_offset: usize,
+    /// The guest opened the port (or it is the console).
+    pub guest_open: bool,
+    /// No receive buffer was available last time host input was due.
+    pub rx_starved: bool,
+    /// The terminal size last told to the guest (console on a PTY).
+    pub winsize: Option<(u16, u16)>,
+    /// The endpoint fds registered with the VM's event loop, and for what.
+    pub interest: Interest,
+    /// Limits the warnings the guest can cause on this port.
+    warnings: LogLimit,
+}
+
+impl Port {
+    /// A port named `name` of VM `vm` whose output waits in `spool`.
+    pub fn new(vm: &str, name: &str, console: bool, host: Host, spool: Spool) -> Port {
+        let stats = Arc::new(PortStats::default());
+        stats.set_buffered(spool.len());
+        Port {
+            label: format!("{vm}/{name}"),
+            name: name.to_string(),
+            console,
+            host,
+            spool,
+            stats,
+            tx_offset: 0,
+            guest_open: false,
+            rx_starved: false,
+            winsize: None,
+            interest: Interest::default(),
+            warnings: LogLimit::default(),
+        }
+    }
+
+    /// Whether guest output is waiting for the host side (in the spool, or a chain begun).
+    pub fn has_pending_output(&self) -> bool {
+        !self.spool.is_empty() || self.tx_offset > 0
+    }
+
+    /// The endpoint, if the host side is one.
+    pub fn endpoint(&mut self) -> Option<&mut Endpoint> {
+        match &mut self.host {
+            Host::Endpoint(ep) => Some(ep),
+            Host::Link { .. } => None,
+        }
+    }
+
+    /// Buffers `src` from `from` on, keeping the newest bytes: the oldest buffered bytes (and
+    /// the oldest of `src`, beyond the capacity) make room, and are counted as dropped.
+    pub fn keep_newest(&mut self, src: &dyn Source, from: usize) {
+        let mut from = from.min(src.len());
+        let cap = self.spool.capacity();
+        let n = src.len() - from;
+        if n > cap {
+            self.stats.dropped_bytes.add((n - cap) as u64);
+            from += n - cap;
+        }
+        let rest = src.len() - from;
+        let dropped = self.spool.discard(rest.saturating_sub(self.spool.free()));
+        self.stats.dropped_bytes.add(dropped as u64);
+        self.push(src, from, rest);
+    }
+
+    /// Appends up to `max` bytes of `src` from `from` on to the spool; returns how many fit.
+    fn push(&mut self, src: &dyn Source, from: usize, max: usize) -> usize {
+        let mut pos = from;
+        let n = self.spool.push_with(max, |dst| {
+            let n = src.read_at(pos, dst);
+            pos += n;
+            n
+        });
+        self.stats.set_buffered(self.spool.len());
+        n
+    }
+
+    /// Takes one transmit chain: to the host side directly when nothing is queued before it,
+    /// else into the spool. Returns false when a data port's spool is full and the chain
+    /// must stay with the guest (`tx_offset` remembers what was already taken).
+    pub fn take_output(
+        &mut self,
+        bufs: &GuestBuffers<'_>,
+        peer: Option<&mut PeerPort<'_>>,
+    ) -> bool {
+        let len = bufs.readable_len();
+        let mut off = self.tx_offset.min(len);
+        if self.spool.is_empty() {
+            off += self.deliver(bufs, off, peer);
+        }
+        if off < len {
+            if self.console {
+                self.keep_newest(bufs, off);
+                off = len;
+            } else {
+                off += self.push(bufs, off, len - off);
+            }
+        }
+        if off < len {
+            self.tx_offset = off;
+            return false;
+        }
+        self.tx_offset = 0;
+        true
+    }
+
+    /// Delivers `src` from `off` on straight to the host side; returns how much it took.
+    fn deliver(&mut self, src: &dyn Source, off: usize, peer: Option<&mut PeerPort<'_>>) -> usize {
+        let n = match &mut self.host {
+            Host::Endpoint(ep) => {
+                if !ep.is_attached() {
+                    return 0;
+                }
+                match ep.write_output(&src.io_slices(off)) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        log::info!("{}: {e}", self.label);
+                        0
+                    }
+                }
+            }
+            Host::Link { .. } => match peer {
+                Some(peer) => peer.write(src, off),
+                None => 0,
+            },
+        };
+        self.stats.to_host_bytes.add(n as u64);
+        n
+    }
+
+    /// Sends what the spool holds to the host side, as far as it takes it.
+    pub fn flush(&mut self, mut peer: Option<&mut PeerPort<'_>>) {
+        while !self.spool.is_empty() {
+            if let Host::Endpoint(ep) = &self.host {
+                if !ep.is_attached() {
+                    break;
+                }
+            }
+            let (a, b) = self.spool.front();
+            let front = Pieces([a, b]);
+            let n = match &mut self.host {
+                Host::Endpoint(ep) => match ep.write_output(&front.io_slices(0)) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        log::info!("{}: {e}", self.label);
+                        0
+                    }
+                },
+                Host::Link { .. } => match peer.as_deref_mut() {
+                    Some(peer) => peer.write(&front, 0),
+                    None => 0,
+                },
+            };
+            self.spool.discard(n);
+            self.stats.set_buffered(self.spool.len());
+            self.stats.to_host_bytes.add(n as u64);
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Refuses a malformed chain: counted, and logged within limits (the caller returns it
+    /// used, length 0).
+    pub fn refuse(&mut self, why: &dyn std::fmt::Display) {
+        warn_limited!(
+            self.warnings,
+            "{}: refused descriptor chain: {why}",
+            self.label
+        );
+        self.stats.bad_chains.inc();
+    }
+
+    /// Fills the guest's receive buffers in `rx` from the endpoint's input, until the input
+    /// or the buffers run out.
+    ///
+    /// Kicks for new receive buffers are asked for only when input is waiting and no buffer
+    /// is left (then the port is starved and its input no longer watched). A guest that posts
+    /// buffers ahead of the input, as drivers do, is never woken up for that, and the input fd
+    /// stays watched: one thread wake-up and two `epoll_ctl` less per message.
+    pub fn fill_from_endpoint(&mut self, rx: &mut Batch<'_, '_>) -> Input {
+        // Whether the last read left the input drained (a short read).
+        let mut drained = false;
+        loop {
+            let Host::Endpoint(ep) = &mut self.host else {
+                return Input::Done;
+            };
+            let Some(fd) = ep.input_fd().map(|f| f.as_raw_fd()) else {
+                return Input::Done;
+            };
+            let start = rx.next_avail();
+            let head = match rx.pop_quiet() {
+                Ok(Some(head)) => head,
+                Ok(None) if drained => {
+                    rx.no_kicks();
+                    return Input::Done;
+                }
+                Ok(None) => match rx.want_kicks() {
+                    Ok(true) => continue,
+                    Ok(false) => return Input::Starved,
+                    Err(_) => return Input::Done,
+                },
+                Err(_) => return Input::Done,
+            };
+            let dst = match rx.chain_for(head, Dir::Receive) {
+                Ok(dst) => dst,
+                Err(why) => {
+                    self.refuse(&why);
+                    rx.push_used(head, 0);
+                    continue;
+                }
+            };
+            match dst.read_writable_from(&RawFdRef(fd), 0, usize::MAX) {
+                Ok(0) => {
+                    rx.rewind(start);
+                    self.endpoint_gone("end of file");
+                    return Input::Done;
+                }
+                Ok(n) => {
+                    rx.push_used(head, n as u32);
+                    self.stats.to_guest_bytes.add(n as u64);
+                    drained = n < dst.writable_len();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // A buffer is left over: no kick needed until input finds none.
+                    rx.rewind(start);
+                    rx.no_kicks();
+                    return Input::Done;
+                }
+                Err(e) => {
+                    rx.rewind(start);
+                    self.endpoint_gone(&e.to_string());
+                    return Input::Done;
+                }
+            }
+        }
+    }
+
+    /// The endpoint's client (or device) went away.
+    pub fn endpoint_gone(&mut self, why: &str) {
+        let label = &self.label;
+        if let Host::Endpoint(ep) = &mut self.host {
+            log::info!("{label}: {} detached ({why})", ep.describe());
+            ep.detach();
+        }
+    }
+
+    /// Bytes waiting in the spool.
+    pub fn buffered(&self) -> usize {
+        self.spool.len()
+    }
+}
+
+/// A borrowed raw fd for `GuestBuffers::read_writable_from`.
+struct RawFdRef(RawFd);
+
+impl AsRawFd for RawFdRef {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use crate::testing::Rig;
+    use crate::virtio_console as vc;
+
+    const MULTIPORT: u64 = vc::F_MULTIPORT;
+
+    fn read_n(s: &mut std::os::unix::net::UnixStream, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        s.read_exact(&mut v).unwrap();
+        v
+    }
+
+    /// Opens port `p` as the driver would (PORT_OPEN is the control module's business; here
+    /// only its outcome matters).
+    fn open(rig: &Rig, p: usize) {
+        rig.vms().devices[0].ports[p].guest_open = true;
+    }
+
+    #[test]
+    fn full_data_buffer_leaves_the_chain_in_the_ring_until_a_client_drains_it() {
+        let mut rig = Rig::new("backpressure", "8", MULTIPORT);
+        open(&rig, 1);
+        let (_, txq) = vc::port_queues(1);
+        let head = rig.post(txq, b"0123456789abcdefghij", 0);
+        rig.vms().on_queue_event(0, txq);
+        // Nobody listens: 8 bytes fit the buffer, the chain stays with the guest.
+        assert_eq!(rig.used(txq), vec![]);
+        assert_eq!(rig.next_avail(txq), 0, "the chain was not left in the ring");
+        let stats = rig.vms().devices[0].ports[1].stats.clone();
+        assert_eq!(
+            stats
+                .buffered_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            8
+        );
+        // Kicking again changes nothing while the buffer is full.
+        rig.vms().on_queue_event(0, txq);
+        assert_eq!(rig.used(txq), vec![]);
+        // A client attaches: the buffer is replayed, then the rest of the chain follows.
+        let mut client = rig.client("data");
+        rig.vms().serve_events(0);
+        assert_eq!(read_n(&mut client, 20), b"0123456789abcdefghij");
+        assert_eq!(rig.used(txq), vec![(head, 0)]);
+        assert_eq!(rig.next_avail(txq), 1);
+        assert_eq!(stats.to_host_bytes.get(), 20);
+        assert_eq!(stats.dropped_bytes.get(), 0);
+    }
+
+    #[test]
+    fn console_keeps_the_newest_bytes_and_counts_what_it_drops() {
+        let mut rig = Rig::new("newest", "8", MULTIPORT);
+        open(&rig, 0);
+        let (_, txq) = vc::port_queues(0);
+        let h1 = rig.post(txq, b"0123456789", 0);
+        let h2 = rig.post(txq, b"abc", 0);
+        rig.vms().on_queue_event(0, txq);
+        // The console never holds the guest back.
+        assert_eq!(rig.used(txq), vec![(h1, 0), (h2, 0)]);
+        // An emergency write is kept the same way.
+        assert!(rig.vms().write_config(0, vc::CONFIG_EMERG_WR, b"!"));
+        let stats = rig.vms().devices[0].ports[0].stats.clone();
+        assert_eq!(stats.dropped_bytes.get(), 6);
+        let mut client = rig.client("console");
+        rig.vms().serve_events(0);
+        assert_eq!(read_n(&mut client, 8), b"6789abc!");
+    }
+
+    #[test]
+    fn malformed_transmit_chains_are_refused_counted_and_returned() {
+        let mut rig = Rig::new("refuse", "64", MULTIPORT);
+        open(&rig, 1);
+        let (_, txq) = vc::port_queues(1);
+        let outside = rig.post_raw(txq, &[(0x1000_0000, 64, 0)]);
+        let writable = rig.post(txq, b"", 16);
+        let good = rig.post(txq, b"ok", 0);
+        rig.vms().on_queue_event(0, txq);
+        assert_eq!(rig.used(txq), vec![(outside, 0), (writable, 0), (good, 0)]);
+        let stats = rig.vms().devices[0].ports[1].stats.clone();
+        assert_eq!(stats.bad_chains.get(), 2);
+        assert_eq!(
+            stats
+                .buffered_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[test]
+    fn host_input_fills_receive_buffers_only_when_the_guest_opened_the_port() {
+        let mut rig = Rig::new("input", "64", MULTIPORT);
+        let (rxq, _) = vc::port_queues(1);
+        let mut client = rig.client("data");
+        rig.vms().serve_events(0);
+        std::io::Write::write_all(&mut client, b"hello").unwrap();
+        let head = rig.post(rxq, b"", 64);
+        rig.vms().serve_events(0);
+        rig.vms().on_queue_event(0, rxq);
+        assert_eq!(
+            rig.used(rxq),
+            vec![],
+            "input for a port the guest never opened"
+        );
+        open(&rig, 1);
+        rig.vms().on_queue_event(0, rxq);
+        assert_eq!(rig.used(rxq), vec![(head, 5)]);
+        assert_eq!(rig.written(rxq, head, 5), b"hello");
+    }
+}

@@ -1,0 +1,168 @@
+//! A VM's virtqueues as the console reads and writes them: one pass over a ring per batch
+//! through [`devshare_common::ring::Ring`] (one avail-index read, used entries published once,
+//! EVENT_IDX / NO_INTERRUPT decided by `Ring`), under the vring's lock for the batch only.
+
+use std::sync::RwLockWriteGuard;
+
+use devshare_common::chain::{ChainError, GuestBuffers, Memory, MemoryAtomic};
+use devshare_common::ring::{Ring, RingError};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+
+/// The guest side of a live vhost-user connection: its vrings (known from the first event on
+/// them) and its memory (from the last memory table).
+#[derive(Default)]
+pub struct GuestRings {
+    /// Every vring of the device, in queue order.
+    pub vrings: Option<Vec<VringRwLock>>,
+    /// Guest memory.
+    pub mem: Option<MemoryAtomic>,
+    /// Queues found unusable (a bit per queue), so that is logged once, not on every kick.
+    broken: u64,
+}
+
+impl GuestRings {
+    /// Queue `q`'s vring and the memory to map it in, if both are known.
+    pub fn get(&self, q: usize) -> Option<(VringRwLock, MemoryAtomic)> {
+        let vr = self.vrings.as_ref()?.get(q)?.clone();
+        Some((vr, self.mem.clone()?))
+    }
+
+    /// Records whether queue `q` could be used and logs the changes only: a guest that keeps
+    /// kicking a broken ring must not flood the log.
+    pub fn note(&mut self, vm: &str, q: usize, result: Result<(), &RingError>) {
+        let bit = 1u64 << (q % 64);
+        match result {
+            Ok(()) if self.broken & bit != 0 => {
+                self.broken &= !bit;
+                log::info!("{vm}: queue {q} is usable again");
+            }
+            Ok(()) => {}
+            // Not set up yet (or reset): nothing the guest did wrong.
+            Err(RingError::NotReady) => {}
+            Err(e) if self.broken & bit == 0 => {
+                self.broken |= bit;
+                // "Iterator error" is what operators (and tests) know this as from virtio-queue.
+                log::warn!("{vm}: queue {q}: Iterator error: {e}; nothing is taken from it until the driver repairs it");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Which way a port queue carries data, for [`Batch::chain_for`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Guest to host: the chain must offer bytes to read.
+    Transmit,
+    /// Host to guest: the chain must offer room to write.
+    Receive,
+}
+
+/// Why a chain was refused by [`Batch::chain_for`].
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The descriptors are malformed.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    /// A transmit chain with only device-writable buffers.
+    #[error("transmit chain has only device-writable buffers")]
+    NothingToRead,
+    /// A receive chain without a device-writable buffer.
+    #[error("receive chain has no device-writable buffer")]
+    NothingToWrite,
+}
+
+/// One queue opened for a batch: the vring stays locked until [`Batch::finish`].
+pub struct Batch<'v, 'm> {
+    state: RwLockWriteGuard<'v, VringState<MemoryAtomic>>,
+    ring: Ring<'m>,
+}
+
+impl<'v, 'm> Batch<'v, 'm> {
+    /// Opens `vring` for a batch, its rings mapped in `mem`.
+    pub fn open(vring: &'v VringRwLock, mem: &'m Memory) -> Result<Batch<'v, 'm>, RingError> {
+        let state = vring.get_mut();
+        let ring = Ring::open(state.get_queue(), mem)?;
+        Ok(Batch { state, ring })
+    }
+
+    /// The next available chain head; when the ring is empty, asks the driver to kick for the
+    /// next one and looks once more (so a chain added meanwhile is not missed).
+    pub fn pop(&mut self) -> Result<Option<u16>, RingError> {
+        if let Some(head) = self.ring.pop()? {
+            return Ok(Some(head));
+        }
+        if self.ring.enable_kicks()? {
+            return self.ring.pop();
+        }
+        Ok(None)
+    }
+
+    /// The next available chain head, without asking for a kick when there is none (for
+    /// callers that decide themselves whether they need one, see [`Batch::want_kicks`]).
+    pub fn pop_quiet(&mut self) -> Result<Option<u16>, RingError> {
+        self.ring.pop()
+    }
+
+    /// Asks the driver to kick for the next chain; true if chains arrived meanwhile.
+    pub fn want_kicks(&mut self) -> Result<bool, RingError> {
+        self.ring.enable_kicks()
+    }
+
+    /// Tells the driver no kick is needed for new chains (with EVENT_IDX: simply not asking).
+    pub fn no_kicks(&mut self) {
+        self.ring.disable_kicks();
+    }
+
+    /// Where the next [`Batch::pop`] starts, to give chains back with [`Batch::rewind`].
+    pub fn next_avail(&self) -> u16 {
+        self.ring.next_avail()
+    }
+
+    /// Gives back every chain popped since [`Batch::next_avail`] returned `to`.
+    pub fn rewind(&mut self, to: u16) {
+        self.ring.rewind(to);
+    }
+
+    /// Maps chain `head` and checks it offers what a queue of direction `dir` needs.
+    pub fn chain_for(&self, head: u16, dir: Dir) -> Result<GuestBuffers<'m>, Refused> {
+        let b = self.ring.chain(head)?;
+        match dir {
+            Dir::Transmit if b.writable_len() > 0 && b.readable_len() == 0 => {
+                Err(Refused::NothingToRead)
+            }
+            Dir::Receive if b.writable_len() == 0 => Err(Refused::NothingToWrite),
+            _ => Ok(b),
+        }
+    }
+
+    /// Maps chain `head` without a direction check (control queues).
+    pub fn chain(&self, head: u16) -> Result<GuestBuffers<'m>, ChainError> {
+        self.ring.chain(head)
+    }
+
+    /// Returns chain `head` to the guest with `len` bytes written.
+    pub fn push_used(&mut self, head: u16, len: u32) {
+        self.ring.push_used(head, len);
+    }
+
+    /// Publishes the used entries, interrupts the guest if it asked for it, and hands the
+    /// indices back to the queue.
+    pub fn finish(mut self) {
+        self.ring.publish_used();
+        if self.ring.needs_interrupt() {
+            if let Err(e) = self.state.signal_used_queue() {
+                log::debug!("cannot signal used queue: {e}");
+            }
+        }
+        self.ring.finish(self.state.get_queue_mut());
+    }
+}
+
+/// Guest memory pinned for a batch (the front-end may replace the table meanwhile).
+pub type MemGuard = vm_memory::GuestMemoryLoadGuard<Memory>;
+
+/// Pins the memory of `mem`.
+pub fn pin(mem: &MemoryAtomic) -> MemGuard {
+    vm_memory::GuestAddressSpace::memory(mem)
+}

@@ -1,0 +1,103 @@
+//! Counters of every port, updated on the data path and read by the stats socket without
+//! taking any VM's lock. The JSON document is generated from these structs: a counter's name
+//! is its field name, written once.
+//!
+//! `{"ports":[{"vm":..,"port":..,"to_host_bytes":..,"to_guest_bytes":..,"dropped_bytes":..,
+//! "bad_chains":..,"buffered_bytes":..}, ...]}`
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use devshare_common::signals::ProcessStats;
+use devshare_common::stats::Counter;
+use serde::{Serialize, Serializer};
+
+/// Counters of one port, readable while running.
+#[derive(Debug, Default, Serialize)]
+pub struct PortStats {
+    /// Bytes the guest sent that reached the host side.
+    pub to_host_bytes: Counter,
+    /// Bytes delivered into the guest.
+    pub to_guest_bytes: Counter,
+    /// Console output dropped because the buffer was full (oldest first).
+    pub dropped_bytes: Counter,
+    /// Descriptor chains refused as malformed.
+    pub bad_chains: Counter,
+    /// Guest output accepted and waiting in the port's buffer for its endpoint (with
+    /// `--state-dir` it survives a restart).
+    #[serde(serialize_with = "gauge")]
+    pub buffered_bytes: AtomicU64,
+}
+
+fn gauge<S: Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(v.load(Ordering::Relaxed))
+}
+
+impl PortStats {
+    /// Sets the bytes waiting in the port's buffer.
+    pub fn set_buffered(&self, n: usize) {
+        self.buffered_bytes.store(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// One port's entry in the stats document.
+#[derive(Debug, Serialize)]
+pub struct PortReport {
+    /// VM name.
+    pub vm: String,
+    /// Port name.
+    pub port: String,
+    /// Its counters.
+    #[serde(flatten, serialize_with = "shared")]
+    pub stats: Arc<PortStats>,
+}
+
+fn shared<S: Serializer>(v: &Arc<PortStats>, s: S) -> Result<S::Ok, S::Error> {
+    v.as_ref().serialize(s)
+}
+
+/// The stats document served on `--stats-socket`.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Every port of every VM, in configuration order.
+    pub ports: Vec<PortReport>,
+    /// Counters of the whole process (signals handled).
+    pub process: ProcessStats,
+}
+
+impl Report {
+    /// The document as one line of JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_names_and_shape_stay_as_documented() {
+        let stats = Arc::new(PortStats::default());
+        stats.to_host_bytes.add(5);
+        stats.to_guest_bytes.add(6);
+        stats.dropped_bytes.add(7);
+        stats.bad_chains.inc();
+        stats.set_buffered(9);
+        let doc = Report {
+            ports: vec![PortReport {
+                vm: "a".into(),
+                port: "console".into(),
+                stats,
+            }],
+            process: ProcessStats::current(),
+        };
+        let json = doc.to_json();
+        assert!(
+            json.starts_with(
+                r#"{"ports":[{"vm":"a","port":"console","to_host_bytes":5,"to_guest_bytes":6,"dropped_bytes":7,"bad_chains":1,"buffered_bytes":9}],"process":{"signals":{"#
+            ),
+            "{json}"
+        );
+    }
+}
