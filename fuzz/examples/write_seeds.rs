@@ -30,6 +30,7 @@ fn write_raw(target: &str, seeds: Vec<(&str, Vec<u8>)>) -> std::io::Result<()> {
 fn main() -> std::io::Result<()> {
     write("relay", devshare_fuzz::relay::seeds())?;
     write("ring", devshare_fuzz::ring::seeds())?;
+    write("control", devshare_fuzz::control::seeds())?;
     write_raw("config", devshare_fuzz::config::seeds())?;
     Ok(())
 }

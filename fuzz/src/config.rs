@@ -429,6 +429,7 @@ mod tests {
 
     #[test]
     fn seeds_pass() {
+        let _serial = crate::serial();
         for (name, input) in seeds() {
             eprintln!("seed {name}");
             run(&input);

@@ -3,6 +3,7 @@
 //! the committed corpora ([`seed`]).
 
 pub mod config;
+pub mod control;
 pub mod fds;
 pub mod guest;
 pub mod relay;
