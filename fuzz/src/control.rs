@@ -32,6 +32,10 @@ const QSIZE: u16 = 16;
 /// Guest memory: the queues, one 4 KiB page each, then the buffers.
 const MEM_SIZE: u64 = 0x8_0000;
 const BUFFERS: u64 = 0x4_0000;
+/// Bytes of the buffer area that belong to one descriptor slot of one queue: a buffer the
+/// driver posts starts there (its length may claim more), so what the device writes into one
+/// (replies are far shorter) never lands in another.
+const SLOT_SPACE: u64 = 256;
 const WRITE: u16 = 2;
 /// Most ports a fuzzed VM has.
 const MAX_PORTS: u8 = 6;
@@ -93,6 +97,8 @@ struct Chain {
 /// The driver's side of one split queue: where its rings are, which descriptors are in use,
 /// what it has made available and what it has seen used.
 struct DriverQueue {
+    /// Queue index.
+    q: usize,
     desc: u64,
     avail: u64,
     used: u64,
@@ -109,6 +115,7 @@ impl DriverQueue {
     fn new(q: usize) -> DriverQueue {
         let base = 0x1000 * q as u64;
         DriverQueue {
+            q,
             desc: base,
             avail: base + 0x400,
             used: base + 0x800,
@@ -120,9 +127,22 @@ impl DriverQueue {
         }
     }
 
-    /// Makes one device-readable (or, with `write`, device-writable) buffer available.
-    fn add_buffer(&mut self, mem: &Memory, addr: u64, len: u32, write: bool) -> Option<u16> {
-        let flags = if write { WRITE } else { 0 };
+    /// Where the buffer of descriptor slot `slot` starts.
+    fn buffer_at(&self, slot: u16) -> u64 {
+        BUFFERS + (self.q as u64 * u64::from(QSIZE) + u64::from(slot)) * SLOT_SPACE
+    }
+
+    /// Makes one buffer available: `bytes` (at most [`SLOT_SPACE`]) to read, or with `write`
+    /// `len` bytes of room.
+    fn add_buffer(&mut self, mem: &Memory, bytes: &[u8], len: u32, writable: bool) -> Option<u16> {
+        let flags = if writable { WRITE } else { 0 };
+        let addr = self.buffer_at(self.next_desc);
+        if self.owner[usize::from(self.next_desc)].is_some() {
+            return None;
+        }
+        let bytes = &bytes[..bytes.len().min(SLOT_SPACE as usize)];
+        write(mem, addr, bytes);
+        let len = if writable { len } else { bytes.len() as u32 };
         let head = self.add(mem, &[(addr, len, flags, None)])?;
         if let Some(c) = self.chains[usize::from(head)].as_mut() {
             c.simple = true;
@@ -223,23 +243,6 @@ fn read<const N: usize>(mem: &Memory, at: u64) -> [u8; N] {
     b
 }
 
-/// Bump allocator over the buffer area, wrapping around.
-struct Buffers {
-    next: u64,
-}
-
-impl Buffers {
-    fn alloc(&mut self, len: u64) -> u64 {
-        let len = len.max(1).next_multiple_of(64);
-        if self.next + len > MEM_SIZE {
-            self.next = BUFFERS;
-        }
-        let at = self.next;
-        self.next += len;
-        at
-    }
-}
-
 fn port_name(i: usize) -> String {
     if i == 0 {
         "console".into()
@@ -271,12 +274,19 @@ fn config(ports: usize) -> Config {
     }
 }
 
+/// Where hand-made chains point: past the buffers the driver posts one per slot, so what the
+/// device writes there cannot land in those (or in the rings), or outside memory altogether.
+const RAW_AREA: u64 = BUFFERS + 0x1_0000;
+const _: () = assert!(
+    BUFFERS + (4 + 2 * (MAX_PORTS as u64 - 1)) * QSIZE as u64 * SLOT_SPACE <= RAW_AREA,
+    "the per-slot buffers of every queue must fit below the area of hand-made chains"
+);
+
 fn resolve(d: &RawDesc) -> u64 {
-    // Most land in the buffer area; a high offset reaches anywhere (outside memory too).
     if d.offset & 0x8000_0000 != 0 {
-        u64::from(d.offset & 0x7fff_ffff) << 4
+        MEM_SIZE + u64::from(d.offset & 0x7fff_ffff)
     } else {
-        BUFFERS + u64::from(d.offset) % (MEM_SIZE - BUFFERS)
+        RAW_AREA + u64::from(d.offset) % (MEM_SIZE - RAW_AREA)
     }
 }
 
@@ -323,7 +333,6 @@ pub fn run(input: &Input) {
             d.set_features(input.features);
             d.set_vrings(&vrings);
         }
-        let mut bufs = Buffers { next: BUFFERS };
         let bound = EVENTS_PER_PORT * nports;
         for step in input.steps.iter().take(64) {
             let kicked = match step {
@@ -339,13 +348,13 @@ pub fn run(input: &Input) {
                     if let Some(c) = cut {
                         msg.truncate(usize::from(*c));
                     }
-                    post_message(&mem, &mut queues[vc::CONTROL_TX], &mut bufs, &msg);
+                    post_message(&mem, &mut queues[vc::CONTROL_TX], &msg);
                     vc::CONTROL_TX
                 }
                 Step::Batch { messages, value } => {
                     for &(id, event) in messages.iter().take(usize::from(QSIZE) - 1) {
                         let msg = vc::Control::encode(id, event, *value, &[]);
-                        post_message(&mem, &mut queues[vc::CONTROL_TX], &mut bufs, &msg);
+                        post_message(&mem, &mut queues[vc::CONTROL_TX], &msg);
                     }
                     vc::CONTROL_TX
                 }
@@ -356,8 +365,7 @@ pub fn run(input: &Input) {
                 Step::PostReceive { size, count } => {
                     let q = &mut queues[vc::CONTROL_RX];
                     for _ in 0..(*count % 8).max(1) {
-                        let at = bufs.alloc(u64::from(*size));
-                        q.add_buffer(&mem, at, u32::from(*size), true);
+                        q.add_buffer(&mem, &[], u32::from(*size), true);
                     }
                     vc::CONTROL_RX
                 }
@@ -369,14 +377,13 @@ pub fn run(input: &Input) {
                 Step::Output { port, bytes } => {
                     let p = usize::from(*port) % nports;
                     let (_, txq) = vc::port_queues(p);
-                    post_message(&mem, &mut queues[txq], &mut bufs, bytes);
+                    post_message(&mem, &mut queues[txq], bytes);
                     txq
                 }
                 Step::PostPortReceive { port, size } => {
                     let p = usize::from(*port) % nports;
                     let (rxq, _) = vc::port_queues(p);
-                    let at = bufs.alloc(u64::from(*size));
-                    queues[rxq].add_buffer(&mem, at, u32::from(*size), true);
+                    queues[rxq].add_buffer(&mem, &[], u32::from(*size), true);
                     rxq
                 }
             };
@@ -404,10 +411,8 @@ pub fn run(input: &Input) {
 
 /// Puts `bytes` in a buffer and makes it available on `q` as a one-descriptor chain (if the
 /// ring has room).
-fn post_message(mem: &Memory, q: &mut DriverQueue, bufs: &mut Buffers, bytes: &[u8]) {
-    let at = bufs.alloc(bytes.len() as u64);
-    write(mem, at, bytes);
-    q.add_buffer(mem, at, bytes.len() as u32, false);
+fn post_message(mem: &Memory, q: &mut DriverQueue, bytes: &[u8]) {
+    q.add_buffer(mem, bytes, 0, false);
 }
 
 fn post_raw(mem: &Memory, q: &mut DriverQueue, descs: &[RawDesc]) {
