@@ -154,7 +154,7 @@ boot() { # $1 = guest name
         -m 256M -object memory-backend-memfd,id=mem,size=256M,share=on \
         -machine q35,memory-backend=mem \
         -kernel "$DEVSHARE_KERNEL" -initrd "$WORK/$1-initrd" \
-        -append "console=ttyS0 quiet panic=-1" -serial "file:$WORK/$1-serial.log" \
+        -append "console=ttyS0 quiet panic=-1 no_timer_check" -serial "file:$WORK/$1-serial.log" \
         "${args[@]}" 2>"$WORK/$1-qemu.log" &
     PIDS+=($!)
     GUEST_PID[$1]=$!

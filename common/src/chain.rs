@@ -1,10 +1,14 @@
 //! Descriptor-chain access: turns a guest's descriptor chain into validated slices of guest
 //! memory and moves bytes between them and host file descriptors without staging copies.
 //!
-//! [`crate::ring::Ring`] walks a chain's descriptors (links, loops, indirect tables) and hands
-//! each buffer to [`GuestBuffers::push_buffer`], which holds the checks on buffers (addresses
-//! outside guest memory, readable descriptors after writable ones, oversize chains). Together
-//! they are the one place where what a hostile or buggy driver can trip is checked.
+//! The checks a hostile or buggy driver can trip live in two places, one job each:
+//! [`crate::ring::Ring::walk`] follows the chain (links, loops, indirect tables, a chain no
+//! longer than the queue) and hands each buffer to [`GuestBuffers::push_buffer`], which checks
+//! the buffer itself (inside guest memory, not empty, no device-readable buffer after a
+//! device-writable one, the chain's total size). [`crate::ring::Ring::chain_into`] runs both;
+//! there is no other way a backend turns descriptors into buffers, except
+//! [`GuestBuffers::parse`], kept for code that still walks with virtio-queue's iterator: it
+//! applies the same buffer checks but not the ring's bounds on chain length.
 
 use std::io;
 use std::ops::Deref;
@@ -13,13 +17,16 @@ use std::os::fd::{AsRawFd, RawFd};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{
-    GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice,
+    GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress, VolatileSlice,
 };
 
 /// Guest memory as every backend maps it (no dirty-page bitmap: live migration is not offered).
 pub type Memory = GuestMemoryMmap<()>;
 /// Guest memory that the vhost-user front-end may replace at run time.
 pub type MemoryAtomic = GuestMemoryAtomic<Memory>;
+/// One region of [`Memory`].
+pub type Region = GuestRegionMmap<()>;
 
 /// Largest chain accepted, in bytes. Far above any real virtio-console or virtio-net buffer.
 pub const MAX_CHAIN_BYTES: usize = 1 << 30;
@@ -59,6 +66,24 @@ pub enum ChainError {
     TooLarge {
         /// Head index of the chain.
         head: u16,
+    },
+    /// The chain has more buffers than the queue size, which a driver must not build
+    /// (virtio 1.2, 2.7.13.1).
+    #[error("chain {head} has more than {max} buffers (the queue size)")]
+    TooLong {
+        /// Head index of the chain.
+        head: u16,
+        /// The queue size.
+        max: u16,
+    },
+    /// A buffer of length zero. No driver needs one and QEMU refuses them too ("zero sized
+    /// buffers are not allowed"); accepting them would let a chain cost work without bytes.
+    #[error("chain {head} has an empty buffer at {addr:#x}")]
+    ZeroLength {
+        /// Head index of the chain.
+        head: u16,
+        /// Guest physical address of the empty buffer.
+        addr: u64,
     },
 }
 
@@ -173,11 +198,26 @@ impl<'a> GuestBuffers<'a> {
     }
 
     /// Adds the buffer of one descriptor (`len` bytes at guest address `addr`, device-writable
-    /// if `write`), mapped into `mem`. Refuses buffers outside memory, a readable buffer after a
-    /// writable one and chains beyond [`MAX_CHAIN_BYTES`] or [`MAX_CHAIN_SEGMENTS`].
+    /// if `write`), mapped into `mem`. Refuses, in this order, a readable buffer after a
+    /// writable one, chains beyond [`MAX_CHAIN_BYTES`], empty buffers, buffers outside memory
+    /// and chains beyond [`MAX_CHAIN_SEGMENTS`].
     pub fn push_buffer(
         &mut self,
         mem: &'a Memory,
+        addr: u64,
+        len: u32,
+        write: bool,
+    ) -> Result<(), ChainError> {
+        self.push_buffer_in(mem, None, addr, len, write)
+    }
+
+    /// [`GuestBuffers::push_buffer`], looking in `region` first: ring code whose buffers
+    /// nearly all lie in one region saves finding it for each (a lookup on every packet's
+    /// path). Same checks, same result.
+    pub fn push_buffer_in(
+        &mut self,
+        mem: &'a Memory,
+        region: Option<&'a Region>,
         addr: u64,
         len: u32,
         write: bool,
@@ -203,7 +243,7 @@ impl<'a> GuestBuffers<'a> {
             return Err(ChainError::TooLarge { head });
         }
         if len == 0 {
-            return Ok(());
+            return Err(ChainError::ZeroLength { head, addr });
         }
         addr.checked_add(len as u64).ok_or_else(outside)?;
         // Counted per part, as the limit always was.
@@ -217,9 +257,18 @@ impl<'a> GuestBuffers<'a> {
         if in_part(self.segments.len(), self.readable_segments) >= MAX_CHAIN_SEGMENTS {
             return Err(ChainError::TooLarge { head });
         }
-        // Nearly every buffer lies inside one region: one lookup instead of the general
-        // iterator, which costs several times more per descriptor on the packet path.
-        if let Ok(slice) = mem.get_slice(GuestAddress(addr), len) {
+        // Nearly every buffer lies inside one region: one lookup (none with the right hint)
+        // instead of the general iterator, which costs several times more per descriptor on
+        // the packet path.
+        let one = match region {
+            Some(r)
+                if addr >= r.start_addr().0 && addr - r.start_addr().0 + len as u64 <= r.len() =>
+            {
+                r.get_slice(MemoryRegionAddress(addr - r.start_addr().0), len)
+            }
+            _ => mem.get_slice(GuestAddress(addr), len),
+        };
+        if let Ok(slice) = one {
             self.segments.push(slice);
             if !write {
                 self.readable_segments += 1;
@@ -242,6 +291,12 @@ impl<'a> GuestBuffers<'a> {
             return Err(outside());
         }
         Ok(())
+    }
+
+    /// Guest memory segments the chain maps to (one per buffer, more where a buffer straddles
+    /// memory regions): a measure of the work the chain costs.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
     }
 
     /// Head index of the chain, to hand back with `add_used`.
@@ -270,6 +325,16 @@ impl<'a> GuestBuffers<'a> {
 
     /// Copies `data` into the writable part starting at `offset`; returns how many bytes fit.
     pub fn write_at(&self, offset: usize, data: &[u8]) -> usize {
+        // Headers written per packet nearly always fall in the first buffer: one slice, no
+        // walk.
+        if let Some(first) = self.writable().first() {
+            if offset + data.len() <= first.len() {
+                if let Ok(s) = first.subslice(offset, data.len()) {
+                    s.copy_from(data);
+                    return data.len();
+                }
+            }
+        }
         let mut done = 0;
         for_each_range(self.writable(), offset, data.len(), |s| {
             let n = s.len().min(data.len() - done);

@@ -29,6 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::chain::Memory;
 use crate::listen::{listen, ListenError, SocketFile, SocketOptions};
 use crate::relay;
+use crate::worker_exit::ExitEventCopies;
 
 /// How a backend meets its front-end.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,6 +83,11 @@ pub struct ServeOptions {
     pub retry_max: Duration,
     /// Set to stop after the current connection ends.
     pub stop: Arc<AtomicBool>,
+    /// The answer to GET_QUEUE_NUM when it is not the number of virtqueues (the vhost-user
+    /// library's answer). QEMU's vhost-user-net reads it as queue pairs and refuses a netdev
+    /// with more (`you are asking more queues than supported: N`), so a network device sets
+    /// its queue pairs here. `None`: the library's answer.
+    pub queue_num: Option<u64>,
     /// Fds the first worker thread of every connection also watches (readable, level
     /// triggered), each with its `device_event` (past [`connection_start_event`]): a backend's
     /// own event sources, so one thread serves its kicks and its other fds. The backend must
@@ -99,6 +105,7 @@ impl ServeOptions {
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
             stop: Arc::new(AtomicBool::new(false)),
+            queue_num: None,
             worker_fds: Vec::new(),
         }
     }
@@ -275,6 +282,8 @@ where
     let name = opts.name.as_str();
     let mem = GuestMemoryAtomic::new(Memory::new());
     let num_queues = backend.num_queues();
+    // Declared before the daemon: on every way out it is dropped after it (see worker_exit).
+    let mut exit_copies = ExitEventCopies::new(&backend);
     let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
         .map_err(|e| io::Error::other(e.to_string()))?;
     // The library's end of the relay, reachable by this process only (see PrivateListener).
@@ -287,6 +296,7 @@ where
     // Accepted: nothing else can ever connect to the library now.
     drop(listener);
     drop(private);
+    exit_copies.find_in(daemon.get_epoll_handlers().iter().map(|h| h.as_raw_fd()));
     // Edge-triggered and written once: each worker sees the start event exactly once. The
     // descriptors stay open (and registered) until the connection ends.
     let start_event = u64::from(connection_start_event(num_queues));
@@ -320,22 +330,35 @@ where
             })?
     };
     let to_frontend = {
-        let (mut from, mut to) = (inner.try_clone()?, frontend.try_clone()?);
+        let (from, to) = (inner.try_clone()?, frontend.try_clone()?);
+        let queue_num = opts.queue_num;
         thread::Builder::new()
             .name(format!("{name}-reply"))
             .spawn(move || {
-                // Replies carry no descriptors for the features this device offers.
-                let _ = io::copy(&mut from, &mut to);
+                // Replies carry no descriptors for the features these devices offer.
+                if let Err(e) = relay::relay_backend_replies(&from, &to, queue_num) {
+                    log::debug!("reply relay: {e}");
+                }
                 let _ = to.shutdown(Shutdown::Both);
                 let _ = from.shutdown(Shutdown::Both);
             })?
     };
-    let res = daemon.wait().map_err(|e| io::Error::other(e.to_string()));
+    let res = match daemon.wait() {
+        // The front-end hung up (QEMU stopped or restarted): how a connection normally ends,
+        // not a failure to back off from.
+        Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(()),
+        r => r.map_err(|e| io::Error::other(e.to_string())),
+    };
     let _ = frontend.shutdown(Shutdown::Both);
     let _ = inner.shutdown(Shutdown::Both);
     let relayed = to_daemon.join();
     let _ = to_frontend.join();
     drop(start_fds);
+    drop(daemon);
+    let closed = exit_copies.close_taken();
+    log::debug!("{name}: closed {closed} exit-event descriptors the library left behind");
     match relayed {
         // What the relay refused is the cause, whatever the library made of the hang-up.
         Ok(Err(e @ relay::RelayError::Refused { .. })) => Err(io::Error::other(e.to_string())),
@@ -365,6 +388,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use vhost::vhost_user::message::VhostUserProtocolFeatures;
     use vhost_user_backend::VringMutex;
+    use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
     use crate::chain::MemoryAtomic;
 
@@ -384,9 +408,11 @@ mod tests {
         assert_eq!(b.failed(), Duration::from_millis(100));
     }
 
-    /// The smallest device: one queue, nothing to do.
+    /// The smallest device: one queue, nothing to do; optionally one worker exit event,
+    /// handed out as copies (as the backends do). Without one a connection cannot end (the
+    /// library joins its workers), so only tests that serve a single connection leave it out.
     #[derive(Clone)]
-    struct Idle;
+    struct Idle(Option<Arc<(EventConsumer, EventNotifier)>>);
 
     impl VhostUserBackend for Idle {
         type Bitmap = ();
@@ -416,6 +442,10 @@ mod tests {
         ) -> io::Result<()> {
             Ok(())
         }
+        fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+            let (c, n) = &**self.0.as_ref()?;
+            Some((c.try_clone().ok()?, n.try_clone().ok()?))
+        }
     }
 
     /// GET_FEATURES (request 1) and its reply: the device answered.
@@ -423,6 +453,10 @@ mod tests {
         let Ok(mut s) = UnixStream::connect(path) else {
             return false;
         };
+        // Generous: only a device that is not served (or backs off) misses it.
+        if s.set_read_timeout(Some(Duration::from_secs(10))).is_err() {
+            return false;
+        }
         let mut msg = [0u8; 12];
         msg[0] = 1;
         msg[4] = 1; // version 1
@@ -455,7 +489,7 @@ mod tests {
                     if c.fetch_add(1, Ordering::SeqCst) < 3 {
                         Err("no eventfd left".to_string())
                     } else {
-                        Ok(Idle)
+                        Ok(Idle(None))
                     }
                 },
                 || {},
@@ -467,5 +501,83 @@ mod tests {
         }
         assert!(answered, "the device stopped being served");
         assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    /// A worker exit event, as the backends make one (the library's workers, and with them
+    /// the end of a connection, wait for it).
+    fn exit_pair() -> (EventConsumer, EventNotifier) {
+        vmm_sys_util::event::new_event_consumer_and_notifier(
+            vmm_sys_util::event::EventFlag::NONBLOCK,
+        )
+        .unwrap()
+    }
+
+    /// Serves `backend` on a new socket in a thread of its own; returns the socket's path.
+    fn serve_in_thread(
+        tag: &str,
+        opts_of: impl FnOnce(&mut ServeOptions),
+        backend: Idle,
+    ) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ds-daemon-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.sock");
+        let transport = Transport::Listen(path.clone());
+        let mut opts = ServeOptions::new("t", transport.clone());
+        opts_of(&mut opts);
+        let socket = FrontendSocket::open(&transport, &SocketOptions::default()).unwrap();
+        thread::spawn(move || serve(&opts, &socket, || Ok(backend.clone()), || {}));
+        path
+    }
+
+    /// QEMU restarting is a front-end hanging up: the next one is served at once, with no
+    /// back-off (here one of a minute, which a hang-up taken for a failure would wait).
+    #[test]
+    fn a_front_end_that_hangs_up_is_no_failure_to_back_off_from() {
+        let _serial = crate::process_state_lock();
+        let path = serve_in_thread(
+            "hangup",
+            |o| o.retry_min = Duration::from_secs(60),
+            Idle(Some(Arc::new(exit_pair()))),
+        );
+        for round in 0..3 {
+            assert!(
+                features_answered(&path),
+                "front-end {round} was not served within 10 s of the one before hanging up"
+            );
+        }
+    }
+
+    /// vhost-user-backend takes each worker's exit event with `into_raw_fd()` and never closes
+    /// it: one descriptor per worker per connection, unless serve() closes it (worker_exit).
+    #[test]
+    fn connections_leave_no_exit_event_descriptors_behind() {
+        let _serial = crate::process_state_lock();
+        let exit = Arc::new(exit_pair());
+        let event = exit.0.as_raw_fd();
+        let path = serve_in_thread(
+            "exit-fds",
+            |o| o.retry_min = Duration::from_millis(1),
+            Idle(Some(exit)),
+        );
+        // Each answer means the connection before it has ended completely (serve runs one
+        // at a time), so the count taken then includes everything earlier connections left.
+        let mut copies = Vec::new();
+        for _ in 0..6 {
+            let mut s = UnixStream::connect(&path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut msg = [0u8; 12];
+            msg[0] = 1;
+            msg[4] = 1;
+            s.write_all(&msg).unwrap();
+            let mut reply = [0u8; 20];
+            s.read_exact(&mut reply).unwrap();
+            copies.push(crate::worker_exit::open_copies(event));
+        }
+        assert!(copies[0] > 0, "kcmp cannot compare descriptors here");
+        assert_eq!(
+            copies[5], copies[1],
+            "copies of the exit event open during connections 1..6: {copies:?}"
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! Shared pieces of the devshare vhost-user backends: daemon lifecycle ([`daemon`]), the
 //! front-end message relay ([`relay`]) and its memory-table check ([`mem_table`]),
 //! split-ring access ([`ring`]) and descriptor-chain access ([`chain`]), configuration
-//! ([`config`]), counters ([`stats`]), listening sockets ([`listen`]), signals ([`signals`]),
-//! private files ([`files`]) and the QEMU options that differ between QEMU versions ([`qemu`]).
+//! ([`config`]), counters ([`stats`]), rate-limited logging of guest-caused events
+//! ([`ratelimit`]), listening sockets ([`listen`]), signals ([`signals`]), private files
+//! ([`files`]) and the QEMU options that differ between QEMU versions ([`qemu`]).
 
 pub mod chain;
 pub mod config;
@@ -12,10 +13,16 @@ pub mod listen;
 pub mod mem_table;
 pub mod pit;
 pub mod qemu;
+pub mod ratelimit;
 pub mod relay;
 pub mod ring;
 pub mod signals;
 pub mod stats;
+mod worker_exit;
+
+/// The `log` crate, for [`warn_limited!`] in crates that name it differently or not at all.
+#[doc(hidden)]
+pub use log as __log;
 
 /// Serializes the unit tests that change process-wide state (the umask, the list of created
 /// sockets), which would otherwise see each other's changes.

@@ -11,6 +11,10 @@
 //! Seeing every message with its descriptors, the relay is also where a memory table that
 //! would crash the process (a region past the end of its file: SIGBUS on first access) is
 //! refused, before the library maps it ([`crate::mem_table`]). Only that connection ends.
+//!
+//! Replies go back through `relay_backend_replies`, which can put a device's own answer to
+//! GET_QUEUE_NUM in place of the library's (the number of virtqueues): virtio-net counts
+//! queue pairs there.
 
 use std::io::{self, Read, Write};
 use std::mem;
@@ -21,6 +25,7 @@ use crate::listen::PrivateDir;
 use crate::mem_table;
 
 const REQ_SET_FEATURES: u32 = 2;
+const REQ_GET_QUEUE_NUM: u32 = 17;
 const REQ_SET_VRING_ENABLE: u32 = 18;
 const HDR_SIZE: usize = 12;
 /// Version 1 in the flags of every message.
@@ -150,6 +155,45 @@ pub fn relay_frontend_messages(
         msg.extend_from_slice(&hdr);
         msg.extend_from_slice(&body[..size]);
         send_with_fds(to, &msg, &fds)?;
+    }
+}
+
+/// Forwards the library's replies to the front-end until either side closes. With
+/// `queue_num` set, the answer to GET_QUEUE_NUM is replaced by it; otherwise bytes pass as
+/// they are.
+pub(crate) fn relay_backend_replies(
+    from: &UnixStream,
+    to: &UnixStream,
+    queue_num: Option<u64>,
+) -> io::Result<()> {
+    let Some(queue_num) = queue_num else {
+        io::copy(&mut &*from, &mut &*to)?;
+        return Ok(());
+    };
+    let mut body = vec![0u8; MAX_BODY];
+    loop {
+        let mut hdr = [0u8; HDR_SIZE];
+        if let Err(e) = (&*from).read_exact(&mut hdr) {
+            return match e.kind() {
+                io::ErrorKind::UnexpectedEof => Ok(()),
+                _ => Err(e),
+            };
+        }
+        let request = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
+        if size > MAX_BODY {
+            return Err(io::Error::other(format!(
+                "reply to message {request} has a {size}-byte body"
+            )));
+        }
+        (&*from).read_exact(&mut body[..size])?;
+        if request == REQ_GET_QUEUE_NUM && size == 8 {
+            body[..8].copy_from_slice(&queue_num.to_le_bytes());
+        }
+        let mut msg = Vec::with_capacity(HDR_SIZE + size);
+        msg.extend_from_slice(&hdr);
+        msg.extend_from_slice(&body[..size]);
+        (&*to).write_all(&msg)?;
     }
 }
 

@@ -17,11 +17,18 @@
 //! Guest memory may change under us at any time: it is only ever read and written through
 //! volatile accesses of plain integers, never through Rust references, and every value read is
 //! checked before it is used (indices against the ring size, buffers against guest memory).
+//!
+//! The work one chain can cost is bounded by the queue size, as the spec bounds what a driver
+//! may build (virtio 1.2, 2.7.13.1: no chain longer than the queue size): [`Ring::walk`]
+//! refuses chains of more buffers than that, indirect tables of more entries, nested indirect
+//! tables and loops. [`Ring::chain_into`] adds [`GuestBuffers::push_buffer`]'s checks on each
+//! buffer; together they are every check a descriptor chain gets (see [`crate::chain`]).
 
+use std::cell::Cell;
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
-use crate::chain::{ChainError, GuestBuffers, Memory};
+use crate::chain::{ChainError, GuestBuffers, Memory, Region};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -67,6 +74,19 @@ enum Area {
     Guest(GuestAddress),
 }
 
+/// One buffer of a descriptor chain as [`Ring::walk`] found it: a descriptor that is not an
+/// indirect-table pointer. Not yet checked against guest memory; [`GuestBuffers::push_buffer`]
+/// does that.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buffer {
+    /// Guest physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable (`VIRTQ_DESC_F_WRITE`); otherwise device-readable.
+    pub write: bool,
+}
+
 /// One descriptor as read from guest memory.
 #[derive(Clone, Copy)]
 struct Desc {
@@ -80,6 +100,9 @@ struct Desc {
 /// [`Ring::publish_used`] or [`Ring::finish`].
 pub struct Ring<'m> {
     mem: &'m Memory,
+    /// The region holding the descriptor table, where a guest's buffers nearly always are
+    /// too: tried first for each buffer.
+    region: Option<&'m Region>,
     size: u16,
     desc: Area,
     avail: Area,
@@ -93,6 +116,8 @@ pub struct Ring<'m> {
     published_used: Wrapping<u16>,
     /// The used index when the guest was last considered for an interrupt.
     signalled_used: Wrapping<u16>,
+    /// Descriptors read by walks since the ring was opened, for work budgets.
+    descriptors_read: Cell<usize>,
 }
 
 impl<'m> Ring<'m> {
@@ -114,6 +139,7 @@ impl<'m> Ring<'m> {
         let next_used = Wrapping(queue.next_used());
         Ok(Ring {
             mem,
+            region: mem.find_region(GuestAddress(queue.desc_table())),
             size,
             desc,
             avail,
@@ -124,6 +150,7 @@ impl<'m> Ring<'m> {
             next_used,
             published_used: next_used,
             signalled_used: next_used,
+            descriptors_read: Cell::new(0),
         })
     }
 
@@ -145,6 +172,33 @@ impl<'m> Ring<'m> {
     /// Where the next [`Ring::pop`] starts, for [`Ring::rewind`].
     pub fn next_avail(&self) -> u16 {
         self.next_avail.0
+    }
+
+    /// The ring's size (entries, and descriptors in its table).
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Descriptors read by [`Ring::walk`] (and so by [`Ring::chain`] and
+    /// [`Ring::chain_into`]) since the ring was opened, refused chains included: the work the
+    /// guest's chains cost, for callers that bound it.
+    pub fn descriptors_read(&self) -> usize {
+        self.descriptors_read.get()
+    }
+
+    /// How many chains the guest has made available that were not taken yet. Reads the avail
+    /// index (which must not be more than the ring size ahead).
+    pub fn pending(&mut self) -> Result<u16, RingError> {
+        self.refresh_avail()?;
+        Ok((self.avail_idx - self.next_avail).0)
+    }
+
+    /// Takes up to `n` chains without looking at them (a caller that has seen them before and
+    /// knows what they hold); returns how many were taken. [`Ring::rewind`] gives them back.
+    pub fn skip(&mut self, n: u16) -> Result<u16, RingError> {
+        let k = n.min(self.pending()?);
+        self.next_avail += Wrapping(k);
+        Ok(k)
     }
 
     /// Gives back every chain taken since `next_avail` returned `to`: the guest keeps them.
@@ -171,20 +225,23 @@ impl<'m> Ring<'m> {
     /// and maps its buffers, returning them (see [`Ring::chain_into`] for the checks).
     pub fn chain(&self, head: u16) -> Result<GuestBuffers<'m>, ChainError> {
         let mut bufs = GuestBuffers::empty(head);
-        self.walk(head, &mut bufs)?;
+        self.walk(head, |b| {
+            bufs.push_buffer_in(self.mem, self.region, b.addr, b.len, b.write)
+        })?;
         Ok(bufs)
     }
 
-    /// Walks the chain starting at descriptor `head` (following one level of indirect table),
-    /// maps its buffers and appends them to `out`, where the chain is built (a chain is moved
-    /// once less per packet). Refuses heads and links past the table, loops (more descriptors
-    /// than the table holds), chains of more buffers than the queue size, nested or malformed
-    /// indirect tables (more entries than the queue size included) and whatever
-    /// [`GuestBuffers::push_buffer`] refuses; nothing is appended then.
+    /// Walks the chain starting at descriptor `head` and maps its buffers, appending them to
+    /// `out`, where the chain is built (a chain is moved once less per packet). Refuses what
+    /// [`Ring::walk`] refuses and whatever [`GuestBuffers::push_buffer`] refuses (buffers
+    /// outside memory, empty buffers, readable after writable, oversize chains); nothing is
+    /// appended then.
     pub fn chain_into(&self, head: u16, out: &mut Vec<GuestBuffers<'m>>) -> Result<(), ChainError> {
         out.push(GuestBuffers::empty(head));
         let res = match out.last_mut() {
-            Some(bufs) => self.walk(head, bufs),
+            Some(bufs) => self.walk(head, |b| {
+                bufs.push_buffer_in(self.mem, self.region, b.addr, b.len, b.write)
+            }),
             None => Err(ChainError::Broken { head }),
         };
         if res.is_err() {
@@ -193,16 +250,41 @@ impl<'m> Ring<'m> {
         res
     }
 
-    fn walk(&self, head: u16, bufs: &mut GuestBuffers<'m>) -> Result<(), ChainError> {
+    /// Walks the chain starting at descriptor `head`, following one level of indirect table,
+    /// and hands each buffer to `visit` in chain order; stops at the first error `visit`
+    /// returns. Refuses (with [`ChainError::Broken`]) heads and links past their table, loops
+    /// (a table walked for more descriptors than it holds), nested indirect tables, indirect
+    /// tables that are empty, not a whole number of descriptors, larger than the queue or
+    /// outside guest memory; and (with [`ChainError::TooLong`]) chains of more buffers than
+    /// the queue size. The walk reads at most queue-size descriptors plus one indirect pointer.
+    pub fn walk(
+        &self,
+        head: u16,
+        visit: impl FnMut(Buffer) -> Result<(), ChainError>,
+    ) -> Result<(), ChainError> {
+        let mut read = 0;
+        let res = self.walk_counting(head, visit, &mut read);
+        // Once per chain, not per descriptor: this runs for every packet.
+        self.descriptors_read
+            .set(self.descriptors_read.get() + read);
+        res
+    }
+
+    /// [`Ring::walk`], adding the descriptors it reads to `read`.
+    fn walk_counting(
+        &self,
+        head: u16,
+        mut visit: impl FnMut(Buffer) -> Result<(), ChainError>,
+        read: &mut usize,
+    ) -> Result<(), ChainError> {
         let broken = || ChainError::Broken { head };
         let (mut table, mut table_len) = (self.desc, self.size);
         let mut indirect = false;
         let mut index = head;
-        // Descriptors left before the walk must have ended: a chain never holds more than its
-        // table, so running out means a loop.
+        // Descriptors left before the walk of this table must have ended: a chain never holds
+        // more than its table, so running out means a loop.
         let mut ttl = table_len;
-        // Buffers left for the whole chain, direct and indirect together: a driver must not
-        // build a chain longer than the queue size (virtio 1.2, 2.7.13.1).
+        // Buffers left for the whole chain, direct and indirect together.
         let mut left = self.size;
         let mut total = 0u32;
         loop {
@@ -210,6 +292,7 @@ impl<'m> Ring<'m> {
                 return Err(broken());
             }
             let d = self.desc(table, index).ok_or_else(broken)?;
+            *read += 1;
             if d.flags & DESC_F_INDIRECT != 0 {
                 let entries = d.len as usize / DESC_SIZE;
                 if indirect
@@ -226,9 +309,19 @@ impl<'m> Ring<'m> {
                 indirect = true;
                 continue;
             }
-            left = left.checked_sub(1).ok_or_else(broken)?;
+            if left == 0 {
+                return Err(ChainError::TooLong {
+                    head,
+                    max: self.size,
+                });
+            }
+            left -= 1;
             total = total.checked_add(d.len).ok_or_else(broken)?;
-            bufs.push_buffer(self.mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0)?;
+            visit(Buffer {
+                addr: d.addr,
+                len: d.len,
+                write: d.flags & DESC_F_WRITE != 0,
+            })?;
             if d.flags & DESC_F_NEXT == 0 {
                 return Ok(());
             }
@@ -589,48 +682,6 @@ mod tests {
         );
     }
 
-    // Found by the ring fuzz target: an indirect table may hold more buffers than the queue
-    // (minimized: a queue of 1, a table of 2 chained entries), so one chain could cost up to
-    // 65,535 descriptors of work (issue 10, "work per guest is bounded").
-    #[test]
-    fn chains_longer_than_the_queue_are_refused() {
-        let mem = memory();
-        let mq = MockSplitQueue::new(&mem, 4);
-        // Indirect tables of four and five chained entries.
-        let (four, five) = (0x2_0000u64, 0x3_0000u64);
-        for (at, n) in [(four, 4u16), (five, 5)] {
-            for i in 0..n {
-                let flags = if i + 1 < n { DESC_F_NEXT } else { 0 };
-                let d = desc(0x8000 + 0x100 * u64::from(i), 8, flags, i + 1);
-                mem.write_obj(d, GuestAddress(at + 16 * u64::from(i)))
-                    .unwrap();
-            }
-        }
-        let table = [
-            // Four entries, the queue size: accepted.
-            desc(four, 64, DESC_F_INDIRECT, 0),
-            // Five entries.
-            desc(five, 80, DESC_F_INDIRECT, 0),
-            // One direct buffer, then the four-entry table: five buffers.
-            desc(0x9000, 8, DESC_F_NEXT, 3),
-            desc(four, 64, DESC_F_INDIRECT, 0),
-        ];
-        for (i, d) in table.iter().enumerate() {
-            mq.desc_table().store(i as u16, *d).unwrap();
-        }
-        let q: Queue = queue(&mq);
-        let ring = Ring::open(&q, &mem).unwrap();
-        assert_eq!(ring.chain(0).unwrap().readable_len(), 32);
-        assert!(
-            ring.chain(1).is_err(),
-            "an indirect table longer than the queue was taken"
-        );
-        assert!(
-            ring.chain(2).is_err(),
-            "a chain longer than the queue was taken"
-        );
-    }
-
     #[test]
     fn follows_one_indirect_table_only() {
         let mem = memory();
@@ -663,6 +714,75 @@ mod tests {
         for head in 1..4 {
             assert_eq!(ring.chain(head).err(), Some(ChainError::Broken { head }));
         }
+    }
+
+    #[test]
+    fn chains_are_bounded_by_the_queue_size() {
+        let mem = memory();
+        let mq = MockSplitQueue::new(&mem, 4);
+        let ind = 0x2_0000u64;
+        // Four entries (the queue size) in a table: fine alone, too long after a direct buffer.
+        for i in 0..4u16 {
+            let flags = if i < 3 { DESC_F_NEXT } else { 0 };
+            let d = desc(0x8000 + 0x100 * u64::from(i), 8, flags, i + 1);
+            mem.write_obj(d, GuestAddress(ind + 16 * u64::from(i)))
+                .unwrap();
+        }
+        let table = [
+            desc(ind, 64, DESC_F_INDIRECT, 0),
+            desc(0x9000, 8, DESC_F_NEXT, 2),
+            desc(ind, 64, DESC_F_INDIRECT, 0),
+            // Five entries: more than the queue holds.
+            desc(ind, 80, DESC_F_INDIRECT, 0),
+        ];
+        for (i, d) in table.iter().enumerate() {
+            mq.desc_table().store(i as u16, *d).unwrap();
+        }
+        let q: Queue = queue(&mq);
+        let ring = Ring::open(&q, &mem).unwrap();
+        assert_eq!(ring.chain(0).unwrap().readable_len(), 32);
+        assert_eq!(
+            ring.chain(1).err(),
+            Some(ChainError::TooLong { head: 1, max: 4 })
+        );
+        assert_eq!(ring.chain(3).err(), Some(ChainError::Broken { head: 3 }));
+    }
+
+    #[test]
+    fn empty_buffers_are_refused() {
+        let mem = memory();
+        let mq = MockSplitQueue::new(&mem, 4);
+        mq.desc_table()
+            .store(0, desc(0x8000, 0, DESC_F_WRITE, 0))
+            .unwrap();
+        let q: Queue = queue(&mq);
+        let ring = Ring::open(&q, &mem).unwrap();
+        assert_eq!(
+            ring.chain(0).err(),
+            Some(ChainError::ZeroLength {
+                head: 0,
+                addr: 0x8000
+            })
+        );
+    }
+
+    #[test]
+    fn pending_and_skip_count_what_the_guest_made_available() {
+        let mem = memory();
+        let mq = MockSplitQueue::new(&mem, 8);
+        let descs: Vec<_> = (0..3)
+            .map(|i| desc(0x8000 + 0x100 * i, 64, DESC_F_WRITE, 0))
+            .collect();
+        mq.add_desc_chains(&descs, 0).unwrap();
+        let q: Queue = queue(&mq);
+        let mut ring = Ring::open(&q, &mem).unwrap();
+        assert_eq!(ring.pending().unwrap(), 3);
+        assert_eq!(ring.skip(2).unwrap(), 2);
+        assert_eq!(ring.pending().unwrap(), 1);
+        assert_eq!(ring.skip(5).unwrap(), 1);
+        assert_eq!(ring.pop().unwrap(), None);
+        ring.rewind(0);
+        assert_eq!(ring.pop().unwrap(), Some(0));
     }
 
     #[test]

@@ -5,5 +5,6 @@ pub mod matrix;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod soak;
 pub mod testdata;
 pub mod workspace;

@@ -989,3 +989,22 @@ fn ring_layout_and_kick_suppression() -> Result<(), Error> {
     ));
     Ok(())
 }
+
+/// A backend started after the harness made its queues must not inherit their eventfds (the
+/// soak restarts backends while harness guests live on; an inherited kick or call eventfd
+/// would look like a descriptor leak of the backend, and keep the event alive).
+#[test]
+fn queue_eventfds_are_not_inherited_by_child_processes() -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    let ram = GuestRam::new(1 << 20)?;
+    let q = DriverQueue::new(&ram, QueueConfig::new(0, 8))?;
+    for fd in [q.kick_fd().as_raw_fd(), q.call_fd().as_raw_fd()] {
+        // SAFETY: F_GETFD only reads the descriptor flags of an fd this test owns.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        assert!(
+            flags >= 0 && flags & libc::FD_CLOEXEC != 0,
+            "fd {fd} flags {flags:#x}"
+        );
+    }
+    Ok(())
+}

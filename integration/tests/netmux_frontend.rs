@@ -14,7 +14,9 @@ use devshare_integration::frontend::{
 use netmux_common::*;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 
-const WAIT: Duration = Duration::from_secs(10);
+/// Upper bound of every wait for a readiness signal (a used buffer, a counter): only a
+/// failure ever waits this long, so it is generous for a busy machine.
+const WAIT: Duration = Duration::from_secs(60);
 const HDR: usize = 12;
 
 /// One port driven by the harness.
@@ -32,12 +34,14 @@ fn mac_bytes(i: usize) -> [u8; 6] {
 impl HarnessGuest {
     fn attach(nm: &Netmux, i: usize) -> HarnessGuest {
         let conn = Connection::connect(Netmux::socket(nm.dir.path(), i)).unwrap();
-        HarnessGuest::setup(conn, i)
+        HarnessGuest::setup(conn)
     }
 
     /// Drives an established connection like a guest driver of port `i` would.
-    fn setup(mut conn: Connection, i: usize) -> HarnessGuest {
+    fn setup(mut conn: Connection) -> HarnessGuest {
         let ram = GuestRam::new(16 << 20).unwrap();
+        // What QEMU asks for; the device offers only what it uses.
+        conn.device_counts_queue_pairs();
         let agreed = conn
             .handshake(
                 1 << VIRTIO_F_VERSION_1
@@ -49,15 +53,17 @@ impl HarnessGuest {
             )
             .unwrap();
         assert!(agreed.has(VIRTIO_F_VERSION_1));
-        // The port's MAC is offered in the device configuration space.
-        let cfg = conn.get_config(0, 6).unwrap();
-        assert_eq!(cfg, mac_bytes(i));
+        assert_eq!(
+            agreed.acked_protocol,
+            VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+        );
+        // GET_QUEUE_NUM counts queue pairs, as QEMU's vhost-user-net reads it.
+        assert_eq!(agreed.queue_num, Some(1));
         conn.set_mem_table(&ram).unwrap();
+        // REPLY_ACK: each message below is answered once the device has handled it, so when
+        // these return both rings run and frames for this guest land.
         let rx = conn.start_queue(&ram, 0, 256).unwrap();
         let tx = conn.start_queue(&ram, 1, 256).unwrap();
-        // The device handles messages in order: once this is answered, both rings run. Without
-        // it another port's frames could meet a ring that is not enabled yet (`rx_down`).
-        assert_eq!(conn.get_config(0, 6).unwrap(), mac_bytes(i));
         HarnessGuest { ram, conn, rx, tx }
     }
 
@@ -72,6 +78,24 @@ impl HarnessGuest {
             .collect();
         self.rx.kick().unwrap();
         bufs
+    }
+
+    /// Takes every frame the device has written into the RX ring so far and posts each buffer
+    /// again. Returns the frames (virtio-net header included).
+    fn drain_rx(&mut self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(u) = self.rx.poll_used().unwrap() {
+            let d = self.rx.raw_read_desc(u.head).unwrap();
+            out.push(self.ram.read_vec(d.addr, u.len as usize).unwrap());
+            self.rx
+                .add_chain(&[Segment::writable(GuestBuffer {
+                    addr: d.addr,
+                    len: 2048,
+                })])
+                .unwrap();
+        }
+        self.rx.kick().unwrap();
+        out
     }
 
     /// Sends one buffer holding `bytes` and waits for the device to hand it back.
@@ -307,8 +331,8 @@ fn client_mode_dials_a_listening_front_end_and_redials_after_it_restarts() {
     let path = Netmux::socket(nm.dir.path(), 1);
     for round in 0..2u32 {
         let listener = FrontendListener::bind(&path).unwrap();
-        let conn = listener.accept(Duration::from_secs(20)).unwrap();
-        let mut b = HarnessGuest::setup(conn, 1);
+        let conn = listener.accept(WAIT).unwrap();
+        let mut b = HarnessGuest::setup(conn);
         let mut a = HarnessGuest::attach(&nm, 0);
         b.post_rx(2);
         a.send(&frame(mac_bytes(1), mac_bytes(0), round, 70));
@@ -405,4 +429,335 @@ fn an_idle_switch_uses_no_cpu() {
     // And it is awake when needed.
     a.send(&frame(mac_bytes(1), mac_bytes(0), 2, 60));
     b.rx.wait_used(WAIT).unwrap();
+}
+
+/// The MAC the spoofing tests forge: a guest's prefix, so captures record it.
+const FORGED: [u8; 6] = [0x52, 0x54, 0x00, 0x77, 0x00, 0x99];
+
+/// Anti-spoofing cannot be raced: while guests send frames, a second thread (a second vCPU)
+/// keeps rewriting the source MAC in the very buffer being sent, between the real and a forged
+/// one. Whatever netmux checked must be what goes out: no forged frame reaches the wire
+/// (captured on the veth's far end, untagged and tagged), the host port (captured on its TAP),
+/// or another guest (untagged and in VLAN 42). Spoofed drops show the race was on.
+#[test]
+fn a_source_mac_rewritten_while_frames_are_sent_never_gets_out() {
+    let ns = NetNs::new();
+    let mut ports: Vec<PortSpec> = (0..4).map(PortSpec::new).collect();
+    ports[2].vlan = Some(42);
+    ports[3].vlan = Some(42);
+    let tap = ns.unique_name("nmxt");
+    let nm = Netmux::start(
+        "netmux-spoof-race",
+        &ns.host_if,
+        &ports,
+        &["--host-port", &tap],
+    );
+    let wire = Capture::start(Some(&ns.name), &ns.peer);
+    let host = Capture::start(None, &tap);
+    let mut senders = [HarnessGuest::attach(&nm, 0), HarnessGuest::attach(&nm, 2)];
+    let mut receivers = [HarnessGuest::attach(&nm, 1), HarnessGuest::attach(&nm, 3)];
+    for r in receivers.iter_mut() {
+        r.post_rx(200);
+    }
+    // One buffer per sender, sent over and over: broadcasts reach the other guest of the
+    // same VLAN, the uplink and (untagged only) the host port.
+    let mut bufs = Vec::new();
+    for (g, i) in senders.iter().zip([0, 2]) {
+        let f = frame([0xff; 6], mac_bytes(i), 7, 60);
+        let b = g.ram.alloc(f.len() as u32).unwrap();
+        g.ram.fill(b, &f).unwrap();
+        bufs.push((g.ram.clone(), b, mac_bytes(i)[5]));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (stop, bufs) = (stop.clone(), bufs.clone());
+        std::thread::spawn(move || {
+            let mut flips = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for last in [FORGED[5], 0] {
+                    for (ram, b, real) in &bufs {
+                        let v = if last == 0 { *real } else { last };
+                        ram.write(b.addr + (HDR + 6 + 5) as u64, &[v]).unwrap();
+                    }
+                }
+                flips += 1;
+            }
+            for (ram, b, real) in &bufs {
+                ram.write(b.addr + (HDR + 6 + 5) as u64, &[*real]).unwrap();
+            }
+            flips
+        })
+    };
+    const ROUNDS: usize = 60;
+    const PER_ROUND: usize = 64;
+    let mut received: Vec<Vec<u8>> = Vec::new();
+    for _ in 0..ROUNDS {
+        for (g, (_, b, _)) in senders.iter_mut().zip(&bufs) {
+            for _ in 0..PER_ROUND {
+                g.tx.add_chain(&[Segment::readable(*b)]).unwrap();
+            }
+            g.tx.kick().unwrap();
+        }
+        for g in senders.iter_mut() {
+            g.tx.wait_used_n(PER_ROUND, WAIT).unwrap();
+        }
+        for r in receivers.iter_mut() {
+            received.extend(r.drain_rx());
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flips = flipper.join().unwrap();
+    // A marker behind everything: once it is seen, everything sent before it was too.
+    for (g, i) in senders.iter_mut().zip([0usize, 2]) {
+        g.send(&frame([0xff; 6], mac_bytes(i), 0xfeed, 60));
+    }
+    let marker = |f: &[u8]| f.len() >= 18 && f[14..18] == 0xfeed_u32.to_be_bytes();
+    for r in receivers.iter_mut() {
+        let ok = eventually(WAIT, || {
+            let got = r.drain_rx();
+            let done = got.iter().any(|f| marker(&f[HDR..]));
+            received.extend(got);
+            done
+        });
+        assert!(ok, "marker not received: {}", nm.stats());
+    }
+    let markers = |frames: &[CapturedFrame]| frames.iter().filter(|f| marker(&f.bytes)).count();
+    assert!(
+        wire.wait_for(WAIT, |f| markers(f) == 2),
+        "markers not on the wire: {}",
+        nm.stats()
+    );
+    assert!(
+        host.wait_for(WAIT, |f| markers(f) == 1),
+        "marker not at the host port: {}",
+        nm.stats()
+    );
+
+    let spoofed = nm.port_counter(0, "drops/spoofed") + nm.port_counter(2, "drops/spoofed");
+    let forged = |frames: &[CapturedFrame]| frames.iter().filter(|f| f.src == FORGED).count();
+    let forged_rx = received
+        .iter()
+        .filter(|f| f.len() >= HDR + 12 && f[HDR + 6..HDR + 12] == FORGED)
+        .count();
+    let (wire_frames, host_frames) = (wire.frames(), host.frames());
+    eprintln!(
+        "{flips} flips; {spoofed} refused as spoofed; wire {} frames, host {}, guests {}",
+        wire_frames.len(),
+        host_frames.len(),
+        received.len()
+    );
+    assert_eq!(forged(&wire_frames), 0, "forged frames on the wire");
+    assert_eq!(forged(&host_frames), 0, "forged frames at the host port");
+    assert_eq!(forged_rx, 0, "forged frames reached another guest");
+    // The race was on: the check saw forged MACs, and real frames passed too.
+    assert!(
+        spoofed > 0,
+        "the flipper never hit the check: {}",
+        nm.stats()
+    );
+    assert!(wire_frames.len() > 2 && host_frames.len() > 1 && received.len() > 2);
+    // Tagged frames from the VLAN 42 guest leave tagged; nothing from VLAN 42 reaches the host.
+    assert!(wire_frames
+        .iter()
+        .all(|f| (f.src == mac_bytes(2)) == (f.vlan == Some(42))));
+    assert!(host_frames.iter().all(|f| f.src == mac_bytes(0)));
+}
+
+/// A frame from `src` to `dst` whose Ethernet type field is `ethertype`, followed by `rest`
+/// (a VLAN tag's other half and an inner type, say) and padding to 60 bytes.
+fn raw_frame(dst: [u8; 6], src: [u8; 6], ethertype: u16, rest: &[u8], seq: u32) -> Vec<u8> {
+    let mut f = vec![0u8; HDR];
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(rest);
+    f.extend_from_slice(&seq.to_be_bytes());
+    f.resize(HDR + 60, 0);
+    f
+}
+
+/// Guests cannot leave their VLAN or talk to the wire's link-local protocols: a frame carrying
+/// its own 802.1Q or 802.1ad tag, from an untagged or a tagged port, and frames to the
+/// reserved group addresses 01:80:c2:00:00:00..0f (STP, LACP, 802.1X, ...) are dropped and
+/// counted; none reaches the wire or another guest, and ordinary frames sent after them do.
+#[test]
+fn guest_vlan_tags_and_link_local_frames_stay_inside() {
+    let ns = NetNs::new();
+    let mut ports: Vec<PortSpec> = (0..4).map(PortSpec::new).collect();
+    ports[2].vlan = Some(10);
+    ports[3].vlan = Some(10);
+    let nm = Netmux::start("netmux-tags", &ns.host_if, &ports, &[]);
+    let wire = Capture::start(Some(&ns.name), &ns.peer);
+    let mut g: Vec<HarnessGuest> = (0..4).map(|i| HarnessGuest::attach(&nm, i)).collect();
+    g[1].post_rx(32);
+    g[3].post_rx(32);
+    const BCAST: [u8; 6] = [0xff; 6];
+    let link_local = |last: u8| [0x01, 0x80, 0xc2, 0x00, 0x00, last];
+    for sender in [0usize, 2] {
+        let me = mac_bytes(sender);
+        let frames = [
+            // 802.1Q tag for VLAN 20, then ARP: VLAN hopping.
+            raw_frame(BCAST, me, 0x8100, &[0x00, 20, 0x08, 0x06], 1),
+            raw_frame(
+                mac_bytes(sender + 1),
+                me,
+                0x8100,
+                &[0x00, 10, 0x88, 0xb5],
+                2,
+            ),
+            // 802.1ad (QinQ) outer tag.
+            raw_frame(BCAST, me, 0x88a8, &[0x00, 30, 0x81, 0x00], 3),
+            // STP BPDU (LLC), LACP, 802.1X EAPOL, and the last reserved address.
+            raw_frame(link_local(0x00), me, 0x0026, &[0x42, 0x42, 0x03], 4),
+            raw_frame(link_local(0x02), me, 0x8809, &[0x01], 5),
+            raw_frame(link_local(0x03), me, 0x888e, &[0x01], 6),
+            raw_frame(link_local(0x0f), me, 0x88b5, &[], 7),
+        ];
+        for f in &frames {
+            g[sender].send(f);
+        }
+        // An ordinary broadcast behind them: once it arrived, the others had their chance.
+        g[sender].send(&raw_frame(BCAST, me, 0x88b5, &[], 0xfeed));
+    }
+    let is_marker = |f: &[u8]| {
+        f.len() >= 18 && f[12..14] == [0x88, 0xb5] && f[14..18] == 0xfeed_u32.to_be_bytes()
+    };
+    for r in [1usize, 3] {
+        let got = g[r]
+            .rx
+            .wait_used(WAIT)
+            .unwrap_or_else(|e| panic!("{e}: {}", nm.stats()));
+        let d = g[r].rx.raw_read_desc(got.head).unwrap();
+        let bytes = g[r].ram.read_vec(d.addr, got.len as usize).unwrap();
+        assert!(
+            is_marker(&bytes[HDR..]),
+            "guest {r} got {:02x?} first",
+            &bytes[HDR..]
+        );
+        assert!(g[r].rx.poll_used().unwrap().is_none(), "guest {r} got more");
+    }
+    assert!(
+        wire.wait_for(WAIT, |f| f.iter().filter(|f| is_marker(&f.bytes)).count()
+            == 2),
+        "markers not on the wire: {:?}\n{}",
+        wire.frames(),
+        nm.stats()
+    );
+    let frames = wire.frames();
+    assert!(
+        frames.iter().all(|f| is_marker(&f.bytes)),
+        "tagged or link-local frames on the wire: {frames:?}"
+    );
+    // The VLAN 10 guest's marker left tagged 10, the untagged guest's untagged.
+    let vlans: Vec<Option<u16>> = frames.iter().map(|f| f.vlan).collect();
+    assert_eq!(vlans, vec![None, Some(10)]);
+    for sender in [0usize, 2] {
+        assert_eq!(nm.port_counter(sender, "drops/tagged"), 3, "{}", nm.stats());
+        assert_eq!(
+            nm.port_counter(sender, "drops/link_local"),
+            4,
+            "{}",
+            nm.stats()
+        );
+    }
+}
+
+/// One guest flooding the longest chains the ring allows cannot hold the others up: while
+/// guest 0 keeps its TX ring full of indirect chains of 256 buffers (the queue size; one byte
+/// each after the headers) and leaves in its RX ring only buffers too small for what comes,
+/// guest 1's frames all reach guest 2, each one also offered to guest 0 (a broadcast) and
+/// refused there without netmux walking those buffers again. The flood runs on throughout:
+/// compared by counters, not by time.
+#[test]
+fn a_flood_of_the_longest_chains_does_not_hold_other_guests_up() {
+    use devshare_integration::frontend::{QueueConfig, VIRTIO_RING_F_INDIRECT_DESC};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let ns = NetNs::new();
+    let ports: Vec<PortSpec> = (0..3).map(PortSpec::new).collect();
+    let nm = Netmux::start("netmux-flood", &ns.host_if, &ports, &[]);
+    // Guest 0 by hand: indirect tables as large as the queue.
+    let mut conn = Connection::connect(Netmux::socket(nm.dir.path(), 0)).unwrap();
+    conn.device_counts_queue_pairs();
+    conn.handshake(
+        1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | VHOST_USER_F_PROTOCOL_FEATURES,
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK,
+    )
+    .unwrap();
+    let ram = GuestRam::new(16 << 20).unwrap();
+    conn.set_mem_table(&ram).unwrap();
+    let mut rx0 = conn.start_queue(&ram, 0, 256).unwrap();
+    let cfg = QueueConfig {
+        indirect_max: 256,
+        ..QueueConfig::new(1, 256)
+    };
+    let mut tx0 = DriverQueue::new(&ram, cfg).unwrap();
+    conn.attach_queue(&mut tx0).unwrap();
+    // Its RX ring: 100 buffers of 13 bytes (the first must hold the 12-byte header), 1300
+    // bytes in all, less than any of guest 1's frames needs.
+    for _ in 0..100 {
+        let b = ram.alloc(13).unwrap();
+        rx0.add_chain(&[Segment::writable(b)]).unwrap();
+    }
+    rx0.kick().unwrap();
+    let mut g1 = HarnessGuest::attach(&nm, 1);
+    let mut g2 = HarnessGuest::attach(&nm, 2);
+    g2.post_rx(250);
+
+    let head = frame([0x02, 0, 0, 0, 0, 0x42], mac_bytes(0), 0, 0);
+    let head_buf = ram.alloc(head.len() as u32).unwrap();
+    ram.fill(head_buf, &head).unwrap();
+    let byte = ram.alloc(1).unwrap();
+    let mut segs = vec![Segment::readable(head_buf)];
+    segs.extend((1..256).map(|_| Segment::readable(byte)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooded = Arc::new(AtomicU64::new(0));
+    let flooder = {
+        let (stop, flooded) = (stop.clone(), flooded.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                while tx0.free_descriptors() > 0 {
+                    tx0.add_indirect_chain(&segs).unwrap();
+                }
+                tx0.kick().unwrap();
+                tx0.wait_used(WAIT).expect("the flood is held up");
+                let mut n = 1;
+                while tx0.poll_used().unwrap().is_some() {
+                    n += 1;
+                }
+                flooded.fetch_add(n, Ordering::Relaxed);
+            }
+            (tx0, conn)
+        })
+    };
+    // The flood is under way before guest 1 starts.
+    assert!(eventually(WAIT, || flooded.load(Ordering::Relaxed) >= 256));
+    const N: usize = 200;
+    let before = flooded.load(Ordering::Relaxed);
+    for seq in 0..N as u32 {
+        // Broadcasts: to guest 2, and to guest 0, whose buffers are too small.
+        g1.send(&frame([0xff; 6], mac_bytes(1), seq, 1400));
+    }
+    let got = g2
+        .rx
+        .wait_used_n(N, WAIT)
+        .unwrap_or_else(|e| panic!("{e}: {}", nm.stats()));
+    let during = flooded.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    let (_tx0, _conn) = flooder.join().unwrap();
+    for (k, u) in got.iter().enumerate() {
+        let d = g2.rx.raw_read_desc(u.head).unwrap();
+        let bytes = g2.ram.read_vec(d.addr, u.len as usize).unwrap();
+        assert_eq!(&bytes[HDR + 14..HDR + 18], &(k as u32).to_be_bytes());
+    }
+    eprintln!("guest 0 flooded {during} chains of 256 buffers while guest 1 sent {N} frames");
+    assert!(during > 0, "the flood stopped while guest 1 sent");
+    assert_eq!(nm.port_counter(2, "rx_packets"), N as u64);
+    assert_eq!(nm.port_counter(0, "drops/rx_no_buffer"), N as u64);
+    assert_eq!(nm.port_counter(0, "drops/bad_chain"), 0, "{}", nm.stats());
+    assert!(nm.port_counter(0, "tx_packets") >= before + during);
 }

@@ -20,6 +20,8 @@
 # target/bench/netmux.json. Needs root (namespace, veth, apt-get for dpdk-dev and jq).
 # This measures; it does not pass or fail. On a 2-core machine the generator's two polling
 # threads and the backend share the cores, for both backends alike.
+# NETMUX_BENCH_BIN_DIR=DIR uses DIR/vhost-user-netmux and DIR/netmux_load instead of building
+# them: to compare two builds run for run, e.g. before and after a change.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
@@ -47,11 +49,18 @@ need_apt jq jq
 [ "$ONLY" = netmux ] || need_apt dpdk-testpmd dpdk-dev
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-echo "building (release)"
-cargo build --release -q -p vhost-user-netmux -p devshare-integration \
-    --bin vhost-user-netmux --bin netmux_load
-NETMUX=$TARGET/release/vhost-user-netmux
-LOAD=$TARGET/release/netmux_load
+if [ -n "${NETMUX_BENCH_BIN_DIR:-}" ]; then
+    NETMUX=$NETMUX_BENCH_BIN_DIR/vhost-user-netmux
+    LOAD=$NETMUX_BENCH_BIN_DIR/netmux_load
+    [ -x "$NETMUX" ] && [ -x "$LOAD" ] || { echo "netmux.sh: no vhost-user-netmux and netmux_load in $NETMUX_BENCH_BIN_DIR" >&2; exit 1; }
+    echo "using $NETMUX_BENCH_BIN_DIR"
+else
+    echo "building (release)"
+    cargo build --release -q -p vhost-user-netmux -p devshare-integration \
+        --bin vhost-user-netmux --bin netmux_load
+    NETMUX=$TARGET/release/vhost-user-netmux
+    LOAD=$TARGET/release/netmux_load
+fi
 OUT=$ROOT/target/bench
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/netmux-bench.XXXXXX)

@@ -2,15 +2,21 @@
 //! socket, and switches their frames to and from one host link (the uplink).
 //!
 //! Layout: [`config`] (what to serve), [`switch`] (where a frame goes, pure logic),
-//! [`virtio_net`] (wire formats and offload rules), [`port`] (a guest port and its RX side),
-//! [`uplink`] (AF_PACKET and TAP links), [`fabric`] (the running switch), [`vhu_net`] (the
-//! vhost-user device of one connection), [`qemu_args`] (the QEMU options of a port).
+//! [`virtio_net`] (wire formats and offload rules), [`frame`] (a frame in flight and the host
+//! copy of its headers), [`port`] (a guest port and its RX side), [`uplink`] (AF_PACKET and
+//! TAP links), [`fabric`] (the running switch: TX passes and link receive), [`stats`]
+//! (counters and the stats document), [`vhu_net`] (the vhost-user device of one connection),
+//! [`qemu_args`] (the QEMU options of a port).
 
 pub mod config;
 pub mod fabric;
+pub mod frame;
 pub mod port;
 pub mod qemu_args;
+pub mod stats;
 pub mod switch;
+#[cfg(test)]
+mod testing;
 pub mod uplink;
 pub mod vhu_net;
 pub mod virtio_net;
@@ -24,11 +30,11 @@ use devshare_common::signals::ProcessStats;
 use devshare_common::stats::StatsError;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::fabric::Link;
+
 use crate::config::{Config, HostPortConfig, MacAddr, UplinkSpec};
-use crate::fabric::{Fabric, HostPort, Link};
-use crate::port::Port;
-use crate::switch::SwitchTable;
-use crate::uplink::{AfPacket, Tap, Uplink, UplinkError, UplinkStats};
+use crate::fabric::Fabric;
+use crate::uplink::{AfPacket, Tap, Uplink, UplinkError};
 use crate::vhu_net::NetBackend;
 use devshare_common::daemon::{serve, DaemonError};
 
@@ -91,39 +97,6 @@ pub fn open_host_port(
     Ok((tap, mac))
 }
 
-/// Builds the switch for `config` around an opened uplink and, if any, the host port's TAP
-/// with its MAC.
-pub fn build_fabric(
-    config: &Config,
-    uplink: Box<dyn Uplink>,
-    host: Option<(Box<dyn Uplink>, MacAddr)>,
-) -> Arc<Fabric> {
-    let entries: Vec<_> = config.ports.iter().map(|p| (p.mac, p.vlan)).collect();
-    let table = SwitchTable::new(&entries, config.mode, config.anti_spoof);
-    let (table, host) = match host {
-        Some((tap, mac)) => (
-            table.with_host(mac),
-            Some(HostPort {
-                tap,
-                stats: UplinkStats::default(),
-            }),
-        ),
-        None => (table, None),
-    };
-    Arc::new(Fabric {
-        table,
-        ports: config
-            .ports
-            .iter()
-            .enumerate()
-            .map(|(i, p)| Arc::new(Port::new(i, p.clone())))
-            .collect(),
-        uplink,
-        uplink_stats: UplinkStats::default(),
-        host,
-    })
-}
-
 /// Runs the switch until the process is stopped (SIGTERM/SIGINT, handled by
 /// `devshare_common::signals`): the uplink receive thread, the stats socket and one vhost-user
 /// daemon per guest port. Every socket path is checked first, so a port socket that another
@@ -156,11 +129,11 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
         }
         None => None,
     };
-    let fabric = build_fabric(&config, uplink, host);
+    let fabric = Arc::new(Fabric::new(&config, uplink, host));
     if let Some(path) = &config.stats_socket {
         let f = fabric.clone();
         devshare_common::stats::serve_json(path, &config.socket, move || {
-            let mut doc = f.snapshot();
+            let mut doc = serde_json::to_value(f.stats()).unwrap_or_default();
             if let Some(obj) = doc.as_object_mut() {
                 obj.insert(
                     "process".into(),
@@ -171,10 +144,11 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
         })?;
     }
     let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(NetmuxError::Thread)?;
-    let links = [(Link::Uplink, "uplink-rx")]
-        .into_iter()
-        .chain(fabric.host.is_some().then_some((Link::Host, "host-rx")));
-    for (link, name) in links {
+    for link in fabric.links() {
+        let name = match link {
+            Link::Uplink => "uplink-rx",
+            Link::Host => "host-rx",
+        };
         let f = fabric.clone();
         let stop = stop.try_clone().map_err(NetmuxError::Thread)?;
         thread::Builder::new()
@@ -200,11 +174,13 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
     let mut workers = Vec::new();
     for (i, (pc, socket)) in config.ports.iter().zip(sockets).enumerate() {
         let f = fabric.clone();
-        let mtu = config.mtu;
-        let opts = ServeOptions::new(pc.name.clone(), pc.transport.clone());
+        let mut opts = ServeOptions::new(pc.name.clone(), pc.transport.clone());
+        // QEMU's vhost-user-net counts queue pairs here, and refuses a netdev asking for
+        // more with an error that says so.
+        opts.queue_num = Some(u64::from(pc.queue_pairs));
         let handle = thread::Builder::new()
             .name(format!("port-{}", pc.name))
-            .spawn(move || serve_port(&f, i, mtu, &opts, &socket))
+            .spawn(move || serve_port(&f, i, &opts, &socket))
             .map_err(NetmuxError::Thread)?;
         workers.push(handle);
     }
@@ -218,18 +194,14 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
 
 /// Serves one port's socket for good: failures are logged and retried with a bounded
 /// back-off by [`serve`], so one port's trouble never stops the others.
-fn serve_port(
-    fabric: &Arc<Fabric>,
-    index: usize,
-    mtu: u16,
-    opts: &ServeOptions,
-    socket: &FrontendSocket,
-) {
-    let port = fabric.ports[index].clone();
+fn serve_port(fabric: &Arc<Fabric>, index: usize, opts: &ServeOptions, socket: &FrontendSocket) {
+    let Some(port) = fabric.port(index).cloned() else {
+        return;
+    };
     serve(
         opts,
         socket,
-        || NetBackend::new(fabric.clone(), index, mtu).map_err(|e| e.to_string()),
+        || NetBackend::new(fabric.clone(), index).map_err(|e| e.to_string()),
         || {
             port.mark_disconnected();
             log::info!("{}: guest gone; other ports unaffected", port.config.name);

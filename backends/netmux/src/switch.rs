@@ -6,6 +6,11 @@
 //! The optional host port (a TAP in the host) links the host's own stack to the untagged
 //! guests only: it is neither bridged to the uplink (the host has its own way out) nor sees
 //! what comes in from the uplink.
+//!
+//! Guests sit on access ports: a frame from a guest carrying its own 802.1Q or 802.1ad tag is
+//! refused (it would reach another VLAN, or leave double-tagged), and so is a frame to a
+//! link-local group address (01:80:c2:00:00:00 to 0f: STP, LACP, 802.1X, LLDP...), which an
+//! 802.1Q bridge never forwards and which could disturb the wire's switches.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -39,6 +44,19 @@ pub enum DropReason {
     /// A frame from the uplink or the host port claims a guest's MAC as its source (a loop or
     /// a forgery).
     LocalSource,
+    /// A guest sent a frame with its own VLAN tag.
+    Tagged,
+    /// A guest sent a frame to a link-local group address.
+    LinkLocal,
+}
+
+/// TPIDs of VLAN tags a guest may not send: 802.1Q (C-tag) and 802.1ad (S-tag).
+const VLAN_TPIDS: [u16; 2] = [0x8100, 0x88a8];
+
+/// Whether `mac` is one of the group addresses IEEE 802.1Q reserves for link-local protocols
+/// (01:80:c2:00:00:00 to 01:80:c2:00:00:0f), which a bridge does not forward.
+pub fn is_link_local(mac: MacAddr) -> bool {
+    mac.0[..5] == [0x01, 0x80, 0xc2, 0x00, 0x00] && mac.0[5] <= 0x0f
 }
 
 /// The switch's answer for one frame.
@@ -138,8 +156,9 @@ impl SwitchTable {
         self.ports.get(port).and_then(|p| p.vlan)
     }
 
-    /// Decides where a frame from `from` with these addresses goes.
-    pub fn route(&self, from: Ingress, src: MacAddr, dst: MacAddr) -> Verdict {
+    /// Decides where a frame from `from` with these addresses and Ethernet type goes (for a
+    /// frame from the uplink, the type after the VLAN tag it came with).
+    pub fn route(&self, from: Ingress, src: MacAddr, dst: MacAddr, ethertype: u16) -> Verdict {
         match from {
             Ingress::Port(i) => {
                 let Some(me) = self.ports.get(i) else {
@@ -147,6 +166,12 @@ impl SwitchTable {
                 };
                 if self.anti_spoof && src != me.mac {
                     return Verdict::Drop(DropReason::Spoofed);
+                }
+                if VLAN_TPIDS.contains(&ethertype) {
+                    return Verdict::Drop(DropReason::Tagged);
+                }
+                if is_link_local(dst) {
+                    return Verdict::Drop(DropReason::LinkLocal);
                 }
                 if dst.is_multicast() {
                     return Verdict::Flood;
@@ -234,6 +259,8 @@ mod tests {
         MacAddr([0x52, 0x54, 0, 0, 0, last])
     }
 
+    /// An ordinary Ethernet type (IPv4).
+    const IP: u16 = 0x0800;
     const EXT: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x99]);
     const MCAST: MacAddr = MacAddr([0x33, 0x33, 0, 0, 0, 1]);
 
@@ -252,13 +279,22 @@ mod tests {
     #[test]
     fn bridge_unicast_between_guests_and_to_uplink() {
         let t = table(Mode::Bridge);
-        assert_eq!(t.route(Ingress::Port(0), mac(1), mac(2)), Verdict::Port(1));
-        assert_eq!(t.route(Ingress::Port(1), mac(2), mac(1)), Verdict::Port(0));
-        assert_eq!(t.route(Ingress::Port(0), mac(1), EXT), Verdict::Uplink);
-        // Port 2 is in VLAN 7: guest 1's MAC is not known there, so it leaves tagged.
-        assert_eq!(t.route(Ingress::Port(2), mac(3), mac(1)), Verdict::Uplink);
         assert_eq!(
-            t.route(Ingress::Port(0), mac(1), mac(1)),
+            t.route(Ingress::Port(0), mac(1), mac(2), IP),
+            Verdict::Port(1)
+        );
+        assert_eq!(
+            t.route(Ingress::Port(1), mac(2), mac(1), IP),
+            Verdict::Port(0)
+        );
+        assert_eq!(t.route(Ingress::Port(0), mac(1), EXT, IP), Verdict::Uplink);
+        // Port 2 is in VLAN 7: guest 1's MAC is not known there, so it leaves tagged.
+        assert_eq!(
+            t.route(Ingress::Port(2), mac(3), mac(1), IP),
+            Verdict::Uplink
+        );
+        assert_eq!(
+            t.route(Ingress::Port(0), mac(1), mac(1), IP),
             Verdict::Drop(DropReason::Hairpin)
         );
     }
@@ -267,42 +303,45 @@ mod tests {
     fn anti_spoofing() {
         let t = table(Mode::Bridge);
         assert_eq!(
-            t.route(Ingress::Port(0), mac(2), mac(3)),
+            t.route(Ingress::Port(0), mac(2), mac(3), IP),
             Verdict::Drop(DropReason::Spoofed)
         );
         assert_eq!(
-            t.route(Ingress::Port(0), EXT, MacAddr::BROADCAST),
+            t.route(Ingress::Port(0), EXT, MacAddr::BROADCAST, IP),
             Verdict::Drop(DropReason::Spoofed)
         );
         let lax = SwitchTable::new(&[(mac(1), None), (mac(2), None)], Mode::Bridge, false);
-        assert_eq!(lax.route(Ingress::Port(0), EXT, mac(2)), Verdict::Port(1));
+        assert_eq!(
+            lax.route(Ingress::Port(0), EXT, mac(2), IP),
+            Verdict::Port(1)
+        );
     }
 
     #[test]
     fn flooding_respects_sender_vlan_and_mode() {
         let t = table(Mode::Bridge);
         assert_eq!(
-            t.route(Ingress::Port(0), mac(1), MacAddr::BROADCAST),
+            t.route(Ingress::Port(0), mac(1), MacAddr::BROADCAST, IP),
             Verdict::Flood
         );
         assert_eq!(flood_set(&t, Ingress::Port(0)), vec![1]);
         assert_eq!(flood_set(&t, Ingress::Port(2)), Vec::<usize>::new());
         assert_eq!(flood_set(&t, Ingress::Uplink { vlan: None }), vec![0, 1]);
         assert_eq!(flood_set(&t, Ingress::Uplink { vlan: Some(7) }), vec![2]);
-        assert_eq!(t.route(Ingress::Port(1), mac(2), MCAST), Verdict::Flood);
+        assert_eq!(t.route(Ingress::Port(1), mac(2), MCAST, IP), Verdict::Flood);
     }
 
     #[test]
     fn private_mode_blocks_guest_to_guest_only() {
         let t = table(Mode::Private);
         assert_eq!(
-            t.route(Ingress::Port(0), mac(1), mac(2)),
+            t.route(Ingress::Port(0), mac(1), mac(2), IP),
             Verdict::Drop(DropReason::Private)
         );
-        assert_eq!(t.route(Ingress::Port(0), mac(1), EXT), Verdict::Uplink);
+        assert_eq!(t.route(Ingress::Port(0), mac(1), EXT, IP), Verdict::Uplink);
         assert_eq!(flood_set(&t, Ingress::Port(0)), Vec::<usize>::new());
         assert_eq!(
-            t.route(Ingress::Uplink { vlan: None }, EXT, mac(2)),
+            t.route(Ingress::Uplink { vlan: None }, EXT, mac(2), IP),
             Verdict::Port(1)
         );
         assert_eq!(flood_set(&t, Ingress::Uplink { vlan: None }), vec![0, 1]);
@@ -312,20 +351,23 @@ mod tests {
     fn uplink_frames() {
         let t = table(Mode::Bridge);
         let up = Ingress::Uplink { vlan: None };
-        assert_eq!(t.route(up, EXT, mac(1)), Verdict::Port(0));
+        assert_eq!(t.route(up, EXT, mac(1), IP), Verdict::Port(0));
         assert_eq!(
-            t.route(up, EXT, mac(3)),
+            t.route(up, EXT, mac(3), IP),
             Verdict::Drop(DropReason::NotForUs)
         );
         assert_eq!(
-            t.route(Ingress::Uplink { vlan: Some(7) }, EXT, mac(3)),
+            t.route(Ingress::Uplink { vlan: Some(7) }, EXT, mac(3), IP),
             Verdict::Port(2)
         );
         assert_eq!(
-            t.route(up, mac(2), MacAddr::BROADCAST),
+            t.route(up, mac(2), MacAddr::BROADCAST, IP),
             Verdict::Drop(DropReason::LocalSource)
         );
-        assert_eq!(t.route(up, EXT, EXT), Verdict::Drop(DropReason::NotForUs));
+        assert_eq!(
+            t.route(up, EXT, EXT, IP),
+            Verdict::Drop(DropReason::NotForUs)
+        );
     }
 
     const HOST: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0xaa]);
@@ -335,32 +377,32 @@ mod tests {
         let t = table(Mode::Bridge).with_host(HOST);
         // Guests to the host: untagged ones only; a tagged guest's frame for that MAC leaves
         // through the uplink like any unknown unicast.
-        assert_eq!(t.route(Ingress::Port(0), mac(1), HOST), Verdict::Host);
-        assert_eq!(t.route(Ingress::Port(2), mac(3), HOST), Verdict::Uplink);
+        assert_eq!(t.route(Ingress::Port(0), mac(1), HOST, IP), Verdict::Host);
+        assert_eq!(t.route(Ingress::Port(2), mac(3), HOST, IP), Verdict::Uplink);
         assert!(t.floods_to_host(Ingress::Port(0)));
         assert!(!t.floods_to_host(Ingress::Port(2)));
         // The host to guests; never to the uplink, never to a tagged guest.
-        assert_eq!(t.route(Ingress::Host, HOST, mac(2)), Verdict::Port(1));
+        assert_eq!(t.route(Ingress::Host, HOST, mac(2), IP), Verdict::Port(1));
         assert_eq!(
-            t.route(Ingress::Host, HOST, mac(3)),
+            t.route(Ingress::Host, HOST, mac(3), IP),
             Verdict::Drop(DropReason::NotForUs)
         );
         assert_eq!(
-            t.route(Ingress::Host, HOST, EXT),
+            t.route(Ingress::Host, HOST, EXT, IP),
             Verdict::Drop(DropReason::NotForUs)
         );
         assert_eq!(
-            t.route(Ingress::Host, HOST, MacAddr::BROADCAST),
+            t.route(Ingress::Host, HOST, MacAddr::BROADCAST, IP),
             Verdict::Flood
         );
         assert_eq!(flood_set(&t, Ingress::Host), vec![0, 1]);
         assert_eq!(
-            t.route(Ingress::Host, mac(1), mac(2)),
+            t.route(Ingress::Host, mac(1), mac(2), IP),
             Verdict::Drop(DropReason::LocalSource)
         );
         // Nothing from the uplink reaches the host port.
         assert_eq!(
-            t.route(Ingress::Uplink { vlan: None }, EXT, HOST),
+            t.route(Ingress::Uplink { vlan: None }, EXT, HOST, IP),
             Verdict::Drop(DropReason::NotForUs)
         );
         assert!(!t.floods_to_host(Ingress::Uplink { vlan: None }));
@@ -369,20 +411,55 @@ mod tests {
     #[test]
     fn host_port_in_private_mode_and_mac_changes() {
         let t = table(Mode::Private).with_host(HOST);
-        assert_eq!(t.route(Ingress::Port(1), mac(2), HOST), Verdict::Host);
+        assert_eq!(t.route(Ingress::Port(1), mac(2), HOST, IP), Verdict::Host);
         assert!(t.floods_to_host(Ingress::Port(1)));
-        assert_eq!(t.route(Ingress::Host, HOST, mac(1)), Verdict::Port(0));
+        assert_eq!(t.route(Ingress::Host, HOST, mac(1), IP), Verdict::Port(0));
         let new = MacAddr([0x02, 0, 0, 0, 0, 0xbb]);
         assert!(t.follow_host_mac(new));
         assert!(!t.follow_host_mac(new));
         assert!(!t.follow_host_mac(MacAddr::BROADCAST));
         assert_eq!(t.host_mac(), Some(new));
-        assert_eq!(t.route(Ingress::Port(0), mac(1), new), Verdict::Host);
-        assert_eq!(t.route(Ingress::Port(0), mac(1), HOST), Verdict::Uplink);
+        assert_eq!(t.route(Ingress::Port(0), mac(1), new, IP), Verdict::Host);
+        assert_eq!(t.route(Ingress::Port(0), mac(1), HOST, IP), Verdict::Uplink);
         // Without a host port nothing changes.
         let plain = table(Mode::Bridge);
         assert!(!plain.follow_host_mac(new));
         assert!(!plain.floods_to_host(Ingress::Port(0)));
         assert_eq!(plain.host_mac(), None);
+    }
+
+    #[test]
+    fn guests_cannot_tag_their_frames_or_reach_link_local_protocols() {
+        let t = table(Mode::Bridge);
+        for tpid in [0x8100, 0x88a8] {
+            assert_eq!(
+                t.route(Ingress::Port(0), mac(1), MacAddr::BROADCAST, tpid),
+                Verdict::Drop(DropReason::Tagged)
+            );
+            assert_eq!(
+                t.route(Ingress::Port(2), mac(3), mac(1), tpid),
+                Verdict::Drop(DropReason::Tagged)
+            );
+        }
+        for last in [0x00, 0x02, 0x03, 0x0e, 0x0f] {
+            let ll = MacAddr([0x01, 0x80, 0xc2, 0, 0, last]);
+            assert_eq!(
+                t.route(Ingress::Port(0), mac(1), ll, IP),
+                Verdict::Drop(DropReason::LinkLocal)
+            );
+        }
+        // The next group addresses are ordinary multicast.
+        let mrp = MacAddr([0x01, 0x80, 0xc2, 0, 0, 0x10]);
+        assert_eq!(t.route(Ingress::Port(0), mac(1), mrp, IP), Verdict::Flood);
+        // A forged source is a spoof first, whatever else is wrong.
+        assert_eq!(
+            t.route(Ingress::Port(0), EXT, MacAddr::BROADCAST, 0x8100),
+            Verdict::Drop(DropReason::Spoofed)
+        );
+        // From the uplink these rules do not apply (the tag was the uplink's VLAN).
+        assert_eq!(
+            t.route(Ingress::Uplink { vlan: Some(7) }, EXT, mac(3), IP),
+            Verdict::Port(2)
+        );
     }
 }

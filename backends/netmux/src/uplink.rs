@@ -49,9 +49,13 @@ pub enum SendOutcome {
 pub const MAX_FRAME: usize = 65536 + 14 + 4;
 /// Frames received per batch.
 pub const RX_BATCH: usize = 32;
-/// Bytes an uplink header may carry before the guest's bytes: the virtio-net header, and the
-/// Ethernet addresses plus an 802.1Q tag when the frame is tagged on its way out.
-const TX_HEAD_MAX: usize = HDR_LEN_LEGACY + 12 + 4;
+/// Bytes of host memory a frame to transmit may start with before the guest's bytes: the
+/// virtio-net header and the Ethernet header (with an 802.1Q tag when the frame is tagged on
+/// its way out).
+pub const TX_HEAD_MAX: usize = HDR_LEN_LEGACY + 14 + 4;
+/// Most pieces of guest memory one frame to transmit may be in: one `iovec` of the
+/// kernel's limit goes to the host head.
+pub const TX_MAX_PIECES: usize = libc::UIO_MAXIOV as usize - 1;
 
 /// Frames to transmit, their bytes mostly left in guest memory.
 #[derive(Default)]
@@ -69,17 +73,23 @@ impl TxBatch {
         TxBatch::default()
     }
 
-    /// Adds a frame: `head` (host bytes, at most the virtio-net header plus 16) followed by
-    /// the bytes `guest` points at. The pointers must stay valid until [`Uplink::send`] ran.
-    pub fn push(&mut self, head: &[u8], guest: Vec<libc::iovec>) {
+    /// Adds a frame: `head` (host bytes, at most [`TX_HEAD_MAX`]) followed by the bytes
+    /// `guest` points at. The pointers must stay valid until [`Uplink::send`] ran. Refuses
+    /// (returns false) a frame the kernel could not take in one message: a head too long, or
+    /// more than [`TX_MAX_PIECES`] pieces of guest memory.
+    pub fn push(&mut self, head: &[u8], guest: Vec<libc::iovec>) -> bool {
+        if head.len() > TX_HEAD_MAX || guest.len() > TX_MAX_PIECES {
+            return false;
+        }
         let mut h = [0u8; TX_HEAD_MAX];
-        let n = head.len().min(TX_HEAD_MAX);
-        h[..n].copy_from_slice(&head[..n]);
+        let n = head.len();
+        h[..n].copy_from_slice(head);
         self.heads.push(h);
         self.head_lens.push(n);
         let start = self.iov.len();
         self.iov.extend(guest);
         self.ranges.push((start, self.iov.len()));
+        true
     }
 
     /// Number of frames.
@@ -97,6 +107,27 @@ impl TxBatch {
         &self.outcomes
     }
 
+    /// Sets every frame's outcome to `outcome`: for an [`Uplink`] that takes or refuses a
+    /// whole batch at once.
+    pub fn set_outcomes(&mut self, outcome: SendOutcome) {
+        self.outcomes.clear();
+        self.outcomes.resize(self.len(), outcome);
+    }
+
+    /// The bytes of frame `i` as the kernel would take them (host head, then guest bytes).
+    /// Must run while the guest memory is still mapped, like [`Uplink::send`].
+    pub fn copy_frame(&self, i: usize) -> Option<Vec<u8>> {
+        let (a, b) = *self.ranges.get(i)?;
+        let mut out = self.heads[i][..self.head_lens[i]].to_vec();
+        for v in &self.iov[a..b] {
+            // SAFETY: the iovecs were made from guest memory slices that stay mapped until
+            // the batch is sent (see `push`); `iov_len` bytes are readable at `iov_base`.
+            let bytes = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+            out.extend_from_slice(bytes);
+        }
+        Some(out)
+    }
+
     /// One iovec list per frame: the host head, then the guest bytes.
     fn frame_iovecs(&self) -> Vec<Vec<libc::iovec>> {
         (0..self.heads.len())
@@ -108,7 +139,6 @@ impl TxBatch {
                     iov_len: self.head_lens[i],
                 });
                 v.extend_from_slice(&self.iov[a..b]);
-                v.truncate(libc::UIO_MAXIOV as usize);
                 v
             })
             .collect()
@@ -170,27 +200,6 @@ impl RxBatch {
             data,
         })
     }
-}
-
-/// Counters of the uplink itself.
-#[derive(Debug, Default)]
-pub struct UplinkStats {
-    /// Frames sent.
-    pub tx_packets: devshare_common::stats::Counter,
-    /// Bytes sent.
-    pub tx_bytes: devshare_common::stats::Counter,
-    /// Frames received.
-    pub rx_packets: devshare_common::stats::Counter,
-    /// Bytes received.
-    pub rx_bytes: devshare_common::stats::Counter,
-    /// Received unicast frames for no guest.
-    pub rx_not_for_us: devshare_common::stats::Counter,
-    /// Received frames claiming a guest's MAC as source.
-    pub rx_local_source: devshare_common::stats::Counter,
-    /// Received frames too short or truncated.
-    pub rx_bad_frame: devshare_common::stats::Counter,
-    /// Receive errors other than "nothing there".
-    pub rx_errors: devshare_common::stats::Counter,
 }
 
 /// The host link all guests share.

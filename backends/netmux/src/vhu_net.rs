@@ -1,44 +1,52 @@
-//! The vhost-user-net device of one guest connection: feature negotiation, configuration space,
-//! and the TX worker that takes frames from the guest's rings and hands them to the switch.
+//! The vhost-user-net device of one guest connection: feature negotiation and the glue from
+//! vhost-user events to the switch ([`Fabric::transmit`] on TX kicks; the port's receive
+//! side attached once its rings and memory are known).
 //!
 //! A fresh [`NetBackend`] is built for every connection; what must survive a reconnect (the
 //! port's counters and identity) lives in its [`Port`]. Each queue pair gets its own worker
 //! thread.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
 
-use devshare_common::chain::{GuestBuffers, MemoryAtomic};
+use devshare_common::chain::MemoryAtomic;
 use devshare_common::daemon::connection_start_event;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringT};
+use vhost_user_backend::{VhostUserBackend, VringState, VringT};
+use virtio_queue::Queue;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::fabric::{Fabric, LocalBatch, Outbox};
+use crate::fabric::{Fabric, TxEnd, TxQueue};
 use crate::port::{Port, RxPath, Vring};
-use crate::virtio_net::{config_space, device_features, Negotiated};
-use devshare_common::ring::Ring;
+use crate::virtio_net::{device_features, Negotiated};
 
 /// Ring size offered to the front-end.
 pub const QUEUE_SIZE: usize = 1024;
-/// Frames taken from a TX ring before the batch is sent and completed.
-const TX_BATCH: usize = 64;
+
+/// How long a new connection's SET_MEM_TABLE waits for the worker threads to report their
+/// vrings (see [`NetBackend::update_memory`]). They do so at once unless the machine is
+/// starved; past this the connection goes on and the receive side attaches when they do.
+const WORKER_START_WAIT: Duration = Duration::from_secs(30);
 
 struct Shared {
     fabric: Arc<Fabric>,
+    index: usize,
     port: Arc<Port>,
     features: Arc<AtomicU64>,
     mem: Mutex<Option<MemoryAtomic>>,
-    /// This connection's RX vrings by queue pair, each seen at its worker's connection-start
-    /// event (a worker is handed only its own pair's vrings).
+    /// This connection's RX vrings by queue pair, each reported at its worker's
+    /// connection-start event (a worker is handed only its own pair's vrings).
     rx_vrings: Mutex<Vec<Option<Vring>>>,
+    /// Signalled whenever a worker reported its RX vring.
+    rx_vrings_reported: Condvar,
     exits: Vec<(EventConsumer, EventNotifier)>,
-    mtu: u16,
 }
 
 /// The vhost-user backend of one connection to one guest port.
@@ -46,25 +54,25 @@ struct Shared {
 pub struct NetBackend(Arc<Shared>);
 
 impl NetBackend {
-    /// A backend for a new connection to `fabric.ports[port]`.
-    pub fn new(fabric: Arc<Fabric>, port: usize, mtu: u16) -> io::Result<NetBackend> {
+    /// A backend for a new connection to port `index` of `fabric`.
+    pub fn new(fabric: Arc<Fabric>, index: usize) -> io::Result<NetBackend> {
         let port = fabric
-            .ports
-            .get(port)
+            .port(index)
             .cloned()
-            .ok_or_else(|| io::Error::other(format!("no port {port}")))?;
+            .ok_or_else(|| io::Error::other(format!("no port {index}")))?;
         let exits = (0..port.config.queue_pairs)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
             .collect::<io::Result<Vec<_>>>()?;
         let rx_vrings = Mutex::new(vec![None; usize::from(port.config.queue_pairs)]);
         Ok(NetBackend(Arc::new(Shared {
             fabric,
+            index,
             port,
             features: Arc::new(AtomicU64::new(0)),
             mem: Mutex::new(None),
             rx_vrings,
+            rx_vrings_reported: Condvar::new(),
             exits,
-            mtu,
         })))
     }
 
@@ -80,8 +88,7 @@ impl NetBackend {
             .clone()
     }
 
-    /// Gives the port its receive side once both the vrings and the guest memory are known, so
-    /// frames for this guest land as soon as its RX ring runs (not only after its first kick).
+    /// Gives the port its receive side once both the vrings and the guest memory are known.
     fn attach_rx(&self) {
         // Runs at every ring event: once attached, nothing below is done.
         self.0.port.ensure_attached(|| {
@@ -98,103 +105,49 @@ impl NetBackend {
         });
     }
 
-    /// Takes every frame the guest queued on TX virtqueue `vring` (queue pair `pair`).
-    fn process_tx(&self, pair: usize, vring: &Vring) -> io::Result<()> {
+    /// Waits until every worker thread has reported its RX vring (bounded).
+    fn wait_for_workers(&self) {
+        let slots = self
+            .0
+            .rx_vrings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (slots, waited) = self
+            .0
+            .rx_vrings_reported
+            .wait_timeout_while(slots, WORKER_START_WAIT, |s| s.iter().any(Option::is_none))
+            .unwrap_or_else(PoisonError::into_inner);
+        if waited.timed_out() && slots.iter().any(Option::is_none) {
+            log::warn!(
+                "{}: worker threads have not started after {} s; frames for this guest are \
+                 dropped until they do",
+                self.0.port.config.name,
+                WORKER_START_WAIT.as_secs()
+            );
+        }
+    }
+
+    /// One TX pass over queue pair `pair`'s TX vring.
+    fn transmit(&self, pair: usize, vring: &Vring) -> TxEnd {
         let Some(atomic) = self.memory() else {
-            return Ok(());
+            return TxEnd::Idle;
         };
         let mem = atomic.memory();
         let hdr_len = Negotiated(self.0.features.load(Ordering::Acquire)).hdr_len();
-        let fabric = &self.0.fabric;
-        let port = &self.0.port;
-        let mut outbox = Outbox::default();
-        // Parsed chains borrow `mem`; kept until the batch is forwarded, then completed.
-        let mut parsed: Vec<GuestBuffers<'_>> = Vec::with_capacity(TX_BATCH);
-        let mut heads = [0u16; TX_BATCH];
         let mut state = vring.get_mut();
-        let mut ring = match Ring::open(state.get_queue(), &mem) {
-            Ok(r) => r,
-            Err(e) => {
-                port.stats.drop_bad_chain.inc();
-                log::debug!("{}: TX ring unusable: {e}", port.config.name);
-                return Ok(());
-            }
-        };
-        // Kicks off while draining; re-armed below, then re-checked for frames that raced in.
-        ring.disable_kicks();
-        let mut broken = None;
-        loop {
-            let mut n = 0;
-            while n < TX_BATCH {
-                match ring.pop() {
-                    Ok(Some(head)) => {
-                        heads[n] = head;
-                        n += 1;
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        broken = Some(e);
-                        break;
-                    }
-                }
-            }
-            if n > 0 {
-                for &head in &heads[..n] {
-                    let usable = match ring.chain_into(head, &mut parsed) {
-                        Ok(()) if parsed.last().is_some_and(|b| b.writable_len() == 0) => true,
-                        Ok(()) => {
-                            // A device-writable part on a transmit chain.
-                            parsed.pop();
-                            false
-                        }
-                        Err(_) => false,
-                    };
-                    if !usable {
-                        port.stats.drop_bad_chain.inc();
-                    }
-                }
-                let mut local = LocalBatch::default();
-                for b in &parsed {
-                    fabric.forward_from_guest(port.index, b, hdr_len, &mut outbox, &mut local);
-                }
-                fabric.deliver_local(pair, &mut local, &mut outbox.signals);
-                drop(local);
-                fabric.flush_links(&mut outbox);
-                parsed.clear();
-                for &head in &heads[..n] {
-                    // A head past the ring, which the guest invented and which was counted as
-                    // a bad chain above, is not returned.
-                    ring.push_used(head, 0);
-                }
-                ring.publish_used();
-                outbox.signals.flush(&fabric.ports);
-                if ring.needs_interrupt() {
-                    let _ = state.signal_used_queue();
-                }
-            }
-            if broken.is_some() {
-                break;
-            }
-            if n == TX_BATCH {
-                continue;
-            }
-            match ring.enable_kicks() {
-                Ok(true) => ring.disable_kicks(),
-                Ok(false) => break,
-                Err(e) => {
-                    broken = Some(e);
-                    break;
-                }
-            }
-        }
-        if let Some(e) = broken {
-            // A corrupt avail index: nothing sensible can be taken from this ring until the
-            // guest resets it.
-            port.stats.drop_bad_chain.inc();
-            log::debug!("{}: TX ring unusable: {e}", port.config.name);
-        }
-        ring.finish(state.get_queue_mut());
-        Ok(())
+        self.0
+            .fabric
+            .transmit(self.0.index, pair, hdr_len, &mem, &mut *state)
+    }
+}
+
+impl TxQueue for VringState<MemoryAtomic> {
+    fn queue_mut(&mut self) -> &mut Queue {
+        self.get_queue_mut()
+    }
+
+    fn interrupt(&mut self) {
+        let _ = self.signal_used_queue();
     }
 }
 
@@ -218,10 +171,12 @@ impl VhostUserBackend for NetBackend {
         self.0.features.store(features, Ordering::Release);
     }
 
+    /// Only what this device uses: MQ (GET_QUEUE_NUM, answered in queue pairs by the daemon's
+    /// relay, see `crate::run`) and REPLY_ACK. Not CONFIG: QEMU's vhost-user-net takes the
+    /// configuration space (MAC, MTU) from its own `-device` options and warns about a
+    /// back-end that offers it.
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
     }
 
     fn reset_device(&self) {
@@ -230,24 +185,17 @@ impl VhostUserBackend for NetBackend {
 
     fn set_event_idx(&self, _enabled: bool) {}
 
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let cfg = config_space(
-            self.0.port.config.mac,
-            self.0.port.config.queue_pairs,
-            self.0.mtu,
-        );
-        let start = offset as usize;
-        let end = start.saturating_add(size as usize);
-        if start >= cfg.len() || end > cfg.len() {
-            // Out of range: an empty answer makes the front-end's request fail cleanly.
-            return Vec::new();
-        }
-        cfg[start..end].to_vec()
-    }
-
+    /// Takes the guest's memory and attaches the port's receive side. On a new connection
+    /// this first waits for the worker threads to report their vrings: so once SET_MEM_TABLE
+    /// is answered, frames for this guest land as soon as its RX ring runs. (Without the wait
+    /// a worker thread scheduled late, on a busy host, made the first frames after the guest
+    /// enabled its rings count as `rx_down`.) The connection-start events the workers wait
+    /// for are sent before any front-end message is relayed (see
+    /// `devshare_common::daemon`), so this cannot wait on itself.
     fn update_memory(&self, mem: MemoryAtomic) -> io::Result<()> {
         *self.0.mem.lock().unwrap_or_else(PoisonError::into_inner) = Some(mem);
         self.0.port.mark_connected();
+        self.wait_for_workers();
         self.attach_rx();
         Ok(())
     }
@@ -272,16 +220,16 @@ impl VhostUserBackend for NetBackend {
         // handed that pair's vrings only: [RX, TX], indexed by `device_event`.
         let pair = thread_id;
         if device_event == connection_start_event(self.num_queues()) {
-            if let (Some(rx), Some(slot)) = (
-                vrings.first(),
-                self.0
-                    .rx_vrings
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .get_mut(pair),
-            ) {
+            let mut slots = self
+                .0
+                .rx_vrings
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let (Some(rx), Some(slot)) = (vrings.first(), slots.get_mut(pair)) {
                 *slot = Some(rx.clone());
             }
+            drop(slots);
+            self.0.rx_vrings_reported.notify_all();
             self.attach_rx();
             return Ok(());
         }
@@ -291,10 +239,30 @@ impl VhostUserBackend for NetBackend {
         }
         // After a device reset the receive side is attached again at the next ring event.
         self.attach_rx();
-        if q == 1 {
-            self.process_tx(pair, &vrings[q])?;
+        if q == 1 && self.transmit(pair, &vrings[1]) == TxEnd::Yielded {
+            // The pass stopped at its budget: come back after whatever else is waiting.
+            if let Err(e) = kick(&vrings[1]) {
+                log::warn!("{}: cannot re-kick TX queue: {e}", self.0.port.config.name);
+            }
         }
         // An RX kick only means new buffers: frames are never queued here waiting for them.
         Ok(())
     }
+}
+
+/// Kicks `vring` as the guest would: its worker's event loop calls the backend for it again,
+/// after the other events that are ready.
+fn kick(vring: &Vring) -> io::Result<()> {
+    let state = vring.get_ref();
+    let Some(kick) = state.get_kick() else {
+        return Ok(());
+    };
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes the 8 bytes of a live array to the kick eventfd, which stays open while
+    // the vring's lock (`state`) is held; an eventfd takes exactly this write.
+    let n = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

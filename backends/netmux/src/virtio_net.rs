@@ -6,8 +6,6 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use crate::config::MacAddr;
-
 /// Size of the header with `num_buffers` (VERSION_1 or MRG_RXBUF).
 pub const HDR_LEN: usize = 12;
 /// Size of the legacy header without `num_buffers`; also what AF_PACKET and TAP use.
@@ -193,16 +191,6 @@ impl NetHdr {
         self.flags & F_NEEDS_CSUM == 0
             || usize::from(self.csum_start) + usize::from(self.csum_offset) + 2 <= frame_len
     }
-}
-
-/// The virtio-net device configuration space (`struct virtio_net_config` up to `mtu`).
-pub fn config_space(mac: MacAddr, queue_pairs: u16, mtu: u16) -> [u8; 12] {
-    let mut c = [0u8; 12];
-    c[..6].copy_from_slice(&mac.0);
-    c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-    c[8..10].copy_from_slice(&queue_pairs.to_le_bytes());
-    c[10..12].copy_from_slice(&mtu.to_le_bytes());
-    c
 }
 
 /// Folds a running ones'-complement sum of `data` into `sum` (RFC 1071). `odd` says whether an

@@ -99,6 +99,8 @@ fn features() -> u64 {
 
 fn open(path: &PathBuf, ram: &GuestRam) -> (Connection, DriverQueue, DriverQueue) {
     let mut c = Connection::connect(path).expect("connect");
+    // vhost-user-net answers GET_QUEUE_NUM in queue pairs (netmux and DPDK alike).
+    c.device_counts_queue_pairs();
     c.handshake(
         features(),
         VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK,

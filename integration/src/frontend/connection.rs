@@ -63,6 +63,9 @@ pub struct Connection {
     /// Cleared by a successful handshake-time SET_FEATURES; SET_VRING_ENABLE needs it.
     protocol_features_acked: bool,
     acked_features: u64,
+    /// The device answers GET_QUEUE_NUM in queue pairs (see
+    /// [`Connection::device_counts_queue_pairs`]).
+    queue_num_in_pairs: bool,
 }
 
 impl Connection {
@@ -101,7 +104,18 @@ impl Connection {
             frontend: Frontend::from_stream(stream, UNCHECKED_QUEUE_LIMIT),
             protocol_features_acked: false,
             acked_features: 0,
+            queue_num_in_pairs: false,
         }
+    }
+
+    /// Reads GET_QUEUE_NUM as a count of queue pairs, as QEMU's vhost-user-net does (a
+    /// virtio-net device has an RX and a TX queue per pair). The vhost crate lets only queue
+    /// indices below the answer through; after GET_QUEUE_NUM [`handshake`](Self::handshake)
+    /// then goes on over a fresh endpoint on the same socket, repeating GET_FEATURES and the
+    /// protocol-feature exchange as QEMU does for each queue pair, with indices up to twice
+    /// the answer allowed.
+    pub fn device_counts_queue_pairs(&mut self) {
+        self.queue_num_in_pairs = true;
     }
 
     /// The vhost crate's frontend, for messages this type does not wrap (RESET_OWNER,
@@ -132,7 +146,14 @@ impl Connection {
             acked_protocol = protocol & offered;
             self.set_protocol_features(acked_protocol)?;
             if acked_protocol.contains(VhostUserProtocolFeatures::MQ) {
-                queue_num = Some(self.get_queue_num()?);
+                let n = self.get_queue_num()?;
+                queue_num = Some(n);
+                if self.queue_num_in_pairs {
+                    self.reopen_endpoint(2 * n)?;
+                    self.get_features()?;
+                    self.get_protocol_features()?;
+                    self.set_protocol_features(acked_protocol)?;
+                }
             }
         }
         self.set_owner()?;
@@ -144,6 +165,21 @@ impl Connection {
             acked_protocol,
             queue_num,
         })
+    }
+
+    /// Replaces the vhost crate's endpoint by a fresh one on the same socket that lets queue
+    /// indices below `queue_limit` through (its negotiation state starts empty).
+    fn reopen_endpoint(&mut self, queue_limit: u64) -> Result<(), Error> {
+        // SAFETY: dup() of the open socket descriptor the endpoint owns; the result is checked.
+        let fd = unsafe { libc::dup(self.frontend.as_raw_fd()) };
+        if fd < 0 {
+            return Err(Error::DupSocket(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor of a connected Unix stream socket, owned by no one
+        // else.
+        let stream = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        self.frontend = Frontend::from_stream(stream, queue_limit);
+        Ok(())
     }
 
     /// GET_FEATURES.

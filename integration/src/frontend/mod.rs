@@ -159,6 +159,9 @@ pub enum Error {
         #[source]
         source: vhost::Error,
     },
+    /// Duplicating the control socket's descriptor failed.
+    #[error("duplicating the vhost-user socket: {0}")]
+    DupSocket(#[source] std::io::Error),
     /// Creating an eventfd failed.
     #[error("creating an eventfd: {0}")]
     EventFd(#[source] std::io::Error),

@@ -14,7 +14,7 @@ use virtio_bindings::virtio_ring::{
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use super::memory::{GuestBuffer, GuestRam};
 use super::Error;
@@ -245,8 +245,9 @@ impl DriverQueue {
             last_used: 0,
             calls_enabled: true,
             stopped_base: None,
-            kick: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
-            call: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
+            // Close-on-exec: a backend this process starts later must not inherit them.
+            kick: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd)?,
+            call: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd)?,
             ram: ram.clone(),
         })
     }

@@ -15,6 +15,10 @@ use devshare_integration::qemu::{Guest, GuestBuilder, ScratchDir};
 /// How long a guest may take to boot and finish its part under TCG on a busy 2-core machine.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(400);
 
+/// Upper bound for a started netmux to create its sockets: a readiness wait that only a
+/// failure exhausts, generous for a busy machine paging a fresh binary in.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Address of the namespace's end of the veth (the "far side" of the NIC).
 pub const NS_IP: &str = "10.77.0.254";
 
@@ -54,6 +58,8 @@ pub struct NetNs {
     pub host_if: String,
     /// The namespace's end of the veth, carrying [`NS_IP`].
     pub peer: String,
+    /// What makes this namespace's names unique (the pid and a sequence number).
+    id: String,
 }
 
 impl NetNs {
@@ -69,6 +75,7 @@ impl NetNs {
             name: format!("nmxns{id}"),
             host_if: format!("nmxh{id}"),
             peer: format!("nmxp{id}"),
+            id,
         };
         let peer = ns.peer.clone();
         run_ok("ip", &["netns", "add", &ns.name]);
@@ -96,6 +103,12 @@ impl NetNs {
             "ip addr add {NS_IP}/24 dev {peer} && ip link set {peer} up && ip link set lo up"
         ));
         ns
+    }
+
+    /// An interface name unique to this namespace (and test process): `prefix` plus its id.
+    /// Keep `prefix` to 4 characters so the name fits IFNAMSIZ.
+    pub fn unique_name(&self, prefix: &str) -> String {
+        format!("{prefix}{}", self.id)
     }
 
     /// Moves interface `ifname` from the root namespace into this one.
@@ -242,11 +255,11 @@ impl Netmux {
             BackendProcess::spawn("vhost-user-netmux", args, &log).expect("start netmux");
         for p in ports.iter().filter(|p| !p.client) {
             process
-                .wait_for_path(&Self::socket(dir, p.index), Duration::from_secs(20))
+                .wait_for_path(&Self::socket(dir, p.index), START_TIMEOUT)
                 .expect("netmux socket");
         }
         process
-            .wait_for_path(&dir.join("stats.sock"), Duration::from_secs(20))
+            .wait_for_path(&dir.join("stats.sock"), START_TIMEOUT)
             .expect("stats socket");
         process
     }
@@ -544,11 +557,18 @@ impl Drop for VlanStation {
 /// An AF_PACKET socket on `ifname` inside namespace `ns`, with VLAN metadata (PACKET_AUXDATA)
 /// and a short receive timeout. Only the calling thread enters the namespace.
 fn station_socket(ns: &str, ifname: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+    packet_socket(Some(ns), ifname)
+}
+
+/// Like [`station_socket`]; `None` stays in the calling thread's namespace.
+fn packet_socket(ns: Option<&str>, ifname: &str) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, FromRawFd};
-    let nsfile = std::fs::File::open(format!("/run/netns/{ns}"))?;
-    // SAFETY: setns on an open namespace file; affects only this thread.
-    if unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error());
+    if let Some(ns) = ns {
+        let nsfile = std::fs::File::open(format!("/run/netns/{ns}"))?;
+        // SAFETY: setns on an open namespace file; affects only this thread.
+        if unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     let all = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket creation, checked below.
@@ -677,5 +697,102 @@ fn station_answer(f: &[u8], ip: [u8; 4]) -> Option<Vec<u8>> {
             Some(r)
         }
         _ => None,
+    }
+}
+
+/// One frame a [`Capture`] saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapturedFrame {
+    /// Destination MAC.
+    pub dst: [u8; 6],
+    /// Source MAC.
+    pub src: [u8; 6],
+    /// The 802.1Q VLAN it carried (kernel metadata or an inline tag), if any.
+    pub vlan: Option<u16>,
+    /// The Ethernet type after any VLAN tag.
+    pub ethertype: u16,
+    /// The frame without its VLAN tag.
+    pub bytes: Vec<u8>,
+}
+
+/// Records every frame arriving on an interface (the far end of a veth in a test namespace, or
+/// a TAP in this one) whose source MAC starts with `52:54:00:77` (every test guest's, and the
+/// forged ones the tests use), on its own thread until dropped.
+pub struct Capture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    frames: std::sync::Arc<std::sync::Mutex<Vec<CapturedFrame>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Capture {
+    /// Starts capturing on `ifname` inside namespace `ns` (`None`: this process's namespace).
+    /// Returns once the socket is bound: every later frame is seen.
+    pub fn start(ns: Option<&str>, ifname: &str) -> Capture {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let frames = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (s, f, ns_name, ifname_owned) = (
+            stop.clone(),
+            frames.clone(),
+            ns.map(str::to_string),
+            ifname.to_string(),
+        );
+        let thread = std::thread::spawn(move || {
+            let fd = match packet_socket(ns_name.as_deref(), &ifname_owned) {
+                Ok(fd) => {
+                    let _ = ready_tx.send(Ok(()));
+                    fd
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut buf = vec![0u8; 70_000];
+            while !s.load(Ordering::Relaxed) {
+                let Some((len, vlan)) = recv_tagged(&fd, &mut buf) else {
+                    continue;
+                };
+                if buf[6..10] != [0x52, 0x54, 0x00, 0x77] {
+                    continue;
+                }
+                let frame = CapturedFrame {
+                    dst: buf[..6].try_into().unwrap(),
+                    src: buf[6..12].try_into().unwrap(),
+                    vlan,
+                    ethertype: u16::from_be_bytes([buf[12], buf[13]]),
+                    bytes: buf[..len].to_vec(),
+                };
+                f.lock().unwrap().push(frame);
+            }
+        });
+        ready_rx
+            .recv()
+            .expect("capture thread")
+            .unwrap_or_else(|e| panic!("capture on {ifname}: {e}"));
+        Capture {
+            stop,
+            frames,
+            thread: Some(thread),
+        }
+    }
+
+    /// The frames seen so far.
+    pub fn frames(&self) -> Vec<CapturedFrame> {
+        self.frames.lock().unwrap().clone()
+    }
+
+    /// Waits (up to `timeout`, polling) until `f` holds for the frames seen so far.
+    pub fn wait_for(&self, timeout: Duration, mut f: impl FnMut(&[CapturedFrame]) -> bool) -> bool {
+        eventually(timeout, || f(&self.frames.lock().unwrap()))
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

@@ -1,0 +1,352 @@
+//! The switch driven through virtio-queue's mock rings: drops by reason, a full RX ring, the
+//! headers that leave, the TX pass budget.
+
+use std::sync::{Arc, Mutex};
+
+use devshare_common::chain::{Memory, MemoryAtomic};
+use vm_memory::GuestMemoryAtomic;
+
+use super::*;
+use crate::config::Mode;
+use crate::testing::*;
+use crate::uplink::SendOutcome;
+use crate::virtio_net::{GSO_TCPV4, HDR_LEN_LEGACY};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+/// A guest that negotiated VERSION_1 only (no MRG_RXBUF, no offloads).
+const PLAIN: u64 = 1 << VIRTIO_F_VERSION_1;
+const IP: u16 = 0x0800;
+const BCAST: MacAddr = MacAddr::BROADCAST;
+const EXT: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x99]);
+
+struct Switch {
+    fabric: Fabric,
+    uplink: Arc<Mutex<crate::testing::LinkLog>>,
+    host: Option<Arc<Mutex<crate::testing::LinkLog>>>,
+}
+
+fn switch(
+    vlans: &[Option<u16>],
+    mode: Mode,
+    uplink: SendOutcome,
+    host: Option<SendOutcome>,
+) -> Switch {
+    let (up, up_log) = fake_link("up", uplink);
+    let host = host.map(|o| fake_link("host", o));
+    let host_log = host.as_ref().map(|(_, l)| l.clone());
+    let host = host.map(|(link, _)| (link, MacAddr([0x02, 0, 0, 0, 0, 0xaa])));
+    Switch {
+        fabric: Fabric::new(&config(vlans, mode), up, host),
+        uplink: up_log,
+        host: host_log,
+    }
+}
+
+/// Gives guests `first..` their ports' receive sides (VERSION_1 only negotiated).
+fn attach(f: &Fabric, guests: &[Guest<'_>], first: usize, atomic: &MemoryAtomic) {
+    for (k, g) in guests.iter().enumerate() {
+        let port = f.port(first + k).unwrap();
+        port.ensure_attached(|| Some(g.rx_path(atomic, PLAIN)));
+    }
+}
+
+fn drops(f: &Fabric, port: usize, reason: &str) -> u64 {
+    let doc = serde_json::to_value(f.stats()).unwrap();
+    doc["ports"][port]["drops"][reason].as_u64().unwrap()
+}
+
+fn counter(f: &Fabric, port: usize, name: &str) -> u64 {
+    let doc = serde_json::to_value(f.stats()).unwrap();
+    doc["ports"][port][name].as_u64().unwrap()
+}
+
+/// Every drop reason of the sender's side, each counted as such and nothing else.
+#[test]
+fn frames_from_a_guest_are_dropped_and_counted_by_reason() {
+    let mem = memory();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let sw = switch(
+        &[None, None, Some(5)],
+        Mode::Bridge,
+        SendOutcome::Sent,
+        None,
+    );
+    let f = &sw.fabric;
+    let mut g: Vec<Guest<'_>> = (0..3).map(|i| Guest::new(&mem, &atomic, i)).collect();
+    g[1].post_rx(8, 2048);
+    g[2].post_rx(8, 2048);
+    attach(f, &g[1..3], 1, &atomic);
+    let mut gso = frame(mac(1), mac(0), IP, 100);
+    gso[1] = GSO_TCPV4;
+    gso[4] = 64;
+    g[0].send(&[
+        frame(mac(1), EXT, IP, 60),                                   // spoofed
+        frame(BCAST, mac(0), 0x8100, 60),                             // tagged
+        frame(BCAST, mac(0), 0x88a8, 60),                             // tagged
+        frame(MacAddr([1, 0x80, 0xc2, 0, 0, 0]), mac(0), 0x0026, 60), // link-local
+        frame(mac(0), mac(0), IP, 60),                                // hairpin
+        vec![0u8; HDR + 10],                                          // bad frame: short
+        gso,                                                          // bad frame: GSO, no checksum
+    ]);
+    let buf = g[0].buffer(100, &[]);
+    g[0].tx_chains(&[desc(buf, 100, WRITE, 0)]); // bad chain: writable on TX
+    g[0].tx_chains(&[desc(MEM_SIZE as u64, 100, 0, 0)]); // bad chain: outside memory
+    g[0].tx_chains(&[desc(buf, 60, NEXT, 1), desc(buf, 0, 0, 0)]); // bad chain: empty buffer
+                                                                   // And frames that go through: to guest 1, out of the uplink, flooded.
+    g[0].send(&[
+        frame(mac(1), mac(0), IP, 60),
+        frame(EXT, mac(0), IP, 70),
+        frame(BCAST, mac(0), IP, 80),
+    ]);
+    assert_eq!(drain(f, 0, &mem, &mut g[0]), 1);
+    assert_eq!(g[0].tx_used(), 13, "every chain is returned");
+    for (reason, n) in [
+        ("spoofed", 1),
+        ("tagged", 2),
+        ("link_local", 1),
+        ("hairpin", 1),
+        ("bad_frame", 2),
+        ("bad_chain", 3),
+        ("private", 0),
+        ("uplink_busy", 0),
+        ("rx_no_buffer", 0),
+    ] {
+        assert_eq!(drops(f, 0, reason), n, "{reason}: {}", f.stats_json());
+    }
+    // Parsed frames count as sent by the guest, whatever became of them.
+    assert_eq!(counter(f, 0, "tx_packets"), 8);
+    // Guest 1 got the unicast and the broadcast; guest 2 (VLAN 5) nothing.
+    let got: Vec<Vec<u8>> = g[1].rx_frames().into_iter().map(|(_, b)| b).collect();
+    assert_eq!(got.len(), 2);
+    assert_eq!(&got[0][HDR..HDR + 6], &mac(1).0);
+    assert_eq!(&got[1][HDR..HDR + 6], &BCAST.0);
+    assert!(g[2].rx_frames().is_empty());
+    // The uplink got the unknown unicast and the broadcast, each behind a legacy header.
+    let sent = &sw.uplink.lock().unwrap().sent;
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0].len(), HDR_LEN_LEGACY + 70);
+    assert_eq!(&sent[0][HDR_LEN_LEGACY..HDR_LEN_LEGACY + 6], &EXT.0);
+    assert_eq!(&sent[1][HDR_LEN_LEGACY..HDR_LEN_LEGACY + 6], &BCAST.0);
+    let doc = serde_json::to_value(f.stats()).unwrap();
+    assert_eq!(doc["uplink"]["tx_packets"], 2);
+}
+
+/// A tagged port's frames leave with its tag; what the receiving guest gets carries none.
+#[test]
+fn a_vlan_ports_frames_are_tagged_on_the_uplink_only() {
+    let mem = memory();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let sw = switch(&[Some(42), Some(42)], Mode::Bridge, SendOutcome::Sent, None);
+    let f = &sw.fabric;
+    let mut g: Vec<Guest<'_>> = (0..2).map(|i| Guest::new(&mem, &atomic, i)).collect();
+    g[1].post_rx(4, 2048);
+    f.port(1)
+        .unwrap()
+        .ensure_attached(|| Some(g[1].rx_path(&atomic, PLAIN)));
+    let sent_frame = frame(BCAST, mac(0), IP, 64);
+    g[0].send(std::slice::from_ref(&sent_frame));
+    drain(f, 0, &mem, &mut g[0]);
+    let up = &sw.uplink.lock().unwrap().sent;
+    assert_eq!(up.len(), 1);
+    let wire = &up[0][HDR_LEN_LEGACY..];
+    assert_eq!(&wire[..12], &sent_frame[HDR..HDR + 12]);
+    assert_eq!(&wire[12..16], &[0x81, 0x00, 0x00, 42]);
+    assert_eq!(&wire[16..], &sent_frame[HDR + 12..]);
+    let got = g[1].rx_frames();
+    assert_eq!(&got[0].1[HDR..], &sent_frame[HDR..]);
+}
+
+/// Drops on the link side, counted on the sending port: busy and refused, uplink and host
+/// port; and private mode.
+#[test]
+fn link_drops_and_private_mode_are_counted_on_the_sender() {
+    let mem = memory();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    for (up, host, reasons) in [
+        (
+            SendOutcome::Busy,
+            SendOutcome::Refused,
+            ["uplink_busy", "host_refused"],
+        ),
+        (
+            SendOutcome::Refused,
+            SendOutcome::Busy,
+            ["uplink_refused", "host_busy"],
+        ),
+    ] {
+        let sw = switch(&[None, None], Mode::Private, up, Some(host));
+        let f = &sw.fabric;
+        let mut g0 = Guest::new(&mem, &atomic, 0);
+        // A broadcast goes to the uplink and the host port; unicast to guest 1 is private.
+        g0.send(&[frame(BCAST, mac(0), IP, 60), frame(mac(1), mac(0), IP, 60)]);
+        drain(f, 0, &mem, &mut g0);
+        assert_eq!(drops(f, 0, reasons[0]), 1, "{}", f.stats_json());
+        assert_eq!(drops(f, 0, reasons[1]), 1, "{}", f.stats_json());
+        assert_eq!(drops(f, 0, "private"), 1);
+        assert!(sw.uplink.lock().unwrap().sent.is_empty());
+        assert!(sw.host.as_ref().unwrap().lock().unwrap().sent.is_empty());
+    }
+}
+
+/// Drops on the receiving side, each counted on the receiver as such.
+#[test]
+fn frames_for_a_guest_are_dropped_and_counted_by_reason() {
+    let mem = memory();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let sw = switch(&[None; 6], Mode::Bridge, SendOutcome::Sent, None);
+    let f = &sw.fabric;
+    let mut g: Vec<Guest<'_>> = (0..6).map(|i| Guest::new(&mem, &atomic, i)).collect();
+    // 1: attached, ring empty. 2: buffers too small, no MRG_RXBUF. 3: a readable buffer.
+    // 4: fine, but no TSO. 5: not attached at all.
+    g[2].post_rx(2, 64);
+    let b = g[3].buffer(2048, &[]);
+    g[3].post_rx_raw(&[desc(b, 2048, 0, 0)]);
+    g[4].post_rx(2, 2048);
+    attach(f, &g[1..5], 1, &atomic);
+    let mut tso = frame(mac(4), mac(0), IP, 200);
+    tso[0] = 1; // NEEDS_CSUM
+    tso[1] = GSO_TCPV4;
+    tso[4] = 100;
+    tso[6] = 34; // csum_start
+    tso[8] = 16; // csum_offset
+    g[0].send(&[
+        frame(mac(1), mac(0), IP, 60),
+        frame(mac(2), mac(0), IP, 100),
+        frame(mac(3), mac(0), IP, 60),
+        tso,
+        frame(mac(5), mac(0), IP, 60),
+    ]);
+    drain(f, 0, &mem, &mut g[0]);
+    for (port, reason) in [
+        (1, "rx_no_buffer"),
+        (2, "rx_too_big"),
+        (3, "rx_bad_chain"),
+        (4, "rx_offload"),
+        (5, "rx_down"),
+    ] {
+        assert_eq!(drops(f, port, reason), 1, "port {port}: {}", f.stats_json());
+        assert_eq!(counter(f, port, "rx_packets"), 0);
+    }
+    // The malformed RX chain went back to its guest, empty.
+    assert_eq!(g[3].rx_frames(), vec![(0, vec![])]);
+    assert_eq!(drops(f, 0, "bad_frame") + drops(f, 0, "bad_chain"), 0);
+}
+
+/// A guest whose RX ring is full (empty of buffers) costs drops on its own port only: the
+/// sender's ring is drained in one pass and every chain returned, another receiver gets all
+/// its frames.
+#[test]
+fn a_full_rx_ring_costs_drops_on_that_port_only() {
+    let mem = memory();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let sw = switch(&[None, None, None], Mode::Bridge, SendOutcome::Sent, None);
+    let f = &sw.fabric;
+    let mut g: Vec<Guest<'_>> = (0..3).map(|i| Guest::new(&mem, &atomic, i)).collect();
+    g[2].post_rx(100, 2048);
+    attach(f, &g[1..3], 1, &atomic);
+    let frames: Vec<Vec<u8>> = (0..200)
+        .map(|k| frame(mac(1 + k % 2), mac(0), IP, 60))
+        .collect();
+    g[0].send(&frames[..100]);
+    assert_eq!(drain(f, 0, &mem, &mut g[0]), 1);
+    g[0].send(&frames[100..]);
+    assert_eq!(drain(f, 0, &mem, &mut g[0]), 1);
+    assert_eq!(g[0].tx_used(), 200);
+    assert_eq!(drops(f, 1, "rx_no_buffer"), 100);
+    assert_eq!(counter(f, 2, "rx_packets"), 100);
+    assert_eq!(g[2].rx_frames().len(), 100);
+    assert_eq!(drops(f, 2, "rx_no_buffer"), 0);
+    assert_eq!(counter(f, 0, "tx_packets"), 200);
+}
+
+/// A pass stops at its work budget and says so; the rest waits for the next pass. A ring of
+/// chains as long as the queue allows (through indirect tables) yields after a few of them.
+#[test]
+fn a_tx_pass_yields_after_its_budget() {
+    let mem = memory();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let sw = switch(&[None], Mode::Bridge, SendOutcome::Sent, None);
+    let f = &sw.fabric;
+    let mut g = Guest::new(&mem, &atomic, 0);
+    const CHAINS: u16 = 200;
+    let head = frame(EXT, mac(0), IP, 14);
+    for _ in 0..CHAINS {
+        // A table of QSIZE entries: the header and Ethernet header, then one byte each.
+        let first = g.buffer(head.len(), &head);
+        let byte = g.buffer(1, &[0xab]);
+        let table: Vec<_> = (0..QSIZE)
+            .map(|i| {
+                let flags = if i + 1 < QSIZE { NEXT } else { 0 };
+                match i {
+                    0 => desc(first, head.len() as u32, flags, 1),
+                    _ => desc(byte, 1, flags, i + 1),
+                }
+            })
+            .collect();
+        let at = g.buffer(16 * usize::from(QSIZE), &[]);
+        for (k, d) in table.iter().enumerate() {
+            vm_memory::Bytes::write_obj(&mem, *d, vm_memory::GuestAddress(at + 16 * k as u64))
+                .unwrap();
+        }
+        g.tx_chains(&[desc(at, 16 * u32::from(QSIZE), INDIRECT, 0)]);
+    }
+    assert_eq!(f.transmit(0, 0, HDR, &mem, &mut g.tx), TxEnd::Yielded);
+    let first_pass = g.tx_used();
+    assert!(
+        first_pass > 0 && first_pass < CHAINS,
+        "{first_pass} chains in the first pass"
+    );
+    let passes = drain(f, 0, &mem, &mut g);
+    assert!(passes > 1);
+    assert_eq!(g.tx_used(), CHAINS);
+    assert_eq!(counter(f, 0, "tx_packets"), u64::from(CHAINS));
+    assert_eq!(drops(f, 0, "bad_chain"), 0);
+    let sent = &sw.uplink.lock().unwrap().sent;
+    assert_eq!(sent.len(), usize::from(CHAINS));
+    assert_eq!(sent[0].len(), HDR_LEN_LEGACY + 14 + usize::from(QSIZE) - 1);
+}
+
+/// The host copy of the Ethernet header is what leaves, not what the guest's memory holds
+/// by the time the frame is sent. (The race itself is shown with a second thread in the
+/// harness test `a_source_mac_rewritten_while_frames_are_sent_never_gets_out`; here the
+/// uplink rewrites guest memory from inside `send`, the latest moment there is.)
+#[test]
+fn what_leaves_is_what_was_checked() {
+    struct Rewriter {
+        inner: Box<dyn Uplink>,
+        mem: Memory,
+        at: u64,
+    }
+    impl Uplink for Rewriter {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        fn raw_fd(&self) -> std::os::fd::RawFd {
+            self.inner.raw_fd()
+        }
+        fn send(&self, batch: &mut crate::uplink::TxBatch) {
+            vm_memory::Bytes::write_slice(&self.mem, &[0x99], vm_memory::GuestAddress(self.at))
+                .unwrap();
+            self.inner.send(batch)
+        }
+        fn recv(&self, batch: &mut crate::uplink::RxBatch) -> std::io::Result<usize> {
+            self.inner.recv(batch)
+        }
+    }
+    let mem = memory();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let mut g = Guest::new(&mem, &atomic, 0);
+    let bytes = frame(EXT, mac(0), IP, 60);
+    let addr = g.buffer(bytes.len(), &bytes);
+    g.tx_chains(&[desc(addr, bytes.len() as u32, 0, 0)]);
+    let (inner, log) = fake_link("up", SendOutcome::Sent);
+    let up = Box::new(Rewriter {
+        inner,
+        mem: mem.clone(),
+        at: addr + (HDR + 11) as u64,
+    });
+    let f = Fabric::new(&config(&[None], Mode::Bridge), up, None);
+    drain(&f, 0, &mem, &mut g);
+    let sent = &log.lock().unwrap().sent;
+    assert_eq!(&sent[0][HDR_LEN_LEGACY..], &bytes[HDR..]);
+}
