@@ -31,6 +31,7 @@ fn main() -> std::io::Result<()> {
     write("relay", devshare_fuzz::relay::seeds())?;
     write("ring", devshare_fuzz::ring::seeds())?;
     write("control", devshare_fuzz::control::seeds())?;
+    write("net", devshare_fuzz::net::seeds())?;
     write_raw("config", devshare_fuzz::config::seeds())?;
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod fds;
 pub mod guest;
+pub mod net;
 pub mod relay;
 pub mod ring;
 pub mod seed;
