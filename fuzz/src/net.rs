@@ -49,7 +49,7 @@ const WRITE: u16 = 2;
 const NEXT: u16 = 1;
 /// Largest frame built (a full TSO segment).
 const MAX_PAYLOAD: usize = 65000;
-const TPIDS: [u16; 3] = [0x8100, 0x88a8, 0x9100];
+const TPIDS: [u16; 5] = [0x8100, 0x88a8, 0x9100, 0x9200, 0x9300];
 /// Frames queued before a pass at most (their buffers must fit the TX buffer area).
 const MAX_BATCH: usize = 16;
 
