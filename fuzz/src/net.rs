@@ -792,20 +792,24 @@ fn pass(
                 descs.push((at, piece.len() as u32, 0u16));
                 at += (piece.len() as u64).next_multiple_of(64);
             }
+            // The bytes the chain holds, as sent.
+            let mut held = bytes.len();
             match f.damage % 8 {
                 // A device-writable buffer at the end: not a TX chain.
                 1 => descs.push((at, 64, WRITE)),
                 // An empty buffer.
                 2 => descs.push((at, 0, 0)),
-                // Cut short by one descriptor.
+                // Cut short by its last descriptor.
                 3 if descs.len() > 1 => {
-                    descs.pop();
+                    if let Some((_, len, _)) = descs.pop() {
+                        held -= len as usize;
+                    }
                 }
                 _ => {}
             }
             if g.tx_ring.add(mem, &descs).is_some() {
                 chains += 1;
-                sent.frames.push(eth);
+                sent.frames.push(bytes[g.hdr_len.min(held)..held].to_vec());
             }
         }
     }
