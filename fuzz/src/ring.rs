@@ -103,6 +103,12 @@ seed_enum! {
         DisableKicks,
         /// Back to where this batch started.
         Rewind,
+        /// `pending`: chains announced and not taken.
+        Pending,
+        /// `skip` of up to `n` chains.
+        Skip { n: u16 },
+        /// `walk` of any head, collecting the buffers it visits.
+        Walk { head: u16 },
         /// `finish`, then `open` again.
         Reopen,
         GuestDesc { index: u16, desc: Desc },
@@ -446,6 +452,7 @@ pub fn run(input: &Input) {
                     },
                 };
                 let walk = spec_walk(&g, desc_table, size, head);
+                let read_before = ring.descriptors_read();
                 let got = if matches!(op, Op::ChainInto) {
                     let before = batch.len();
                     let r = ring.chain_into(head, &mut batch);
@@ -462,6 +469,11 @@ pub fn run(input: &Input) {
                 } else {
                     ring.chain(head).map(Some)
                 };
+                let read = ring.descriptors_read() - read_before;
+                assert!(
+                    read <= usize::from(size) + 1,
+                    "one chain cost {read} descriptor reads in a queue of {size}"
+                );
                 match (got, walk) {
                     (Err(e), Walk::Buffers { valid: true, bufs }) => {
                         panic!("a valid chain was refused ({e}): {bufs:x?}")
@@ -559,6 +571,60 @@ pub fn run(input: &Input) {
             Op::Rewind => {
                 ring.rewind(m.batch_start);
                 m.next_avail = Wrapping(m.batch_start);
+            }
+            Op::Pending | Op::Skip { .. } => {
+                let idx = Wrapping(read_u16(avail + 2));
+                let ahead = (idx - m.next_avail).0;
+                let r = match op {
+                    Op::Skip { n } => ring.skip(*n),
+                    _ => ring.pending(),
+                };
+                match r {
+                    Err(_) => assert!(ahead > size, "pending/skip failed with {ahead} ahead"),
+                    Ok(k) => {
+                        assert!(ahead <= size, "{ahead} chains ahead were taken as pending");
+                        m.avail_cache = idx;
+                        match op {
+                            Op::Skip { n } => {
+                                assert_eq!(k, ahead.min(*n), "skip");
+                                m.next_avail += Wrapping(k);
+                            }
+                            _ => assert_eq!(k, ahead, "pending"),
+                        }
+                    }
+                }
+                assert_eq!(ring.next_avail(), m.next_avail.0);
+            }
+            Op::Walk { head } => {
+                let read_before = ring.descriptors_read();
+                let mut seen = Vec::new();
+                let r = ring.walk(*head, |b| {
+                    seen.push(Buf {
+                        addr: b.addr,
+                        len: b.len,
+                        write: b.write,
+                    });
+                    Ok(())
+                });
+                assert!(
+                    ring.descriptors_read() - read_before <= usize::from(size) + 1,
+                    "one walk read {} descriptors of a queue of {size}",
+                    ring.descriptors_read() - read_before
+                );
+                match (r, spec_walk(&g, desc_table, size, *head)) {
+                    (Ok(()), Walk::Broken(why)) => panic!("walk followed a broken chain ({why})"),
+                    (Ok(()), Walk::Buffers { bufs, .. }) => {
+                        assert_eq!(
+                            seen, bufs,
+                            "walk visited other buffers than the spec's walk"
+                        );
+                        assert!(
+                            bufs.len() <= usize::from(size),
+                            "walk: a chain longer than the queue"
+                        );
+                    }
+                    (Err(_), _) => {}
+                }
             }
             Op::Reopen => {
                 ring.finish(&mut queue);
@@ -757,6 +823,10 @@ fn check_chain(g: &Guest, c: &GuestBuffers<'_>, spec: &[Buf], size: u16) {
         );
     }
     assert!(
+        spec.iter().all(|b| b.len > 0),
+        "an accepted chain has an empty buffer"
+    );
+    assert!(
         spec.windows(2).all(|w| !w[0].write || w[1].write),
         "an accepted chain has a readable buffer after a writable one"
     );
@@ -893,6 +963,11 @@ fn net_tx() -> Input {
             Op::NeedsInterrupt,
             Op::EnableKicks,
             Op::Pop,
+            Op::Rewind,
+            Op::Pending,
+            Op::Walk { head: 2 },
+            Op::Skip { n: 2 },
+            Op::Pending,
         ],
     }
 }
