@@ -19,6 +19,11 @@
 #            descriptors over a socketpair, against a model of what must pass and what ends it
 #   ring     descriptor chains over the split ring: random tables, indirect tables, avail
 #            indices and guest memory layouts, against a walk of the spec
+#   net      frames with random virtio-net, Ethernet, VLAN and IP headers through netmux's
+#            TX path: no forged source, no guest-made tag, no link-local frame leaves; the
+#            counters add up
+#   control  the console's control-queue conversation with a hostile driver: the reply queue
+#            stays bounded, every reply is well-formed
 #   config   config files and command-line specs of both backends, sizes, QEMU versions and
 #            command lines: no panic, and what prints parses back
 #
