@@ -40,8 +40,8 @@
 #   CARGO_FUZZ_VERSION   version installed when missing (default 0.13.2)
 set -euo pipefail
 
-# Everything below runs from main(), called on the last line: bash has then read the whole
-# file, so editing it while a long run goes on cannot change what that run does.
+# Everything below runs from main(), called on the last line (with the exit): bash has then
+# read the whole file, so editing it while a long run goes on cannot change what that run does.
 main() {
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -185,4 +185,5 @@ fi
 echo "no crashes"
 }
 
-main "$@"
+# On one line with the call: bash has read it before main runs, so nothing after it is read.
+main "$@"; exit $?
