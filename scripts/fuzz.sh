@@ -8,7 +8,8 @@
 #   --target NAME    run only this target (repeatable; default: every target)
 #   --list           print the targets and exit
 #   --update-corpus  after the runs, merge what they found into fuzz/corpus/<target>/ and
-#                    minimize it (cargo fuzz cmin); review and commit the result
+#                    minimize it to the inputs that cover its edges (cargo fuzz cmin), keeping
+#                    the named seed-* and regression-* inputs; review and commit the result
 #   --write-seeds    check the seed inputs (cargo test in fuzz/) and write them into
 #                    fuzz/corpus/<target>/seed-*, then exit
 #   --help           this text
@@ -48,6 +49,27 @@ cd "$ROOT"
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 die() { echo "fuzz.sh: $*" >&2; exit 2; }
+# Merges what a run found (work corpus) into the committed corpus and minimizes it to the
+# inputs that cover its edges (cargo fuzz cmin with -use_counters=0: hit counts do not keep an
+# input, which keeps the committed corpus small). Named inputs (seed-*, regression-*) stay.
+update_corpus() {
+    local t=$1 corpus=$2 work=$3 log=$4 keep
+    echo "merging new inputs into $corpus and minimizing it"
+    keep=$(mktemp -d)
+    find "$corpus" -maxdepth 1 -type f \( -name 'seed-*' -o -name 'regression-*' \) \
+        -exec mv {} "$keep/" \;
+    if ! "${FUZZ[@]}" run --fuzz-dir fuzz "$t" "$corpus" "$work" -- -merge=1 >>"$log" 2>&1 ||
+        ! "${FUZZ[@]}" cmin --fuzz-dir fuzz "$t" "$corpus" -- -use_counters=0 >>"$log" 2>&1; then
+        mv "$keep"/* "$corpus/" 2>/dev/null || true
+        rmdir "$keep"
+        echo "fuzz.sh: updating the corpus of $t failed (see $log)" >&2
+        return 1
+    fi
+    mv "$keep"/* "$corpus/" 2>/dev/null || true
+    rmdir "$keep"
+    echo "$corpus: $(find "$corpus" -type f | wc -l) files, $(corpus_kb "$corpus") KB"
+}
+
 # Bytes of the inputs in a corpus directory, in KB (rounded up), not the blocks they occupy.
 corpus_kb() { find "$1" -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%d", (s + 1023) / 1024 }'; }
 
@@ -165,12 +187,7 @@ for t in "${TARGETS[@]}"; do
     ROWS+=("$(printf '%-9s %10s %8s %7s %7s %12s %10s  %s' "$t" "${execs:-?}" "${rate:-?}" \
         "${cov:-?}" "${ft:-?}" "${corp:-?}" "$files/${kb}K" "$result")")
     if [ "$UPDATE" = 1 ] && [ "$status" = 0 ]; then
-        echo "merging new inputs into $corpus and minimizing it"
-        "${FUZZ[@]}" run --fuzz-dir fuzz "$t" "$corpus" "$work" -- -merge=1 >>"$log" 2>&1 ||
-            { echo "fuzz.sh: merging the corpus of $t failed (see $log)" >&2; FAILED+=("$t-merge"); }
-        "${FUZZ[@]}" cmin --fuzz-dir fuzz "$t" "$corpus" >>"$log" 2>&1 ||
-            { echo "fuzz.sh: minimizing the corpus of $t failed (see $log)" >&2; FAILED+=("$t-cmin"); }
-        echo "$corpus: $(find "$corpus" -type f | wc -l) files, $(corpus_kb "$corpus") KB"
+        update_corpus "$t" "$corpus" "$work" "$log" || FAILED+=("$t-corpus")
     fi
 done
 
