@@ -272,6 +272,17 @@ for version in "${QEMU_VERSIONS[@]}"; do
         DEVSHARE_QEMU="$CACHE/bin/qemu-system-x86_64"
     fi
 done
+# Versions set up by an earlier run stay in the env file: a run that asks for fewer must not
+# hide them from the matrix tests.
+for build in "${QEMU_BUILDS[@]}"; do
+    version=${build%% *}
+    case " ${QEMU_VERSIONS[*]} " in *" $version "*) continue ;; esac
+    root="$CACHE/qemu-$version"
+    if [ "$(cat "$root.stamp" 2>/dev/null)" = "${version/./ }" ] && [ -x "$root/usr/bin/qemu-system-x86_64" ]; then
+        write_launcher "$root" "$CACHE/bin/qemu-$version" "QEMU $version"
+        QEMU_ENV_LINES+="DEVSHARE_QEMU_${version//./_}=$CACHE/bin/qemu-$version"$'\n'
+    fi
+done
 
 # ---------------------------------------------------------------------------------------------
 # 3. Guest kernel

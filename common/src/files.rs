@@ -10,11 +10,14 @@
 //! - [`open_private`] opens or creates a file with `O_NOFOLLOW | O_CLOEXEC` and mode 0600, and
 //!   refuses anything but a regular file with a single link (a hard link planted in a shared
 //!   directory would otherwise turn an append into a write to any file).
+//! - [`open_state_file`] opens a file a backend keeps its state in (read and write, never
+//!   truncated): [`open_private`]'s checks, owned by this user, 0600 even if it was not, and
+//!   locked for as long as it is open, so no two users of one file exist at a time.
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{flock, FlockArg};
@@ -50,6 +53,12 @@ pub enum FileError {
     #[error("{path} is in use by another running instance (it holds the directory's lock); give each instance its own directory")]
     Locked {
         /// The directory.
+        path: PathBuf,
+    },
+    /// Another open of the file (in this process or another) holds its lock.
+    #[error("{path} is in use (another user of it holds its lock)")]
+    InUse {
+        /// The file.
         path: PathBuf,
     },
 }
@@ -187,6 +196,50 @@ pub fn open_private(path: &Path, options: &OpenOptions) -> Result<File, FileErro
     Ok(file)
 }
 
+/// Opens the state file at `path` for reading and writing, creating it (0600) if missing and
+/// never truncating it: [`open_private`]'s checks, then an exclusive `flock` (held until the
+/// file is closed), then the owner (this process's effective user, or it is refused) and the
+/// mode (made 0600 if it was wider, as an older version may have left it).
+///
+/// # Errors
+/// What [`open_private`] refuses; [`FileError::InUse`] when the lock is held elsewhere (a
+/// second open in this process counts); [`FileError::Unsafe`] for a file of another user.
+pub fn open_state_file(path: &Path) -> Result<File, FileError> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    let file = open_private(path, &options)?;
+    match flock(file.as_raw_fd(), FlockArg::LockExclusiveNonblock) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EWOULDBLOCK) => {
+            return Err(FileError::InUse {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(io_err(path, "lock")(e.into())),
+    }
+    let meta = file.metadata().map_err(io_err(path, "stat"))?;
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(FileError::Unsafe {
+            path: path.to_path_buf(),
+            reason: format!(
+                "belongs to uid {}, not to this process's user (uid {euid})",
+                meta.uid()
+            ),
+        });
+    }
+    if meta.mode() & 0o7777 != PRIVATE_FILE_MODE {
+        log::info!(
+            "{}: mode {:o} made {PRIVATE_FILE_MODE:o}",
+            path.display(),
+            meta.mode() & 0o7777
+        );
+        file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
+            .map_err(io_err(path, "chmod"))?;
+    }
+    Ok(file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,8 +301,6 @@ mod tests {
             Err(FileError::Unsafe { .. })
         ));
     }
-
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn second_lock_is_refused_until_the_first_is_dropped() {
@@ -332,6 +383,49 @@ mod tests {
             open_private(&fifo, &rd),
             Err(FileError::Unsafe { .. })
         ));
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn state_files_are_private_locked_and_never_truncated() {
+        let _serial = crate::process_state_lock();
+        let d = scratch("state");
+        let p = d.join("spool");
+        // SAFETY: as above.
+        let old = unsafe { libc::umask(0) };
+        let r = open_state_file(&p);
+        // SAFETY: restores the previous mask.
+        unsafe { libc::umask(old) };
+        let mut f = r.unwrap();
+        f.write_all(b"state").unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        // A second open, even in this process, finds it locked.
+        let e = open_state_file(&p).unwrap_err();
+        assert!(matches!(e, FileError::InUse { .. }), "{e}");
+        assert!(e.to_string().contains(&p.display().to_string()), "{e}");
+        drop(f);
+        // Reopened: not truncated; a mode left wider is made private again.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut s = String::new();
+        open_state_file(&p).unwrap().read_to_string(&mut s).unwrap();
+        assert_eq!(s, "state");
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn state_files_are_not_opened_through_symlinks_or_hard_links() {
+        let _serial = crate::process_state_lock();
+        let d = scratch("state-planted");
+        let victim = d.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let link = d.join("symlink");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let hard = d.join("hardlink");
+        std::fs::hard_link(&victim, &hard).unwrap();
+        for p in [&link, &hard] {
+            let e = open_state_file(p).unwrap_err();
+            assert!(matches!(e, FileError::Unsafe { .. }), "{e}");
+        }
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     }
 }

@@ -8,7 +8,11 @@
 //! the exact numbers; the log keeps the first examples and the rate.
 //!
 //! One [`RateLimit`] is meant per source of events (per guest port, say), so one noisy guest
-//! cannot hide another's messages. Log through [`warn_limited!`](crate::warn_limited):
+//! cannot hide another's messages; [`RateLimit::standard`] gives a source the project's usual
+//! rate. A source lives as long as what it names (a port, a VM), not as long as one
+//! connection: a front-end that reconnects must not get a fresh burst each time. Log through
+//! [`warn_limited!`](crate::warn_limited), or [`log_limited!`](crate::log_limited) at another
+//! level:
 //!
 //! ```
 //! use std::time::Duration;
@@ -79,11 +83,32 @@ pub struct RateLimit<C: Clock = SystemClock> {
     window: Mutex<Window>,
 }
 
+/// Events of one source logged per interval by [`RateLimit::standard`].
+pub const STANDARD_BURST: u32 = 5;
+/// The interval of [`RateLimit::standard`].
+pub const STANDARD_INTERVAL: Duration = Duration::from_secs(10);
+
 impl RateLimit<SystemClock> {
     /// `burst` events per `interval` of the system clock. `what` names the source in the
     /// held-back summary (e.g. `"port vm1"`).
     pub fn new(what: impl Into<String>, burst: u32, interval: Duration) -> Self {
         RateLimit::with_clock(what, burst, interval, SystemClock)
+    }
+
+    /// The rate every guest- or front-end-caused event of the backends is logged at:
+    /// [`STANDARD_BURST`] events per [`STANDARD_INTERVAL`], then the count.
+    pub fn standard(what: impl Into<String>) -> Self {
+        RateLimit::new(what, STANDARD_BURST, STANDARD_INTERVAL)
+    }
+}
+
+impl<C: Clock> fmt::Debug for RateLimit<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("what", &self.what)
+            .field("burst", &self.burst)
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
     }
 }
 
@@ -169,13 +194,26 @@ impl fmt::Display for Summary<'_> {
 /// to one). The arguments are only evaluated when the line is logged.
 #[macro_export]
 macro_rules! warn_limited {
-    ($limit:expr, $($arg:tt)+) => {{
+    ($limit:expr, $($arg:tt)+) => {
+        $crate::log_limited!($crate::__log::Level::Warn, $limit, $($arg)+)
+    };
+}
+
+/// Logs at `level` through a [`RateLimit`], like [`warn_limited!`](crate::warn_limited): for
+/// events a guest can cause that are not warnings (a ring that works again after it was
+/// refused, say), which must not flood the log either. The held-back summary is always a
+/// warning. Events of every level share the limit they are logged through.
+///
+/// `log_limited!(log::Level::Info, limit, "format {}", args)`.
+#[macro_export]
+macro_rules! log_limited {
+    ($level:expr, $limit:expr, $($arg:tt)+) => {{
         let limit = &$limit;
         if let $crate::ratelimit::Decision::Log { held_back, over } = limit.check() {
             if held_back > 0 {
                 $crate::__log::warn!("{}", limit.summary(held_back, over));
             }
-            $crate::__log::warn!($($arg)+);
+            $crate::__log::log!($level, $($arg)+);
         }
     }};
 }
@@ -318,7 +356,7 @@ mod tests {
     #[test]
     fn the_macro_logs_what_passes_and_the_summary() {
         log::set_logger(&LINES).unwrap();
-        log::set_max_level(log::LevelFilter::Warn);
+        log::set_max_level(log::LevelFilter::Info);
         let clock = FakeClock::new();
         let limit = RateLimit::with_clock("port g0", 2, Duration::from_secs(10), &clock);
         let mut evaluated = 0;
@@ -333,6 +371,11 @@ mod tests {
         }
         // Arguments are evaluated only for lines that are logged.
         assert_eq!(evaluated, 3);
+        // Another level shares the limit: the burst of the new interval has one line left.
+        crate::log_limited!(log::Level::Info, limit, "ring usable again");
+        crate::log_limited!(log::Level::Info, limit, "ring usable again, held back");
+        clock.advance(10_000);
+        crate::log_limited!(log::Level::Info, limit, "ring usable again, later");
         assert_eq!(
             *LINES.0.lock().unwrap(),
             [
@@ -340,7 +383,19 @@ mod tests {
                 "WARN bad chain 1",
                 "WARN port g0: ... and 7 more in the last 10 s",
                 "WARN bad chain 9",
+                "INFO ring usable again",
+                "WARN port g0: ... and 1 more in the last 10 s",
+                "INFO ring usable again, later",
             ]
         );
+    }
+
+    #[test]
+    fn the_standard_rate_is_five_per_ten_seconds() {
+        let limit = RateLimit::standard("vm a");
+        let logged = (0..100).filter(|_| logged(limit.check())).count();
+        assert_eq!(logged, STANDARD_BURST as usize);
+        assert_eq!(STANDARD_INTERVAL, Duration::from_secs(10));
+        assert!(format!("{limit:?}").contains("vm a"));
     }
 }

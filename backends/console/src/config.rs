@@ -13,9 +13,14 @@ use serde::Deserialize;
 
 use crate::endpoint::EndpointSpec;
 
-/// Most ports one virtio VM may have (the Linux driver allows far more; this keeps the queue
-/// count QEMU must be told about manageable).
+/// Most ports one virtio VM may have: with MULTIPORT, 31 ports take 64 queues, the most one
+/// vhost-user worker serves ([`crate::virtio_console::MAX_QUEUES`]). The Linux driver allows
+/// more; QEMU's virtio-serial has the same default (`max_ports=31`).
 pub const MAX_PORTS: usize = 31;
+
+const _: () = assert!(
+    crate::virtio_console::queue_count(MAX_PORTS, true) <= crate::virtio_console::MAX_QUEUES
+);
 /// Default size of a port's output buffer.
 pub const DEFAULT_BUFFER: u64 = 1 << 20;
 

@@ -11,11 +11,12 @@
 
 use std::collections::VecDeque;
 
+use devshare_common::ratelimit::RateLimit;
 use devshare_common::ring::RingError;
+use devshare_common::warn_limited;
 
-use crate::log_limit::{warn_limited, LogLimit};
 use crate::port::Port;
-use crate::queue::Batch;
+use crate::queue::{Batch, Budget, Pass};
 use crate::virtio_console as vc;
 
 /// What the device must do after a driver message.
@@ -29,11 +30,12 @@ pub enum Effect {
 }
 
 /// The device's side of the conversation: the messages waiting for the driver.
+///
+/// What the driver does wrong is logged through the VM's limit (`limit` below): it outlives
+/// the connection, so a front-end that reconnects does not get a fresh burst of lines.
 #[derive(Debug, Default)]
 pub struct ControlChannel {
     out: VecDeque<Vec<u8>>,
-    /// Limits the warnings the guest can cause here.
-    warnings: LogLimit,
 }
 
 impl ControlChannel {
@@ -61,23 +63,31 @@ impl ControlChannel {
         self.send(vc::Control::encode(port as u32, vc::RESIZE, 0, &payload));
     }
 
-    /// Reads every message the driver queued on the control transmitq (`tx`); None stands for
-    /// a malformed one. Every chain goes back used. A broken ring ends the reading early; its
-    /// error comes back beside the messages read before.
+    /// Reads the messages the driver queued on the control transmitq (`tx`), until the ring
+    /// is empty or the event's `budget` is spent (then the caller kicks the queue for the
+    /// rest); None stands for a malformed one. Every chain read goes back used. A broken ring
+    /// ends the reading early; its error comes back beside the messages read before.
     pub fn receive(
         &mut self,
         vm: &str,
+        limit: &RateLimit,
         tx: &mut Batch<'_, '_>,
-    ) -> (Vec<Option<vc::Control>>, Result<(), RingError>) {
+        budget: &Budget,
+    ) -> (Vec<Option<vc::Control>>, Result<Pass, RingError>) {
         let mut msgs = Vec::new();
         loop {
+            if budget.spent() {
+                return (msgs, Ok(Pass::Yielded));
+            }
             let head = match tx.pop() {
                 Ok(Some(head)) => head,
-                Ok(None) => return (msgs, Ok(())),
+                Ok(None) => return (msgs, Ok(Pass::Done)),
                 Err(e) => return (msgs, Err(e)),
             };
             match tx.chain(head) {
                 Ok(b) => {
+                    // The header is copied out of guest memory once and decoded from the
+                    // copy: the driver cannot change it between a check and a use.
                     let mut raw = [0u8; 8];
                     msgs.push(if b.read_at(0, &mut raw) == 8 {
                         vc::Control::decode(&raw)
@@ -86,10 +96,11 @@ impl ControlChannel {
                     });
                 }
                 Err(e) => {
-                    warn_limited!(self.warnings, "{vm}: refused control chain: {e}");
+                    warn_limited!(limit, "{vm}: refused control chain: {e}");
                     msgs.push(None);
                 }
             }
+            tx.charge(budget, 8);
             tx.push_used(head, 0);
         }
     }
@@ -97,7 +108,7 @@ impl ControlChannel {
     /// Writes waiting messages into the driver's control receive buffers (`rx`) while there
     /// are some. A buffer too small for its message loses that message (logged); a malformed
     /// chain is refused and the message kept for the next buffer.
-    pub fn flush(&mut self, vm: &str, rx: &mut Batch<'_, '_>) {
+    pub fn flush(&mut self, vm: &str, limit: &RateLimit, rx: &mut Batch<'_, '_>) {
         while let Some(msg) = self.out.pop_front() {
             let Ok(Some(head)) = rx.pop() else {
                 self.out.push_front(msg);
@@ -110,14 +121,14 @@ impl ControlChannel {
                 }
                 Ok(_) => {
                     warn_limited!(
-                        self.warnings,
+                        limit,
                         "{vm}: control buffer too small for a {}-byte message; message dropped",
                         msg.len()
                     );
                     rx.push_used(head, 0);
                 }
                 Err(e) => {
-                    warn_limited!(self.warnings, "{vm}: refused control chain: {e}");
+                    warn_limited!(limit, "{vm}: refused control chain: {e}");
                     self.out.push_front(msg);
                     rx.push_used(head, 0);
                 }
@@ -126,29 +137,32 @@ impl ControlChannel {
     }
 
     /// A driver message too short to read (logged within limits).
-    pub fn malformed(&mut self, vm: &str) {
+    pub fn malformed(&mut self, vm: &str, limit: &RateLimit) {
         warn_limited!(
-            self.warnings,
+            limit,
             "{vm}: malformed control message (shorter than 8 bytes) ignored"
         );
     }
 
     /// A kick on a queue the device does not use (logged within limits).
-    pub fn unused_queue(&mut self, vm: &str, q: usize) {
-        warn_limited!(self.warnings, "{vm}: kick on unused queue {q}");
+    pub fn unused_queue(&mut self, vm: &str, limit: &RateLimit, q: usize) {
+        warn_limited!(limit, "{vm}: kick on unused queue {q}");
     }
 
     /// Answers one driver message about `ports`.
-    pub fn answer(&mut self, vm: &str, c: vc::Control, ports: &mut [Port]) -> Effect {
+    pub fn answer(
+        &mut self,
+        vm: &str,
+        limit: &RateLimit,
+        c: vc::Control,
+        ports: &mut [Port],
+    ) -> Effect {
         log::debug!("{vm}: control message {c:?}");
         let id = c.id as usize;
         match c.event {
             vc::DEVICE_READY => {
                 if c.value != 1 {
-                    warn_limited!(
-                        self.warnings,
-                        "{vm}: guest driver failed to initialise the device"
-                    );
+                    warn_limited!(limit, "{vm}: guest driver failed to initialise the device");
                     return Effect::None;
                 }
                 for i in 0..ports.len() {
@@ -158,7 +172,7 @@ impl ControlChannel {
             }
             vc::PORT_READY if id < ports.len() => {
                 if c.value != 1 {
-                    warn_limited!(self.warnings, "{vm}: guest failed to set up port {id}");
+                    warn_limited!(limit, "{vm}: guest failed to set up port {id}");
                     return Effect::None;
                 }
                 let port = &mut ports[id];
@@ -196,17 +210,11 @@ impl ControlChannel {
                 Effect::None
             }
             vc::PORT_READY | vc::PORT_OPEN => {
-                warn_limited!(
-                    self.warnings,
-                    "{vm}: control message for unknown port {id} ignored"
-                );
+                warn_limited!(limit, "{vm}: control message for unknown port {id} ignored");
                 Effect::None
             }
             other => {
-                warn_limited!(
-                    self.warnings,
-                    "{vm}: unexpected control event {other} ignored"
-                );
+                warn_limited!(limit, "{vm}: unexpected control event {other} ignored");
                 Effect::None
             }
         }

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use devshare_common::chain::Memory;
+use devshare_common::ratelimit::RateLimit;
 use devshare_common::ring::RingError;
 use vhost_user_backend::VringRwLock;
 use vm_memory::GuestMemoryAtomic;
@@ -14,7 +15,7 @@ use crate::control::ControlChannel;
 use crate::endpoint::{Endpoint, EndpointError};
 use crate::event_loop::{Interest, Reactor};
 use crate::port::{Host, Port};
-use crate::queue::{pin, Batch, GuestRings};
+use crate::queue::{self, pin, Batch, Budget, GuestRings, Pass};
 use crate::spool::{Spool, SpoolError};
 use crate::stream::StreamGuest;
 use crate::virtio_console as vc;
@@ -98,6 +99,31 @@ pub struct Device {
     pub reactor: Reactor,
     /// The stream socket fds registered with `reactor`.
     pub stream_interest: Interest,
+    /// Limits what the VM's guest and front-end can make it log.
+    pub warnings: VmWarnings,
+}
+
+/// The limits of what a VM's guest and front-end can make it log, one per kind of event so
+/// that one kind cannot hide another (a port's refused chains have the port's own limit).
+/// They outlive connections: a front-end that reconnects gets no fresh burst.
+#[derive(Debug)]
+pub struct VmWarnings {
+    /// The control queues: malformed or unexpected messages, refused control chains.
+    pub control: RateLimit,
+    /// Rings found broken (or usable again), kicks on queues the device does not use.
+    pub rings: RateLimit,
+    /// Writes to the read-only part of the config space.
+    pub config: RateLimit,
+}
+
+impl VmWarnings {
+    fn new(vm: &str) -> VmWarnings {
+        VmWarnings {
+            control: RateLimit::standard(format!("{vm}: control queue")),
+            rings: RateLimit::standard(format!("{vm}: rings")),
+            config: RateLimit::standard(format!("{vm}: config space")),
+        }
+    }
 }
 
 impl Device {
@@ -170,6 +196,7 @@ impl Device {
             ports,
             reactor,
             stream_interest: Interest::default(),
+            warnings: VmWarnings::new(&vm.name),
         };
         d.sync_stream();
         for p in 0..d.ports.len() {
@@ -201,18 +228,18 @@ impl Device {
 
     /// Records whether queue `q` could be used (see [`GuestRings::note`]).
     pub fn note_ring(&mut self, q: usize, result: Result<(), &RingError>) {
-        let name = self.cfg.name.clone();
-        if let Some(c) = self.conn() {
-            c.rings.note(&name, q, result);
+        if let Guest::Virtio(Some(c)) = &mut self.guest {
+            c.rings
+                .note(&self.cfg.name, &self.warnings.rings, q, result);
         }
     }
 
     /// The guest kicked a queue the device does not use.
     pub fn unused_queue(&mut self, q: usize) {
-        let name = self.cfg.name.clone();
-        match self.conn() {
-            Some(c) => c.control.unused_queue(&name, q),
-            None => log::debug!("{name}: kick on queue {q} without a connection"),
+        let name = &self.cfg.name;
+        match &mut self.guest {
+            Guest::Virtio(Some(c)) => c.control.unused_queue(name, &self.warnings.rings, q),
+            _ => log::debug!("{name}: kick on queue {q} without a connection"),
         }
     }
 
@@ -280,25 +307,30 @@ impl Device {
         vc::config_bytes(cols, rows, self.ports.len() as u32)
     }
 
-    /// Messages from the driver on the control transmitq; every chain goes back used.
-    pub fn control_receive(&mut self) -> Vec<Option<vc::Control>> {
+    /// Messages from the driver on the control transmitq, as many as the event's `budget`
+    /// allows (the queue is kicked for the rest); every chain read goes back used.
+    pub fn control_receive(&mut self, budget: &Budget) -> Vec<Option<vc::Control>> {
         let Some((vring, mem)) = self.rings().and_then(|r| r.get(vc::CONTROL_TX)) else {
             return Vec::new();
         };
         let mem = pin(&mem);
-        let name = self.cfg.name.clone();
-        let Some(c) = self.conn() else {
+        let Guest::Virtio(Some(c)) = &mut self.guest else {
             return Vec::new();
         };
         let opened = Batch::open(&vring, &mem);
         let (msgs, res) = match opened {
             Ok(mut tx) => {
-                let got = c.control.receive(&name, &mut tx);
+                let got =
+                    c.control
+                        .receive(&self.cfg.name, &self.warnings.control, &mut tx, budget);
                 tx.finish();
                 got
             }
             Err(e) => (Vec::new(), Err(e)),
         };
+        if res == Ok(Pass::Yielded) {
+            queue::kick(&vring);
+        }
         self.note_ring(vc::CONTROL_TX, res.as_ref().map(|_| ()));
         msgs
     }
@@ -308,8 +340,9 @@ impl Device {
         let Some((vring, mem)) = self.rings().and_then(|r| r.get(vc::CONTROL_RX)) else {
             return;
         };
-        let name = self.cfg.name.clone();
-        let Some(c) = self.conn() else { return };
+        let Guest::Virtio(Some(c)) = &mut self.guest else {
+            return;
+        };
         if c.control.pending() == 0 {
             return;
         }
@@ -317,7 +350,8 @@ impl Device {
         let opened = Batch::open(&vring, &mem);
         match opened {
             Ok(mut rx) => {
-                c.control.flush(&name, &mut rx);
+                c.control
+                    .flush(&self.cfg.name, &self.warnings.control, &mut rx);
                 rx.finish();
             }
             Err(e) => self.note_ring(vc::CONTROL_RX, Err(&e)),

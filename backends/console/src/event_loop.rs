@@ -257,6 +257,8 @@ impl Vms {
             let Some(token) = Token::decode(ev.data()) else {
                 continue;
             };
+            // Each event has its own work budget (see `crate::queue`).
+            self.begin_event();
             self.on_event(dev, token, ev.event_set());
         }
     }

@@ -9,13 +9,15 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use devshare_common::warn_limited;
+
 use crate::config::Config;
 use crate::control::Effect;
 use crate::device::{Device, DeviceError, Guest};
 use crate::event_loop::Home;
 use crate::link::{self, PeerPort};
 use crate::port::{Host, Input, Port};
-use crate::queue::{pin, Batch, Dir};
+use crate::queue::{self, pin, Batch, Budget, Dir, Pass};
 use crate::stats::PortReport;
 use crate::virtio_console as vc;
 
@@ -23,6 +25,9 @@ use crate::virtio_console as vc;
 pub struct Vms {
     /// The VMs, in configuration order.
     pub devices: Vec<Device>,
+    /// The work budget of the event being handled (see [`crate::queue`]): refilled as each
+    /// kick or endpoint event begins, spent by every ring that event touches.
+    pub(crate) budget: Budget,
 }
 
 /// A group of linked VMs (see the module docs).
@@ -96,7 +101,10 @@ pub fn build(cfg: &Config) -> Result<(Vec<Arc<Group>>, Vec<VmRef>), GroupError> 
             home.adopt(dev, d.reactor.fd());
         }
         let group = Arc::new(Group {
-            vms: Mutex::new(Vms { devices }),
+            vms: Mutex::new(Vms {
+                devices,
+                budget: Budget::default(),
+            }),
             home,
         });
         for (dev, &i) in members.iter().enumerate() {
@@ -126,31 +134,40 @@ impl Vms {
         v
     }
 
-    /// Runs `f` on VM `dev` with port `p`'s link peer, if `p` is a link.
+    /// Runs `f` on VM `dev` with the event's budget and port `p`'s link peer, if `p` is a
+    /// link.
     fn with_peer<R>(
         &mut self,
         dev: usize,
         p: usize,
-        f: impl FnOnce(&mut Device, Option<&mut PeerPort<'_>>) -> R,
+        f: impl FnOnce(&mut Device, &Budget, Option<&mut PeerPort<'_>>) -> R,
     ) -> R {
         let peer = match self.devices[dev].ports[p].host {
             Host::Link { dev: odev, port } => Some((odev, port)),
             Host::Endpoint(_) => None,
         };
+        let Vms { devices, budget } = self;
         if let Some((odev, oport)) = peer {
-            if let Some((me, other)) = link::pair_mut(&mut self.devices, dev, odev) {
+            if let Some((me, other)) = link::pair_mut(devices, dev, odev) {
                 let mut peer = PeerPort {
                     dev: other,
                     port: oport,
+                    budget,
                 };
-                return f(me, Some(&mut peer));
+                return f(me, budget, Some(&mut peer));
             }
         }
-        f(&mut self.devices[dev], None)
+        f(&mut devices[dev], budget, None)
+    }
+
+    /// A new event begins: its work budget is full (see [`crate::queue`]).
+    pub fn begin_event(&mut self) {
+        self.budget.refill();
     }
 
     /// A vhost-user worker woke for queue `q` of VM `dev`.
     pub fn on_queue_event(&mut self, dev: usize, q: usize) {
+        self.begin_event();
         let d = &mut self.devices[dev];
         log::debug!("{}: event on queue {q}", d.name());
         let multiport = d.multiport();
@@ -178,7 +195,7 @@ impl Vms {
             self.flush(dev, p);
             return;
         }
-        self.with_peer(dev, p, |d, mut peer| {
+        self.with_peer(dev, p, |d, budget, mut peer| {
             let (_, txq) = vc::port_queues(p);
             let Some((vring, mem)) = d.rings().and_then(|r| r.get(txq)) else {
                 return;
@@ -194,8 +211,12 @@ impl Vms {
                     return;
                 }
             };
-            let res = take_chains(port, &mut tx, peer);
+            let res = take_chains(port, &mut tx, peer, budget);
             tx.finish();
+            if res == Ok(Pass::Yielded) {
+                // Come back for the rest after whatever else is ready.
+                queue::kick(&vring);
+            }
             d.note_ring(txq, res.as_ref().map(|_| ()));
             d.sync(p);
         });
@@ -216,6 +237,11 @@ impl Vms {
                     // The peer's output is our input: drain its spool, then its ring.
                     self.flush(odev, oport);
                     self.pump_out(odev, oport);
+                    // Its ring, if it has one, was kicked if the budget ran out there; its
+                    // spool may still hold output for us (a peer without a front-end).
+                    if self.budget.spent() && self.devices[odev].ports[oport].has_pending_output() {
+                        self.kick(dev, vc::port_queues(p).0);
+                    }
                 }
             }
             Host::Endpoint(_) => {
@@ -227,7 +253,10 @@ impl Vms {
                         match Batch::open(&vring, &mem) {
                             Ok(mut rx) => {
                                 let port = &mut d.ports[p];
-                                if port.fill_from_endpoint(&mut rx) == Input::Starved {
+                                // At the end of the budget the endpoint's input is still
+                                // ready, and watched: the event loop comes back for it.
+                                if port.fill_from_endpoint(&mut rx, &self.budget) == Input::Starved
+                                {
                                     port.rx_starved = true;
                                 }
                                 rx.finish();
@@ -243,25 +272,32 @@ impl Vms {
 
     /// Sends what port `p` of VM `dev` holds in its spool to its host side.
     pub fn flush(&mut self, dev: usize, p: usize) {
-        self.with_peer(dev, p, |d, peer| {
+        self.with_peer(dev, p, |d, _, peer| {
             d.ports[p].flush(peer);
             d.sync(p);
         });
     }
 
+    /// Kicks queue `q` of VM `dev` (work its budget left over).
+    fn kick(&self, dev: usize, q: usize) {
+        if let Some((vring, _)) = self.devices[dev].rings().and_then(|r| r.get(q)) {
+            queue::kick(&vring);
+        }
+    }
+
     fn control_in(&mut self, dev: usize) {
-        let msgs = self.devices[dev].control_receive();
+        let msgs = self.devices[dev].control_receive(&self.budget);
         for m in msgs {
             let d = &mut self.devices[dev];
-            let name = d.cfg.name.clone();
-            let Some(c) = m else {
-                if let Some(conn) = d.conn() {
-                    conn.control.malformed(&name);
+            let (name, limit) = (&d.cfg.name, &d.warnings.control);
+            let effect = match (&mut d.guest, m) {
+                (Guest::Virtio(Some(conn)), None) => {
+                    conn.control.malformed(name, limit);
+                    Effect::None
                 }
-                continue;
-            };
-            let effect = match &mut d.guest {
-                Guest::Virtio(Some(conn)) => conn.control.answer(&name, c, &mut d.ports),
+                (Guest::Virtio(Some(conn)), Some(c)) => {
+                    conn.control.answer(name, limit, c, &mut d.ports)
+                }
                 _ => Effect::None,
             };
             if let Effect::Opened(id) = effect {
@@ -283,9 +319,11 @@ impl Vms {
 
     /// The driver of VM `dev` wrote the config space: only `emerg_wr` is writable.
     pub fn write_config(&mut self, dev: usize, offset: u32, data: &[u8]) -> bool {
+        self.begin_event();
         let d = &mut self.devices[dev];
         if offset != vc::CONFIG_EMERG_WR || data.is_empty() || data.len() > 4 {
-            log::warn!(
+            warn_limited!(
+                d.warnings.config,
                 "{}: ignored config write of {} bytes at offset {offset}",
                 d.name(),
                 data.len()
@@ -302,33 +340,157 @@ impl Vms {
     }
 }
 
-/// Takes transmit chains from `tx` for `port` until the ring is empty or a data port's
-/// buffer is full (then the chain stays in the ring: back-pressure). Malformed chains are
-/// refused, counted and returned used.
+/// Takes transmit chains from `tx` for `port` until the ring is empty, a data port's buffer
+/// is full (then the chain stays in the ring: back-pressure) or the event's `budget` is
+/// spent (then the caller kicks the ring). Malformed chains are refused, counted and
+/// returned used.
 fn take_chains(
     port: &mut Port,
     tx: &mut Batch<'_, '_>,
     mut peer: Option<&mut PeerPort<'_>>,
-) -> Result<(), devshare_common::ring::RingError> {
+    budget: &Budget,
+) -> Result<Pass, devshare_common::ring::RingError> {
     loop {
+        if budget.spent() {
+            return Ok(Pass::Yielded);
+        }
         let start = tx.next_avail();
         let Some(head) = tx.pop()? else {
-            return Ok(());
+            return Ok(Pass::Done);
         };
         let bufs = match tx.chain_for(head, Dir::Transmit) {
             Ok(bufs) => bufs,
             Err(why) => {
+                tx.charge(budget, 0);
                 port.refuse(&why);
                 tx.push_used(head, 0);
                 continue;
             }
         };
-        if port.take_output(&bufs, peer.as_deref_mut()) {
+        // Charged after the chain is taken: a link peer sees the budget as it was before it,
+        // so a chain is split by the budget only if the peer's receive buffers spend it.
+        let taken = port.take_output(&bufs, peer.as_deref_mut());
+        tx.charge(budget, bufs.readable_len());
+        if taken {
             tx.push_used(head, 0);
         } else {
-            // Data port and buffer full: leave the chain to the guest.
+            // Data port and buffer full: leave the chain to the guest. A link peer that
+            // stopped at the budget (not for want of buffers) takes the rest next time.
             tx.rewind(start);
-            return Ok(());
+            return Ok(if budget.spent() {
+                Pass::Yielded
+            } else {
+                Pass::Done
+            });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+
+    use crate::queue::Budget;
+    use crate::testing::Rig;
+    use crate::virtio_console as vc;
+
+    fn buffered(rig: &Rig, p: usize) -> u64 {
+        rig.vms().devices[0].ports[p]
+            .stats
+            .buffered_bytes
+            .load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_transmit_pass_stops_at_its_chain_budget_and_kicks_its_ring_for_the_rest() {
+        let mut rig = Rig::new("budget-tx", "64K", vc::F_MULTIPORT);
+        let (_, txq) = vc::port_queues(1);
+        let heads: Vec<u16> = (0..5u8)
+            .map(|i| rig.post(txq, &[b'a' + i; 10], 0))
+            .collect();
+        rig.vms().budget = Budget::new(2, usize::MAX, usize::MAX);
+        let mut taken = Vec::new();
+        for (round, (n, kicked)) in [(2, true), (2, true), (1, false)].into_iter().enumerate() {
+            rig.vms().on_queue_event(0, txq);
+            let used = rig.used(txq);
+            assert_eq!(used.len(), n, "round {round}");
+            assert_eq!(rig.kicked(txq), kicked, "round {round}");
+            taken.extend(used.into_iter().map(|(h, _)| h));
+        }
+        assert_eq!(taken, heads);
+        // Nothing lost, nothing out of order.
+        assert_eq!(buffered(&rig, 1), 50);
+        let mut client = rig.client("data");
+        rig.vms().serve_events(0);
+        let mut got = [0u8; 50];
+        client.read_exact(&mut got).unwrap();
+        let want: Vec<u8> = (0..5u8).flat_map(|i| [b'a' + i; 10]).collect();
+        assert_eq!(&got[..], &want[..]);
+    }
+
+    #[test]
+    fn long_chains_spend_the_descriptor_budget() {
+        let mut rig = Rig::new("budget-desc", "64K", vc::F_MULTIPORT);
+        let (_, txq) = vc::port_queues(1);
+        // Three chains of eight one-byte buffers; ten descriptors per event.
+        for _ in 0..3 {
+            let descs: Vec<(u64, u32, u16)> = (0..8).map(|k| (0x30_0000 + k, 1, 0)).collect();
+            rig.post_raw(txq, &descs);
+        }
+        rig.vms().budget = Budget::new(usize::MAX, 10, usize::MAX);
+        rig.vms().on_queue_event(0, txq);
+        assert_eq!(rig.used(txq).len(), 2, "8 + 8 descriptors pass 10");
+        assert!(rig.kicked(txq));
+        rig.vms().on_queue_event(0, txq);
+        assert_eq!(rig.used(txq).len(), 1);
+        assert!(!rig.kicked(txq));
+        assert_eq!(buffered(&rig, 1), 24);
+    }
+
+    #[test]
+    fn host_input_stops_at_the_budget_and_the_event_loop_comes_back_for_the_rest() {
+        let mut rig = Rig::new("budget-rx", "64", vc::F_MULTIPORT);
+        let (rxq, _) = vc::port_queues(1);
+        let mut client = rig.client("data");
+        rig.vms().serve_events(0);
+        rig.vms().devices[0].ports[1].guest_open = true;
+        rig.vms().devices[0].sync(1);
+        let heads: Vec<u16> = (0..4).map(|_| rig.post(rxq, b"", 4)).collect();
+        client.write_all(b"0123456789abcdef").unwrap();
+        rig.vms().budget = Budget::new(1, usize::MAX, usize::MAX);
+        let mut filled = Vec::new();
+        for round in 0..4 {
+            // The input is still ready: each round of the event loop takes one chain.
+            rig.vms().serve_events(0);
+            let used = rig.used(rxq);
+            assert_eq!(used.len(), 1, "round {round}");
+            filled.extend(used);
+        }
+        let got: Vec<u8> = filled
+            .iter()
+            .flat_map(|&(h, len)| rig.written(rxq, h, len))
+            .collect();
+        assert_eq!(got, b"0123456789abcdef");
+        assert_eq!(filled.iter().map(|u| u.0).collect::<Vec<_>>(), heads);
+    }
+
+    #[test]
+    fn control_messages_beyond_the_budget_wait_for_the_next_kick() {
+        let mut rig = Rig::new("budget-ctl", "64", vc::F_MULTIPORT);
+        for value in [1, 0, 1] {
+            let msg = vc::Control::encode(1, vc::PORT_OPEN, value, &[]);
+            rig.post(vc::CONTROL_TX, &msg, 0);
+        }
+        rig.vms().budget = Budget::new(2, usize::MAX, usize::MAX);
+        rig.vms().on_queue_event(0, vc::CONTROL_TX);
+        assert_eq!(rig.used(vc::CONTROL_TX).len(), 2);
+        assert!(rig.kicked(vc::CONTROL_TX));
+        assert!(!rig.vms().devices[0].ports[1].guest_open);
+        rig.vms().on_queue_event(0, vc::CONTROL_TX);
+        assert_eq!(rig.used(vc::CONTROL_TX).len(), 1);
+        assert!(!rig.kicked(vc::CONTROL_TX));
+        // The last message was taken too: the port is open.
+        assert!(rig.vms().devices[0].ports[1].guest_open);
     }
 }

@@ -9,7 +9,6 @@ pub mod endpoint;
 pub mod event_loop;
 pub mod group;
 pub mod link;
-pub mod log_limit;
 pub mod port;
 pub mod qemu_args;
 pub mod queue;

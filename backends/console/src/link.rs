@@ -7,7 +7,7 @@
 use crate::config::{Config, Target};
 use crate::device::Device;
 use crate::port::Source;
-use crate::queue::{pin, Batch, Dir};
+use crate::queue::{pin, Batch, Budget, Dir};
 use crate::virtio_console as vc;
 
 /// The receiving end of a link: port `port` of the peer VM `dev`.
@@ -16,11 +16,14 @@ pub struct PeerPort<'a> {
     pub dev: &'a mut Device,
     /// Its port.
     pub port: usize,
+    /// The work budget of the event (the sender's and the peer's rings share it).
+    pub budget: &'a Budget,
 }
 
 impl PeerPort<'_> {
     /// Copies `src` from `off` on into the peer port's receive buffers, chain after chain,
-    /// until it is all delivered or the peer has no buffer left. Returns the bytes delivered.
+    /// until it is all delivered, the peer has no buffer left or the event's budget is spent
+    /// (the sender's ring is kicked for the rest). Returns the bytes delivered.
     pub fn write(&mut self, src: &dyn Source, off: usize) -> usize {
         let want = src.len().saturating_sub(off);
         if want == 0 {
@@ -47,7 +50,7 @@ impl PeerPort<'_> {
         };
         let mut done = 0usize;
         let mut broken = None;
-        while done < want {
+        while done < want && !self.budget.spent() {
             let head = match rx.pop() {
                 Ok(Some(head)) => head,
                 Ok(None) => {
@@ -62,12 +65,14 @@ impl PeerPort<'_> {
             let dst = match rx.chain_for(head, Dir::Receive) {
                 Ok(dst) => dst,
                 Err(why) => {
+                    rx.charge(self.budget, 0);
                     port.refuse(&why);
                     rx.push_used(head, 0);
                     continue;
                 }
             };
             let n = src.copy_into(off + done, &dst).min(want - done);
+            rx.charge(self.budget, n);
             rx.push_used(head, n as u32);
             port.stats.to_guest_bytes.add(n as u64);
             done += n;

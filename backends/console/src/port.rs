@@ -11,12 +11,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use devshare_common::chain::GuestBuffers;
+use devshare_common::ratelimit::RateLimit;
+use devshare_common::warn_limited;
 
 use crate::endpoint::Endpoint;
 use crate::event_loop::Interest;
 use crate::link::PeerPort;
-use crate::log_limit::{warn_limited, LogLimit};
-use crate::queue::{Batch, Dir};
+use crate::queue::{Batch, Budget, Dir};
 use crate::spool::Spool;
 use crate::stats::PortStats;
 
@@ -145,7 +146,7 @@ pub struct Port {
     /// The endpoint fds registered with the VM's event loop, and for what.
     pub interest: Interest,
     /// Limits the warnings the guest can cause on this port.
-    warnings: LogLimit,
+    warnings: RateLimit,
 }
 
 impl Port {
@@ -153,8 +154,10 @@ impl Port {
     pub fn new(vm: &str, name: &str, console: bool, host: Host, spool: Spool) -> Port {
         let stats = Arc::new(PortStats::default());
         stats.set_buffered(spool.len());
+        let label = format!("{vm}/{name}");
         Port {
-            label: format!("{vm}/{name}"),
+            warnings: RateLimit::standard(label.clone()),
+            label,
             name: name.to_string(),
             console,
             host,
@@ -165,7 +168,6 @@ impl Port {
             rx_starved: false,
             winsize: None,
             interest: Interest::default(),
-            warnings: LogLimit::default(),
         }
     }
 
@@ -307,16 +309,20 @@ impl Port {
     }
 
     /// Fills the guest's receive buffers in `rx` from the endpoint's input, until the input
-    /// or the buffers run out.
+    /// or the buffers run out, or the event's `budget` is spent (the input is still ready
+    /// then, and the event loop comes back for it).
     ///
     /// Kicks for new receive buffers are asked for only when input is waiting and no buffer
     /// is left (then the port is starved and its input no longer watched). A guest that posts
     /// buffers ahead of the input, as drivers do, is never woken up for that, and the input fd
     /// stays watched: one thread wake-up and two `epoll_ctl` less per message.
-    pub fn fill_from_endpoint(&mut self, rx: &mut Batch<'_, '_>) -> Input {
+    pub fn fill_from_endpoint(&mut self, rx: &mut Batch<'_, '_>, budget: &Budget) -> Input {
         // Whether the last read left the input drained (a short read).
         let mut drained = false;
         loop {
+            if budget.spent() {
+                return Input::Done;
+            }
             let Host::Endpoint(ep) = &mut self.host else {
                 return Input::Done;
             };
@@ -340,12 +346,15 @@ impl Port {
             let dst = match rx.chain_for(head, Dir::Receive) {
                 Ok(dst) => dst,
                 Err(why) => {
+                    rx.charge(budget, 0);
                     self.refuse(&why);
                     rx.push_used(head, 0);
                     continue;
                 }
             };
-            match dst.read_writable_from(&RawFdRef(fd), 0, usize::MAX) {
+            let read = dst.read_writable_from(&RawFdRef(fd), 0, usize::MAX);
+            rx.charge(budget, *read.as_ref().unwrap_or(&0));
+            match read {
                 Ok(0) => {
                     rx.rewind(start);
                     self.endpoint_gone("end of file");

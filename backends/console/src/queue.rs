@@ -1,10 +1,25 @@
 //! A VM's virtqueues as the console reads and writes them: one pass over a ring per batch
 //! through [`devshare_common::ring::Ring`] (one avail-index read, used entries published once,
 //! EVENT_IDX / NO_INTERRUPT decided by `Ring`), under the vring's lock for the batch only.
+//!
+//! Every event (a kick, an endpoint's readiness) has a work [`Budget`]: chains taken,
+//! descriptors read and bytes moved, in every ring the event touches (a guest-to-guest link
+//! reaches into the peer's). A guest that keeps a ring full, or fills it with the longest
+//! chains the spec allows (as many tiny buffers as the queue size, through indirect tables),
+//! then holds its thread and its group's lock for a bounded time: when the budget is spent,
+//! the loop stops between chains, and the ring it stopped on is kicked ([`kick`]) so its
+//! worker comes back to it after whatever else is ready (the other queues of the VM, its
+//! endpoints, the other VMs of its group). Nothing is lost: what was not taken stays in the
+//! ring or the spool.
 
+use std::cell::Cell;
+use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::RwLockWriteGuard;
 
 use devshare_common::chain::{ChainError, GuestBuffers, Memory, MemoryAtomic};
+use devshare_common::log_limited;
+use devshare_common::ratelimit::RateLimit;
 use devshare_common::ring::{Ring, RingError};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 
@@ -27,14 +42,18 @@ impl GuestRings {
         Some((vr, self.mem.clone()?))
     }
 
-    /// Records whether queue `q` could be used and logs the changes only: a guest that keeps
-    /// kicking a broken ring must not flood the log.
-    pub fn note(&mut self, vm: &str, q: usize, result: Result<(), &RingError>) {
-        let bit = 1u64 << (q % 64);
+    /// Records whether queue `q` could be used and logs the changes only, through `limit` (the
+    /// VM's limit): a guest that keeps kicking a broken ring, or breaks and repairs it again
+    /// and again, must not flood the log.
+    pub fn note(&mut self, vm: &str, limit: &RateLimit, q: usize, result: Result<(), &RingError>) {
+        // One bit per queue: a device has at most 64 (`virtio_console::MAX_QUEUES`).
+        let Some(bit) = u32::try_from(q).ok().and_then(|q| 1u64.checked_shl(q)) else {
+            return;
+        };
         match result {
             Ok(()) if self.broken & bit != 0 => {
                 self.broken &= !bit;
-                log::info!("{vm}: queue {q} is usable again");
+                log_limited!(log::Level::Info, limit, "{vm}: queue {q} is usable again");
             }
             Ok(()) => {}
             // Not set up yet (or reset): nothing the guest did wrong.
@@ -42,7 +61,11 @@ impl GuestRings {
             Err(e) if self.broken & bit == 0 => {
                 self.broken |= bit;
                 // "Iterator error" is what operators (and tests) know this as from virtio-queue.
-                log::warn!("{vm}: queue {q}: Iterator error: {e}; nothing is taken from it until the driver repairs it");
+                log_limited!(
+                    log::Level::Warn,
+                    limit,
+                    "{vm}: queue {q}: Iterator error: {e}; nothing is taken from it until the driver repairs it"
+                );
             }
             Err(_) => {}
         }
@@ -72,10 +95,95 @@ pub enum Refused {
     NothingToWrite,
 }
 
+/// Chains one event takes at most: a ring's worth at the largest queue size offered.
+pub const PASS_CHAINS: usize = 1024;
+/// Descriptors one event reads at most (refused chains count too): sixteen chains as long as
+/// the largest queue allows, while ordinary chains of one or two buffers reach
+/// [`PASS_CHAINS`] first.
+pub const PASS_DESCRIPTORS: usize = 16 * 1024;
+/// Bytes one event moves at most between guests and spools or endpoints (about a
+/// millisecond of copying; a single chain is never split for it).
+pub const PASS_BYTES: usize = 4 << 20;
+
+/// The work one event has done, against its limits (see the module docs). Shared by the
+/// rings an event touches, so it lives in cells: one event runs at a time under the group's
+/// lock.
+#[derive(Debug)]
+pub struct Budget {
+    limits: [usize; 3],
+    spent: [Cell<usize>; 3],
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget::new(PASS_CHAINS, PASS_DESCRIPTORS, PASS_BYTES)
+    }
+}
+
+impl Budget {
+    /// A budget of `chains`, `descriptors` and `bytes` per event.
+    pub fn new(chains: usize, descriptors: usize, bytes: usize) -> Budget {
+        Budget {
+            limits: [chains, descriptors, bytes],
+            spent: Default::default(),
+        }
+    }
+
+    /// A new event begins: nothing spent.
+    pub fn refill(&self) {
+        for s in &self.spent {
+            s.set(0);
+        }
+    }
+
+    /// Whether any of the limits is reached: the event must stop taking chains.
+    pub fn spent(&self) -> bool {
+        self.spent
+            .iter()
+            .zip(self.limits)
+            .any(|(s, limit)| s.get() >= limit)
+    }
+
+    fn charge(&self, chains: usize, descriptors: usize, bytes: usize) {
+        for (s, n) in self.spent.iter().zip([chains, descriptors, bytes]) {
+            s.set(s.get().saturating_add(n));
+        }
+    }
+}
+
+/// How a loop over a ring ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// It took what there was to take (or what the host side could take).
+    Done,
+    /// The event's [`Budget`] ran out: chains may be left, the ring must be kicked.
+    Yielded,
+}
+
+/// Kicks `vring` as the guest would: the worker serving it comes back to it after the other
+/// events that are ready. For a pass that stopped at its [`Budget`]; call it after the
+/// ring's [`Batch`] is finished (the batch holds the vring's lock).
+pub fn kick(vring: &VringRwLock) {
+    let state = vring.get_ref();
+    let Some(kick) = state.get_kick() else {
+        return;
+    };
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes the 8 bytes of a live array to the kick eventfd, which stays open while
+    // the vring's lock (`state`) is held; an eventfd takes exactly this write.
+    let n = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    if n < 0 {
+        // Only a counter at its maximum refuses (EAGAIN), and then a kick is pending anyway.
+        log::debug!("cannot kick a queue: {}", io::Error::last_os_error());
+    }
+}
+
 /// One queue opened for a batch: the vring stays locked until [`Batch::finish`].
 pub struct Batch<'v, 'm> {
     state: RwLockWriteGuard<'v, VringState<MemoryAtomic>>,
     ring: Ring<'m>,
+    /// Descriptors read by the time of the last [`Batch::charge`].
+    charged: usize,
 }
 
 impl<'v, 'm> Batch<'v, 'm> {
@@ -83,7 +191,19 @@ impl<'v, 'm> Batch<'v, 'm> {
     pub fn open(vring: &'v VringRwLock, mem: &'m Memory) -> Result<Batch<'v, 'm>, RingError> {
         let state = vring.get_mut();
         let ring = Ring::open(state.get_queue(), mem)?;
-        Ok(Batch { state, ring })
+        Ok(Batch {
+            state,
+            ring,
+            charged: 0,
+        })
+    }
+
+    /// Charges one chain, the descriptors read since the last charge and `bytes` moved to
+    /// `budget`.
+    pub fn charge(&mut self, budget: &Budget, bytes: usize) {
+        let read = self.ring.descriptors_read();
+        budget.charge(1, read.saturating_sub(self.charged), bytes);
+        self.charged = read;
     }
 
     /// The next available chain head; when the ring is empty, asks the driver to kick for the

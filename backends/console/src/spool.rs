@@ -3,13 +3,22 @@
 //! Backed by a shared mapping of a file when the port has a state directory, so bytes the
 //! device has accepted from the guest (and marked used) survive a crash or restart of the
 //! backend and are replayed by the next process; otherwise by anonymous memory.
+//!
+//! A spool file holds guest output, and the process that maps it usually runs as root: it is
+//! opened through [`files::open_state_file`] (0600, never through a symlink, never a FIFO, a
+//! device, a file with other hard links or another user's file; made 0600 if an older version
+//! left it wider) and stays locked (`flock`) for as long as it is mapped, so two ports (or two
+//! processes) never share one. A file that is not a spool is never truncated.
 
-use std::fs::OpenOptions;
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use devshare_common::files::{self, FileError};
 
 const MAGIC: u64 = 0x6465_7673_7370_6f31; // "devsspo1"
 const HEADER: usize = 4096;
@@ -24,6 +33,22 @@ pub enum SpoolError {
         path: PathBuf,
         /// Underlying error.
         source: io::Error,
+    },
+    /// The path is not a file this process may use as a spool (a symlink, a hard link, a
+    /// FIFO, another user's file...); it is left as it is.
+    #[error("spool file {0}")]
+    Unsafe(#[from] FileError),
+    /// Another port of this configuration, or another process, has the file.
+    #[error("spool file {path} is in use by another port or another process (two ports whose VM and port names join to the same file name, or another instance on the same state directory); rename one")]
+    InUse {
+        /// Backing file.
+        path: PathBuf,
+    },
+    /// The file has content but is not a spool: it is not ours to truncate.
+    #[error("{path} is not a spool file (it is not empty and does not start like one); move it away or remove it")]
+    NotASpool {
+        /// Backing file.
+        path: PathBuf,
     },
     /// Anonymous memory could not be mapped.
     #[error("cannot allocate a {size}-byte buffer: {source}")]
@@ -50,6 +75,8 @@ pub struct Spool {
     base: NonNull<u8>,
     map_len: usize,
     capacity: usize,
+    /// The backing file, kept open for its lock.
+    _file: Option<File>,
 }
 
 // SAFETY: the mapping is owned by this value alone and only reached through `&self`/`&mut self`.
@@ -71,32 +98,47 @@ impl Spool {
                 0,
             )
         };
-        let spool = Self::from_map(p, map_len, capacity).map_err(|source| SpoolError::Memory {
-            size: capacity,
-            source,
-        })?;
+        let spool =
+            Self::from_map(p, map_len, capacity, None).map_err(|source| SpoolError::Memory {
+                size: capacity,
+                source,
+            })?;
         spool.init();
         Ok(spool)
     }
 
     /// A spool kept in `path`. Existing content of the same capacity is kept (that is the
-    /// output an earlier process accepted but had not delivered); otherwise it starts empty.
+    /// output an earlier process accepted but had not delivered); a spool of another
+    /// capacity starts empty. See the module docs for what `path` must be.
     pub fn open(path: &Path, capacity: usize) -> Result<Spool, SpoolError> {
         let capacity = capacity.max(1);
         let err = |source| SpoolError::File {
             path: path.to_owned(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(err)?;
+        let file = open_spool_file(path)?;
         let map_len = HEADER + capacity;
         let old_len = file.metadata().map_err(err)?.len();
+        // Only an empty file, a spool, or a file this code sized but did not get to stamp
+        // (zeroes, of the size it gave) is ours to size and initialise.
+        let mut magic = [0u8; 8];
+        let stamp = match file.read_exact_at(&mut magic, 0) {
+            Ok(()) => u64::from_ne_bytes(magic),
+            Err(_) => 0,
+        };
+        let blank = old_len == 0 || (stamp == 0 && old_len == map_len as u64);
+        if stamp != MAGIC && !blank {
+            return Err(SpoolError::NotASpool {
+                path: path.to_owned(),
+            });
+        }
         if old_len != map_len as u64 {
+            if stamp == MAGIC {
+                log::info!(
+                    "{}: the buffer size changed; output kept by an earlier run is dropped",
+                    path.display()
+                );
+            }
             file.set_len(0).map_err(err)?;
             file.set_len(map_len as u64).map_err(err)?;
         }
@@ -111,7 +153,7 @@ impl Spool {
                 0,
             )
         };
-        let spool = Self::from_map(p, map_len, capacity).map_err(err)?;
+        let spool = Self::from_map(p, map_len, capacity, Some(file)).map_err(err)?;
         let h = spool.header();
         let consistent = h.magic.load(Ordering::Acquire) == MAGIC
             && h.capacity.load(Ordering::Acquire) == capacity as u64
@@ -131,7 +173,12 @@ impl Spool {
         Ok(spool)
     }
 
-    fn from_map(p: *mut libc::c_void, map_len: usize, capacity: usize) -> io::Result<Spool> {
+    fn from_map(
+        p: *mut libc::c_void,
+        map_len: usize,
+        capacity: usize,
+        file: Option<File>,
+    ) -> io::Result<Spool> {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -140,6 +187,7 @@ impl Spool {
             base,
             map_len,
             capacity,
+            _file: file,
         })
     }
 
@@ -235,6 +283,14 @@ impl Spool {
     }
 }
 
+/// Opens (or creates) the spool file at `path` (see the module docs for what is refused).
+fn open_spool_file(path: &Path) -> Result<File, SpoolError> {
+    files::open_state_file(path).map_err(|e| match e {
+        FileError::InUse { path } => SpoolError::InUse { path },
+        e => SpoolError::Unsafe(e),
+    })
+}
+
 impl Drop for Spool {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping created in the constructor; no references to
@@ -283,6 +339,57 @@ mod tests {
         // A different capacity starts afresh.
         let s = Spool::open(&path, 32).unwrap();
         assert!(s.is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("spool-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_spool_is_never_truncated() {
+        let dir = scratch("foreign");
+        let path = dir.join("p.spool");
+        std::fs::write(&path, b"someone's notes, not a spool").unwrap();
+        let e = Spool::open(&path, 16).err().unwrap();
+        assert!(matches!(e, SpoolError::NotASpool { .. }), "{e}");
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"someone's notes, not a spool"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn one_spool_file_cannot_back_two_spools() {
+        let dir = scratch("twice");
+        let path = dir.join("p.spool");
+        let mut first = Spool::open(&path, 16).unwrap();
+        first.push(b"mine");
+        let e = Spool::open(&path, 16).err().unwrap();
+        assert!(matches!(e, SpoolError::InUse { .. }), "{e}");
+        assert_eq!(contents(&mut first), b"mine");
+        drop(first);
+        let mut again = Spool::open(&path, 16).unwrap();
+        assert_eq!(contents(&mut again), b"mine");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_planted_symlink_is_refused_and_its_target_kept() {
+        let dir = scratch("symlink");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let path = dir.join("p.spool");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let e = Spool::open(&path, 16).err().unwrap();
+        assert!(matches!(e, SpoolError::Unsafe(_)), "{e}");
+        assert!(e.to_string().contains("symlink"), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

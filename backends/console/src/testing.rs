@@ -3,6 +3,9 @@
 //! memory, and a driver side that posts chains with virtio-queue's `MockSplitQueue` and reads
 //! the used rings back. No QEMU, no vhost-user socket.
 
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, MutexGuard};
@@ -32,6 +35,9 @@ pub struct Rig {
     /// Guest memory (leaked: the mock queues borrow it for the whole test).
     pub mem: &'static Memory,
     vrings: Vec<VringRwLock>,
+    /// The read side of each queue's kick eventfd: the device kicks its own queues when an
+    /// event's work budget ran out.
+    kicks: Vec<File>,
     /// The driver's view of each queue (creating one resets its avail ring, so one each).
     mocks: Vec<MockSplitQueue<'static, Memory>>,
     /// Next free descriptor per queue, and the used index seen so far.
@@ -90,6 +96,18 @@ impl Rig {
                 v
             })
             .collect();
+        let kicks = vrings
+            .iter()
+            .map(|v| {
+                // SAFETY: eventfd takes flags only; the result is checked before use.
+                let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+                assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+                // SAFETY: `fd` is a new descriptor owned by nothing else.
+                let kick = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+                v.set_kick(Some(kick.try_clone().unwrap()));
+                kick
+            })
+            .collect();
         {
             let mut vms = group.lock();
             let d = &mut vms.devices[0];
@@ -103,6 +121,7 @@ impl Rig {
             group,
             mem,
             vrings,
+            kicks,
             mocks,
             next_desc: vec![0; nq],
             seen_used: vec![0; nq],
@@ -192,6 +211,12 @@ impl Rig {
         let mut out = vec![0u8; len as usize];
         self.mem.read_slice(&mut out, d.addr()).unwrap();
         out
+    }
+
+    /// Whether the device kicked queue `q` itself since the last call.
+    pub fn kicked(&mut self, q: usize) -> bool {
+        let mut count = [0u8; 8];
+        (&self.kicks[q]).read(&mut count).is_ok()
     }
 
     /// Where the device will pop next on queue `q`.

@@ -144,7 +144,7 @@ impl VhostUserBackend for VhuConsole {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         // One worker per VM: the group's lock serialises the work anyway.
-        vec![(1u64 << self.0.queues) - 1]
+        vec![vc::queue_mask(self.0.queues)]
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

@@ -96,11 +96,25 @@ pub const CONTROL_RX: usize = 2;
 pub const CONTROL_TX: usize = 3;
 
 /// Number of virtqueues for `ports` ports.
-pub fn queue_count(ports: usize, multiport: bool) -> usize {
+pub const fn queue_count(ports: usize, multiport: bool) -> usize {
     if multiport {
         4 + 2 * ports.saturating_sub(1)
     } else {
         2
+    }
+}
+
+/// Most virtqueues one device may have: vhost-user-backend hands each worker thread its queues
+/// as the bits of a `u64` (`queues_per_thread`), and every queue of a VM is served by one
+/// worker. 64 queues are 31 ports with MULTIPORT, QEMU's default `max_ports` of virtio-serial.
+pub const MAX_QUEUES: usize = 64;
+
+/// The worker's queue mask for a device of `queues` queues: one bit per queue, all of them
+/// for `MAX_QUEUES` (where `1 << queues` would overflow).
+pub fn queue_mask(queues: usize) -> u64 {
+    match u32::try_from(queues).ok().and_then(|n| 1u64.checked_shl(n)) {
+        Some(bit) => bit - 1,
+        None => u64::MAX,
     }
 }
 
@@ -142,6 +156,21 @@ mod tests {
         }
         assert_eq!(queue_count(3, true), 8);
         assert_eq!(queue_count(1, false), 2);
+    }
+
+    #[test]
+    fn queue_masks_cover_every_queue_up_to_the_largest_device() {
+        assert_eq!(queue_mask(2), 0b11);
+        assert_eq!(queue_mask(6), 0x3f);
+        assert_eq!(queue_mask(63), u64::MAX >> 1);
+        assert_eq!(queue_mask(MAX_QUEUES), u64::MAX);
+        let largest = queue_count(crate::config::MAX_PORTS, true);
+        assert_eq!(largest, MAX_QUEUES);
+        assert_eq!(queue_mask(largest).count_ones() as usize, largest);
+        // Every queue of the largest device has a role.
+        let (rx, tx) = port_queues(crate::config::MAX_PORTS - 1);
+        assert_eq!(tx, MAX_QUEUES - 1);
+        assert_eq!(queue_role(rx), QueueRole::Receive(30));
     }
 
     #[test]

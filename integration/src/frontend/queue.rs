@@ -789,6 +789,36 @@ impl DriverQueue {
         };
     }
 
+    /// Read used ring element `slot` as the device wrote it, without consuming it: `(id, len)`.
+    /// A driver that marks the slots it has read (with
+    /// [`raw_write_used_elem`](Self::raw_write_used_elem)) sees the device's progress
+    /// element by element, before the device publishes its used index.
+    pub fn raw_read_used_elem(&self, slot: u16) -> Result<(u32, u32), Error> {
+        self.check_index(slot)?;
+        // SAFETY: slot < size was checked, so the 8-byte element at 4 + 8 * slot is inside
+        // the used area, 4-aligned.
+        Ok(unsafe {
+            let elem = self.used.add(4 + 8 * usize::from(slot));
+            (
+                u32::from_le(ptr::read_volatile(elem as *const u32)),
+                u32::from_le(ptr::read_volatile(elem.add(4) as *const u32)),
+            )
+        })
+    }
+
+    /// Overwrite used ring element `slot` (a mark for
+    /// [`raw_read_used_elem`](Self::raw_read_used_elem)).
+    pub fn raw_write_used_elem(&mut self, slot: u16, id: u32, len: u32) -> Result<(), Error> {
+        self.check_index(slot)?;
+        // SAFETY: as in raw_read_used_elem.
+        unsafe {
+            let elem = self.used.add(4 + 8 * usize::from(slot));
+            ptr::write_volatile(elem as *mut u32, id.to_le());
+            ptr::write_volatile(elem.add(4) as *mut u32, len.to_le());
+        }
+        Ok(())
+    }
+
     /// Write the used ring's flags as if the device had (e.g. VRING_USED_F_NO_NOTIFY).
     pub fn raw_set_used_flags(&mut self, flags: u16) {
         // SAFETY: offset 0 of the used area, 2-aligned.
