@@ -403,8 +403,8 @@ connect = true
             "qemu-cmdline",
             input(
                 Parser::QemuCommandLine,
-                "7.2\n/usr/bin/qemu-system-x86_64\0-accel\0kvm,kernel-irqchip=split\0\
-                 -machine\0q35,pit=on\0-global\0kvm-pit.lost_tick_policy=discard\0-m\0512M",
+                "7.2\n/usr/bin/qemu-system-x86_64\x00-accel\x00kvm,kernel-irqchip=split\x00\
+                 -machine\x00q35,pit=on\x00-global\x00kvm-pit.lost_tick_policy=discard\x00-m\x00512M",
             ),
         ),
         ("stall-periodic", input(Parser::StallPattern, "50ms/150ms")),

@@ -219,6 +219,9 @@ fn outcome(x: u8) -> SendOutcome {
     }
 }
 
+/// A chain's descriptors: (guest address, length, flags).
+type Descs = Vec<(u64, u32, u16)>;
+
 /// The driver's side of a split queue in guest memory.
 struct DriverRing {
     desc: u64,
@@ -228,7 +231,7 @@ struct DriverRing {
     avail_idx: u16,
     seen_used: u16,
     /// Descriptor slots of each chain still with the device, by head.
-    chains: Vec<Option<Vec<(u64, u32, u16)>>>,
+    chains: Vec<Option<Descs>>,
     free: u16,
 }
 
@@ -278,7 +281,7 @@ impl DriverRing {
     }
 
     /// Used entries `(head, len, descriptors)` since the last call.
-    fn used(&mut self, mem: &Memory) -> Vec<(u16, u32, Vec<(u64, u32, u16)>)> {
+    fn used(&mut self, mem: &Memory) -> Vec<(u16, u32, Descs)> {
         let idx = u16::from_le_bytes(get::<2>(mem, self.used + 2));
         let n = idx.wrapping_sub(self.seen_used);
         assert!(n <= QSIZE, "the device published {n} used entries at once");
@@ -375,7 +378,7 @@ fn build_frame(f: &TxFrame, ports: usize, host: Option<MacAddr>) -> (Vec<u8>, us
         Network::Arp { request } => {
             b.extend_from_slice(&0x0806u16.to_be_bytes());
             b.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, if *request { 1 } else { 2 }]);
-            b.extend_from_slice(&b[6..12].to_vec());
+            b.extend_from_within(6..12);
             b.extend_from_slice(&[10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 2]);
             l4 = b.len();
         }
