@@ -5,6 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
+use std::time::Duration;
 
 use crate::listen::{listen, ListenError, SocketOptions};
 
@@ -52,10 +53,19 @@ pub enum StatsError {
     Thread(io::Error),
 }
 
+/// How long one stats client may take to read its document before it is dropped: a client
+/// that connects and never reads must not stop the others from being served.
+pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest pause after failed `accept` calls in a row (out of file descriptors or memory):
+/// the pending connection stays, and accepting again at once would spin.
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
 /// Serves `snapshot()` (a JSON document) to every client of the Unix socket at `path`, then
 /// closes that connection. Runs on its own thread for the life of the process. The socket is
 /// made by [`crate::listen::listen`] with `socket`'s mode and group: a live stats socket of
 /// another process, or anything that is not a socket, at `path` is refused, never replaced.
+/// A client that does not read its document within [`CLIENT_WRITE_TIMEOUT`] is dropped; an
+/// `accept` that fails is retried after a pause that grows (logged once per run of failures).
 ///
 /// # Errors
 /// [`StatsError`] naming the path when the socket or the thread cannot be set up.
@@ -70,16 +80,37 @@ where
         .spawn(move || {
             // Lives as long as the listener: the path is removed only when serving ends.
             let _file = file;
+            let mut pause: Option<Duration> = None;
             for conn in listener.incoming() {
                 match conn {
                     Ok(mut c) => {
+                        if pause.take().is_some() {
+                            log::info!("stats socket {}: accepting again", path.display());
+                        }
                         let mut doc = snapshot();
                         doc.push('\n');
-                        if let Err(e) = c.write_all(doc.as_bytes()) {
-                            log::debug!("stats client on {} went away: {e}", path.display());
+                        let sent = c
+                            .set_write_timeout(Some(CLIENT_WRITE_TIMEOUT))
+                            .and_then(|()| c.write_all(doc.as_bytes()));
+                        if let Err(e) = sent {
+                            log::debug!("stats client on {} dropped: {e}", path.display());
                         }
                     }
-                    Err(e) => log::warn!("stats socket {}: {e}", path.display()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let wait = match pause {
+                            None => {
+                                log::warn!(
+                                    "stats socket {}: {e}; retrying with pauses",
+                                    path.display()
+                                );
+                                Duration::from_millis(10)
+                            }
+                            Some(p) => (p * 2).min(ACCEPT_PAUSE_MAX),
+                        };
+                        pause = Some(wait);
+                        thread::sleep(wait);
+                    }
                 }
             }
         })
@@ -93,4 +124,33 @@ pub fn query(path: &Path) -> io::Result<String> {
     let mut out = String::new();
     io::Read::read_to_string(&mut s, &mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn a_client_that_never_reads_does_not_stop_the_others() {
+        let _serial = crate::process_state_lock();
+        let dir = std::env::temp_dir().join(format!("ds-stats-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("stats.sock");
+        // A document far larger than a socket buffer.
+        let doc = format!("\"{}\"", "x".repeat(8 << 20));
+        let len = doc.len() + 1;
+        serve_json(&path, &SocketOptions::default(), move || doc.clone()).unwrap();
+        let stalled = UnixStream::connect(&path).unwrap();
+        let mut reader = UnixStream::connect(&path).unwrap();
+        reader
+            .set_read_timeout(Some(CLIENT_WRITE_TIMEOUT * 10))
+            .unwrap();
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), len, "the second client was not served");
+        drop(stalled);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -364,6 +364,13 @@ impl ConsoleGuest {
     /// announced port, then PORT_OPEN for each (a program opened it). Returns every control
     /// message the device sent along the way, in order.
     pub fn bring_up(&mut self, ports: usize) -> Result<Vec<ControlMsg>> {
+        let all: Vec<usize> = (0..ports).collect();
+        self.bring_up_opening(ports, &all)
+    }
+
+    /// [`bring_up`](Self::bring_up), but only the ports in `open` are opened by a program;
+    /// the others stay set up and closed (as on a guest where nothing opened them yet).
+    pub fn bring_up_opening(&mut self, ports: usize, open: &[usize]) -> Result<Vec<ControlMsg>> {
         let t = Duration::from_secs(10);
         self.post_control_buffers()?;
         self.send_control(0, DEVICE_READY, 1)?;
@@ -388,8 +395,8 @@ impl ConsoleGuest {
                 }
             }
         }
-        for port in 0..ports as u32 {
-            self.send_control(port, PORT_OPEN, 1)?;
+        for &port in open {
+            self.send_control(port as u32, PORT_OPEN, 1)?;
         }
         Ok(seen)
     }

@@ -1,4 +1,5 @@
 //! Test harnesses.
+pub mod console_backend;
 pub mod console_guest;
 pub mod frontend;
 pub mod matrix;

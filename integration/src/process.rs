@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -115,6 +115,44 @@ impl BackendProcess {
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Sends signal `sig` (e.g. `libc::SIGTERM`) to the process.
+    pub fn signal(&self, sig: i32) -> io::Result<()> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| io::Error::other(format!("{} is not running", self.name)))?;
+        // SAFETY: kill(2) on our own child's pid, which is not reaped yet (`child` is Some).
+        if unsafe { libc::kill(pid as i32, sig) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit (its exit is the readiness signal) and reaps it; fails
+    /// with the log when it still runs after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> io::Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let Some(child) = self.child.as_mut() else {
+            return Err(io::Error::other(format!(
+                "{} was reaped already",
+                self.name
+            )));
+        };
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "{} still running after {timeout:?}; log:\n{}",
+                    self.name,
+                    self.log()
+                )));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Kills the process with SIGKILL (a crash, as far as the guest can tell) and reaps it.

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use devshare_common::config::{parse_size, ConfigError};
+use devshare_common::listen::SocketOptions;
 use serde::Deserialize;
 
 use crate::endpoint::EndpointSpec;
@@ -186,6 +187,9 @@ pub struct Config {
     pub vms: Vec<VmConfig>,
     /// Where buffers are kept across restarts (None: in memory only).
     pub state_dir: Option<PathBuf>,
+    /// Mode and group of the Unix sockets the process creates (stream sockets, `unix:`
+    /// endpoints); set by `main` from `--socket-mode` / `--socket-group` or the file's keys.
+    pub socket: SocketOptions,
 }
 
 impl TryFrom<ConfigFile> for Config {
@@ -228,6 +232,7 @@ impl TryFrom<ConfigFile> for Config {
         let cfg = Config {
             vms,
             state_dir: file.state_dir,
+            socket: SocketOptions::default(),
         };
         cfg.validate()?;
         Ok(cfg)

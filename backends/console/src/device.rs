@@ -12,12 +12,13 @@ use vm_memory::GuestMemoryAtomic;
 
 use crate::config::{Config, DeviceKind, Target, VmConfig};
 use crate::control::ControlChannel;
-use crate::endpoint::{Endpoint, EndpointError};
-use crate::event_loop::{Interest, Reactor};
+use crate::endpoint::{Endpoint, EndpointError, OpenOptions};
+use crate::event_loop::TICK_ALWAYS;
 use crate::port::{Host, Port};
 use crate::queue::{self, pin, Batch, Budget, GuestRings, Pass};
+use crate::reactor::{Interest, Reactor};
 use crate::spool::{Spool, SpoolError};
-use crate::stream::StreamGuest;
+use crate::stream::{StreamError, StreamGuest};
 use crate::virtio_console as vc;
 
 /// Why a VM could not be set up.
@@ -31,7 +32,7 @@ pub enum DeviceError {
         /// Port name.
         port: String,
         /// What went wrong.
-        source: EndpointError,
+        source: Box<EndpointError>,
     },
     /// A port buffer could not be created.
     #[error("{vm}/{port}: {source}")]
@@ -56,8 +57,8 @@ pub enum DeviceError {
     Stream {
         /// VM name.
         vm: String,
-        /// What went wrong.
-        source: std::io::Error,
+        /// What went wrong (names the path).
+        source: StreamError,
     },
 }
 
@@ -99,6 +100,10 @@ pub struct Device {
     pub reactor: Reactor,
     /// The stream socket fds registered with `reactor`.
     pub stream_interest: Interest,
+    /// What needs the reactor's timer: bit `p` for port `p`'s endpoint, plus
+    /// [`TICK_ALWAYS`](crate::event_loop::TICK_ALWAYS) and
+    /// [`TICK_STREAM_HOLD`](crate::event_loop::TICK_STREAM_HOLD).
+    pub tick_wants: u64,
     /// Limits what the VM's guest and front-end can make it log.
     pub warnings: VmWarnings,
 }
@@ -135,10 +140,13 @@ impl Device {
         for p in &vm.ports {
             let host = match &p.target {
                 Target::Endpoint(spec) => {
-                    let ep = Endpoint::open(spec).map_err(|source| DeviceError::Endpoint {
-                        vm: vm.name.clone(),
-                        port: p.name.clone(),
-                        source,
+                    let opts = OpenOptions { socket: cfg.socket };
+                    let ep = Endpoint::open_with(spec, &opts).map_err(|source| {
+                        DeviceError::Endpoint {
+                            vm: vm.name.clone(),
+                            port: p.name.clone(),
+                            source: Box::new(source),
+                        }
                     })?;
                     log::info!("{}/{}: {}", vm.name, p.name, ep.describe());
                     has_window |= p.console && ep.pty_path().is_some();
@@ -176,17 +184,17 @@ impl Device {
         let guest = match vm.kind {
             DeviceKind::Virtio => Guest::Virtio(None),
             DeviceKind::Stream => {
-                Guest::Stream(StreamGuest::new(&vm.socket, vm.mode).map_err(|source| {
-                    DeviceError::Stream {
+                Guest::Stream(StreamGuest::new(&vm.socket, vm.mode, &cfg.socket).map_err(
+                    |source| DeviceError::Stream {
                         vm: vm.name.clone(),
                         source,
-                    }
-                })?)
+                    },
+                )?)
             }
         };
         // Ticks: a PTY's size has to be polled, and a stream in client mode dials QEMU.
         let ticks = has_window || matches!(&guest, Guest::Stream(s) if s.dials());
-        let reactor = Reactor::new(ticks).map_err(|source| DeviceError::Events {
+        let reactor = Reactor::new().map_err(|source| DeviceError::Events {
             vm: vm.name.clone(),
             source,
         })?;
@@ -196,8 +204,10 @@ impl Device {
             ports,
             reactor,
             stream_interest: Interest::default(),
+            tick_wants: 0,
             warnings: VmWarnings::new(&vm.name),
         };
+        d.want_ticks(TICK_ALWAYS, ticks);
         d.sync_stream();
         for p in 0..d.ports.len() {
             d.sync(p);

@@ -1,8 +1,12 @@
-//! Readiness: each VM has a [`Reactor`], an epoll set of its endpoint fds, its stream socket
-//! and, where needed, a periodic timer. Every registration carries a token saying what the fd
-//! is (port endpoint, stream socket, timer; signals can join later), so an event needs no
-//! lookup, and each port remembers what it registered, so `epoll_ctl` runs only when the
-//! wanted interest changes.
+//! Readiness: what each event of a VM's [`Reactor`](crate::reactor::Reactor) (its endpoint fds, its stream socket, its
+//! timer) means, and which fds with which interest each port and the stream socket keep in
+//! it ([`Device::sync`]).
+//!
+//! Hang-ups and errors are reported by the kernel whether asked for or not, and keep being
+//! reported while the condition lasts: every one is taken here ([`Vms::serve_events`]) in
+//! every state of the guest side (port open or closed, front-end or QEMU connected or not),
+//! and the endpoint drops the peer, closes the device or reopens its side, so no fd stays in
+//! the set with a condition nobody consumes.
 //!
 //! A reactor is itself an fd: it is served by whichever thread holds it. While the VM has no
 //! front-end that is its group's home thread ([`run_home`]); while a front-end is connected
@@ -12,236 +16,109 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device::{Device, Guest};
-use crate::endpoint::Readiness;
+use crate::endpoint::{Readiness, WatchRole};
 use crate::group::{Group, Vms};
 use crate::port::Host;
+use crate::reactor::Token;
 
-/// How often PTY sizes are polled and a client-mode stream dials QEMU.
-const TICK: Duration = Duration::from_millis(250);
 /// Events handled per round before other work gets the lock.
 const EVENTS_PER_ROUND: usize = 64;
-
-/// What an event is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Token {
-    /// An fd of port `port`'s endpoint.
-    Port {
-        /// Port index.
-        port: usize,
-        /// The fd.
-        fd: RawFd,
-    },
-    /// The stream socket (listener or connection).
-    Stream {
-        /// The fd.
-        fd: RawFd,
-    },
-    /// The periodic timer.
-    Timer,
-}
-
-const KIND_PORT: u64 = 1;
-const KIND_STREAM: u64 = 2;
-const KIND_TIMER: u64 = 3;
-
-impl Token {
-    fn encode(self) -> u64 {
-        match self {
-            Token::Port { port, fd } => {
-                KIND_PORT << 56 | (port as u64 & 0xffff) << 32 | fd as u32 as u64
-            }
-            Token::Stream { fd } => KIND_STREAM << 56 | fd as u32 as u64,
-            Token::Timer => KIND_TIMER << 56,
-        }
-    }
-
-    fn decode(v: u64) -> Option<Token> {
-        let fd = v as u32 as RawFd;
-        match v >> 56 {
-            KIND_PORT => Some(Token::Port {
-                port: (v >> 32 & 0xffff) as usize,
-                fd,
-            }),
-            KIND_STREAM => Some(Token::Stream { fd }),
-            KIND_TIMER => Some(Token::Timer),
-            _ => None,
-        }
-    }
-}
-
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_GETFL/F_SETFL on an fd we own; the result is checked.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// The fds one owner (a port's endpoint, a stream socket) registered, and for what.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Interest([Option<(RawFd, EventSet)>; 2]);
-
-/// A VM's epoll set (see the module docs).
-pub struct Reactor {
-    epoll: Epoll,
-    timer: Option<TimerFd>,
-}
-
-impl Reactor {
-    /// An empty set; with `tick`, a periodic timer in it.
-    pub fn new(tick: bool) -> io::Result<Reactor> {
-        let epoll = Epoll::new()?;
-        let timer = if tick {
-            let mut t = TimerFd::new()?;
-            // Non-blocking: two threads may both see it ready (while a VM's worker and its
-            // group's home thread change hands), and the second must not block in read.
-            set_nonblocking(t.as_raw_fd())?;
-            t.reset(TICK, Some(TICK))?;
-            epoll.ctl(
-                ControlOperation::Add,
-                t.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, Token::Timer.encode()),
-            )?;
-            Some(t)
-        } else {
-            None
-        };
-        Ok(Reactor { epoll, timer })
-    }
-
-    /// The epoll fd, to be watched by the thread serving this VM.
-    pub fn fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
-    }
-
-    /// Brings the registration of `interest` in line with `want`, calling `epoll_ctl` only
-    /// for what changed.
-    pub fn set(
-        &self,
-        interest: &mut Interest,
-        want: [Option<(RawFd, EventSet)>; 2],
-        token: impl Fn(RawFd) -> Token,
-    ) {
-        if *interest == Interest(want) {
-            return;
-        }
-        for (fd, _) in interest.0.iter().flatten() {
-            if !want.iter().flatten().any(|(w, _)| w == fd) {
-                // Fails harmlessly when the fd was closed already (which unregistered it).
-                let _ = self.epoll.ctl(
-                    ControlOperation::Delete,
-                    *fd,
-                    EpollEvent::new(EventSet::empty(), 0),
-                );
-            }
-        }
-        let mut now = Interest::default();
-        for (slot, (fd, ev)) in want.iter().flatten().enumerate() {
-            let old = interest.0.iter().flatten().find(|(o, _)| o == fd);
-            let event = EpollEvent::new(*ev, token(*fd).encode());
-            let res = match old {
-                Some((_, old_ev)) if old_ev == ev => Ok(()),
-                // A new fd with an old number (the old one closed) is not registered yet.
-                Some(_) => self
-                    .epoll
-                    .ctl(ControlOperation::Modify, *fd, event)
-                    .or_else(|_| self.epoll.ctl(ControlOperation::Add, *fd, event)),
-                None => self
-                    .epoll
-                    .ctl(ControlOperation::Add, *fd, event)
-                    .or_else(|_| self.epoll.ctl(ControlOperation::Modify, *fd, event)),
-            };
-            match res {
-                Ok(()) => now.0[slot] = Some((*fd, *ev)),
-                Err(e) => log::warn!("cannot watch fd {fd}: {e}"),
-            }
-        }
-        *interest = now;
-    }
-
-    /// The events ready now (without waiting).
-    fn ready(&self, events: &mut [EpollEvent]) -> usize {
-        loop {
-            match self.epoll.wait(0, events) {
-                Ok(n) => return n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::warn!("event loop: {e}");
-                    return 0;
-                }
-            }
-        }
-    }
-
-    /// Consumes the timer's expirations.
-    fn consume_timer(&mut self) {
-        if let Some(t) = &mut self.timer {
-            let _ = t.wait();
-        }
-    }
-}
+/// Bit of [`Device::tick_wants`] for what needs ticks besides ports: a console on a PTY (its
+/// size is polled) or a stream VM that dials QEMU.
+pub const TICK_ALWAYS: u64 = 1 << 63;
+/// Bit of [`Device::tick_wants`] while stream output is held back for a slow client.
+pub const TICK_STREAM_HOLD: u64 = 1 << 62;
 
 impl Device {
-    /// Brings the epoll interest of port `p`'s endpoint fds in line with its state.
-    pub fn sync(&mut self, p: usize) {
-        // Host input is read only when the guest side can take it: a virtio port the guest
-        // opened and gave buffers to, or a connected stream with room in its queue. A stream
-        // port has no open/close handshake, so `guest_open` never applies to it.
-        let takes_input = match &self.guest {
+    /// Records whether `bit` (a port's index, or one of the `TICK_*` bits) needs the timer,
+    /// and arms or disarms it.
+    pub fn want_ticks(&mut self, bit: u64, on: bool) {
+        if on {
+            self.tick_wants |= bit;
+        } else {
+            self.tick_wants &= !bit;
+        }
+        self.reactor.set_ticking(self.tick_wants != 0);
+    }
+
+    /// Whether host input for port `p` can go to the guest now: a virtio port the guest
+    /// opened and gave buffers to, or a connected stream with room in its queue. A stream
+    /// port has no open/close handshake, so `guest_open` never applies to it.
+    pub fn takes_input(&self, p: usize) -> bool {
+        match &self.guest {
             Guest::Stream(s) => s.connected() && s.can_take(),
-            Guest::Virtio(_) => {
-                let port = &self.ports[p];
-                !port.rx_starved && port.guest_open
-            }
+            Guest::Virtio(_) => self
+                .ports
+                .get(p)
+                .is_some_and(|port| !port.rx_starved && port.guest_open),
+        }
+    }
+
+    /// Brings the epoll interest of port `p`'s endpoint fds in line with its state, closes
+    /// the fds the endpoint let go of, and keeps the timer armed while the endpoint needs it.
+    pub fn sync(&mut self, p: usize) {
+        let takes_input = self.takes_input(p);
+        let Some(port) = self.ports.get_mut(p) else {
+            return;
         };
-        let port = &mut self.ports[p];
         let pending = port.has_pending_output();
-        let Host::Endpoint(ep) = &port.host else {
+        let Host::Endpoint(ep) = &mut port.host else {
             return;
         };
         let input = ep.input_fd().map(|f| f.as_raw_fd());
         let output = ep.output_fd().map(|f| f.as_raw_fd());
         let mut want = [None; 2];
-        for (slot, fd) in ep.watch_set().into_iter().enumerate() {
-            if let Some(fd) = fd {
-                let ev = if Some(fd) != input || takes_input {
-                    EventSet::IN
-                } else {
-                    EventSet::empty()
-                };
-                want[slot] = Some((fd, ev));
-            }
-        }
-        if let (Some(fd), true) = (output, pending) {
-            match want.iter_mut().flatten().find(|(w, _)| *w == fd) {
-                Some((_, ev)) => *ev |= EventSet::OUT,
-                None => {
-                    if let Some(free) = want.iter_mut().find(|w| w.is_none()) {
-                        *free = Some((fd, EventSet::OUT));
+        for (slot, w) in ep.watch_set().into_iter().enumerate() {
+            let Some(w) = w else { continue };
+            let ev = match w.role {
+                WatchRole::Accept => EventSet::IN,
+                WatchRole::Data { read_hang_up } => {
+                    let mut ev = EventSet::empty();
+                    if takes_input && input == Some(w.fd) {
+                        ev |= EventSet::IN;
                     }
+                    if read_hang_up {
+                        ev |= EventSet::READ_HANG_UP;
+                    }
+                    if pending && output == Some(w.fd) {
+                        ev |= EventSet::OUT;
+                    }
+                    ev
                 }
-            }
+                WatchRole::HangUp => EventSet::empty(),
+            };
+            want[slot] = Some((w.fd, ev));
         }
         self.reactor
-            .set(&mut port.interest, want, |fd| Token::Port { port: p, fd });
+            .set(&mut port.interest, want, |fd, gen| Token::Port {
+                port: p,
+                fd,
+                gen,
+            });
+        ep.close_retired();
+        let ticks = ep.needs_tick();
+        self.want_ticks(1 << p, ticks);
     }
 
     /// Brings the epoll interest of the stream socket in line with its state.
     pub fn sync_stream(&mut self) {
+        let held = self.stream_held();
         let Guest::Stream(s) = &self.guest else {
             return;
         };
-        let want = s.watch();
+        let want = s.watch(held);
         self.reactor
-            .set(&mut self.stream_interest, want, |fd| Token::Stream { fd });
+            .set(&mut self.stream_interest, want, |fd, gen| Token::Stream {
+                fd,
+                gen,
+            });
+        let hold_ticks = s.needs_tick();
+        self.want_ticks(TICK_STREAM_HOLD, hold_ticks);
     }
 }
 
@@ -270,16 +147,24 @@ impl Vms {
                 d.reactor.consume_timer();
                 d.check_window();
                 d.stream_tick();
+                self.tick_endpoints(dev);
             }
-            Token::Stream { fd } => {
+            Token::Stream { fd, gen } => {
                 let d = &mut self.devices[dev];
+                if !d.stream_interest.has(fd, gen) {
+                    return;
+                }
                 d.stream_ready(fd, ev);
                 d.sync_stream();
                 // (Dis)connecting QEMU changes whether the endpoint's input is wanted.
                 d.sync(0);
             }
-            Token::Port { port, fd } => {
-                if port >= self.devices[dev].ports.len() {
+            Token::Port { port, fd, gen } => {
+                let live = self.devices[dev]
+                    .ports
+                    .get(port)
+                    .is_some_and(|p| p.interest.has(fd, gen));
+                if !live {
                     return;
                 }
                 self.on_endpoint(dev, port, fd, ev);
@@ -289,36 +174,99 @@ impl Vms {
     }
 
     fn on_endpoint(&mut self, dev: usize, port: usize, fd: RawFd, ev: EventSet) {
-        if ev.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
-            let p = &mut self.devices[dev].ports[port];
-            let Host::Endpoint(ep) = &mut p.host else {
-                return;
-            };
-            let readiness = match ep.on_readable(fd) {
-                Ok(Readiness::Connected) => {
+        let hang_up = ev.intersects(EventSet::HANG_UP | EventSet::ERROR);
+        let p = &mut self.devices[dev].ports[port];
+        let Host::Endpoint(ep) = &mut p.host else {
+            return;
+        };
+        let Some(role) = ep
+            .watch_set()
+            .into_iter()
+            .flatten()
+            .find(|w| w.fd == fd)
+            .map(|w| w.role)
+        else {
+            // Let go of already; the caller's sync unregisters it.
+            return;
+        };
+        match role {
+            WatchRole::Accept => {
+                let r = if hang_up && !ev.contains(EventSet::IN) {
+                    ep.on_hang_up(fd)
+                } else {
+                    match ep.on_readable(fd) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            log::warn!("{}: {e}", p.label);
+                            Readiness::Nothing
+                        }
+                    }
+                };
+                if r == Readiness::Connected {
                     log::info!("{}: {} attached", p.label, ep.describe());
-                    Readiness::Connected
+                    self.replay(dev, port);
                 }
-                Ok(r) => r,
-                Err(e) => {
-                    log::warn!("{}: {e}", p.label);
-                    Readiness::Nothing
+            }
+            WatchRole::Data { .. } => {
+                if ev.contains(EventSet::READ_HANG_UP) && !hang_up {
+                    ep.on_read_hang_up(fd);
                 }
-            };
-            match readiness {
-                Readiness::Connected => {
-                    // Replay what was kept while nobody listened.
-                    self.flush(dev, port);
-                    self.pump_out(dev, port);
+                if ev.contains(EventSet::IN) || (hang_up && self.devices[dev].takes_input(port)) {
+                    // With a hang-up: what the peer sent before it left still goes in.
                     self.pump_in(dev, port);
                 }
-                Readiness::Input => self.pump_in(dev, port),
-                Readiness::Refused | Readiness::Nothing => {}
+                if ev.contains(EventSet::OUT) && !hang_up {
+                    self.flush(dev, port);
+                    self.pump_out(dev, port);
+                }
+                if hang_up {
+                    self.endpoint_hung_up(dev, port, fd);
+                }
+            }
+            WatchRole::HangUp => {
+                if hang_up {
+                    self.endpoint_hung_up(dev, port, fd);
+                }
             }
         }
-        if ev.contains(EventSet::OUT) {
-            self.flush(dev, port);
-            self.pump_out(dev, port);
+    }
+
+    /// `fd` of port `port`'s endpoint reported a hang-up or an error: the endpoint lets the
+    /// peer go (or opens its side again), unless reading already did.
+    fn endpoint_hung_up(&mut self, dev: usize, port: usize, fd: RawFd) {
+        let Host::Endpoint(ep) = &mut self.devices[dev].ports[port].host else {
+            return;
+        };
+        if !ep.watch_set().into_iter().flatten().any(|w| w.fd == fd) {
+            return;
+        }
+        if ep.on_hang_up(fd) == Readiness::Reopened {
+            self.replay(dev, port);
+        }
+    }
+
+    /// Something attached (a client, a device back): replay what was kept, then move data.
+    fn replay(&mut self, dev: usize, port: usize) {
+        self.flush(dev, port);
+        self.pump_out(dev, port);
+        self.pump_in(dev, port);
+    }
+
+    /// Ticks the endpoints that wait for something (a device or log file to reopen, a
+    /// listener to resume accepting).
+    fn tick_endpoints(&mut self, dev: usize) {
+        let now = Instant::now();
+        for port in 0..self.devices[dev].ports.len() {
+            let Host::Endpoint(ep) = &mut self.devices[dev].ports[port].host else {
+                continue;
+            };
+            if !ep.needs_tick() {
+                continue;
+            }
+            if ep.tick(now) == Readiness::Reopened {
+                self.replay(dev, port);
+            }
+            self.devices[dev].sync(port);
         }
     }
 }

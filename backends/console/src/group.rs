@@ -193,6 +193,8 @@ impl Vms {
     pub fn pump_out(&mut self, dev: usize, p: usize) {
         if matches!(self.devices[dev].guest, Guest::Stream(_)) {
             self.flush(dev, p);
+            // The client took bytes: guest output held back for it may flow again.
+            self.devices[dev].stream_out(false);
             return;
         }
         self.with_peer(dev, p, |d, budget, mut peer| {
@@ -334,7 +336,7 @@ impl Vms {
         let Some(port) = d.ports.first_mut() else {
             return false;
         };
-        port.keep_newest(&crate::port::Pieces([&data[..1], &[]]), 0);
+        port.keep_newest(&crate::port::Pieces([&data[..1], &[]]), 0, None);
         self.flush(dev, 0);
         true
     }

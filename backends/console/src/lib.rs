@@ -12,6 +12,7 @@ pub mod link;
 pub mod port;
 pub mod qemu_args;
 pub mod queue;
+pub mod reactor;
 pub mod spool;
 pub mod stats;
 pub mod stream;

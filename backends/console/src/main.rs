@@ -28,9 +28,12 @@ ENDPOINTS (what a port is bridged to):
   pty[:LINK]                      new PTY; its path is logged, LINK becomes a symlink to it
   unix:PATH                       Unix socket listener (one client at a time)
   tcp:[ADDR:]PORT                 TCP listener, 127.0.0.1 unless ADDR is given
-  file:PATH[,timestamps]          append guest output to a log file
-  serial:DEV[,baud=N][,data=8][,parity=none|odd|even][,stop=1|2][,flow=none|hw|sw]
-                                  a serial device (default 115200 8N1)
+  file:PATH[,timestamps][,max-size=SIZE][,keep=N]
+                                  log of guest output, rotated before it grows past SIZE
+                                  (default 2M; 0: never) into PATH.1 .. PATH.N (default 3)
+  serial:DEV[,baud=N][,data=8][,parity=none|odd|even][,stop=1|2][,flow=none|hw|sw][,reopen=1s]
+                                  a serial device (default 115200 8N1); when it goes away
+                                  (unplugged) it is reopened after reopen=, then less often
   vm:OTHERVM/PORT                 a port of another VM served by this process; the other
                                   port must link back (guest-to-guest serial link)
 
@@ -49,11 +52,17 @@ EXAMPLES:
 The first port of a virtio VM is its console (/dev/hvc0); the others appear in the guest
 as /dev/virtio-ports/NAME. Output with nothing attached is buffered (--buffer-size) and
 replayed when a client attaches; a full buffer holds data ports back and makes the console
-keep its newest bytes.
+keep its newest bytes (never bytes an attached client is ready to take).
 
 Sockets are created 0600 (--socket-mode, --socket-group open them to QEMU's group). A socket
 another running process serves is never taken over, and a file that is not a socket is never
-removed. SIGTERM/SIGINT remove this process's sockets and exit 0; SIGHUP does not stop it.";
+removed.
+
+SIGNALS:
+  SIGTERM, SIGINT  stop accepting, keep the port buffers (--state-dir: synced to disk),
+                   remove this process's sockets and PTY links, exit 0
+  SIGHUP           reopen every file: log (for logrotate: mv PATH PATH.1, then SIGHUP);
+                   nothing else changes, no client is dropped";
 
 /// Serve virtio-console devices (vhost-user) and serial streams to QEMU guests, bridging
 /// every guest port to a host endpoint or to a port of another guest.
@@ -223,19 +232,49 @@ impl TryFrom<Args> for Config {
     }
 }
 
-/// SIGHUP: the hook where the console reopens its log files (the `file:` endpoints attach
-/// here). Every VM keeps being served.
-fn on_reload(_groups: &[Arc<Group>]) {
-    log::info!("SIGHUP: no log file to reopen");
+/// SIGHUP: every `file:` log is opened again by its name, so output goes to a fresh file
+/// after an external rotation (`mv PATH PATH.1`, then SIGHUP). Nothing else changes: no
+/// client is dropped, no port is reset, every VM keeps being served.
+fn on_reload(groups: &[Arc<Group>]) {
+    let mut reopened = 0;
+    for g in groups {
+        let mut vms = g.lock();
+        for d in &mut vms.devices {
+            for port in &mut d.ports {
+                let label = port.label.clone();
+                let Some(ep) = port.endpoint() else { continue };
+                match ep.reload() {
+                    Ok(true) => reopened += 1,
+                    Ok(false) => {}
+                    Err(e) => log::warn!("{label}: {e}"),
+                }
+            }
+        }
+        // A log that could not be opened is retried on ticks: arm them.
+        for dev in 0..vms.devices.len() {
+            for p in 0..vms.devices[dev].ports.len() {
+                vms.devices[dev].sync(p);
+            }
+        }
+    }
+    log::info!("SIGHUP: {reopened} log files reopened");
 }
 
-/// SIGTERM/SIGINT, after this process's sockets were removed and before it exits 0: the hook
-/// where the console flushes its spools and removes its PTY links. Spools are shared file
-/// mappings, complete after every write; holding every group's lock until exit makes sure no
-/// guest output is taken in that the next process would not find.
+/// SIGTERM/SIGINT, after this process's sockets were removed (no new client or front-end can
+/// connect) and before it exits 0: every group's lock is taken and kept until exit, so no
+/// guest output is taken in that the next process would not find; each port's buffer goes to
+/// its endpoint as far as that takes it without waiting, and with `--state-dir` the buffer
+/// files are synced to disk; log files are synced; the PTY links this process made are
+/// removed (a link that points elsewhere now is not ours and stays).
 fn on_shutdown(groups: &[Arc<Group>]) {
     for g in groups {
-        std::mem::forget(g.lock());
+        let mut vms = g.lock();
+        for d in &mut vms.devices {
+            for port in &mut d.ports {
+                port.shut_down();
+            }
+        }
+        std::mem::forget(vms);
     }
 }
 
@@ -315,6 +354,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let mut cfg = cfg;
+    cfg.socket = process.socket;
     let (groups, vms) = match group::build(&cfg) {
         Ok(g) => g,
         Err(e) => {

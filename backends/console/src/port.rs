@@ -14,10 +14,10 @@ use devshare_common::chain::GuestBuffers;
 use devshare_common::ratelimit::RateLimit;
 use devshare_common::warn_limited;
 
-use crate::endpoint::Endpoint;
-use crate::event_loop::Interest;
+use crate::endpoint::{Endpoint, EndpointError};
 use crate::link::PeerPort;
 use crate::queue::{Batch, Budget, Dir};
+use crate::reactor::Interest;
 use crate::spool::Spool;
 use crate::stats::PortStats;
 
@@ -152,7 +152,11 @@ pub struct Port {
 impl Port {
     /// A port named `name` of VM `vm` whose output waits in `spool`.
     pub fn new(vm: &str, name: &str, console: bool, host: Host, spool: Spool) -> Port {
-        let stats = Arc::new(PortStats::default());
+        let endpoint = match &host {
+            Host::Endpoint(ep) => ep.counters(),
+            Host::Link { .. } => Arc::default(),
+        };
+        let stats = Arc::new(PortStats::new(endpoint));
         stats.set_buffered(spool.len());
         let label = format!("{vm}/{name}");
         Port {
@@ -185,9 +189,23 @@ impl Port {
     }
 
     /// Buffers `src` from `from` on, keeping the newest bytes: the oldest buffered bytes (and
-    /// the oldest of `src`, beyond the capacity) make room, and are counted as dropped.
-    pub fn keep_newest(&mut self, src: &dyn Source, from: usize) {
+    /// the oldest of `src`, beyond the capacity) make room, and are counted as dropped. What
+    /// the host side takes now goes there first (`peer` for a link): only bytes it cannot
+    /// take are ever dropped.
+    pub fn keep_newest(
+        &mut self,
+        src: &dyn Source,
+        from: usize,
+        mut peer: Option<&mut PeerPort<'_>>,
+    ) {
         let mut from = from.min(src.len());
+        if src.len() - from > self.spool.free() {
+            // Room the host side can make before anything is dropped.
+            self.flush(peer.as_deref_mut());
+            if self.spool.is_empty() {
+                from += self.deliver(src, from, peer);
+            }
+        }
         let cap = self.spool.capacity();
         let n = src.len() - from;
         if n > cap {
@@ -198,6 +216,43 @@ impl Port {
         let dropped = self.spool.discard(rest.saturating_sub(self.spool.free()));
         self.stats.dropped_bytes.add(dropped as u64);
         self.push(src, from, rest);
+    }
+
+    /// Takes guest output under the console's rule (never holds the guest back): older output
+    /// first, then `src` straight to the host side, the rest buffered keeping the newest
+    /// bytes. Returns the bytes the host side took now (old and new).
+    pub fn take_newest(&mut self, src: &dyn Source) -> u64 {
+        let before = self.stats.to_host_bytes.get();
+        if !self.spool.is_empty() {
+            self.flush(None);
+        }
+        let mut off = 0;
+        if self.spool.is_empty() {
+            off = self.deliver(src, 0, None);
+        }
+        if off < src.len() {
+            self.keep_newest(src, off, None);
+        }
+        self.stats.to_host_bytes.get() - before
+    }
+
+    /// Room left in the buffer, in bytes.
+    pub fn buffer_free(&self) -> usize {
+        self.spool.free()
+    }
+
+    /// The buffer's capacity, in bytes.
+    pub fn buffer_capacity(&self) -> usize {
+        self.spool.capacity()
+    }
+
+    /// Whether the host side is attached and can be slower than the guest (a socket client,
+    /// a PTY, a serial device; not a log file, which takes everything, nor a link).
+    pub fn host_can_wait(&self) -> bool {
+        match &self.host {
+            Host::Endpoint(ep) => ep.is_attached() && ep.output_fd().is_some(),
+            Host::Link { .. } => false,
+        }
     }
 
     /// Appends up to `max` bytes of `src` from `from` on to the spool; returns how many fit.
@@ -218,16 +273,16 @@ impl Port {
     pub fn take_output(
         &mut self,
         bufs: &GuestBuffers<'_>,
-        peer: Option<&mut PeerPort<'_>>,
+        mut peer: Option<&mut PeerPort<'_>>,
     ) -> bool {
         let len = bufs.readable_len();
         let mut off = self.tx_offset.min(len);
         if self.spool.is_empty() {
-            off += self.deliver(bufs, off, peer);
+            off += self.deliver(bufs, off, peer.as_deref_mut());
         }
         if off < len {
             if self.console {
-                self.keep_newest(bufs, off);
+                self.keep_newest(bufs, off, peer);
                 off = len;
             } else {
                 off += self.push(bufs, off, len - off);
@@ -251,7 +306,7 @@ impl Port {
                 match ep.write_output(&src.io_slices(off)) {
                     Ok(n) => n,
                     Err(e) => {
-                        log::info!("{}: {e}", self.label);
+                        self.output_failed(&e);
                         0
                     }
                 }
@@ -279,7 +334,7 @@ impl Port {
                 Host::Endpoint(ep) => match ep.write_output(&front.io_slices(0)) {
                     Ok(n) => n,
                     Err(e) => {
-                        log::info!("{}: {e}", self.label);
+                        self.output_failed(&e);
                         0
                     }
                 },
@@ -294,6 +349,15 @@ impl Port {
             if n == 0 {
                 break;
             }
+        }
+    }
+
+    /// Writing output to the endpoint failed. A peer that left was logged by the endpoint as
+    /// it dropped it; anything else (a full disk under a log file) is logged within limits:
+    /// the guest can make it happen on every chain.
+    fn output_failed(&mut self, e: &EndpointError) {
+        if !matches!(e, EndpointError::Detached { .. }) {
+            warn_limited!(self.warnings, "{}: {e}", self.label);
         }
     }
 
@@ -357,7 +421,8 @@ impl Port {
             match read {
                 Ok(0) => {
                     rx.rewind(start);
-                    self.endpoint_gone("end of file");
+                    // A client that finished sending stays for output; a device hung up.
+                    ep.end_of_input();
                     return Input::Done;
                 }
                 Ok(n) => {
@@ -371,21 +436,31 @@ impl Port {
                     rx.no_kicks();
                     return Input::Done;
                 }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    rx.rewind(start);
+                }
                 Err(e) => {
                     rx.rewind(start);
-                    self.endpoint_gone(&e.to_string());
+                    // Logged by the endpoint as it lets the client or device go.
+                    let _ = ep.input_failed(&e);
                     return Input::Done;
                 }
             }
         }
     }
 
-    /// The endpoint's client (or device) went away.
-    pub fn endpoint_gone(&mut self, why: &str) {
-        let label = &self.label;
+    /// The process shuts down: the buffer goes to the endpoint as far as it takes it without
+    /// waiting, the endpoint cleans up (a PTY link, a log file synced), and a buffer kept in
+    /// `--state-dir` is synced to disk for the next process to replay.
+    pub fn shut_down(&mut self) {
+        if matches!(self.host, Host::Endpoint(_)) {
+            self.flush(None);
+        }
         if let Host::Endpoint(ep) = &mut self.host {
-            log::info!("{label}: {} detached ({why})", ep.describe());
-            ep.detach();
+            ep.shutdown();
+        }
+        if let Err(e) = self.spool.sync() {
+            log::warn!("{}: cannot sync the buffer to disk: {e}", self.label);
         }
     }
 
@@ -472,6 +547,61 @@ mod tests {
         let mut client = rig.client("console");
         rig.vms().serve_events(0);
         assert_eq!(read_n(&mut client, 8), b"6789abc!");
+    }
+
+    #[test]
+    fn console_output_goes_to_a_client_that_made_room_before_anything_is_dropped() {
+        let mut rig = Rig::new("flush-first", "4096", MULTIPORT);
+        open(&rig, 0);
+        let (_, txq) = vc::port_queues(0);
+        let mut client = rig.client("console");
+        rig.vms().serve_events(0);
+        let stats = rig.vms().devices[0].ports[0].stats.clone();
+        // The client reads nothing: its socket fills up, then the buffer keeps the newest.
+        let data: Vec<u8> = (0..512 * 1024u32)
+            .map(|i| (i * 7 + i / 251) as u8)
+            .collect();
+        for chunk in data.chunks(64 * 1024) {
+            let head = rig.post(txq, chunk, 0);
+            rig.vms().on_queue_event(0, txq);
+            assert_eq!(rig.used(txq), vec![(head, 0)], "a console chain was held");
+        }
+        let dropped = stats.dropped_bytes.get();
+        assert!(dropped > 0, "the socket took half a MiB");
+        // The client drains its socket; the backend is not told (no event is served).
+        client.set_nonblocking(true).unwrap();
+        let mut early = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match client.read(&mut buf) {
+                Ok(n) if n > 0 => early.extend_from_slice(&buf[..n]),
+                Ok(_) => panic!("the backend closed the client"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(early, data[..early.len()]);
+        // More output through the path that takes it without a flush before it (an
+        // emergency write): the buffer goes to the client first, and nothing is dropped.
+        assert!(rig.vms().write_config(0, vc::CONFIG_EMERG_WR, b"!"));
+        assert_eq!(
+            stats.dropped_bytes.get(),
+            dropped,
+            "dropped what the client could take"
+        );
+        // And a chain after it.
+        rig.post(txq, b"after", 0);
+        rig.vms().on_queue_event(0, txq);
+        assert_eq!(stats.dropped_bytes.get(), dropped);
+        client.set_nonblocking(false).unwrap();
+        let rest = read_n(&mut client, 4096 + 6);
+        assert_eq!(rest[..4096], data[data.len() - 4096..]);
+        assert_eq!(&rest[4096..], b"!after");
+        assert_eq!(
+            stats.to_host_bytes.get() + dropped,
+            data.len() as u64 + 6,
+            "every byte is delivered or counted as dropped"
+        );
     }
 
     #[test]

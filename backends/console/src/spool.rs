@@ -272,6 +272,18 @@ impl Spool {
         n
     }
 
+    /// Writes a file-backed spool's pages to disk and waits for it (`msync(MS_SYNC)`), so what
+    /// it holds survives even a crash of the host; a no-op for a spool in memory. The mapping
+    /// is shared, so the bytes are in the page cache (and survive this process) already.
+    pub fn sync(&self) -> io::Result<()> {
+        // SAFETY: the range is exactly our own mapping, which stays mapped for the call.
+        let rc = unsafe { libc::msync(self.base.as_ptr().cast(), self.map_len, libc::MS_SYNC) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// The waiting bytes, oldest first, in at most two slices.
     pub fn front(&mut self) -> (&[u8], &[u8]) {
         let len = self.len();

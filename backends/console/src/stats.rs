@@ -3,11 +3,13 @@
 //! is its field name, written once.
 //!
 //! `{"ports":[{"vm":..,"port":..,"to_host_bytes":..,"to_guest_bytes":..,"dropped_bytes":..,
-//! "bad_chains":..,"buffered_bytes":..}, ...]}`
+//! "bad_chains":..,"buffered_bytes":..,"attached":..,"reopens":..,"rotations":..}, ...],
+//! "process":{"signals":{"hup":..,"term":..,"int":..}}}`
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::endpoint::EndpointCounters;
 use devshare_common::signals::ProcessStats;
 use devshare_common::stats::Counter;
 use serde::{Serialize, Serializer};
@@ -27,6 +29,14 @@ pub struct PortStats {
     /// `--state-dir` it survives a restart).
     #[serde(serialize_with = "gauge")]
     pub buffered_bytes: AtomicU64,
+    /// The endpoint's own counters: `attached` (0/1), `reopens`, `rotations` (all 0 on a
+    /// link).
+    #[serde(flatten, serialize_with = "endpoint")]
+    pub endpoint: Arc<EndpointCounters>,
+}
+
+fn endpoint<S: Serializer>(v: &Arc<EndpointCounters>, s: S) -> Result<S::Ok, S::Error> {
+    v.as_ref().serialize(s)
 }
 
 fn gauge<S: Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Error> {
@@ -34,6 +44,14 @@ fn gauge<S: Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Error> {
 }
 
 impl PortStats {
+    /// Counters at zero, beside the endpoint's own.
+    pub fn new(endpoint: Arc<EndpointCounters>) -> PortStats {
+        PortStats {
+            endpoint,
+            ..PortStats::default()
+        }
+    }
+
     /// Sets the bytes waiting in the port's buffer.
     pub fn set_buffered(&self, n: usize) {
         self.buffered_bytes.store(n as u64, Ordering::Relaxed);
@@ -84,6 +102,12 @@ mod tests {
         stats.dropped_bytes.add(7);
         stats.bad_chains.inc();
         stats.set_buffered(9);
+        stats
+            .endpoint
+            .attached
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+        stats.endpoint.reopens.add(2);
+        stats.endpoint.rotations.add(3);
         let doc = Report {
             ports: vec![PortReport {
                 vm: "a".into(),
@@ -95,7 +119,7 @@ mod tests {
         let json = doc.to_json();
         assert!(
             json.starts_with(
-                r#"{"ports":[{"vm":"a","port":"console","to_host_bytes":5,"to_guest_bytes":6,"dropped_bytes":7,"bad_chains":1,"buffered_bytes":9}],"process":{"signals":{"#
+                r#"{"ports":[{"vm":"a","port":"console","to_host_bytes":5,"to_guest_bytes":6,"dropped_bytes":7,"bad_chains":1,"buffered_bytes":9,"attached":1,"reopens":2,"rotations":3}],"process":{"signals":{"#
             ),
             "{json}"
         );

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use vhost_user_console::endpoint::{
     DataBits, Endpoint, EndpointError, EndpointSpec, FlowControl, Parity, Readiness, StopBits,
+    WatchRole,
 };
 
 /// A per-test scratch directory, removed at the end.
@@ -179,9 +180,21 @@ fn pty_link_never_replaces_a_regular_file() {
     assert_eq!(std::fs::read_to_string(&link).unwrap(), "keep me");
 }
 
+/// How a listener learns that a client closed: a Unix peer's close is a hang-up the kernel
+/// reports; a TCP peer's close looks like the end of its input (a FIN) until a write fails.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CloseSeen {
+    HangUp,
+    EndOfInput,
+}
+
 /// The listener flow shared by unix and tcp: connect, data both ways, refuse a second
 /// client, detach on close, accept a new client.
-fn exercise_listener<S: Read + Write + AsRawFd>(ep: &mut Endpoint, connect: impl Fn() -> S) {
+fn exercise_listener<S: Read + Write + AsRawFd>(
+    ep: &mut Endpoint,
+    close: CloseSeen,
+    connect: impl Fn() -> S,
+) {
     let listen_fd = ep.watch_fds()[0];
     assert_eq!(ep.watch_fds(), vec![listen_fd]);
     assert!(!ep.is_attached());
@@ -196,6 +209,11 @@ fn exercise_listener<S: Read + Write + AsRawFd>(ep: &mut Endpoint, connect: impl
     let client_fd = ep.input_fd().unwrap().as_raw_fd();
     assert_eq!(ep.watch_fds(), vec![listen_fd, client_fd]);
     assert_eq!(ep.output_fd().unwrap().as_raw_fd(), client_fd);
+    assert_eq!(
+        ep.watch_set()[1].unwrap().role,
+        WatchRole::Data { read_hang_up: true },
+        "a client's half-close must be asked for"
+    );
 
     write_all_output(ep, &[IoSlice::new(b"to "), IoSlice::new(b"host\n")]);
     let mut buf = [0u8; 8];
@@ -221,22 +239,69 @@ fn exercise_listener<S: Read + Write + AsRawFd>(ep: &mut Endpoint, connect: impl
     wait_readable(client_fd);
     assert_eq!(ep.on_readable(client_fd).unwrap(), Readiness::Input);
     let mut buf = [0u8; 8];
-    let e = ep.read_input(&mut buf).unwrap_err();
-    assert!(matches!(e, EndpointError::Detached { .. }), "{e}");
-    assert!(!ep.is_attached());
-    assert_eq!(ep.watch_fds(), vec![listen_fd]);
+    match close {
+        CloseSeen::HangUp => {
+            let e = ep.read_input(&mut buf).unwrap_err();
+            assert!(matches!(e, EndpointError::Detached { .. }), "{e}");
+            assert!(!ep.is_attached());
+            assert_eq!(ep.watch_fds(), vec![listen_fd]);
+        }
+        CloseSeen::EndOfInput => {
+            // Only its input ended, as far as TCP can tell: it stays for output...
+            assert_eq!(ep.read_input(&mut buf).unwrap(), 0);
+            assert!(ep.is_attached());
+            assert!(ep.input_fd().is_none(), "input that ended is read no more");
+            assert_eq!(ep.output_fd().unwrap().as_raw_fd(), client_fd);
+            assert_eq!(
+                ep.watch_set()[1].unwrap().role,
+                WatchRole::Data {
+                    read_hang_up: false
+                }
+            );
+        }
+    }
+    ep.close_retired();
 
+    // ...and a new client takes the port over from a client whose input ended.
     let mut third = connect();
     wait_readable(listen_fd);
     assert_eq!(ep.on_readable(listen_fd).unwrap(), Readiness::Connected);
+    ep.close_retired();
     third.write_all(b"again").unwrap();
     assert_eq!(read_from_endpoint(ep, 5), b"again");
-    // The engine's own detach (it saw EOF itself) drops the client too.
+    // The engine's own detach drops the client too, once the event loop let go of its fd.
     ep.detach();
     assert!(!ep.is_attached());
+    ep.close_retired();
     let mut rest = Vec::new();
     third.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
+}
+
+/// A client that shut down its sending side still gets output until it closes.
+fn half_closed_client_keeps_getting_output<S: Read + Write + AsRawFd>(
+    ep: &mut Endpoint,
+    connect: impl Fn() -> S,
+    shutdown_write: impl Fn(&S),
+) {
+    let listen_fd = ep.watch_fds()[0];
+    let mut client = connect();
+    wait_readable(listen_fd);
+    assert_eq!(ep.on_readable(listen_fd).unwrap(), Readiness::Connected);
+    let fd = ep.input_fd().unwrap().as_raw_fd();
+    client.write_all(b"cmd\n").unwrap();
+    shutdown_write(&client);
+    assert_eq!(read_from_endpoint(ep, 4), b"cmd\n");
+    wait_readable(fd);
+    let mut buf = [0u8; 8];
+    assert_eq!(ep.read_input(&mut buf).unwrap(), 0, "end of its input");
+    assert!(ep.is_attached(), "a half-closed client was dropped");
+    write_all_output(ep, &[IoSlice::new(b"answer\n")]);
+    let mut got = [0u8; 7];
+    client.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"answer\n");
+    ep.detach();
+    ep.close_retired();
 }
 
 #[test]
@@ -252,7 +317,14 @@ fn unix_listener_serves_one_client_at_a_time() {
         format!("unix {} (no client)", path.display())
     );
 
-    exercise_listener(&mut ep, || UnixStream::connect(&path).unwrap());
+    exercise_listener(&mut ep, CloseSeen::HangUp, || {
+        UnixStream::connect(&path).unwrap()
+    });
+    half_closed_client_keeps_getting_output(
+        &mut ep,
+        || UnixStream::connect(&path).unwrap(),
+        |c| c.shutdown(std::net::Shutdown::Write).unwrap(),
+    );
 
     // A peer that closed makes the next write fail as "client gone", detaching it.
     let peer = UnixStream::connect(&path).unwrap();
@@ -270,7 +342,7 @@ fn unix_listener_serves_one_client_at_a_time() {
     assert_eq!(
         e.to_string(),
         format!(
-            "unix socket {} is in use: another process listens on it",
+            "unix endpoint: {} is served by another running process; stop it first or choose another path",
             path.display()
         )
     );
@@ -286,7 +358,7 @@ fn unix_listener_never_removes_a_regular_file() {
     std::fs::write(&path, "data").unwrap();
     let spec: EndpointSpec = format!("unix:{}", path.display()).parse().unwrap();
     let e = Endpoint::open(&spec).unwrap_err();
-    assert!(e.to_string().contains("is not a socket"), "{e}");
+    assert!(e.to_string().contains("not a socket"), "{e}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
 }
 
@@ -323,7 +395,14 @@ fn tcp_listener_serves_one_client_at_a_time() {
     ep.detach();
     drop(client);
 
-    exercise_listener(&mut ep, || TcpStream::connect(addr).unwrap());
+    exercise_listener(&mut ep, CloseSeen::EndOfInput, || {
+        TcpStream::connect(addr).unwrap()
+    });
+    half_closed_client_keeps_getting_output(
+        &mut ep,
+        || TcpStream::connect(addr).unwrap(),
+        |c| c.shutdown(std::net::Shutdown::Write).unwrap(),
+    );
 }
 
 #[test]
@@ -331,10 +410,12 @@ fn tcp_bind_failure_names_the_address() {
     let ep = open("tcp:0");
     let addr = ep.local_addr().unwrap();
     let e = Endpoint::open(&EndpointSpec::Tcp(addr)).unwrap_err();
-    assert!(
-        e.to_string()
-            .starts_with(&format!("cannot listen on tcp {addr}: ")),
-        "{e}"
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "cannot listen on tcp {addr}: the address is in use by another process \
+             (choose another port, or stop the other process)"
+        )
     );
 }
 

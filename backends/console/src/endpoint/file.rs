@@ -1,18 +1,35 @@
-//! Log file endpoints (`file:PATH[,timestamps]`): guest output appended to a regular file,
-//! optionally with an RFC 3339 UTC timestamp at the start of every line.
+//! Log file endpoints (`file:PATH[,timestamps][,max-size=SIZE][,keep=N]`): guest output
+//! appended to a regular file, optionally with an RFC 3339 UTC timestamp at the start of every
+//! line, and bounded by default.
+//!
+//! - **Rotation by size**, as virtlogd does: before the file would grow past `max-size`
+//!   (default 2 MiB), `PATH.N-1` becomes `PATH.N` ... `PATH` becomes `PATH.1`, the oldest
+//!   (`PATH.keep`, default 3) is dropped, and a fresh `PATH` is started. Lines are not cut
+//!   between files unless one line is larger than a whole file. `keep=0` empties the file
+//!   instead; `max-size=0` turns rotation off (for an external logrotate).
+//! - **Reopen on SIGHUP**: after an external `mv PATH PATH.1`, SIGHUP makes new output go to
+//!   a fresh `PATH` ([`LogFile::reload`]).
+//! - **Never through a planted link**: files are opened with `O_NOFOLLOW` and created 0600
+//!   (`devshare_common::files::open_private`); a symlink at `PATH` is refused, and rotation
+//!   only renames names (a symlink at `PATH.N` is moved or dropped, never followed).
+//! - A file that cannot be opened again (a link planted at `PATH`, a missing directory) is
+//!   retried at growing delays; meanwhile output waits in the port's buffer.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
+use devshare_common::files::open_private;
 use time::format_description::FormatItem;
 use time::macros::format_description;
 use time::OffsetDateTime;
 
 use super::fd::write_all_vectored;
-use super::{EndpointError, Side};
+use super::reopen::{Reopen, DEFAULT_INTERVAL};
+use super::{EndpointCounters, EndpointError, LogLimits, Readiness, Side, Watch};
 
 /// `2026-11-21T21:30:00.123Z`: RFC 3339, UTC, milliseconds.
 const STAMP: &[FormatItem<'static>] =
@@ -20,58 +37,279 @@ const STAMP: &[FormatItem<'static>] =
 
 #[derive(Debug)]
 pub(super) struct LogFile {
-    file: File,
+    /// None while the file could not be opened again (retried on ticks).
+    file: Option<File>,
     path: PathBuf,
     timestamps: bool,
+    limits: LogLimits,
+    /// Bytes in the file now.
+    size: u64,
     /// Whether the next byte starts a line (and so gets a timestamp); kept across writes.
     at_line_start: bool,
+    counters: Arc<EndpointCounters>,
+    /// While the file is closed: when to try again.
+    retry: Option<Reopen>,
+    /// A rotation failed and was logged; cleared by the next one that works.
+    rotation_failed: bool,
+}
+
+fn append_options() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.append(true).create(true);
+    o
 }
 
 impl LogFile {
-    pub(super) fn open(path: &Path, timestamps: bool) -> Result<LogFile, EndpointError> {
-        let file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(|source| EndpointError::FileOpen {
-                path: path.to_path_buf(),
-                source,
-            })?;
+    pub(super) fn open(
+        path: &Path,
+        timestamps: bool,
+        limits: LogLimits,
+        counters: Arc<EndpointCounters>,
+    ) -> Result<LogFile, EndpointError> {
+        let (file, size) = open_log(path)?;
         Ok(LogFile {
-            file,
+            file: Some(file),
             path: path.to_path_buf(),
             timestamps,
+            limits,
+            size,
             at_line_start: true,
+            counters,
+            retry: None,
+            rotation_failed: false,
         })
     }
 
     /// Appends everything (a regular file does not take partial writes except on errors such
-    /// as a full disk, which are reported).
+    /// as a full disk, which are reported), rotating the file where it would outgrow its
+    /// limit. Returns the bytes of `bufs` taken: all of them, or those written before an
+    /// error (then the error if none was).
     fn append(&mut self, bufs: &[IoSlice<'_>], total: usize) -> io::Result<usize> {
-        if self.timestamps {
-            let stamp = format!("[{}] ", rfc3339_utc(SystemTime::now()));
-            let mut out = Vec::with_capacity(total + stamp.len());
-            for buf in bufs {
-                stamp_lines(&mut out, &mut self.at_line_start, buf, &stamp);
-            }
-            write_all_vectored(self.file.as_fd(), &[IoSlice::new(&out)])?;
-        } else {
-            write_all_vectored(self.file.as_fd(), bufs)?;
+        let file = self.file.as_ref().ok_or(io::ErrorKind::NotConnected)?;
+        let fits = self.limits.max_size == 0 || self.size + total as u64 <= self.limits.max_size;
+        if fits && !self.timestamps {
+            // The common case: one writev, nothing copied.
+            write_all_vectored(file.as_fd(), bufs)?;
+            self.size += total as u64;
+            return Ok(total);
         }
-        Ok(total)
+        let stamp = self
+            .timestamps
+            .then(|| format!("[{}] ", rfc3339_utc(SystemTime::now())));
+        // Lines are collected into one write while they fit the file; a rotation happens
+        // between lines.
+        let mut batch: Vec<u8> = Vec::with_capacity(total + stamp.as_ref().map_or(0, |s| s.len()));
+        let mut batch_in = 0usize;
+        let mut batch_line_start = self.at_line_start;
+        let mut done = 0usize;
+        let result = (|| -> io::Result<()> {
+            for buf in bufs {
+                for line in buf.split_inclusive(|&b| b == b'\n') {
+                    let stamp_len = match &stamp {
+                        Some(s) if batch_line_start => s.len(),
+                        _ => 0,
+                    };
+                    let piece = (stamp_len + line.len()) as u64;
+                    if self.limits.max_size != 0
+                        && self.size + batch.len() as u64 + piece > self.limits.max_size
+                    {
+                        self.write_batch(&batch)?;
+                        done += batch_in;
+                        self.at_line_start = batch_line_start;
+                        batch.clear();
+                        batch_in = 0;
+                        if piece > self.limits.max_size {
+                            // One line larger than a whole file: cut it where files end.
+                            if let Some(s) = stamp.as_ref().filter(|_| batch_line_start) {
+                                batch.extend_from_slice(s.as_bytes());
+                            }
+                            batch.extend_from_slice(line);
+                            self.write_cut(&batch)?;
+                            batch.clear();
+                            done += line.len();
+                            batch_line_start = line.ends_with(b"\n");
+                            self.at_line_start = batch_line_start;
+                            continue;
+                        }
+                        if self.size > 0 {
+                            self.rotate()?;
+                        }
+                    }
+                    if stamp_len > 0 {
+                        if let Some(s) = &stamp {
+                            batch.extend_from_slice(s.as_bytes());
+                        }
+                    }
+                    batch.extend_from_slice(line);
+                    batch_in += line.len();
+                    batch_line_start = line.ends_with(b"\n");
+                }
+            }
+            self.write_batch(&batch)?;
+            done += batch_in;
+            self.at_line_start = batch_line_start;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok(done),
+            Err(_) if done > 0 => Ok(done),
+            Err(e) => Err(e),
+        }
     }
+
+    fn write_batch(&mut self, batch: &[u8]) -> io::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let file = self.file.as_ref().ok_or(io::ErrorKind::NotConnected)?;
+        write_all_vectored(file.as_fd(), &[IoSlice::new(batch)])?;
+        self.size += batch.len() as u64;
+        Ok(())
+    }
+
+    /// Writes `data` across as many files as it needs, each filled to the limit.
+    fn write_cut(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let room = self.limits.max_size.saturating_sub(self.size);
+            if room == 0 {
+                self.rotate()?;
+                continue;
+            }
+            let n = (room as usize).min(data.len());
+            self.write_batch(&data[..n])?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Rotates: `PATH.keep-1` -> `PATH.keep`, ..., `PATH` -> `PATH.1`, then a fresh `PATH`.
+    /// With `keep=0` the file is emptied. If the names cannot be moved, the file is emptied
+    /// (it must stay bounded) and that is logged once.
+    fn rotate(&mut self) -> io::Result<()> {
+        let moved = if self.limits.keep == 0 {
+            Ok(())
+        } else {
+            self.shift_names()
+        };
+        match moved {
+            Ok(()) if self.limits.keep > 0 => match open_log(&self.path) {
+                Ok((file, size)) => {
+                    self.file = Some(file);
+                    self.size = size;
+                }
+                Err(e) => {
+                    // The old file is already PATH.1: stop writing until PATH can be opened.
+                    log::warn!("{e}; output waits until it can be opened");
+                    self.file = None;
+                    self.retry = Some(Reopen::after(DEFAULT_INTERVAL, Instant::now()));
+                    return Err(io::ErrorKind::NotConnected.into());
+                }
+            },
+            Ok(()) => self.empty()?,
+            Err(e) => {
+                if !self.rotation_failed {
+                    log::warn!(
+                        "log {}: cannot rotate ({e}); emptying the file instead to keep it bounded",
+                        self.path.display()
+                    );
+                    self.rotation_failed = true;
+                }
+                self.empty()?;
+                self.counters.rotations.inc();
+                return Ok(());
+            }
+        }
+        if self.rotation_failed {
+            log::info!("log {}: rotating again", self.path.display());
+            self.rotation_failed = false;
+        }
+        self.counters.rotations.inc();
+        Ok(())
+    }
+
+    fn empty(&mut self) -> io::Result<()> {
+        let file = self.file.as_ref().ok_or(io::ErrorKind::NotConnected)?;
+        file.set_len(0)?;
+        self.size = 0;
+        Ok(())
+    }
+
+    /// Moves every name one up; names that do not exist are skipped. `rename` never follows
+    /// a symlink, so a planted one is only moved (or, at `PATH.keep`, replaced).
+    fn shift_names(&self) -> io::Result<()> {
+        let numbered = |i: u32| {
+            let mut p = self.path.clone().into_os_string();
+            p.push(format!(".{i}"));
+            PathBuf::from(p)
+        };
+        let rename = |from: &Path, to: &Path| match std::fs::rename(from, to) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        };
+        for i in (1..self.limits.keep).rev() {
+            rename(&numbered(i), &numbered(i + 1))?;
+        }
+        rename(&self.path, &numbered(1))
+    }
+
+    /// Opens `PATH` again (SIGHUP, retries); on failure the file stays closed and is retried.
+    fn open_again(&mut self, now: Instant, why: &str) -> Result<bool, EndpointError> {
+        match open_log(&self.path) {
+            Ok((file, size)) => {
+                let was_closed = self.file.is_none();
+                self.file = Some(file);
+                self.size = size;
+                self.retry = None;
+                log::info!(
+                    "log {}: {why}: opened again{}",
+                    self.path.display(),
+                    if was_closed {
+                        "; output flows again"
+                    } else {
+                        ""
+                    }
+                );
+                Ok(true)
+            }
+            Err(e) => {
+                match &mut self.retry {
+                    Some(r) => r.failed(now),
+                    None => {
+                        log::warn!("{e}; output waits until it can be opened");
+                        self.retry = Some(Reopen::after(DEFAULT_INTERVAL, now));
+                    }
+                }
+                // Never go on writing into a file that was renamed away.
+                self.file = None;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Opens (or creates, 0600) the log at `path` for appending, never through a symlink; returns
+/// it with its size.
+fn open_log(path: &Path) -> Result<(File, u64), EndpointError> {
+    let err = |source| EndpointError::FileOpen {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = open_private(path, &append_options()).map_err(err)?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    Ok((file, size))
 }
 
 impl Side for LogFile {
     fn describe(&self) -> String {
         format!(
-            "file {}{}",
+            "file {}{}{}",
             self.path.display(),
-            if self.timestamps { " (timestamps)" } else { "" }
+            if self.timestamps { " (timestamps)" } else { "" },
+            if self.file.is_none() { " (closed)" } else { "" }
         )
     }
 
-    fn watch_fds(&self) -> [Option<RawFd>; 2] {
+    fn watch_fds(&self) -> [Option<Watch>; 2] {
         // Regular files cannot be polled and a log has no input.
         [None, None]
     }
@@ -85,11 +323,36 @@ impl Side for LogFile {
     }
 
     fn is_attached(&self) -> bool {
-        true
+        self.file.is_some()
     }
 
     fn write(&mut self, bufs: &[IoSlice<'_>], total: usize) -> Option<io::Result<usize>> {
+        self.file.as_ref()?;
         Some(self.append(bufs, total))
+    }
+
+    fn needs_tick(&self) -> bool {
+        self.file.is_none()
+    }
+
+    fn tick(&mut self, now: Instant) -> Readiness {
+        match &self.retry {
+            Some(r) if r.due(now) => match self.open_again(now, "retrying") {
+                Ok(true) => Readiness::Reopened,
+                _ => Readiness::Nothing,
+            },
+            _ => Readiness::Nothing,
+        }
+    }
+
+    fn reload(&mut self) -> Result<bool, EndpointError> {
+        self.open_again(Instant::now(), "SIGHUP")
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(f) = &self.file {
+            let _ = f.sync_data();
+        }
     }
 }
 
@@ -100,18 +363,6 @@ fn rfc3339_utc(t: SystemTime) -> String {
         .format(STAMP)
         .or_else(|_| OffsetDateTime::UNIX_EPOCH.format(STAMP))
         .unwrap_or_default()
-}
-
-/// Copies `data` into `out`, putting `stamp` before every line start; `at_line_start`
-/// carries the state across calls so split writes stamp each line once.
-fn stamp_lines(out: &mut Vec<u8>, at_line_start: &mut bool, data: &[u8], stamp: &str) {
-    for line in data.split_inclusive(|&b| b == b'\n') {
-        if *at_line_start {
-            out.extend_from_slice(stamp.as_bytes());
-        }
-        out.extend_from_slice(line);
-        *at_line_start = line.ends_with(b"\n");
-    }
 }
 
 #[cfg(test)]
@@ -130,16 +381,5 @@ mod tests {
         assert_eq!(at(1_795_296_600, 123), "2026-11-21T21:30:00.123Z");
         assert_eq!(at(4_102_444_799, 0), "2099-12-31T23:59:59.000Z");
         assert_eq!(at(4_107_542_400, 0), "2100-03-01T00:00:00.000Z");
-    }
-
-    #[test]
-    fn stamps_each_line_once_across_splits() {
-        let mut out = Vec::new();
-        let mut start = true;
-        for piece in ["hel", "lo\nwor", "ld\n", "\n", "x"] {
-            stamp_lines(&mut out, &mut start, piece.as_bytes(), "T ");
-        }
-        assert_eq!(String::from_utf8(out).unwrap(), "T hello\nT world\nT \nT x");
-        assert!(!start);
     }
 }

@@ -1,21 +1,34 @@
 //! Host-side endpoints of console ports: PTYs, Unix and TCP listeners, log files and serial
-//! devices, one file per kind, plus the spec parser ([`spec`]).
+//! devices, one file per kind, plus the spec parser ([`spec`]) and the reopen schedule
+//! ([`reopen`]).
 //!
-//! An endpoint knows nothing about virtqueues. It owns non-blocking file descriptors and a
-//! small API the device's event loop drives: [`Endpoint::watch_fds`] says what to poll for
-//! readability, [`Endpoint::on_readable`] accepts clients or reports input,
-//! [`Endpoint::input_fd`] / [`Endpoint::read_input`] carry host-to-guest bytes and
+//! An endpoint knows nothing about virtqueues or epoll. It owns non-blocking file descriptors
+//! and a small API the device's event loop drives: [`Endpoint::watch_set`] says which fds to
+//! watch and what each one is for ([`Watch`]), [`Endpoint::on_readable`] accepts clients or
+//! reports input, [`Endpoint::on_hang_up`] / [`Endpoint::on_read_hang_up`] take the
+//! conditions the kernel reports even when nobody asked (a peer that left, a device that went
+//! away), [`Endpoint::input_fd`] / [`Endpoint::read_input`] carry host-to-guest bytes and
 //! [`Endpoint::write_output`] carries guest-to-host bytes. Each kind implements the small
-//! `Side` trait; what every kind shares (error mapping, dropping a peer that went away)
-//! lives here once.
+//! `Side` trait; what every kind shares (error mapping, dropping a peer that went away,
+//! counters) lives here once.
+//!
+//! The rule that keeps the event loop from spinning: a condition the kernel reports is
+//! always consumed. A peer that hung up is dropped, a device that went away is closed (and
+//! reopened later on [`Endpoint::tick`]), a PTY slave that was hung up is opened again. An fd
+//! that leaves the watch set is not closed at once but handed to [`Endpoint::close_retired`],
+//! which the event loop calls after removing it from its epoll set, so a new fd that reuses
+//! the number is never confused with the old one.
 //!
 //! Listeners serve one client at a time: a second client is accepted, told `port busy` and
-//! closed, so the attached client never loses its session to a stray connection.
+//! closed, so the attached client never loses its session to a stray connection. A client
+//! that shut down its sending side (`shutdown(SHUT_WR)`, `socat -t`) keeps receiving guest
+//! output until it closes; a new client then takes the port over.
 
 mod fd;
 mod file;
 mod listener;
 mod pty;
+pub mod reopen;
 mod serial;
 pub mod spec;
 
@@ -24,9 +37,16 @@ use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
+use devshare_common::files::FileError;
+use devshare_common::listen::{ListenError, SocketOptions};
+use devshare_common::stats::Counter;
+use serde::{Serialize, Serializer};
 pub use serialport::{DataBits, FlowControl, Parity, StopBits};
-pub use spec::{EndpointSpec, SerialSettings};
+pub use spec::{EndpointSpec, LogLimits, SerialSettings};
 
 /// Errors of endpoints: bad spec strings, failures to open, and I/O on attached clients.
 #[derive(Debug, thiserror::Error)]
@@ -50,19 +70,15 @@ pub enum EndpointError {
         /// The underlying error.
         source: io::Error,
     },
-    /// Binding the Unix socket failed.
-    #[error("cannot listen on unix socket {path}: {source}")]
-    UnixListen {
-        /// Socket path.
-        path: PathBuf,
-        /// The underlying error.
-        source: io::Error,
-    },
-    /// Another process already listens on the Unix socket path.
-    #[error("unix socket {path} is in use: another process listens on it")]
-    UnixInUse {
-        /// Socket path.
-        path: PathBuf,
+    /// The Unix socket could not be made to listen (in use by another process, something
+    /// that is not a socket in the way, ...); the message names the path.
+    #[error("unix endpoint: {0}")]
+    UnixListen(#[from] ListenError),
+    /// Another process already listens on the TCP address.
+    #[error("cannot listen on tcp {addr}: the address is in use by another process (choose another port, or stop the other process)")]
+    TcpInUse {
+        /// Listen address.
+        addr: SocketAddr,
     },
     /// Binding the TCP listener failed.
     #[error("cannot listen on tcp {addr}: {source}")]
@@ -85,8 +101,8 @@ pub enum EndpointError {
     FileOpen {
         /// Log file path.
         path: PathBuf,
-        /// The underlying error.
-        source: io::Error,
+        /// The underlying error (names the path again, with the reason).
+        source: FileError,
     },
     /// The serial device could not be opened.
     #[error("cannot open serial device {device}: {source}")]
@@ -125,41 +141,108 @@ pub enum EndpointError {
         /// The underlying error.
         source: io::Error,
     },
-    /// Reading host input failed.
-    #[error("read from {endpoint} failed: {source}")]
-    Read {
-        /// [`Endpoint::describe`] of the endpoint.
-        endpoint: String,
-        /// The underlying error.
-        source: io::Error,
-    },
 }
 
-/// What happened on a ready fd (see [`Endpoint::on_readable`]).
+/// What happened on a ready fd (see [`Endpoint::on_readable`], [`Endpoint::on_hang_up`],
+/// [`Endpoint::tick`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Readiness {
-    /// A client was accepted and is now attached.
+    /// A client was accepted and is now attached (possibly taking over from a client that
+    /// had finished sending).
     Connected,
     /// A client arrived while another is attached; it was told "port busy" and closed.
     Refused,
     /// Host input is waiting on [`Endpoint::input_fd`].
     Input,
+    /// The client or device went away and was dropped (a device is reopened later).
+    Gone,
+    /// A device or file was opened again (after a hang-up, a replug, a SIGHUP): output can
+    /// flow again.
+    Reopened,
     /// Nothing to do (spurious wake-up, or not one of our fds).
     Nothing,
 }
 
+/// What an fd of an endpoint is watched for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchRole {
+    /// A listening socket: readable means a client waits to be accepted.
+    Accept,
+    /// The fd the data goes through: input is read from it when the guest can take input,
+    /// output waits on it for writability.
+    Data {
+        /// Ask for the peer's half-close (EPOLLRDHUP), which a socket reports even when its
+        /// input is not read: the only way to learn that a TCP client closed while the guest
+        /// takes no input.
+        read_hang_up: bool,
+    },
+    /// Watched for nothing but a hang-up or an error (the PTY slave the backend holds).
+    HangUp,
+}
+
+/// One fd to watch (see [`Endpoint::watch_set`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watch {
+    /// The fd.
+    pub fd: RawFd,
+    /// What for.
+    pub role: WatchRole,
+}
+
+/// Counters of one endpoint, part of its port's entry in the stats document.
+#[derive(Debug, Default, Serialize)]
+pub struct EndpointCounters {
+    /// 1 while a client is connected, the device is open or the log file is open; else 0.
+    #[serde(serialize_with = "gauge")]
+    pub attached: AtomicU64,
+    /// Times a serial device or log file was opened again (after a hang-up or replug, a
+    /// SIGHUP, a failure), or a hung-up PTY slave was reopened.
+    pub reopens: Counter,
+    /// Times a log file was rotated because it reached its size limit.
+    pub rotations: Counter,
+}
+
+fn gauge<S: Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(v.load(Ordering::Relaxed))
+}
+
+/// What every endpoint is opened with besides its spec.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// Mode and group of the Unix sockets it creates.
+    pub socket: SocketOptions,
+}
+
+/// Errors that mean the peer or the device on the other side of a socket or terminal left.
+/// A log file's EIO is a disk problem instead, so log files do not use this list.
+const GONE_ERRNOS: &[i32] = &[
+    libc::EPIPE,
+    libc::ECONNRESET,
+    libc::ECONNABORTED,
+    libc::ENOTCONN,
+    libc::ESHUTDOWN,
+    libc::ETIMEDOUT,
+    libc::EHOSTUNREACH,
+    libc::EIO,
+    libc::ENXIO,
+    libc::ENODEV,
+];
+
 /// One kind of endpoint. The fds it hands out are non-blocking and close-on-exec; [`Endpoint`]
-/// wraps it with what every kind shares.
+/// wraps it with what every kind shares. An fd that leaves [`Side::watch_fds`] while open is
+/// kept until [`Side::close_retired`].
 pub(crate) trait Side: fmt::Debug + Send {
     /// One line for logs, e.g. `pty /dev/pts/4 (link /tmp/vm1-console)`.
     fn describe(&self) -> String;
-    /// The fds to poll for readability now (at most two: a listener and its client).
-    fn watch_fds(&self) -> [Option<RawFd>; 2];
-    /// `fd` is readable and is not the input fd: a listener accepts here.
-    fn on_readable(&mut self, _fd: RawFd) -> Result<Readiness, EndpointError> {
-        Ok(Readiness::Nothing)
+    /// The fds to watch now (at most two: a listener and its client, a PTY master and the
+    /// slave the backend holds).
+    fn watch_fds(&self) -> [Option<Watch>; 2];
+    /// The listening fd `fd` is readable: accept.
+    fn accept(&mut self, _fd: RawFd) -> Readiness {
+        Readiness::Nothing
     }
-    /// Where host input is read from; None when nothing is attached or there is no input.
+    /// Where host input is read from; None when nothing is attached, the input ended, or
+    /// there is no input.
     fn input_fd(&self) -> Option<BorrowedFd<'_>>;
     /// Where to wait for writability after a short write; None when writes never wait.
     fn output_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -169,18 +252,56 @@ pub(crate) trait Side: fmt::Debug + Send {
     fn is_attached(&self) -> bool;
     /// Writes guest output; None when nothing is attached.
     fn write(&mut self, bufs: &[IoSlice<'_>], total: usize) -> Option<io::Result<usize>>;
-    /// Whether an error like EPIPE or EIO means a peer left (rather than, say, a full disk).
+    /// Whether an error in [`GONE_ERRNOS`] means the other side left (sockets, terminals)
+    /// rather than, say, a full disk.
     fn has_peers(&self) -> bool {
         false
     }
-    /// Drops the client (or closes a device that hung up); true if something was dropped.
-    fn detach(&mut self) -> bool {
+    /// The client or device went away (`why`): drop it (a device is reopened later, a PTY's
+    /// slave at once). Logs the change. Returns whether something was dropped.
+    fn lose(&mut self, _why: &str) -> bool {
         false
     }
-    /// Opens a device again after a hang-up; `Ok(true)` if it is open again.
+    /// A read gave end of file: a socket client finished sending, a terminal hung up.
+    fn end_of_input(&mut self) -> Readiness {
+        if self.lose("end of file") {
+            Readiness::Gone
+        } else {
+            Readiness::Nothing
+        }
+    }
+    /// `fd` reported the peer's half-close (EPOLLRDHUP).
+    fn read_hang_up(&mut self, _fd: RawFd) {}
+    /// `fd` reported a hang-up or an error.
+    fn hang_up(&mut self, fd: RawFd) -> Readiness {
+        let data = self.output_fd().map(|f| f.as_raw_fd());
+        if data == Some(fd) && self.lose("hung up") {
+            Readiness::Gone
+        } else {
+            Readiness::Nothing
+        }
+    }
+    /// Whether [`Side::tick`] has work to do (a reopen is due, a paused listener resumes).
+    fn needs_tick(&self) -> bool {
+        false
+    }
+    /// Periodic work; [`Readiness::Reopened`] when something is open again.
+    fn tick(&mut self, _now: Instant) -> Readiness {
+        Readiness::Nothing
+    }
+    /// Opens the device again now, whatever the schedule; `Ok(true)` if it is open again.
     fn reopen(&mut self) -> Result<bool, EndpointError> {
         Ok(false)
     }
+    /// SIGHUP: log files are opened again by name (after an external rotation).
+    fn reload(&mut self) -> Result<bool, EndpointError> {
+        Ok(false)
+    }
+    /// The process shuts down: remove what this endpoint created (a PTY link), make a log
+    /// file's data durable.
+    fn shutdown(&mut self) {}
+    /// Closes the fds that left the watch set.
+    fn close_retired(&mut self) {}
     /// Terminal size `(cols, rows)`, for kinds that have one.
     fn window_size(&self) -> Option<(u16, u16)> {
         None
@@ -203,35 +324,67 @@ pub(crate) trait Side: fmt::Debug + Send {
 #[derive(Debug)]
 pub struct Endpoint {
     side: Box<dyn Side>,
+    counters: Arc<EndpointCounters>,
 }
 
 impl Endpoint {
-    /// Opens the endpoint `spec` describes: creates the PTY, binds the listener, opens the
-    /// file or device. All fds are non-blocking and close-on-exec.
+    /// Opens the endpoint `spec` describes with default options (sockets 0600).
     pub fn open(spec: &EndpointSpec) -> Result<Endpoint, EndpointError> {
+        Endpoint::open_with(spec, &OpenOptions::default())
+    }
+
+    /// Opens the endpoint `spec` describes: creates the PTY, listens, opens the file or
+    /// device. All fds are non-blocking and close-on-exec.
+    pub fn open_with(spec: &EndpointSpec, opts: &OpenOptions) -> Result<Endpoint, EndpointError> {
+        let counters = Arc::new(EndpointCounters::default());
         let side: Box<dyn Side> = match spec {
             EndpointSpec::Pty { link } => Box::new(pty::Pty::open(link.as_deref())?),
-            EndpointSpec::Unix(path) => Box::new(listener::Listener::unix(path)?),
+            EndpointSpec::Unix(path) => Box::new(listener::Listener::unix(path, &opts.socket)?),
             EndpointSpec::Tcp(addr) => Box::new(listener::Listener::tcp(*addr)?),
-            EndpointSpec::File { path, timestamps } => {
-                Box::new(file::LogFile::open(path, *timestamps)?)
-            }
+            EndpointSpec::File {
+                path,
+                timestamps,
+                limits,
+            } => Box::new(file::LogFile::open(
+                path,
+                *timestamps,
+                *limits,
+                counters.clone(),
+            )?),
             EndpointSpec::Serial(settings) => Box::new(serial::Serial::open(settings)?),
         };
-        let endpoint = Endpoint { side };
+        let endpoint = Endpoint { side, counters };
+        endpoint.note_attached();
         log::info!("console endpoint ready: {}", endpoint.describe());
         Ok(endpoint)
     }
 
-    /// Every fd the event loop must watch for readability right now (listener and/or the
-    /// client / device fd). Changes after [`on_readable`](Self::on_readable),
-    /// [`detach`](Self::detach) and calls that return [`EndpointError::Detached`].
-    pub fn watch_fds(&self) -> Vec<RawFd> {
-        self.side.watch_fds().into_iter().flatten().collect()
+    /// The endpoint's counters (shared with the stats document).
+    pub fn counters(&self) -> Arc<EndpointCounters> {
+        self.counters.clone()
     }
 
-    /// [`watch_fds`](Self::watch_fds) without an allocation, for the event loop.
-    pub(crate) fn watch_set(&self) -> [Option<RawFd>; 2] {
+    fn note_attached(&self) {
+        self.counters
+            .attached
+            .store(self.side.is_attached() as u64, Ordering::Relaxed);
+    }
+
+    /// Every fd the event loop must watch right now. Changes after
+    /// [`on_readable`](Self::on_readable), [`on_hang_up`](Self::on_hang_up),
+    /// [`detach`](Self::detach), [`tick`](Self::tick) and calls that return
+    /// [`EndpointError::Detached`].
+    pub fn watch_fds(&self) -> Vec<RawFd> {
+        self.side
+            .watch_fds()
+            .into_iter()
+            .flatten()
+            .map(|w| w.fd)
+            .collect()
+    }
+
+    /// The fds to watch and what each is for, without an allocation, for the event loop.
+    pub fn watch_set(&self) -> [Option<Watch>; 2] {
         self.side.watch_fds()
     }
 
@@ -243,22 +396,46 @@ impl Endpoint {
         if self.input_fd().map(|f| f.as_raw_fd()) == Some(fd) {
             return Ok(Readiness::Input);
         }
-        self.side.on_readable(fd)
+        let r = self.side.accept(fd);
+        self.note_attached();
+        Ok(r)
     }
 
-    /// Where host-to-guest bytes are read from (non-blocking); None when nothing is attached
-    /// or the kind has no input (file).
+    /// `fd` reported a hang-up or an error (EPOLLHUP/EPOLLERR, reported whether asked for or
+    /// not): the client is dropped, a device closed (and reopened later), a PTY slave the
+    /// backend holds opened again. Read what input is still wanted before calling this.
+    pub fn on_hang_up(&mut self, fd: RawFd) -> Readiness {
+        let r = self.side.hang_up(fd);
+        if r == Readiness::Reopened {
+            self.counters.reopens.inc();
+        }
+        self.note_attached();
+        r
+    }
+
+    /// `fd` reported the peer's half-close (EPOLLRDHUP): it sends nothing more after what is
+    /// still buffered. The client stays attached for output.
+    pub fn on_read_hang_up(&mut self, fd: RawFd) {
+        self.side.read_hang_up(fd);
+    }
+
+    /// Where host-to-guest bytes are read from (non-blocking); None when nothing is attached,
+    /// the client's input ended, or the kind has no input (file).
     pub fn input_fd(&self) -> Option<BorrowedFd<'_>> {
         self.side.input_fd()
     }
 
-    /// Reads host input into `buf`. `Ok(0)` means nothing available now (would block) or
-    /// nothing attached. End of stream or a reset detaches the client (or closes the serial
-    /// device) and returns [`EndpointError::Detached`].
+    /// Reads host input into `buf`. `Ok(0)` means nothing available now (would block),
+    /// nothing attached, or the input ended (a client that finished sending stays attached
+    /// for output). A peer or device that went away is dropped and gives
+    /// [`EndpointError::Detached`].
     pub fn read_input(&mut self, buf: &mut [u8]) -> Result<usize, EndpointError> {
         let Some(fd) = self.input_fd() else {
             return Ok(0);
         };
+        if buf.is_empty() {
+            return Ok(0);
+        }
         let fd = fd.as_raw_fd();
         loop {
             // SAFETY: `buf` is valid for writes of `buf.len()` bytes; `fd` is open (borrowed
@@ -267,29 +444,46 @@ impl Endpoint {
             if n > 0 {
                 return Ok(n as usize);
             }
-            if n == 0 && !buf.is_empty() {
-                return Err(self.lose_client());
-            }
             if n == 0 {
-                return Ok(0);
+                return match self.end_of_input() {
+                    Readiness::Gone => Err(EndpointError::Detached {
+                        endpoint: self.describe(),
+                    }),
+                    _ => Ok(0),
+                };
             }
             let e = io::Error::last_os_error();
             match e.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => return Ok(0),
-                _ if self.is_client_gone(&e) => return Err(self.lose_client()),
-                _ => {
-                    return Err(EndpointError::Read {
-                        endpoint: self.describe(),
-                        source: e,
-                    })
-                }
+                _ => return Err(self.input_failed(&e)),
             }
         }
     }
 
+    /// A read from [`input_fd`](Self::input_fd) gave end of file: a socket client finished
+    /// sending (it stays attached for output, or is dropped if it is gone altogether), a
+    /// terminal or device hung up. [`Readiness::Gone`] when the client or device was dropped.
+    pub fn end_of_input(&mut self) -> Readiness {
+        let r = self.side.end_of_input();
+        if r == Readiness::Reopened {
+            self.counters.reopens.inc();
+        }
+        self.note_attached();
+        r
+    }
+
+    /// A read from [`input_fd`](Self::input_fd) failed with `e` (not EAGAIN/EINTR). Every
+    /// such error ends the client or closes the device: an fd left in an error state would be
+    /// reported ready forever.
+    pub fn input_failed(&mut self, e: &io::Error) -> EndpointError {
+        let endpoint = self.describe();
+        self.lose(&format!("read failed: {e}"));
+        EndpointError::Detached { endpoint }
+    }
+
     /// Whether guest output can be delivered now: a client is attached, the device is open,
-    /// or the kind always takes output (PTY, file).
+    /// or the kind always takes output (PTY, an open log file).
     pub fn is_attached(&self) -> bool {
         self.side.is_attached()
     }
@@ -297,7 +491,8 @@ impl Endpoint {
     /// Writes guest output with one `writev` (sockets: `sendmsg`, never raising SIGPIPE) and
     /// returns how much the kernel took: possibly short, or 0 when the fd would block; the
     /// caller keeps the rest and waits for [`output_fd`](Self::output_fd) to be writable.
-    /// A log file takes everything (with timestamps it formats its own lines).
+    /// A log file takes everything (with timestamps it formats its own lines; it rotates
+    /// itself when it reaches its size limit).
     /// A peer that went away gives [`EndpointError::Detached`], after the endpoint dropped it;
     /// writing with nothing attached gives [`EndpointError::NotAttached`].
     pub fn write_output(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, EndpointError> {
@@ -311,11 +506,26 @@ impl Endpoint {
             }),
             Some(Ok(n)) => Ok(n),
             Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-            Some(Err(e)) if self.is_client_gone(&e) => Err(self.lose_client()),
-            Some(Err(source)) => Err(EndpointError::Write {
-                endpoint: self.describe(),
-                source,
-            }),
+            Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            // Sockets and terminals: any other error ends the peer (an fd left in an error
+            // state would be reported writable forever).
+            Some(Err(e)) if self.side.has_peers() => {
+                let endpoint = self.describe();
+                let why = if e.raw_os_error().is_some_and(|n| GONE_ERRNOS.contains(&n)) {
+                    format!("write: {e}")
+                } else {
+                    format!("write failed: {e}")
+                };
+                self.lose(&why);
+                Err(EndpointError::Detached { endpoint })
+            }
+            Some(Err(source)) => {
+                self.note_attached();
+                Err(EndpointError::Write {
+                    endpoint: self.describe(),
+                    source,
+                })
+            }
         }
     }
 
@@ -325,24 +535,73 @@ impl Endpoint {
         self.side.output_fd()
     }
 
-    /// Drops the client after the caller saw EOF / EPIPE / ECONNRESET on it; listeners keep
-    /// listening. A serial device is closed (it hung up). PTY and file: nothing to drop.
+    /// Drops the client; listeners keep listening. A serial device is closed (and reopened
+    /// later, see [`tick`](Self::tick)). PTY and file: nothing to drop.
     pub fn detach(&mut self) {
-        let before = self.describe();
-        if self.side.detach() {
-            log::info!("{before}: detached");
+        self.lose("detached");
+    }
+
+    fn lose(&mut self, why: &str) {
+        let r = self.side.lose(why);
+        if r {
+            self.note_attached();
         }
     }
 
-    /// Serial endpoints whose device was closed after a hang-up: tries to open it again with
-    /// the same settings (a USB adapter plugged back in). `Ok(true)` when it is open again;
+    /// Whether [`tick`](Self::tick) has work to do: a device or log file waits to be
+    /// reopened, or a listener paused after an accept error waits to resume.
+    pub fn needs_tick(&self) -> bool {
+        self.side.needs_tick()
+    }
+
+    /// Periodic work: reopens a serial device or log file whose retry is due (with growing
+    /// delays, logged once per change, counted in `reopens`), resumes a paused listener.
+    /// [`Readiness::Reopened`] when output can flow again.
+    pub fn tick(&mut self, now: Instant) -> Readiness {
+        let r = self.side.tick(now);
+        if r == Readiness::Reopened {
+            self.counters.reopens.inc();
+        }
+        self.note_attached();
+        r
+    }
+
+    /// Serial endpoints whose device was closed after a hang-up: opens it again now with the
+    /// same settings, whatever the retry schedule. `Ok(true)` when it is open again;
     /// `Ok(false)` when there was nothing to reopen (other kinds, or still open).
     pub fn reopen(&mut self) -> Result<bool, EndpointError> {
         let reopened = self.side.reopen()?;
         if reopened {
+            self.counters.reopens.inc();
             log::info!("{}: reopened", self.describe());
         }
+        self.note_attached();
         Ok(reopened)
+    }
+
+    /// SIGHUP: a log file is opened again by its name, so output goes to a fresh file after
+    /// an external rotation (`mv PATH PATH.1`, then SIGHUP). Other kinds do nothing: no
+    /// client is dropped, nothing is reset. `Ok(true)` when a file was reopened.
+    pub fn reload(&mut self) -> Result<bool, EndpointError> {
+        let r = self.side.reload();
+        if matches!(r, Ok(true)) {
+            self.counters.reopens.inc();
+        }
+        self.note_attached();
+        r
+    }
+
+    /// The process shuts down: removes the PTY link this endpoint made (if it still points at
+    /// its PTY) and makes a log file's data durable. Sockets are removed by the process
+    /// (`devshare_common::listen::remove_created_sockets`).
+    pub fn shutdown(&mut self) {
+        self.side.shutdown();
+    }
+
+    /// Closes the fds that left the watch set; call after the event loop stopped watching
+    /// them.
+    pub fn close_retired(&mut self) {
+        self.side.close_retired();
     }
 
     /// Terminal size `(cols, rows)` of a PTY, as last set on it (TIOCSWINSZ by the program
@@ -372,27 +631,16 @@ impl Endpoint {
     pub fn serial_line(&self) -> Option<Result<SerialSettings, EndpointError>> {
         self.side.serial_line()
     }
+}
 
-    fn is_client_gone(&self, e: &io::Error) -> bool {
-        // A log file's EIO is a disk problem, not a peer leaving.
-        self.side.has_peers()
-            && matches!(
-                e.raw_os_error(),
-                Some(
-                    libc::EPIPE
-                        | libc::ECONNRESET
-                        | libc::ENOTCONN
-                        | libc::ESHUTDOWN
-                        | libc::EIO
-                        | libc::ENXIO
-                        | libc::ENODEV
-                )
-            )
-    }
-
-    fn lose_client(&mut self) -> EndpointError {
-        let endpoint = self.describe();
-        self.detach();
-        EndpointError::Detached { endpoint }
+/// Bytes waiting to be read on a socket or terminal `fd` (FIONREAD); 0 when unknown.
+pub(crate) fn unread_bytes(fd: BorrowedFd<'_>) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int into the valid pointer; the fd is open.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc == 0 && n > 0 {
+        n as usize
+    } else {
+        0
     }
 }

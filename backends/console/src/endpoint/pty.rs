@@ -9,22 +9,34 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use std::time::Instant;
+
 use super::fd::{set_nonblocking, write_vectored};
-use super::{EndpointError, Side};
+use super::reopen::{Reopen, DEFAULT_INTERVAL};
+use super::{EndpointError, Readiness, Side, Watch, WatchRole};
 
 #[derive(Debug)]
 pub(super) struct Pty {
     master: OwnedFd,
-    /// Held open so the master never reads EIO while no program has the slave open.
-    _slave: OwnedFd,
+    /// Held open so the master never reads EIO while no program has the slave open, and
+    /// watched: a hang-up of the terminal (`vhangup()`, as a getty does) hangs this fd up and
+    /// resets the terminal to cooked mode, with echo, which would send guest output back to
+    /// the guest. It is then opened again and set raw. None while that failed (retried on
+    /// ticks); the master is not watched meanwhile.
+    slave: Option<OwnedFd>,
     slave_path: PathBuf,
     link: Option<PtyLink>,
+    /// When to try the slave again after a failed reopen.
+    retry: Option<Reopen>,
+    /// Slave fds replaced but maybe still in the event loop's epoll set.
+    retired: Vec<OwnedFd>,
 }
 
 impl Pty {
     pub(super) fn open(link: Option<&Path>) -> Result<Pty, EndpointError> {
         let (master, slave, slave_path) = open_pty_pair().map_err(EndpointError::PtyCreate)?;
         set_nonblocking(master.as_fd()).map_err(EndpointError::PtyCreate)?;
+        set_nonblocking(slave.as_fd()).map_err(EndpointError::PtyCreate)?;
         // Raw mode: bytes pass unchanged, and no echo sends guest output back to the guest.
         make_raw(slave.as_fd()).map_err(EndpointError::PtyCreate)?;
         let link = match link {
@@ -40,11 +52,57 @@ impl Pty {
         };
         Ok(Pty {
             master,
-            _slave: slave,
+            slave: Some(slave),
             slave_path,
             link,
+            retry: None,
+            retired: Vec::new(),
         })
     }
+
+    /// Our slave fd was hung up, or the master reports the slave side closed: open the slave
+    /// again (which also clears the master's hang-up) and make it raw again.
+    fn reopen_slave(&mut self, why: &str) -> Readiness {
+        if let Some(old) = self.slave.take() {
+            self.retired.push(old);
+        }
+        match open_slave(&self.slave_path) {
+            Ok(slave) => {
+                self.slave = Some(slave);
+                let again = self.retry.take().is_some();
+                log::info!(
+                    "{}: {why}; opened again in raw mode{}",
+                    self.describe(),
+                    if again { " after failed attempts" } else { "" }
+                );
+                Readiness::Reopened
+            }
+            Err(e) => {
+                if self.retry.is_none() {
+                    log::warn!(
+                        "{}: {why}; cannot open the slave again ({e}); retrying",
+                        self.describe()
+                    );
+                    self.retry = Some(Reopen::after(DEFAULT_INTERVAL, Instant::now()));
+                } else if let Some(r) = &mut self.retry {
+                    r.failed(Instant::now());
+                }
+                Readiness::Nothing
+            }
+        }
+    }
+}
+
+/// Opens the slave side of our PTY, non-blocking and raw.
+fn open_slave(path: &Path) -> io::Result<OwnedFd> {
+    let slave = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(path)?;
+    let slave = OwnedFd::from(slave);
+    make_raw(slave.as_fd())?;
+    Ok(slave)
 }
 
 impl Side for Pty {
@@ -59,8 +117,20 @@ impl Side for Pty {
         }
     }
 
-    fn watch_fds(&self) -> [Option<RawFd>; 2] {
-        [Some(self.master.as_raw_fd()), None]
+    fn watch_fds(&self) -> [Option<Watch>; 2] {
+        // Without our slave the master reports a hang-up as soon as the last program
+        // closes the terminal: it is watched again once the slave is back.
+        let slave = self.slave.as_ref().map(|s| Watch {
+            fd: s.as_raw_fd(),
+            role: WatchRole::HangUp,
+        });
+        let master = slave.map(|_| Watch {
+            fd: self.master.as_raw_fd(),
+            role: WatchRole::Data {
+                read_hang_up: false,
+            },
+        });
+        [master, slave]
     }
 
     fn input_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -73,6 +143,50 @@ impl Side for Pty {
 
     fn write(&mut self, bufs: &[IoSlice<'_>], _total: usize) -> Option<io::Result<usize>> {
         Some(write_vectored(self.master.as_fd(), bufs))
+    }
+
+    fn has_peers(&self) -> bool {
+        true
+    }
+
+    /// The master failed (EIO: the slave side is closed): get the slave back.
+    fn lose(&mut self, why: &str) -> bool {
+        self.reopen_slave(why) == Readiness::Reopened
+    }
+
+    fn end_of_input(&mut self) -> Readiness {
+        self.reopen_slave("end of file on the master")
+    }
+
+    fn hang_up(&mut self, fd: RawFd) -> Readiness {
+        if self.slave.as_ref().map(|s| s.as_raw_fd()) == Some(fd) {
+            self.reopen_slave("the terminal was hung up")
+        } else if fd == self.master.as_raw_fd() {
+            self.reopen_slave("the slave side was closed")
+        } else {
+            Readiness::Nothing
+        }
+    }
+
+    fn needs_tick(&self) -> bool {
+        self.retry.is_some()
+    }
+
+    fn tick(&mut self, now: Instant) -> Readiness {
+        match &self.retry {
+            Some(r) if r.due(now) => self.reopen_slave("retrying"),
+            _ => Readiness::Nothing,
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(link) = self.link.take() {
+            link.remove_if_ours();
+        }
+    }
+
+    fn close_retired(&mut self) {
+        self.retired.clear();
     }
 
     fn window_size(&self) -> Option<(u16, u16)> {
@@ -102,13 +216,21 @@ struct PtyLink {
     target: PathBuf,
 }
 
-impl Drop for PtyLink {
-    fn drop(&mut self) {
+impl PtyLink {
+    /// Removes the link if it still points at our PTY (another process may have made its own
+    /// link there since: that one stays).
+    fn remove_if_ours(&self) {
         if std::fs::read_link(&self.link).is_ok_and(|t| t == self.target) {
             if let Err(e) = std::fs::remove_file(&self.link) {
                 log::warn!("cannot remove PTY link {}: {e}", self.link.display());
             }
         }
+    }
+}
+
+impl Drop for PtyLink {
+    fn drop(&mut self) {
+        self.remove_if_ours();
     }
 }
 

@@ -5,13 +5,16 @@
 //! | `pty`, `pty:LINK` | new PTY pair, slave path logged; LINK becomes a symlink to the slave |
 //! | `unix:PATH` | Unix stream listener, one client at a time |
 //! | `tcp:PORT`, `tcp:ADDR:PORT` | TCP listener (default address 127.0.0.1), one client at a time |
-//! | `file:PATH`, `file:PATH,timestamps` | append-only log of guest output |
-//! | `serial:DEV[,baud=N][,data=5-8][,parity=none/odd/even][,stop=1/2][,flow=none/hw/sw]` | serial device, default 115200 8N1, no flow control |
+//! | `file:PATH[,timestamps][,max-size=SIZE][,keep=N]` | log of guest output, rotated at SIZE (default 2M; 0: never) keeping N old files (default 3) |
+//! | `serial:DEV[,baud=N][,data=5-8][,parity=none/odd/even][,stop=1/2][,flow=none/hw/sw][,reopen=DURATION]` | serial device, default 115200 8N1, no flow control, reopened 1s after it went away |
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
+
+use devshare_common::config::parse_size;
 
 use serialport::{DataBits, FlowControl, Parity, StopBits};
 
@@ -32,10 +35,14 @@ pub struct SerialSettings {
     pub stop_bits: StopBits,
     /// Flow control.
     pub flow: FlowControl,
+    /// How long after the device went away (hang-up, unplug) the first attempt to open it
+    /// again is made; later attempts come at doubling delays up to 30 s.
+    pub reopen: Duration,
 }
 
 impl SerialSettings {
-    /// Settings for `device` with the defaults: 115200 8N1, no flow control.
+    /// Settings for `device` with the defaults: 115200 8N1, no flow control, reopened 1 s
+    /// after it went away.
     pub fn new(device: impl Into<PathBuf>) -> Self {
         SerialSettings {
             device: device.into(),
@@ -44,6 +51,7 @@ impl SerialSettings {
             parity: Parity::None,
             stop_bits: StopBits::One,
             flow: FlowControl::None,
+            reopen: super::reopen::DEFAULT_INTERVAL,
         }
     }
 
@@ -97,6 +105,32 @@ fn flow_name(flow: FlowControl) -> &'static str {
     }
 }
 
+/// Size bounds of a log file: rotated as virtlogd does (`PATH` -> `PATH.1` -> ... ->
+/// `PATH.keep`, the oldest dropped) before it would grow past `max_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLimits {
+    /// Largest size of the file in bytes; 0 means no limit (for an external logrotate).
+    pub max_size: u64,
+    /// Rotated files kept beside it; 0 empties the file instead.
+    pub keep: u32,
+}
+
+impl LogLimits {
+    /// virtlogd's defaults (`max_size = 2097152`, `max_backups = 3`): at most 8 MiB in all.
+    pub const DEFAULT: LogLimits = LogLimits {
+        max_size: 2 << 20,
+        keep: 3,
+    };
+    /// Most rotated files one log may keep.
+    pub const MAX_KEEP: u32 = 1000;
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        LogLimits::DEFAULT
+    }
+}
+
 /// What a console port is bridged to on the host, parsed from a spec string.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndpointSpec {
@@ -109,12 +143,14 @@ pub enum EndpointSpec {
     Unix(PathBuf),
     /// A TCP listener at this address.
     Tcp(SocketAddr),
-    /// An append-only log file of guest output.
+    /// A log file of guest output, appended to and rotated by size.
     File {
         /// Log file path.
         path: PathBuf,
         /// Start each line with an RFC 3339 UTC timestamp.
         timestamps: bool,
+        /// Size bound and rotation.
+        limits: LogLimits,
     },
     /// A serial device.
     Serial(SerialSettings),
@@ -170,12 +206,31 @@ impl FromStr for EndpointSpec {
                     return Err(invalid("missing log file path after \"file:\"".into()));
                 }
                 let mut timestamps = false;
+                let mut limits = LogLimits::DEFAULT;
                 for option in parts {
-                    match option {
-                        "timestamps" => timestamps = true,
-                        other => {
+                    match option.split_once('=') {
+                        None if option == "timestamps" => timestamps = true,
+                        Some(("max-size", v)) => {
+                            limits.max_size = parse_size(v).map_err(|_| {
+                                invalid(format!(
+                                    "max-size={v:?} is not a size such as 2M, 512K or 0 (no limit)"
+                                ))
+                            })?
+                        }
+                        Some(("keep", v)) => {
+                            limits.keep = match v.parse::<u32>() {
+                                Ok(n) if n <= LogLimits::MAX_KEEP => n,
+                                _ => {
+                                    return Err(invalid(format!(
+                                        "keep={v:?} must be a number of files from 0 to {}",
+                                        LogLimits::MAX_KEEP
+                                    )))
+                                }
+                            }
+                        }
+                        _ => {
                             return Err(invalid(format!(
-                                "unknown file option {other:?} (known: timestamps)"
+                                "unknown file option {option:?} (known: timestamps, max-size=SIZE, keep=N)"
                             )))
                         }
                     }
@@ -183,6 +238,7 @@ impl FromStr for EndpointSpec {
                 Ok(EndpointSpec::File {
                     path: PathBuf::from(path),
                     timestamps,
+                    limits,
                 })
             }
             "serial" => {
@@ -198,6 +254,11 @@ impl FromStr for EndpointSpec {
     }
 }
 
+/// Shortest `reopen=` interval: below the event loop's tick it would only mean "every tick".
+const MIN_REOPEN: Duration = Duration::from_millis(10);
+/// Longest `reopen=` interval.
+const MAX_REOPEN: Duration = Duration::from_secs(3600);
+
 /// Parses `DEVICE[,key=value...]`; errors are the reason only.
 fn parse_serial(rest: &str) -> Result<SerialSettings, String> {
     let mut parts = rest.split(',');
@@ -210,7 +271,7 @@ fn parse_serial(rest: &str) -> Result<SerialSettings, String> {
     for option in parts {
         let Some((key, value)) = option.split_once('=') else {
             return Err(format!(
-                "serial option {option:?} is not key=value (keys: baud, data, parity, stop, flow)"
+                "serial option {option:?} is not key=value (keys: baud, data, parity, stop, flow, reopen)"
             ));
         };
         if seen.contains(&key) {
@@ -256,10 +317,20 @@ fn parse_serial(rest: &str) -> Result<SerialSettings, String> {
                     _ => return Err(format!("flow={value:?} must be none, hw or sw")),
                 }
             }
+            "reopen" => {
+                settings.reopen = match humantime::parse_duration(value) {
+                    Ok(d) if d >= MIN_REOPEN && d <= MAX_REOPEN => d,
+                    _ => {
+                        return Err(format!(
+                        "reopen={value:?} must be a duration from 10ms to 1h, such as 1s or 500ms"
+                    ))
+                    }
+                }
+            }
             other => {
                 return Err(format!(
-                    "unknown serial option {other:?} (known: baud, data, parity, stop, flow)"
-                ))
+                "unknown serial option {other:?} (known: baud, data, parity, stop, flow, reopen)"
+            ))
             }
         }
     }
@@ -274,23 +345,39 @@ impl fmt::Display for EndpointSpec {
             EndpointSpec::Pty { link: Some(link) } => write!(f, "pty:{}", link.display()),
             EndpointSpec::Unix(path) => write!(f, "unix:{}", path.display()),
             EndpointSpec::Tcp(addr) => write!(f, "tcp:{addr}"),
-            EndpointSpec::File { path, timestamps } => {
+            EndpointSpec::File {
+                path,
+                timestamps,
+                limits,
+            } => {
                 write!(f, "file:{}", path.display())?;
                 if *timestamps {
                     write!(f, ",timestamps")?;
                 }
+                if limits.max_size != LogLimits::DEFAULT.max_size {
+                    write!(f, ",max-size={}", limits.max_size)?;
+                }
+                if limits.keep != LogLimits::DEFAULT.keep {
+                    write!(f, ",keep={}", limits.keep)?;
+                }
                 Ok(())
             }
-            EndpointSpec::Serial(s) => write!(
-                f,
-                "serial:{},baud={},data={},parity={},stop={},flow={}",
-                s.device.display(),
-                s.baud,
-                data_bits_number(s.data_bits),
-                parity_name(s.parity),
-                stop_bits_number(s.stop_bits),
-                flow_name(s.flow)
-            ),
+            EndpointSpec::Serial(s) => {
+                write!(
+                    f,
+                    "serial:{},baud={},data={},parity={},stop={},flow={}",
+                    s.device.display(),
+                    s.baud,
+                    data_bits_number(s.data_bits),
+                    parity_name(s.parity),
+                    stop_bits_number(s.stop_bits),
+                    flow_name(s.flow)
+                )?;
+                if s.reopen != super::reopen::DEFAULT_INTERVAL {
+                    write!(f, ",reopen={}", humantime::format_duration(s.reopen))?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -355,16 +442,36 @@ mod tests {
             ok("file:/var/log/vm.log"),
             EndpointSpec::File {
                 path: "/var/log/vm.log".into(),
-                timestamps: false
+                timestamps: false,
+                limits: LogLimits {
+                    max_size: 2 << 20,
+                    keep: 3
+                }
             }
         );
         assert_eq!(
             ok("file:/var/log/vm.log,timestamps"),
             EndpointSpec::File {
                 path: "/var/log/vm.log".into(),
-                timestamps: true
+                timestamps: true,
+                limits: LogLimits::DEFAULT
             }
         );
+        assert_eq!(
+            ok("file:/var/log/vm.log,max-size=64K,keep=0,timestamps"),
+            EndpointSpec::File {
+                path: "/var/log/vm.log".into(),
+                timestamps: true,
+                limits: LogLimits {
+                    max_size: 64 << 10,
+                    keep: 0
+                }
+            }
+        );
+        let EndpointSpec::File { limits, .. } = ok("file:/l,max-size=0") else {
+            panic!("not a file")
+        };
+        assert_eq!(limits.max_size, 0, "0 means no limit");
         assert_eq!(
             ok("serial:/dev/ttyUSB0"),
             EndpointSpec::Serial(SerialSettings::new("/dev/ttyUSB0"))
@@ -378,8 +485,13 @@ mod tests {
                 parity: Parity::Even,
                 stop_bits: StopBits::Two,
                 flow: FlowControl::Hardware,
+                reopen: Duration::from_secs(1),
             })
         );
+        let EndpointSpec::Serial(replug) = ok("serial:/dev/ttyUSB0,reopen=250ms") else {
+            panic!("not serial")
+        };
+        assert_eq!(replug.reopen, Duration::from_millis(250));
         let sw = ok("serial:/dev/ttyS1,flow=sw,parity=odd,data=5");
         let EndpointSpec::Serial(sw) = sw else {
             panic!("not serial: {sw:?}")
@@ -412,6 +524,11 @@ mod tests {
         assert!(err("tcp:70000").contains("\"70000\" is neither a port"));
         assert!(err("tcp:localhost:23").contains("is neither a port"));
         assert!(err("file:/x.log,stamps").contains("unknown file option \"stamps\""));
+        assert!(err("file:/x.log,max-size=big").contains("max-size=\"big\" is not a size"));
+        assert!(err("file:/x.log,keep=-1").contains("keep=\"-1\" must be a number"));
+        assert!(err("file:/x.log,keep=1001").contains("from 0 to 1000"));
+        assert!(err("serial:/dev/ttyS0,reopen=soon").contains("reopen=\"soon\" must be a duration"));
+        assert!(err("serial:/dev/ttyS0,reopen=1ms").contains("from 10ms to 1h"));
         assert!(err("file:,timestamps").contains("missing log file path"));
         assert!(err("serial:").contains("missing device path"));
         assert!(err("serial:/dev/ttyS0,baud=0").contains("baud=\"0\" is not a positive number"));
@@ -435,7 +552,10 @@ mod tests {
             "tcp:[::1]:99",
             "file:/a.log",
             "file:/a.log,timestamps",
+            "file:/a.log,timestamps,max-size=65536,keep=7",
+            "file:/a.log,max-size=0",
             "serial:/dev/ttyS0,baud=9600,data=7,parity=odd,stop=2,flow=sw",
+            "serial:/dev/ttyS0,baud=9600,data=7,parity=odd,stop=2,flow=sw,reopen=250ms",
         ] {
             assert_eq!(ok(spec).to_string(), spec);
             assert_eq!(ok(&ok(spec).to_string()), ok(spec));

@@ -1,6 +1,10 @@
 //! Stream mode: the guest side is QEMU's `-chardev socket` carrying plain bytes (a 16550
 //! behind `-serial chardev:ID`, QEMU's own virtconsole, ...), so any QEMU version and any
 //! serial device can use the same endpoints as the vhost-user ports.
+//!
+//! The socket is made by `devshare_common::listen` (no takeover, a stale socket only, never
+//! a file removed). A hang-up of QEMU's connection is taken in every state, also while its
+//! output is held back. How output is paced for a slow client is in `pump.rs`.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -8,6 +12,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use devshare_common::listen::{listen, ListenError, SocketFile, SocketOptions};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::config::SocketMode;
@@ -18,6 +23,16 @@ mod pump;
 const TO_GUEST_LIMIT: usize = 64 * 1024;
 /// Delay between attempts to reach a listening QEMU.
 const RECONNECT: Duration = Duration::from_millis(500);
+/// How long the listener stops accepting after `accept` failed (out of fds, memory).
+const ACCEPT_PAUSE: Duration = Duration::from_secs(1);
+
+/// Why a stream socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The listening socket could not be made (the message names the path).
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+}
 
 /// What a ready fd meant.
 #[derive(Debug, PartialEq, Eq)]
@@ -28,6 +43,8 @@ pub enum StreamEvent {
     Disconnected,
     /// Guest output is waiting to be read.
     Output,
+    /// QEMU hung up or failed: read everything it sent, whatever holds output back.
+    Drain,
     /// QEMU can take more host input.
     Writable,
     /// Nothing to do.
@@ -37,24 +54,37 @@ pub enum StreamEvent {
 /// The QEMU side of a stream device.
 pub struct StreamGuest {
     path: PathBuf,
-    listener: Option<UnixListener>,
+    listener: Option<(UnixListener, SocketFile)>,
     conn: Option<UnixStream>,
     to_guest: Vec<u8>,
     next_attempt: Instant,
     waiting_logged: bool,
+    /// Set after an accept error: not accepting until then.
+    listen_paused_until: Option<Instant>,
+    /// Since when guest output is held back for a client that takes it slowly.
+    pub(crate) held_since: Option<Instant>,
+    /// The client took nothing for too long: output is read again, keeping the newest bytes,
+    /// until the client takes some.
+    pub(crate) gave_up: bool,
 }
 
 impl StreamGuest {
-    /// Listens on, or prepares to connect to, `path`.
-    pub fn new(path: &Path, mode: SocketMode) -> io::Result<StreamGuest> {
+    /// Listens on (through `devshare_common::listen`: no takeover, a stale socket only,
+    /// `socket`'s mode and group), or prepares to connect to, `path`.
+    pub fn new(
+        path: &Path,
+        mode: SocketMode,
+        socket: &SocketOptions,
+    ) -> Result<StreamGuest, StreamError> {
         let listener = match mode {
             SocketMode::Listen => {
-                if path.exists() {
-                    std::fs::remove_file(path)?;
-                }
-                let l = UnixListener::bind(path)?;
-                l.set_nonblocking(true)?;
-                Some(l)
+                let (l, file) = listen(path, socket)?;
+                l.set_nonblocking(true).map_err(|source| ListenError::Io {
+                    path: path.to_path_buf(),
+                    op: "make the socket non-blocking",
+                    source,
+                })?;
+                Some((l, file))
             }
             SocketMode::Connect => None,
         };
@@ -65,23 +95,36 @@ impl StreamGuest {
             to_guest: Vec::new(),
             next_attempt: Instant::now(),
             waiting_logged: false,
+            listen_paused_until: None,
+            held_since: None,
+            gave_up: false,
         })
     }
 
-    /// The fds to watch and for what.
-    pub fn watch(&self) -> [Option<(RawFd, EventSet)>; 2] {
+    /// The fds to watch and for what. With `held`, QEMU's output is not read (a slow client
+    /// is catching up); the connection stays registered, so a hang-up is still seen.
+    pub fn watch(&self, held: bool) -> [Option<(RawFd, EventSet)>; 2] {
         let listener = self
             .listener
             .as_ref()
-            .map(|l| (l.as_raw_fd(), EventSet::IN));
+            .filter(|_| self.listen_paused_until.is_none())
+            .map(|(l, _)| (l.as_raw_fd(), EventSet::IN));
         let conn = self.conn.as_ref().map(|c| {
-            let mut ev = EventSet::IN;
+            let mut ev = EventSet::empty();
+            if !held {
+                ev |= EventSet::IN;
+            }
             if !self.to_guest.is_empty() {
                 ev |= EventSet::OUT;
             }
             (c.as_raw_fd(), ev)
         });
         [listener, conn]
+    }
+
+    /// Whether the timer is needed: output held back, or accepting paused.
+    pub fn needs_tick(&self) -> bool {
+        self.held_since.is_some() || self.listen_paused_until.is_some()
     }
 
     /// Whether this side dials QEMU (client mode) rather than listening.
@@ -101,14 +144,32 @@ impl StreamGuest {
 
     /// Handles readiness of one of our fds.
     pub fn on_ready(&mut self, fd: RawFd, ev: EventSet) -> io::Result<StreamEvent> {
-        if let Some(l) = &self.listener {
+        if let Some((l, _)) = &self.listener {
             if l.as_raw_fd() == fd {
                 let (c, _) = match l.accept() {
                     Ok(x) => x,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::Interrupted
+                                | io::ErrorKind::ConnectionAborted
+                        ) =>
+                    {
                         return Ok(StreamEvent::Nothing)
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        // The connection stays pending: accepting again at once would spin.
+                        self.listen_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!(
+                                "{}: cannot accept ({e}); not accepting for {}s",
+                                self.path.display(),
+                                ACCEPT_PAUSE.as_secs()
+                            ),
+                        ));
+                    }
                 };
                 if self.conn.is_some() {
                     log::warn!("{}: a second QEMU connected; refused", self.path.display());
@@ -127,11 +188,14 @@ impl StreamGuest {
             if self.conn.is_none() {
                 return Ok(StreamEvent::Disconnected);
             }
-            if !ev.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
-                return Ok(StreamEvent::Writable);
-            }
         }
-        Ok(StreamEvent::Output)
+        if ev.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+            return Ok(StreamEvent::Drain);
+        }
+        if ev.contains(EventSet::IN) {
+            return Ok(StreamEvent::Output);
+        }
+        Ok(StreamEvent::Writable)
     }
 
     /// Reads guest output; Ok(0) when nothing more is there now (or QEMU went away).
@@ -140,7 +204,7 @@ impl StreamGuest {
             return Ok(0);
         };
         match c.read(buf) {
-            Ok(0) => {
+            Ok(0) if !buf.is_empty() => {
                 self.drop_conn("end of stream");
                 Ok(0)
             }
@@ -168,6 +232,7 @@ impl StreamGuest {
                     self.to_guest.drain(..n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     self.drop_conn(&e.to_string());
                     break;
@@ -182,11 +247,20 @@ impl StreamGuest {
         }
         // Host input queued for a guest that is gone would arrive out of context later.
         self.to_guest.clear();
+        self.held_since = None;
+        self.gave_up = false;
         self.next_attempt = Instant::now() + RECONNECT;
     }
 
-    /// Client mode: tries to reach QEMU when due. Returns true when newly connected.
+    /// Client mode: tries to reach QEMU when due. Returns true when newly connected. Listen
+    /// mode: accepts again once a pause after an accept error is over.
     pub fn tick(&mut self) -> bool {
+        if self
+            .listen_paused_until
+            .is_some_and(|t| Instant::now() >= t)
+        {
+            self.listen_paused_until = None;
+        }
         if self.listener.is_some() || self.conn.is_some() || Instant::now() < self.next_attempt {
             return false;
         }

@@ -1,21 +1,89 @@
-//! Stream-mode pumping: guest output from QEMU's socket into the port (keeping the newest
-//! bytes: a guest's serial port must never stall), and host input from the endpoint to QEMU,
-//! only as fast as QEMU takes it.
+//! Stream-mode pumping: guest output from QEMU's socket into the port, and host input from
+//! the endpoint to QEMU, only as fast as QEMU takes it.
+//!
+//! Guest output goes to the attached client first and into the port's buffer only for what
+//! the client cannot take now. A guest's serial port must never stall for good, so the
+//! buffer keeps the newest bytes when it is full; but bytes a client is ready to take are
+//! never dropped for that:
+//!
+//! - with a client attached (a socket client, a PTY, a serial device: anything that can be
+//!   slower than the guest), QEMU's output is read only as far as the buffer has room, and
+//!   not at all while the buffer is nearly full ("held"): QEMU's socket fills up and QEMU
+//!   holds the guest's UART back, as a real UART with flow control would;
+//! - the client taking bytes again releases the hold;
+//! - a client that takes nothing for [`STALL_LIMIT`] no longer holds the guest back: output
+//!   is read again and the buffer keeps the newest bytes (counted in `dropped_bytes`) until
+//!   the client takes some;
+//! - with nothing attached (or a log file, which takes everything), output is read as it
+//!   comes and the buffer keeps the newest bytes, as before.
 
 use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::EventSet;
 
-use super::StreamEvent;
+use super::{StreamEvent, StreamGuest};
 use crate::device::{Device, Guest};
-use crate::port::{Host, Pieces};
+use crate::port::{Host, Pieces, Port};
 
 /// Bytes read from QEMU's socket per system call.
 const OUT_CHUNK: usize = 64 * 1024;
 /// Bytes read from the endpoint per system call.
 const IN_CHUNK: usize = 16 * 1024;
+/// How long a client that takes nothing may hold the guest's output back.
+pub const STALL_LIMIT: Duration = Duration::from_millis(500);
+
+/// How much guest output may be read now.
+enum Pace {
+    /// Up to this many bytes.
+    Read(usize),
+    /// None: a slow client is catching up.
+    Held,
+}
+
+/// Decides how much of QEMU's output to read at `now` for `port`, updating the hold state.
+fn pace(s: &mut StreamGuest, port: &Port, now: Instant) -> Pace {
+    let (free, capacity) = (port.buffer_free(), port.buffer_capacity());
+    let slow_client = port.host_can_wait();
+    // Room for a useful read: half the buffer, at most a chunk.
+    let low = (capacity / 2).clamp(1, OUT_CHUNK);
+    if !slow_client || free >= low {
+        s.held_since = None;
+        s.gave_up = false;
+        return Pace::Read(if slow_client {
+            free.min(OUT_CHUNK)
+        } else {
+            OUT_CHUNK
+        });
+    }
+    if s.gave_up {
+        return Pace::Read(OUT_CHUNK);
+    }
+    match s.held_since {
+        None => {
+            s.held_since = Some(now);
+            Pace::Held
+        }
+        Some(t) if now.duration_since(t) >= STALL_LIMIT => {
+            s.held_since = None;
+            s.gave_up = true;
+            log::info!(
+                "{}: the client took no output for {} ms; keeping the newest bytes until it does",
+                port.label,
+                STALL_LIMIT.as_millis()
+            );
+            Pace::Read(OUT_CHUNK)
+        }
+        Some(_) => Pace::Held,
+    }
+}
 
 impl Device {
+    /// Whether QEMU's output is held back now (see the module docs).
+    pub fn stream_held(&self) -> bool {
+        matches!(&self.guest, Guest::Stream(s) if s.held_since.is_some())
+    }
+
     /// One of the stream socket's fds is ready.
     pub fn stream_ready(&mut self, fd: RawFd, ev: EventSet) {
         let name = self.cfg.name.clone();
@@ -28,30 +96,43 @@ impl Device {
                 self.stream_in();
             }
             Ok(StreamEvent::Disconnected) => log::info!("{name}: QEMU disconnected (stream)"),
-            Ok(StreamEvent::Output) => self.stream_out(),
+            Ok(StreamEvent::Output) => self.stream_out(false),
+            Ok(StreamEvent::Drain) => self.stream_out(true),
             Ok(StreamEvent::Writable) => self.stream_in(),
             Ok(StreamEvent::Nothing) => {}
             Err(e) => log::warn!("{name}: {e}"),
         }
     }
 
-    /// Guest output on a stream device: socket -> spool -> endpoint.
-    fn stream_out(&mut self) {
+    /// Guest output on a stream device: socket -> endpoint, or the port's buffer for what the
+    /// endpoint cannot take now. With `drain` (QEMU hung up), everything is read.
+    pub fn stream_out(&mut self, drain: bool) {
         let Guest::Stream(s) = &mut self.guest else {
             return;
         };
         let Some(port) = self.ports.first_mut() else {
             return;
         };
-        let mut buf = [0u8; OUT_CHUNK];
+        let mut buf = vec![0u8; OUT_CHUNK];
+        let now = Instant::now();
         loop {
-            match s.read(&mut buf) {
+            let limit = match pace(s, port, now) {
+                _ if drain => OUT_CHUNK,
+                Pace::Read(n) => n,
+                Pace::Held => break,
+            };
+            match s.read(&mut buf[..limit]) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => port.keep_newest(&Pieces([&buf[..n], &[]]), 0),
+                Ok(n) => {
+                    if port.take_newest(&Pieces([&buf[..n], &[]])) > 0 {
+                        // The client takes bytes again: it may hold the guest back again.
+                        s.gave_up = false;
+                    }
+                }
             }
         }
-        port.flush(None);
         self.sync(0);
+        self.sync_stream();
     }
 
     /// Host input for a stream device: endpoint -> socket.
@@ -73,18 +154,17 @@ impl Device {
                     port.stats.to_guest_bytes.add(n as u64);
                     s.send(&buf[..n]);
                 }
-                // A client that went away has been detached by the endpoint already.
-                Err(e) => {
-                    log::info!("{}: {e}", port.label);
-                    break;
-                }
+                // A client that went away has been dropped by the endpoint already (and
+                // logged there).
+                Err(_) => break,
             }
         }
         self.sync_stream();
         self.sync(0);
     }
 
-    /// Client mode: dials QEMU when due.
+    /// Periodic work: client mode dials QEMU when due; a hold on guest output is checked
+    /// against the stall limit (500 ms).
     pub fn stream_tick(&mut self) {
         let Guest::Stream(s) = &mut self.guest else {
             return;
@@ -92,6 +172,9 @@ impl Device {
         if s.tick() {
             log::info!("{}: connected to QEMU (stream)", self.cfg.name);
             self.stream_in();
+        }
+        if self.stream_held() {
+            self.stream_out(false);
         }
         self.sync_stream();
     }
