@@ -1,7 +1,7 @@
 //! The console's control-queue conversation (virtio 1.2, 5.3.6.2) through the path a
-//! vhost-user worker takes: a VM of the real console (`group::build` from a configuration,
-//! `file:/dev/null` endpoints) whose driver side is played here, writing control messages
-//! into the control transmitq, posting control receive buffers and kicking queues
+//! vhost-user worker takes: a VM of the real console (`group::build` from a configuration, log
+//! file endpoints in a scratch directory) whose driver side is played here, writing control
+//! messages into the control transmitq, posting control receive buffers and kicking queues
 //! (`Vms::on_queue_event`), in any order and with any values: DEVICE_READY, PORT_READY and
 //! PORT_OPEN with random ids, values and payloads, truncated or malformed chains, receive
 //! buffers of any size or none at all.
@@ -15,8 +15,10 @@
 //! - no panic, and no descriptor left open once the VM is gone.
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use devshare_common::chain::Memory;
+use devshare_common::listen::SocketOptions;
 use vhost_user_backend::{VringRwLock, VringT};
 use vhost_user_console::config::{Config, DeviceKind, PortConfig, SocketMode, Target, VmConfig};
 use vhost_user_console::endpoint::EndpointSpec;
@@ -251,7 +253,28 @@ fn port_name(i: usize) -> String {
     }
 }
 
+/// A scratch directory of this process for the ports' log files.
+fn scratch() -> &'static std::path::Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir =
+            std::env::temp_dir().join(format!("devshare-fuzz-control-{}", std::process::id()));
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            panic!("cannot create {}: {e}", dir.display());
+        }
+        dir
+    })
+}
+
 fn config(ports: usize) -> Config {
+    let endpoint = |i: usize| {
+        // A log file kept small (emptied past 64 KiB): the cheapest endpoint that opens.
+        let spec = format!("file:{}/p{i}.log,max-size=64K,keep=0", scratch().display());
+        match spec.parse::<EndpointSpec>() {
+            Ok(e) => e,
+            Err(e) => panic!("{spec}: {e}"),
+        }
+    };
     Config {
         vms: vec![VmConfig {
             name: "fuzz".into(),
@@ -261,16 +284,14 @@ fn config(ports: usize) -> Config {
             ports: (0..ports)
                 .map(|i| PortConfig {
                     name: port_name(i),
-                    target: Target::Endpoint(EndpointSpec::File {
-                        path: PathBuf::from("/dev/null"),
-                        timestamps: false,
-                    }),
+                    target: Target::Endpoint(endpoint(i)),
                     buffer_size: 4096,
                     console: i == 0,
                 })
                 .collect(),
         }],
         state_dir: None,
+        socket: SocketOptions::default(),
     }
 }
 
