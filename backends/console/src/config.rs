@@ -86,9 +86,10 @@ impl FromStr for Target {
 }
 
 impl fmt::Display for Target {
+    /// The spec string as written in a config file; parses back to the same target.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Target::Endpoint(e) => write!(f, "{e:?}"),
+            Target::Endpoint(e) => write!(f, "{e}"),
             Target::Link { vm, port } => write!(f, "vm:{vm}/{port}"),
         }
     }
@@ -442,5 +443,23 @@ mod tests {
         assert_eq!(vm.as_deref(), Some("a"));
         assert_eq!(p.name, "data");
         assert!("vm:nope".parse::<Target>().is_err());
+    }
+
+    // Found by the config fuzz target: an endpoint target printed as its Debug form.
+    #[test]
+    fn a_port_target_prints_as_it_is_written() {
+        for spec in [
+            "pty",
+            "pty:/run/a.pty",
+            "unix:/run/b.sock",
+            "tcp:127.0.0.1:4555",
+            "file:/var/log/a.log,timestamps",
+            "serial:/dev/ttyS0,baud=9600,data=7,parity=even,stop=2,flow=hw",
+            "vm:b/link",
+        ] {
+            let t: Target = spec.parse().unwrap();
+            assert_eq!(t.to_string(), spec);
+            assert_eq!(t.to_string().parse::<Target>().unwrap(), t);
+        }
     }
 }

@@ -41,6 +41,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, PatternError> {
     Ok(Duration::from_secs_f64(value * scale))
 }
 
+/// Shortest stall-plus-run cycle a pattern may have: half the tick of the fastest PIT rate the
+/// lab programs (5 kHz). Shorter cycles cannot show in the tick count, and would make millions
+/// of stall windows a second.
+pub const MIN_CYCLE: Duration = Duration::from_micros(100);
+
 fn show(d: Duration) -> String {
     format!("{}ms", d.as_secs_f64() * 1000.0)
 }
@@ -156,6 +161,12 @@ impl FromStr for StallPattern {
                     "stalls and runs must be longer than zero",
                 ));
             }
+            if stall_min + run_min < MIN_CYCLE {
+                return Err(PatternError::Impossible(
+                    text.to_owned(),
+                    "the shortest stall plus the shortest run must last at least 100us",
+                ));
+            }
             return Ok(StallPattern::Random {
                 stall_min,
                 stall_max,
@@ -170,6 +181,12 @@ impl FromStr for StallPattern {
             return Err(PatternError::Impossible(
                 text.to_owned(),
                 "the stall must be longer than zero and shorter than its period",
+            ));
+        }
+        if period < MIN_CYCLE {
+            return Err(PatternError::Impossible(
+                text.to_owned(),
+                "the period must last at least 100us",
             ));
         }
         Ok(StallPattern::Periodic { stall, period })
@@ -239,6 +256,33 @@ mod tests {
             "x/y",
         ] {
             assert!(bad.parse::<StallPattern>().is_err(), "{bad}");
+        }
+    }
+
+    // Found while fuzzing the parsers: "0.001us/0.002us" parsed, and the lab then asked for
+    // ten million stall windows per 20 ms (billions for its default 3 s) and ran out of memory.
+    #[test]
+    fn cycles_shorter_than_a_tick_are_refused() {
+        for bad in [
+            "0.001us/0.002us",
+            "10us/50us",
+            "random:0.001us-0.001us/0.001us-0.001us",
+            "random:20us-1ms/0us-1ms",
+        ] {
+            assert!(
+                matches!(
+                    bad.parse::<StallPattern>(),
+                    Err(PatternError::Impossible(..))
+                ),
+                "{bad}"
+            );
+        }
+        for good in ["50us/100us", "random:50us-1ms/50us-1ms"] {
+            let p: StallPattern = good.parse().unwrap();
+            assert!(
+                p.windows(Duration::from_secs(2), 1).len() <= 20_000,
+                "{good}"
+            );
         }
     }
 

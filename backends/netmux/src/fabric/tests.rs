@@ -232,6 +232,41 @@ fn frames_for_a_guest_are_dropped_and_counted_by_reason() {
     assert_eq!(drops(f, 0, "bad_frame") + drops(f, 0, "bad_chain"), 0);
 }
 
+/// Found by the net fuzz target: a checksum request that starts in the Ethernet header made
+/// netmux, completing the checksum for a receiver without GUEST_CSUM, write the sum over the
+/// source MAC it had checked (or over the type: a VLAN tag). Such a frame is malformed.
+#[test]
+fn a_checksum_request_cannot_rewrite_the_checked_headers() {
+    let mem = memory();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let sw = switch(&[None, None], Mode::Bridge, SendOutcome::Sent, None);
+    let f = &sw.fabric;
+    let mut g: Vec<Guest<'_>> = (0..2).map(|i| Guest::new(&mem, &atomic, i)).collect();
+    g[1].post_rx(8, 2048);
+    attach(f, &g[1..2], 1, &atomic);
+    let mut frames = Vec::new();
+    for (start, offset) in [(0u16, 5u16), (0, 6), (2, 10), (0, 12)] {
+        for dst in [mac(1), EXT] {
+            let mut fr = frame(dst, mac(0), IP, 60);
+            fr[0] = 1; // NEEDS_CSUM
+            fr[6..8].copy_from_slice(&start.to_le_bytes());
+            fr[8..10].copy_from_slice(&offset.to_le_bytes());
+            frames.push(fr);
+        }
+    }
+    g[0].send(&frames);
+    drain(f, 0, &mem, &mut g[0]);
+    for (_, bytes) in g[1].rx_frames() {
+        assert_eq!(
+            &bytes[HDR + 6..HDR + 14],
+            &[&mac(0).0[..], &IP.to_be_bytes()[..]].concat()[..],
+            "a received frame's source or type was rewritten"
+        );
+    }
+    assert!(sw.uplink.lock().unwrap().sent.is_empty());
+    assert_eq!(drops(f, 0, "bad_frame"), 8, "{}", f.stats_json());
+}
+
 /// A guest whose RX ring is full (empty of buffers) costs drops on its own port only: the
 /// sender's ring is drained in one pass and every chain returned, another receiver gets all
 /// its frames.
