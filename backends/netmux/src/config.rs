@@ -276,7 +276,7 @@ pub struct Config {
     pub mode: Mode,
     /// Drop frames whose source MAC is not the sending port's.
     pub anti_spoof: bool,
-    /// MTU for the guests: QEMU offers it (`host_mtu=` in [`Config::qemu_args`]).
+    /// MTU for the guests: QEMU offers it (`host_mtu=` in [`crate::qemu_args::qemu_args`]).
     pub mtu: u16,
     /// Unix socket serving JSON counters, if any.
     pub stats_socket: Option<PathBuf>,

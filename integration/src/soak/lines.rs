@@ -112,7 +112,8 @@ pub struct Run {
 }
 
 /// The reader-side check: splits the received bytes into [`Run`]s and notes anything that is
-/// not a line (corruption). Whether the runs make sense is [`account`]'s question.
+/// not a line (corruption). Whether the runs make sense is [`super::accounting::account`]'s
+/// question.
 pub struct LineCheck {
     /// Sessions of the writer, to place short fragments.
     sessions: Option<Sessions>,
