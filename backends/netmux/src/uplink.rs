@@ -14,6 +14,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use crate::config::MacAddr;
+use crate::frame::ETH_P_8021Q;
 use crate::virtio_net::{NetHdr, HDR_LEN_LEGACY};
 
 /// Why an uplink could not be opened.
@@ -145,13 +146,22 @@ impl TxBatch {
     }
 }
 
+/// A VLAN tag the kernel took off a received frame and reported in `PACKET_AUXDATA` (the tag
+/// is no longer in the frame's bytes then).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VlanTag {
+    /// Tag protocol identifier: 0x8100 for an 802.1Q C-tag, 0x88a8 for an 802.1ad S-tag.
+    pub tpid: u16,
+    /// VLAN id, 0 to 4095 (0: a priority tag, no VLAN).
+    pub vid: u16,
+}
+
 /// One received frame.
 pub struct RxFrame<'a> {
     /// The offload header the kernel supplied.
     pub hdr: NetHdr,
-    /// VLAN the frame was tagged with, from the kernel's metadata (the tag is no longer in
-    /// `data` then); inline tags are for the caller to handle.
-    pub vlan: Option<u16>,
+    /// The outer tag, if the kernel took it off; inline tags are for the caller to handle.
+    pub tag: Option<VlanTag>,
     /// The Ethernet frame, writable so an inline VLAN tag can be removed in place.
     pub data: &'a mut [u8],
 }
@@ -160,7 +170,7 @@ pub struct RxFrame<'a> {
 pub struct RxBatch {
     bufs: Vec<Vec<u8>>,
     lens: Vec<usize>,
-    vlans: Vec<Option<u16>>,
+    tags: Vec<Option<VlanTag>>,
     count: usize,
 }
 
@@ -178,7 +188,7 @@ impl RxBatch {
                 .map(|_| vec![0u8; HDR_LEN_LEGACY + MAX_FRAME])
                 .collect(),
             lens: vec![0; RX_BATCH],
-            vlans: vec![None; RX_BATCH],
+            tags: vec![None; RX_BATCH],
             count: 0,
         }
     }
@@ -196,7 +206,7 @@ impl RxBatch {
         let (h, data) = buf[..len].split_at_mut(HDR_LEN_LEGACY);
         Some(RxFrame {
             hdr: NetHdr::from_bytes(h),
-            vlan: self.vlans[i],
+            tag: self.tags[i],
             data,
         })
     }
@@ -432,7 +442,7 @@ impl Uplink for AfPacket {
         for (i, m) in msgs.iter().enumerate().take(got) {
             let truncated = m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
             batch.lens[i] = if truncated { 0 } else { m.msg_len as usize };
-            batch.vlans[i] = vlan_from_cmsg(&m.msg_hdr);
+            batch.tags[i] = tag_from_cmsg(&m.msg_hdr);
         }
         batch.count = got;
         Ok(got)
@@ -440,7 +450,7 @@ impl Uplink for AfPacket {
 }
 
 /// Reads the VLAN tag the kernel moved out of the frame from a PACKET_AUXDATA message.
-fn vlan_from_cmsg(hdr: &libc::msghdr) -> Option<u16> {
+fn tag_from_cmsg(hdr: &libc::msghdr) -> Option<VlanTag> {
     // SAFETY: `hdr` is a msghdr the kernel just filled; CMSG_FIRSTHDR/NXTHDR stay within
     // `msg_controllen` of the control buffer it points at.
     let mut c = unsafe { libc::CMSG_FIRSTHDR(hdr) };
@@ -452,11 +462,19 @@ fn vlan_from_cmsg(hdr: &libc::msghdr) -> Option<u16> {
             // read_unaligned because control data has only cmsg alignment.
             let aux: libc::tpacket_auxdata =
                 unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c).cast()) };
-            if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 {
-                let vid = aux.tp_vlan_tci & 0x0fff;
-                return (vid != 0).then_some(vid);
+            if aux.tp_status & libc::TP_STATUS_VLAN_VALID == 0 {
+                return None;
             }
-            return None;
+            // Kernels before 4.0 report no TPID: they only took C-tags off.
+            let tpid = if aux.tp_status & libc::TP_STATUS_VLAN_TPID_VALID != 0 {
+                aux.tp_vlan_tpid
+            } else {
+                ETH_P_8021Q
+            };
+            return Some(VlanTag {
+                tpid,
+                vid: aux.tp_vlan_tci & 0x0fff,
+            });
         }
         // SAFETY: as above, NXTHDR returns null past the end.
         c = unsafe { libc::CMSG_NXTHDR(hdr, c) };
@@ -635,7 +653,7 @@ impl Uplink for Tap {
                 break;
             }
             batch.lens[i] = r as usize;
-            batch.vlans[i] = None;
+            batch.tags[i] = None;
             batch.count += 1;
         }
         Ok(batch.count)
