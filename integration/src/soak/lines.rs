@@ -345,15 +345,17 @@ impl LineCheck {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::soak::accounting::account;
 
-    fn lines(from: u64, to: u64) -> Vec<u8> {
+    /// Lines `from..to`, back to back.
+    pub(crate) fn lines(from: u64, to: u64) -> Vec<u8> {
         (from..to).flat_map(line).collect()
     }
 
-    fn session(first_seq: u64, written: u64, accepted: u64) -> Session {
+    /// A closed session starting at line `first_seq`.
+    pub(crate) fn session(first_seq: u64, written: u64, accepted: u64) -> Session {
         Session {
             first_seq,
             written,
