@@ -49,6 +49,9 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A port name is empty or holds control characters.
+    #[error("port name {0:?} must be non-empty, without control characters")]
+    PortName(String),
     /// Two ports would share a MAC in the same VLAN (frames could not be told apart).
     #[error("ports {first} and {second} both use MAC {mac} in the same VLAN")]
     DuplicateMac {
@@ -431,6 +434,11 @@ impl PortConfig {
     /// Checks one `[[port]]` table; `index` names unnamed ports.
     pub fn from_file(f: PortFile, index: usize) -> Result<PortConfig, ConfigError> {
         let name = f.name.unwrap_or_else(|| format!("port{index}"));
+        // The name goes into every log line and the stats: a control character would forge
+        // or break them.
+        if name.is_empty() || name.contains(char::is_control) {
+            return Err(ConfigError::PortName(name));
+        }
         let mac: MacAddr = f.mac.parse()?;
         if mac.is_multicast() || mac == MacAddr::default() {
             return Err(ConfigError::MacNotUnicast { port: name, mac });
@@ -615,7 +623,7 @@ mod tests {
     }
 
     #[test]
-    fn vlan_and_queue_numbers_are_digits_only() {
+    fn vlan_and_queue_numbers_are_digits_only_and_names_printable() {
         for bad in [
             "vlan=+10",
             "vlan=0",
@@ -626,6 +634,13 @@ mod tests {
         ] {
             let spec = format!("socket=/tmp/q.sock,mac=52:54:00:00:00:03,{bad}");
             assert!(PortConfig::parse_spec(&spec, 0).is_err(), "{bad} accepted");
+        }
+        for bad in ["name=", "name=a\nb", "name=a\u{1b}[2Jb"] {
+            let spec = format!("socket=/tmp/q.sock,mac=52:54:00:00:00:03,{bad}");
+            assert!(
+                PortConfig::parse_spec(&spec, 0).is_err(),
+                "{bad:?} accepted"
+            );
         }
         let p = PortConfig::parse_spec("socket=/tmp/q.sock,mac=52:54:00:00:00:03,vlan=4094", 0);
         assert_eq!(p.unwrap().vlan, Some(4094));
