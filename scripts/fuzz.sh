@@ -33,7 +33,8 @@
 # never changes the committed corpus unless asked to. For each target the script prints the
 # executions, exec/s, libFuzzer's final coverage (cov: edges, ft: features), the corpus size
 # and whether it crashed; a crash, a timeout (an input taking over 10 s) or a leak fails the
-# run, and the reproducer's path is printed (fuzz/artifacts/<target>/...). Reproduce with
+# run, and the reproducer's path is printed (fuzz/artifacts/<target>/...); so does a file the
+# target leaves in its temporary directory (each run gets its own TMPDIR). Reproduce with
 #   RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz TARGET ARTIFACT
 # and shrink it with `cargo fuzz tmin` the same way.
 #
@@ -154,10 +155,19 @@ for t in "${TARGETS[@]}"; do
     status=0
     dict=()
     [ -f "fuzz/dict/$t.dict" ] && dict=(-dict="fuzz/dict/$t.dict")
+    # A temporary directory of the run's own: whatever a target leaves in it is a leak that
+    # would pile up in /tmp run after run, and fails the run.
+    run_tmp=$(mktemp -d "${TMPDIR:-/tmp}/devshare-fuzz-$t.XXXXXX")
     # New inputs land in the first directory (the work corpus); both are read.
-    "${FUZZ[@]}" run --fuzz-dir fuzz "$t" "$work" "$corpus" -- \
+    TMPDIR=$run_tmp "${FUZZ[@]}" run --fuzz-dir fuzz "$t" "$work" "$corpus" -- \
         -max_total_time="$SECONDS_EACH" -timeout=10 -print_final_stats=1 \
         "${dict[@]}" "${EXTRA[@]}" >"$log" 2>&1 || status=$?
+    left=$(find "$run_tmp" -mindepth 1 -maxdepth 1 -printf '%f ')
+    rm -rf "$run_tmp"
+    if [ "$status" = 0 ] && [ -n "$left" ]; then
+        echo "$t left files in its temporary directory: $left" | tee -a "$log"
+        status=1
+    fi
     # The last status line carries the final coverage: "#N DONE cov: C ft: F corp: U/S ...".
     last=$(grep -E '^#[0-9]+.*cov: ' "$log" | tail -n 1 || true)
     cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$last")

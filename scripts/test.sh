@@ -5,9 +5,10 @@
 #   1. scripts/setup.sh       Debian packages, the QEMUs, guest kernel + initramfs (cached)
 #   2. cargo fmt --check      formatting
 #   3. cargo clippy           lints, warnings are errors
-#   4. cargo build --bins     the backends the end-to-end tests start
-#   5. cargo test --workspace unit tests, frontend-driven tests, real QEMU guests
-#   6. scripts/fuzz.sh        every fuzz target for DEVSHARE_FUZZ_SECONDS (30) seconds, from
+#   4. cargo doc              the API docs, rustdoc warnings (broken links...) are errors
+#   5. cargo build --bins     the backends the end-to-end tests start
+#   6. cargo test --workspace unit tests, frontend-driven tests, real QEMU guests
+#   7. scripts/fuzz.sh        every fuzz target for DEVSHARE_FUZZ_SECONDS (30) seconds, from
 #                             the committed corpora; a crash fails the step
 # (fmt and clippy cover the fuzz crate too, which has its own workspace under fuzz/.)
 #
@@ -25,7 +26,7 @@
 #   DEVSHARE_QEMU_VERSIONS the QEMU versions of the compatibility matrix to set up and test
 #                          (default 7.2,10.0,11.1, every version of the README's table). A
 #                          version named here but missing fails its tests.
-#   DEVSHARE_FUZZ_SECONDS  seconds per fuzz target in step 6 (default 30; 0 skips the step)
+#   DEVSHARE_FUZZ_SECONDS  seconds per fuzz target in step 7 (default 30; 0 skips the step)
 #   CARGO_TARGET_DIR       honoured as usual
 set -euo pipefail
 
@@ -107,6 +108,9 @@ cargo fmt --manifest-path fuzz/Cargo.toml -- --check || FAILED+=(fmt-fuzz)
 step clippy
 cargo clippy --workspace --all-targets -- -D warnings || FAILED+=(clippy)
 cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings || FAILED+=(clippy-fuzz)
+
+step doc
+RUSTDOCFLAGS="${RUSTDOCFLAGS:-} -D warnings" cargo doc --workspace --no-deps || FAILED+=(doc)
 
 step build
 cargo build --workspace --bins "${PROFILE_ARGS[@]}" || FAILED+=(build)

@@ -253,17 +253,59 @@ fn port_name(i: usize) -> String {
     }
 }
 
-/// A scratch directory of this process for the ports' log files.
+/// Names of the scratch directories in the temporary directory: this, then the owner's pid.
+const SCRATCH_PREFIX: &str = "devshare-fuzz-control-";
+
+/// This process's scratch directory, once made.
+static SCRATCH: OnceLock<PathBuf> = OnceLock::new();
+
+/// A scratch directory of this process for the ports' log files. It goes when the process
+/// exits: libFuzzer ends a run (`-runs`, `-max_total_time`) with exit(), which runs atexit
+/// handlers. One left by a process that crashed or was killed goes with the next run.
 fn scratch() -> &'static std::path::Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir =
-            std::env::temp_dir().join(format!("devshare-fuzz-control-{}", std::process::id()));
+    SCRATCH.get_or_init(|| {
+        remove_stale_scratch();
+        let dir = std::env::temp_dir().join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
         if let Err(e) = std::fs::create_dir_all(&dir) {
             panic!("cannot create {}: {e}", dir.display());
         }
+        // SAFETY: registers a function without arguments that only touches `SCRATCH`.
+        if unsafe { libc::atexit(remove_scratch) } != 0 {
+            eprintln!("cannot register the removal of {}", dir.display());
+        }
         dir
     })
+}
+
+/// Removes this process's scratch directory (an atexit handler).
+extern "C" fn remove_scratch() {
+    if let Some(dir) = SCRATCH.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Removes the scratch directories of processes that are gone.
+fn remove_stale_scratch() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only asks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn config(ports: usize) -> Config {

@@ -576,6 +576,78 @@ fn raw_frame(dst: [u8; 6], src: [u8; 6], ethertype: u16, rest: &[u8], seq: u32) 
     f
 }
 
+/// From the wire, an access port gets a frame only with exactly its own 802.1Q tag, which is
+/// taken off: double-tagged (QinQ) and 802.1ad S-tagged frames reach no guest and are counted
+/// (`rx_double_tagged`, `rx_s_tagged`). The kernel takes the outer tag off before netmux reads
+/// the frame and reports it with its TPID (PACKET_AUXDATA): the path frames from a real NIC
+/// take.
+#[test]
+fn qinq_and_s_tagged_frames_from_the_wire_reach_no_access_port() {
+    let ns = NetNs::new();
+    let mut ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
+    ports[1].vlan = Some(10);
+    let nm = Netmux::start("netmux-qinq", &ns.host_if, &ports, &[]);
+    let mut g: Vec<HarnessGuest> = (0..2).map(|i| HarnessGuest::attach(&nm, i)).collect();
+    for guest in g.iter_mut() {
+        guest.post_rx(32);
+    }
+    let wire = WireSender::new(&ns);
+    // Not a guest's MAC: the switch would drop it as a local source.
+    const EXT: [u8; 6] = [0x02, 0x00, 0x00, 0x78, 0x00, 0x99];
+    // `tags` (TPID, VLAN id) outermost first, the test's Ethernet type, `seq`.
+    let tagged = |dst: [u8; 6], tags: &[(u16, u16)], seq: u32| {
+        let mut f = Vec::new();
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&EXT);
+        for &(tpid, vid) in tags {
+            f.extend_from_slice(&tpid.to_be_bytes());
+            f.extend_from_slice(&vid.to_be_bytes());
+        }
+        f.extend_from_slice(&[0x88, 0xb5]);
+        f.extend_from_slice(&seq.to_be_bytes());
+        f.resize(f.len().max(60), 0);
+        f
+    };
+    let (g0, g1) = (mac_bytes(0), mac_bytes(1));
+    for f in [
+        // QinQ with the port's VLAN outside, another inside; and with a priority tag outside.
+        tagged(g1, &[(0x8100, 10), (0x8100, 20)], 1),
+        tagged(g0, &[(0x8100, 0), (0x8100, 20)], 2),
+        // 802.1ad S-tags, with and without a C-tag for the port inside.
+        tagged(g1, &[(0x88a8, 10), (0x8100, 10)], 3),
+        tagged(g1, &[(0x88a8, 10)], 4),
+        tagged(g0, &[(0x88a8, 10)], 5),
+    ] {
+        wire.send(&f);
+    }
+    // One good frame per port, behind the others: the uplink is read in order, so once these
+    // are in, the ones before have been dealt with.
+    wire.send(&tagged(g0, &[], 100));
+    wire.send(&tagged(g1, &[(0x8100, 10)], 101));
+    // Every frame from EXT, whatever it carries after the addresses.
+    let ours = |f: &Vec<u8>| f.len() >= HDR + 18 && f[HDR + 6..HDR + 12] == EXT;
+    let mut got: Vec<Vec<Vec<u8>>> = vec![Vec::new(), Vec::new()];
+    let all_in = eventually(WAIT, || {
+        for (k, guest) in g.iter_mut().enumerate() {
+            got[k].extend(guest.drain_rx().into_iter().filter(ours));
+        }
+        got.iter().all(|frames| {
+            frames.iter().any(|f| {
+                f[HDR + 14..HDR + 18] == [0, 0, 0, 100] || f[HDR + 14..HDR + 18] == [0, 0, 0, 101]
+            })
+        })
+    });
+    assert!(all_in, "the good frames never arrived: {}", nm.stats());
+    // Each guest got its good frame only, untagged.
+    assert_eq!(got[0].len(), 1, "guest 0 got {:02x?}", got[0]);
+    assert_eq!(&got[0][0][HDR..], &tagged(g0, &[], 100)[..]);
+    assert_eq!(got[1].len(), 1, "guest 1 got {:02x?}", got[1]);
+    // 60 bytes on the wire less the 4 of the tag.
+    assert_eq!(&got[1][0][HDR..], &tagged(g1, &[], 101)[..56]);
+    assert_eq!(uplink_counter(&nm, "rx_double_tagged"), 2, "{}", nm.stats());
+    assert_eq!(uplink_counter(&nm, "rx_s_tagged"), 3, "{}", nm.stats());
+}
+
 /// Guests cannot leave their VLAN or talk to the wire's link-local protocols: a frame carrying
 /// its own 802.1Q or 802.1ad tag, from an untagged or a tagged port, and frames to the
 /// reserved group addresses 01:80:c2:00:00:00..0f (STP, LACP, 802.1X, ...) are dropped and

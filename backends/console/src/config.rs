@@ -248,9 +248,12 @@ impl Config {
         let mut names = HashMap::new();
         let mut sockets = HashMap::new();
         for vm in &self.vms {
-            if vm.name.is_empty() || vm.name.contains(['/', ':', ',', '=']) {
+            if vm.name.is_empty()
+                || vm.name.contains(['/', ':', ',', '='])
+                || vm.name.contains(char::is_control)
+            {
                 return bad(format!(
-                    "VM name '{}' must be non-empty without / : , =",
+                    "VM name {:?} must be non-empty without / : , = or control characters",
                     vm.name
                 ));
             }
@@ -278,9 +281,10 @@ impl Config {
             }
             let mut pn = HashMap::new();
             for p in &vm.ports {
-                if p.name.is_empty() || p.name.len() > 255 || p.name.contains(['/', '\0']) {
+                if p.name.is_empty() || p.name.contains('/') || p.name.contains(char::is_control) {
                     return bad(format!(
-                        "port name '{}' of VM '{}' is not usable",
+                        "port name {:?} of VM '{}' must be non-empty without / or control \
+                         characters",
                         p.name, vm.name
                     ));
                 }
@@ -443,6 +447,21 @@ mod tests {
         assert_eq!(vm.as_deref(), Some("a"));
         assert_eq!(p.name, "data");
         assert!("vm:nope".parse::<Target>().is_err());
+    }
+
+    // Names go into log lines: a control character in one would forge or break them.
+    #[test]
+    fn names_with_control_characters_are_refused() {
+        let two = |a: &str, pa: &str| {
+            format!(
+                "[[vm]]\nname=\"{a}\"\nsocket='/tmp/1.sock'\nport=[{{name=\"{pa}\", endpoint='pty'}}]\n"
+            )
+        };
+        assert!(cfg(&two("vm1", "x")).is_ok());
+        for bad in ["a\\nb", "a\\tb", "a\\u001bb"] {
+            assert!(cfg(&two(bad, "x")).is_err(), "VM {bad:?} accepted");
+            assert!(cfg(&two("vm1", bad)).is_err(), "port {bad:?} accepted");
+        }
     }
 
     // Found by the config fuzz target: an endpoint target printed as its Debug form.

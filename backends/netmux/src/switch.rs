@@ -15,6 +15,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::{MacAddr, Mode};
+use crate::frame::VLAN_TPIDS;
 
 /// Where a frame entered the switch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,11 +50,6 @@ pub enum DropReason {
     /// A guest sent a frame to a link-local group address.
     LinkLocal,
 }
-
-/// TPIDs of VLAN tags a guest may not send: 802.1Q (C-tag), 802.1ad (S-tag), and the
-/// pre-802.1ad QinQ TPIDs switches still accept when configured for them (Linux names them
-/// ETH_P_QINQ1..3): on such a switch a guest's 0x9100 tag would reach another VLAN just the same.
-const VLAN_TPIDS: [u16; 5] = [0x8100, 0x88a8, 0x9100, 0x9200, 0x9300];
 
 /// Whether `mac` is one of the group addresses IEEE 802.1Q reserves for link-local protocols
 /// (01:80:c2:00:00:00 to 01:80:c2:00:00:0f), which a bridge does not forward.

@@ -34,7 +34,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, PatternError> {
     } else {
         return Err(bad());
     };
-    let value: f64 = number.trim().parse().map_err(|_| bad())?;
+    let number = number.trim();
+    let digits = number.bytes().filter(u8::is_ascii_digit).count();
+    let points = number.bytes().filter(|&b| b == b'.').count();
+    if digits == 0 || points > 1 || digits + points != number.len() {
+        return Err(bad());
+    }
+    let value: f64 = number.parse().map_err(|_| bad())?;
     if !value.is_finite() || value < 0.0 || value * scale > 86_400.0 {
         return Err(bad());
     }
@@ -233,6 +239,12 @@ mod tests {
         assert!(parse_duration("50").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("NaNs").is_err());
+        // f64's parser also takes signs, exponents and "inf": a duration is digits, with at
+        // most one decimal point.
+        for bad in ["+5ms", "1e3ms", "5e-1s", "infs", ".ms", "1.2.3s", "0x10ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(parse_duration("0.25ms"), Ok(Duration::from_micros(250)));
     }
 
     #[test]
