@@ -103,8 +103,12 @@ impl SocketOptions {
 pub fn parse_mode(text: &str) -> Result<u32, ListenError> {
     let t = text.trim();
     let digits = t.strip_prefix("0o").unwrap_or(t);
+    // from_str_radix alone would take a leading '+'.
+    if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return Err(ListenError::Mode(text.to_owned()));
+    }
     match u32::from_str_radix(digits, 8) {
-        Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(m),
+        Ok(m) if m <= 0o777 => Ok(m),
         _ => Err(ListenError::Mode(text.to_owned())),
     }
 }
@@ -115,7 +119,7 @@ pub fn parse_mode(text: &str) -> Result<u32, ListenError> {
 /// [`ListenError::Group`] when no such group exists.
 pub fn parse_group(text: &str) -> Result<u32, ListenError> {
     let t = text.trim();
-    if let Ok(gid) = t.parse::<u32>() {
+    if let Some(gid) = crate::config::parse_decimal::<u32>(t) {
         return Ok(gid);
     }
     match Group::from_name(t) {
@@ -545,6 +549,16 @@ mod tests {
         assert_eq!(parse_group("0").unwrap(), 0);
         assert_eq!(parse_group("root").unwrap(), 0);
         assert!(parse_group("no-such-group-here").is_err());
+    }
+
+    #[test]
+    fn modes_and_group_ids_are_digits_only() {
+        let _serial = crate::process_state_lock();
+        // u32::from_str_radix and str::parse take a leading '+': "+660" is not a mode.
+        for bad in ["+660", "0o+660", "-0", "6 60"] {
+            assert!(parse_mode(bad).is_err(), "mode {bad:?} accepted");
+        }
+        assert!(parse_group("+0").is_err(), "group '+0' accepted");
     }
 
     #[test]

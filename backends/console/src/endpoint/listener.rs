@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use devshare_common::listen::{listen, SocketFile, SocketOptions};
 
 use super::fd::send_vectored;
-use super::{unread_bytes, EndpointError, Readiness, Side, Watch, WatchRole};
+use super::fd::unread_bytes;
+use super::{EndpointError, Readiness, Side, Watch, WatchRole};
 
 /// Line written to a second client before it is closed.
 const BUSY_MESSAGE: &[u8] = b"port busy\n";
