@@ -46,7 +46,18 @@ impl Console {
     /// As [`start`](Self::start), in an existing directory (a second process on the same
     /// files).
     pub fn start_in(dir: ScratchDir, args: &[&str], ready: &[&str]) -> Console {
-        let mut process = spawn(&dir, args, "backend.log");
+        Console::start_in_with_env(dir, args, ready, &[])
+    }
+
+    /// As [`start_in`](Self::start_in), with `env` in the backend's environment (e.g. a crash
+    /// point of a debug build, `DEVSHARE_CONSOLE_CRASH_AT`).
+    pub fn start_in_with_env(
+        dir: ScratchDir,
+        args: &[&str],
+        ready: &[&str],
+        env: &[(&str, &str)],
+    ) -> Console {
+        let mut process = spawn_with_env(&dir, args, env, "backend.log");
         let stats = dir.path().join("stats.sock");
         process
             .wait_for_socket(&stats, WAIT)
@@ -233,13 +244,23 @@ impl Console {
 /// Spawns the backend in `dir` with `args` (`{dir}` replaced) and, unless `args` name one,
 /// its stats socket at `DIR/stats.sock`; the log goes to `DIR/log`.
 pub fn spawn(dir: &ScratchDir, args: &[&str], log: &str) -> BackendProcess {
+    spawn_with_env(dir, args, &[], log)
+}
+
+/// As [`spawn`], with `env` added to the backend's environment.
+pub fn spawn_with_env(
+    dir: &ScratchDir,
+    args: &[&str],
+    env: &[(&str, &str)],
+    log: &str,
+) -> BackendProcess {
     let d = dir.path().display().to_string();
     let mut full: Vec<String> = args.iter().map(|a| a.replace("{dir}", &d)).collect();
     if !args.contains(&"--stats-socket") {
         full.push("--stats-socket".into());
         full.push(format!("{d}/stats.sock"));
     }
-    BackendProcess::spawn("vhost-user-console", &full, &dir.path().join(log))
+    BackendProcess::spawn_with_env("vhost-user-console", &full, env, &dir.path().join(log))
         .unwrap_or_else(|e| panic!("cannot start vhost-user-console: {e}"))
 }
 

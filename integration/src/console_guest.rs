@@ -230,6 +230,25 @@ impl ConsoleGuest {
         })
     }
 
+    /// Dials `path` again after the backend went away and hands it the device as it stands,
+    /// as QEMU does for a backend that restarted: the features agreed before, the same
+    /// memory, every queue resumed where the driver stands (at the used index, since
+    /// GET_VRING_BASE could not be asked of a dead backend). Chains the old backend never
+    /// marked used are still in the rings; every queue is kicked for them.
+    pub fn reconnect(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let mut conn = Connection::connect(path)?;
+        conn.handshake(self.agreed.acked_features, self.agreed.acked_protocol)?;
+        conn.set_mem_table(&self.ram)?;
+        for q in self.queues.iter_mut() {
+            conn.attach_queue(q)?;
+        }
+        self.conn = conn;
+        for q in &self.queues {
+            q.notify()?;
+        }
+        Ok(())
+    }
+
     /// The options this guest was started with.
     pub fn options(&self) -> GuestOptions {
         self.opts

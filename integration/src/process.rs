@@ -26,6 +26,21 @@ impl BackendProcess {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        BackendProcess::spawn_with_env(name, args, &[], log)
+    }
+
+    /// As [`spawn`](Self::spawn), with `env` added to the child's environment only (tests
+    /// run in parallel threads of one process: its own environment is shared).
+    pub fn spawn_with_env<I, S>(
+        name: &str,
+        args: I,
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> io::Result<BackendProcess>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
         let bin = binary(name).map_err(io::Error::other)?;
         let err = File::options().create(true).append(true).open(log)?;
         let mut cmd = Command::new(bin);
@@ -34,6 +49,7 @@ impl BackendProcess {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(err.try_clone()?)
             .stderr(err);

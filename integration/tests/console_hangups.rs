@@ -583,3 +583,179 @@ fn serial_device_that_goes_away_is_reopened_when_it_comes_back() {
     );
     c.assert_quiet("serial device back, the other still away");
 }
+
+/// In which order the backend, stopped meanwhile, finds a client leaving and the next one
+/// arriving.
+#[derive(Debug, Clone, Copy)]
+enum Reattach {
+    /// The old client closes, then the new one connects (a terminal program restarted).
+    LeaveThenCome,
+    /// The new client connects just before the old one's close (two programs overlapping).
+    ComeThenLeave,
+}
+
+/// Waits until every thread of the backend is stopped: SIGSTOP is delivered
+/// asynchronously, and a thread still running could take the next event before the test
+/// has set both up.
+fn wait_stopped(c: &Console) {
+    let pid = c.process.pid().expect("backend pid");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        let all_stopped = tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+                // The state follows the command name, which ends with the last ')'.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with(['T', 't']))
+            })
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backend never stopped"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// The client leaves: shut down both ways, then closed. Closing alone is not enough here:
+/// a sibling test that starts a backend at that moment holds a copy of every fd of this
+/// process until its child execs, and the socket stays open for the backend meanwhile (it
+/// then rightly tells the newcomer `port busy`).
+fn leave<S: AsRawFd>(old: S) {
+    // SAFETY: shutdown(2) on the socket `old` owns, open until it is dropped just after;
+    // no memory is passed.
+    let r = unsafe { libc::shutdown(old.as_raw_fd(), libc::SHUT_RDWR) };
+    assert_eq!(r, 0, "shutdown: {}", std::io::Error::last_os_error());
+    drop(old);
+}
+
+/// How many lines of the log contain both `a` and `b`.
+fn log_lines_with(c: &Console, a: &str, b: &str) -> usize {
+    c.process
+        .log()
+        .lines()
+        .filter(|l| l.contains(a) && l.contains(b))
+        .count()
+}
+
+/// A client of the listener `what` (its describe: `unix PATH` or `tcp ADDR`) leaves and the
+/// next one comes "at once": both happen while the backend is stopped (SIGSTOP), so it finds
+/// them together, in the order `order` says. The newcomer must get the port, not `port
+/// busy`. Returns the newcomer.
+fn reattach_at_once<S: Read + Write + AsRawFd>(
+    c: &Console,
+    what: &str,
+    connect: &dyn Fn() -> S,
+    order: Reattach,
+) -> S {
+    let attached = |c: &Console| log_lines_with(c, what, "client connected");
+    let taken_over = |c: &Console| log_lines_with(c, what, "takes the port over");
+    let busy = |c: &Console| log_lines_with(c, what, "port busy");
+    let (n_attached, n_taken, n_busy) = (attached(c), taken_over(c), busy(c));
+    let old = connect();
+    let deadline = std::time::Instant::now() + WAIT;
+    while attached(c) <= n_attached {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: the first client was never attached; log:\n{}",
+            c.process.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    c.process.signal(libc::SIGSTOP).unwrap();
+    wait_stopped(c);
+    let new = match order {
+        Reattach::LeaveThenCome => {
+            leave(old);
+            connect()
+        }
+        Reattach::ComeThenLeave => {
+            let new = connect();
+            leave(old);
+            new
+        }
+    };
+    c.process.signal(libc::SIGCONT).unwrap();
+    // The newcomer is either attached (a connect, or a takeover after a TCP FIN) or refused.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        assert_eq!(
+            busy(c),
+            n_busy,
+            "{what} ({order:?}): the next client was told 'port busy'; log:\n{}",
+            c.process.log()
+        );
+        if attached(c) > n_attached + 1 || taken_over(c) > n_taken {
+            return new;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} ({order:?}): the next client was never attached; log:\n{}",
+            c.process.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// A client that leaves and one that comes at once get the port in every state: stream mode
+/// with QEMU not connected and connected, virtio mode with no front-end and with the port
+/// open, on Unix and TCP endpoints, whichever of the two events the backend takes first (it
+/// used to take the newcomer first and tell it `port busy` until it noticed the old client
+/// go). The newcomer is served: with a guest side connected, guest output reaches it.
+#[test]
+fn a_client_that_reattaches_at_once_gets_the_port_in_every_state() {
+    let c = Console::start(
+        "hup-reattach",
+        &[
+            "--vm",
+            "s={dir}/s.sock,stream",
+            "-p",
+            "s/serial=unix:{dir}/c.sock",
+            "--vm",
+            "v={dir}/v.sock",
+            "-p",
+            "v/console=unix:{dir}/con.sock",
+            "-p",
+            "v/data=unix:{dir}/data.sock",
+            "-p",
+            "v/net=tcp:127.0.0.1:0",
+        ],
+        &["s.sock", "c.sock", "v.sock", "con.sock", "data.sock"],
+    );
+    let tcp = c.tcp_port("127.0.0.1");
+    let stream_sock = c.path("c.sock");
+    let data_sock = c.path("data.sock");
+    let stream_what = format!("unix {}", stream_sock.display());
+    let data_what = format!("unix {}", data_sock.display());
+    let tcp_what = format!("tcp 127.0.0.1:{tcp}");
+    let stream_client = || unix_client(&stream_sock);
+    let data_client = || unix_client(&data_sock);
+    let net_client = || tcp_client(tcp);
+    let orders = [Reattach::LeaveThenCome, Reattach::ComeThenLeave];
+
+    // No guest side connected.
+    for order in orders {
+        reattach_at_once(&c, &stream_what, &stream_client, order);
+        reattach_at_once(&c, &data_what, &data_client, order);
+        reattach_at_once(&c, &tcp_what, &net_client, order);
+    }
+
+    // Guest side connected: QEMU's stream socket, a driver with the ports open.
+    let mut qemu = unix_client(&c.path("s.sock"));
+    let mut g = ConsoleGuest::connect(c.path("v.sock"), GuestOptions::default()).unwrap();
+    g.bring_up_opening(3, &[0, 1, 2]).unwrap();
+    for order in orders {
+        let mut s = reattach_at_once(&c, &stream_what, &stream_client, order);
+        qemu.write_all(b"to the next\n").unwrap();
+        assert_eq!(read_n(&mut s, 12), b"to the next\n");
+        let mut s = reattach_at_once(&c, &data_what, &data_client, order);
+        g.send(1, b"data next\n", 1).unwrap();
+        assert_eq!(read_n(&mut s, 10), b"data next\n");
+        let mut s = reattach_at_once(&c, &tcp_what, &net_client, order);
+        g.send(2, b"tcp next\n", 1).unwrap();
+        assert_eq!(read_n(&mut s, 9), b"tcp next\n");
+    }
+}

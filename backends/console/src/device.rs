@@ -101,7 +101,7 @@ pub struct Device {
     /// The stream socket fds registered with `reactor`.
     pub stream_interest: Interest,
     /// What needs the reactor's timer: bit `p` for port `p`'s endpoint, plus
-    /// [`TICK_ALWAYS`](crate::event_loop::TICK_ALWAYS) and
+    /// [`TICK_ALWAYS`] and
     /// [`TICK_STREAM_HOLD`](crate::event_loop::TICK_STREAM_HOLD).
     pub tick_wants: u64,
     /// Limits what the VM's guest and front-end can make it log.
@@ -263,7 +263,7 @@ impl Device {
         self.guest = Guest::Virtio(Some(Connection::default()));
         for p in &mut self.ports {
             p.guest_open = false;
-            p.tx_offset = 0;
+            p.new_connection();
             p.rx_starved = false;
         }
     }
@@ -275,7 +275,7 @@ impl Device {
         }
         for p in &mut self.ports {
             p.guest_open = false;
-            p.tx_offset = 0;
+            p.new_connection();
         }
         for p in 0..self.ports.len() {
             self.sync(p);

@@ -191,6 +191,16 @@ impl Vms {
         };
         match role {
             WatchRole::Accept => {
+                // A client that left just as this one came may not have been seen to go
+                // yet: take its going first (its last input to the guest, then the hang-up),
+                // so the newcomer gets the port instead of `port busy`.
+                if let Some((data_fd, data_ev)) = ep.peer_left() {
+                    self.on_endpoint(dev, port, data_fd, data_ev);
+                }
+                let p = &mut self.devices[dev].ports[port];
+                let Host::Endpoint(ep) = &mut p.host else {
+                    return;
+                };
                 let r = if hang_up && !ev.contains(EventSet::IN) {
                     ep.on_hang_up(fd)
                 } else {

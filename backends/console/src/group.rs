@@ -16,7 +16,7 @@ use crate::control::Effect;
 use crate::device::{Device, DeviceError, Guest};
 use crate::event_loop::Home;
 use crate::link::{self, PeerPort};
-use crate::port::{Host, Input, Port};
+use crate::port::{Host, Input, Port, TxChain};
 use crate::queue::{self, pin, Batch, Budget, Dir, Pass};
 use crate::stats::PortReport;
 use crate::virtio_console as vc;
@@ -371,10 +371,18 @@ fn take_chains(
         };
         // Charged after the chain is taken: a link peer sees the budget as it was before it,
         // so a chain is split by the budget only if the peer's receive buffers spend it.
-        let taken = port.take_output(&bufs, peer.as_deref_mut());
+        let chain = TxChain {
+            pos: start,
+            head,
+            bufs: &bufs,
+        };
+        let taken = port.take_output(&chain, peer.as_deref_mut());
         tx.charge(budget, bufs.readable_len());
         if taken {
+            // Used at once, not at the end of the pass (see `port::output`).
             tx.push_used(head, 0);
+            tx.publish_used();
+            port.chain_used();
         } else {
             // Data port and buffer full: leave the chain to the guest. A link peer that
             // stopped at the budget (not for want of buffers) takes the rest next time.

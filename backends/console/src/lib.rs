@@ -7,6 +7,7 @@ pub mod control;
 pub mod device;
 pub mod endpoint;
 pub mod event_loop;
+pub mod failpoint;
 pub mod group;
 pub mod link;
 pub mod port;

@@ -21,11 +21,12 @@ pub struct PeerPort<'a> {
 }
 
 impl PeerPort<'_> {
-    /// Copies `src` from `off` on into the peer port's receive buffers, chain after chain,
-    /// until it is all delivered, the peer has no buffer left or the event's budget is spent
-    /// (the sender's ring is kicked for the rest). Returns the bytes delivered.
-    pub fn write(&mut self, src: &dyn Source, off: usize) -> usize {
-        let want = src.len().saturating_sub(off);
+    /// Copies `src` from `off` on, at most `max` bytes, into the peer port's receive buffers,
+    /// chain after chain, until it is all delivered, the peer has no buffer left or the
+    /// event's budget is spent (the sender's ring is kicked for the rest); the peer's used
+    /// entries are published before it returns. Returns the bytes delivered.
+    pub fn write(&mut self, src: &dyn Source, off: usize, max: usize) -> usize {
+        let want = src.len().saturating_sub(off).min(max);
         if want == 0 {
             return 0;
         }

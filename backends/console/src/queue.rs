@@ -266,6 +266,14 @@ impl<'v, 'm> Batch<'v, 'm> {
         self.ring.push_used(head, len);
     }
 
+    /// Makes the used entries pushed so far visible to the guest now (one store of the used
+    /// index), before the batch ends: a chain is accepted the moment it is marked used, so a
+    /// process that dies later in the batch does not leave it to be taken again. The
+    /// interrupt is still decided once, in [`Batch::finish`].
+    pub fn publish_used(&mut self) {
+        self.ring.publish_used();
+    }
+
     /// Publishes the used entries, interrupts the guest if it asked for it, and hands the
     /// indices back to the queue.
     pub fn finish(mut self) {

@@ -3,7 +3,8 @@
 //! is its field name, written once.
 //!
 //! `{"ports":[{"vm":..,"port":..,"to_host_bytes":..,"to_guest_bytes":..,"dropped_bytes":..,
-//! "bad_chains":..,"buffered_bytes":..,"attached":..,"reopens":..,"rotations":..}, ...],
+//! "bad_chains":..,"replayed_after_restart_bytes":..,"buffered_bytes":..,"attached":..,
+//! "reopens":..,"rotations":..}, ...],
 //! "process":{"signals":{"hup":..,"term":..,"int":..}}}`
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,10 @@ pub struct PortStats {
     pub dropped_bytes: Counter,
     /// Descriptor chains refused as malformed.
     pub bad_chains: Counter,
+    /// Bytes this process sends again because the process before it died while writing
+    /// them to the host side (`--state-dir`): the client (or linked guest) may get them
+    /// twice. At most one write, [`crate::port::WRITE_CAP`] bytes, per crash.
+    pub replayed_after_restart_bytes: Counter,
     /// Guest output accepted and waiting in the port's buffer for its endpoint (with
     /// `--state-dir` it survives a restart).
     #[serde(serialize_with = "gauge")]
@@ -101,6 +106,7 @@ mod tests {
         stats.to_guest_bytes.add(6);
         stats.dropped_bytes.add(7);
         stats.bad_chains.inc();
+        stats.replayed_after_restart_bytes.add(4);
         stats.set_buffered(9);
         stats
             .endpoint
@@ -119,7 +125,7 @@ mod tests {
         let json = doc.to_json();
         assert!(
             json.starts_with(
-                r#"{"ports":[{"vm":"a","port":"console","to_host_bytes":5,"to_guest_bytes":6,"dropped_bytes":7,"bad_chains":1,"buffered_bytes":9,"attached":1,"reopens":2,"rotations":3}],"process":{"signals":{"#
+                r#"{"ports":[{"vm":"a","port":"console","to_host_bytes":5,"to_guest_bytes":6,"dropped_bytes":7,"bad_chains":1,"replayed_after_restart_bytes":4,"buffered_bytes":9,"attached":1,"reopens":2,"rotations":3}],"process":{"signals":{"#
             ),
             "{json}"
         );

@@ -59,6 +59,21 @@ impl Accounting {
         self.duplicates.iter().map(|(a, b)| b - a).sum()
     }
 
+    /// The repeats the backend owns up to: a backend killed during a write to its client
+    /// sends that write again (at most `each_max` bytes) and counts it. When no duplicate is
+    /// longer than `each_max` and all of them together are at most `counted` (what the
+    /// backend processes counted as sent again), they are that promise kept and no longer
+    /// [`Accounting::violations`]; otherwise each one stays a violation. Returns the bytes
+    /// admitted.
+    pub fn admit_counted_repeats(&mut self, counted: u64, each_max: u64) -> u64 {
+        let total = self.duplicated();
+        if total == 0 || total > counted || self.duplicates.iter().any(|(a, b)| b - a > each_max) {
+            return 0;
+        }
+        self.duplicates.clear();
+        total
+    }
+
     /// Every broken promise, in words, when the backend reported `counted_drops` bytes
     /// dropped (what a full console buffer discards, counted: not a silent loss).
     pub fn violations(&self, counted_drops: u64) -> Vec<String> {
@@ -248,6 +263,16 @@ mod tests {
         let acc = account(&[session(0, 12 * 32, 12 * 32)], &c.runs(true), true);
         assert_eq!((acc.duplicates.len(), acc.duplicated()), (1, 5 * 32));
         assert_eq!(acc.violations(0).len(), 1, "{:?}", acc.violations(0));
+        // A repeat the backend counted, within the bound, is the promise kept; one it did
+        // not count (or longer than the bound) stays a violation.
+        for (counted, each_max, admitted) in [(0, 4096, 0), (159, 4096, 0), (160, 159, 0)] {
+            let mut a = acc.clone();
+            assert_eq!(a.admit_counted_repeats(counted, each_max), admitted);
+            assert_eq!(a.violations(0).len(), 1, "{:?}", a.violations(0));
+        }
+        let mut a = acc.clone();
+        assert_eq!(a.admit_counted_repeats(160, 4096), 160);
+        assert!(a.violations(0).is_empty(), "{:?}", a.violations(0));
         // The same stream with a torn duplicate: 10 lines + half of line 10, then 10 again.
         let mut data = lines(0, 11);
         data.truncate(10 * 32 + 5);

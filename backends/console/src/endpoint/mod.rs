@@ -45,11 +45,13 @@ use std::time::Instant;
 use devshare_common::listen::SocketOptions;
 use devshare_common::stats::Counter;
 pub use error::EndpointError;
+pub(crate) use fd::unread_bytes;
 use serde::{Serialize, Serializer};
 pub use serialport::{DataBits, FlowControl, Parity, StopBits};
 pub(crate) use side::Side;
 use side::GONE_ERRNOS;
 pub use spec::{EndpointSpec, LogLimits, SerialSettings};
+use vmm_sys_util::epoll::EventSet;
 
 /// What happened on a ready fd (see [`Endpoint::on_readable`], [`Endpoint::on_hang_up`],
 /// [`Endpoint::tick`]).
@@ -212,6 +214,41 @@ impl Endpoint {
         }
         self.note_attached();
         r
+    }
+
+    /// The attached peer's data fd with what it reports now, if that is a hang-up, an error
+    /// or the peer's half-close: a client that left but whose going the event loop has not
+    /// taken yet (its event waits later in the round, or in the next one). Asked before a
+    /// new client is accepted, so a client that reattaches at once is not told `port busy`
+    /// for one that is already gone. None for kinds without peers, or a peer still there.
+    pub fn peer_left(&self) -> Option<(RawFd, EventSet)> {
+        if !self.side.has_peers() {
+            return None;
+        }
+        let fd = self.side.output_fd()?.as_raw_fd();
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for an fd the endpoint holds open; timeout 0 never blocks.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        let r = pfd.revents;
+        if n != 1 || r & (libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP) == 0 {
+            return None;
+        }
+        let mut ev = EventSet::empty();
+        for (bit, set) in [
+            (libc::POLLIN, EventSet::IN),
+            (libc::POLLRDHUP, EventSet::READ_HANG_UP),
+            (libc::POLLHUP, EventSet::HANG_UP),
+            (libc::POLLERR, EventSet::ERROR),
+        ] {
+            if r & bit != 0 {
+                ev |= set;
+            }
+        }
+        Some((fd, ev))
     }
 
     /// `fd` reported the peer's half-close (EPOLLRDHUP): it sends nothing more after what is

@@ -6,8 +6,8 @@
 //! a file removed). A hang-up of QEMU's connection is taken in every state, also while its
 //! output is held back. How output is paced for a slow client is in `pump.rs`.
 
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -16,9 +16,12 @@ use devshare_common::listen::{listen, ListenError, SocketFile, SocketOptions};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::config::SocketMode;
+use crate::port::PeekSource;
 
 mod pump;
 
+/// Bytes taken out of QEMU's socket per `recv` once they are in the buffer.
+const CONSUME_CHUNK: usize = 64 * 1024;
 /// Most host input held for QEMU before the endpoint is no longer read.
 const TO_GUEST_LIMIT: usize = 64 * 1024;
 /// Delay between attempts to reach a listening QEMU.
@@ -57,6 +60,8 @@ pub struct StreamGuest {
     listener: Option<(UnixListener, SocketFile)>,
     conn: Option<UnixStream>,
     to_guest: Vec<u8>,
+    /// Where output already in the buffer is read again to take it out of the socket.
+    scratch: Vec<u8>,
     next_attempt: Instant,
     waiting_logged: bool,
     /// Set after an accept error: not accepting until then.
@@ -93,6 +98,7 @@ impl StreamGuest {
             listener,
             conn: None,
             to_guest: Vec::new(),
+            scratch: vec![0; CONSUME_CHUNK],
             next_attempt: Instant::now(),
             waiting_logged: false,
             listen_paused_until: None,
@@ -198,22 +204,49 @@ impl StreamGuest {
         Ok(StreamEvent::Writable)
     }
 
-    /// Reads guest output; Ok(0) when nothing more is there now (or QEMU went away).
-    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(c) = &mut self.conn else {
-            return Ok(0);
+    /// One `recvmsg` of guest output into `a` then `b` with `flags` (MSG_PEEK or not);
+    /// 0 when nothing is there now, or QEMU went away (end of stream, an error: the
+    /// connection is dropped).
+    fn recv(&mut self, a: &mut [u8], b: &mut [u8], flags: libc::c_int) -> usize {
+        let Some(c) = &self.conn else {
+            return 0;
         };
-        match c.read(buf) {
-            Ok(0) if !buf.is_empty() => {
-                self.drop_conn("end of stream");
-                Ok(0)
+        if a.len() + b.len() == 0 {
+            return 0;
+        }
+        let mut iov = [
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            },
+        ];
+        // SAFETY: msghdr is plain data; all-zero is "no name, no control data".
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len();
+        loop {
+            // SAFETY: the iovecs point at `a` and `b`, borrowed mutably for the call, with
+            // their lengths; the socket is open (owned by `self.conn`).
+            let n = unsafe { libc::recvmsg(c.as_raw_fd(), &mut msg, flags | libc::MSG_DONTWAIT) };
+            if n > 0 {
+                return n as usize;
             }
-            Ok(n) => Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
-            Err(e) => {
-                self.drop_conn(&e.to_string());
-                Ok(0)
+            if n == 0 {
+                self.drop_conn("end of stream");
+                return 0;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return 0,
+                _ => {
+                    self.drop_conn(&e.to_string());
+                    return 0;
+                }
             }
         }
     }
@@ -285,5 +318,35 @@ impl StreamGuest {
                 false
             }
         }
+    }
+}
+
+/// Guest output is peeked into the port's buffer, published there, and only then taken out
+/// of QEMU's socket (see `port::output`): what a dead process peeked but did not take dies
+/// with the connection, QEMU's like anything it sent while no backend was connected.
+impl PeekSource for StreamGuest {
+    fn waiting(&self) -> usize {
+        self.conn
+            .as_ref()
+            .map_or(0, |c| crate::endpoint::unread_bytes(c.as_fd()))
+    }
+
+    fn peek(&mut self, a: &mut [u8], b: &mut [u8]) -> usize {
+        self.recv(a, b, libc::MSG_PEEK)
+    }
+
+    fn consume(&mut self, mut n: usize) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        while n > 0 {
+            let k = n.min(scratch.len());
+            let got = self.recv(&mut scratch[..k], &mut [], 0);
+            if got == 0 {
+                // Bytes a peek showed are there until taken; only a connection that went
+                // away meanwhile (and took them along) gets here.
+                break;
+            }
+            n -= got;
+        }
+        self.scratch = scratch;
     }
 }

@@ -24,9 +24,9 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::{StreamEvent, StreamGuest};
 use crate::device::{Device, Guest};
-use crate::port::{Host, Pieces, Port};
+use crate::port::{Host, Port};
 
-/// Bytes read from QEMU's socket per system call.
+/// Bytes taken from QEMU's socket per peek.
 const OUT_CHUNK: usize = 64 * 1024;
 /// Bytes read from the endpoint per system call.
 const IN_CHUNK: usize = 16 * 1024;
@@ -104,8 +104,9 @@ impl Device {
         }
     }
 
-    /// Guest output on a stream device: socket -> endpoint, or the port's buffer for what the
-    /// endpoint cannot take now. With `drain` (QEMU hung up), everything is read.
+    /// Guest output on a stream device: socket -> the port's buffer -> endpoint, as far as
+    /// the endpoint takes it (see `port::output` for why through the buffer). With `drain`
+    /// (QEMU hung up), everything is read.
     pub fn stream_out(&mut self, drain: bool) {
         let Guest::Stream(s) = &mut self.guest else {
             return;
@@ -113,7 +114,6 @@ impl Device {
         let Some(port) = self.ports.first_mut() else {
             return;
         };
-        let mut buf = vec![0u8; OUT_CHUNK];
         let now = Instant::now();
         loop {
             let limit = match pace(s, port, now) {
@@ -121,14 +121,15 @@ impl Device {
                 Pace::Read(n) => n,
                 Pace::Held => break,
             };
-            match s.read(&mut buf[..limit]) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if port.take_newest(&Pieces([&buf[..n], &[]])) > 0 {
-                        // The client takes bytes again: it may hold the guest back again.
-                        s.gave_up = false;
-                    }
-                }
+            let n = port.take_peeked(limit, s);
+            let before = port.stats.to_host_bytes.get();
+            port.flush(None);
+            if port.stats.to_host_bytes.get() > before {
+                // The client takes bytes again: it may hold the guest back again.
+                s.gave_up = false;
+            }
+            if n == 0 {
+                break;
             }
         }
         self.sync(0);

@@ -103,6 +103,10 @@ pub struct Counters {
     pub virtio_dropped: u64,
     /// Descriptor chains refused, all ports.
     pub bad_chains: u64,
+    /// Bytes this process sent again because the one before it died during that write
+    /// (`replayed_after_restart_bytes`), the stream port and the virtio ports.
+    pub stream_replayed: u64,
+    pub virtio_replayed: u64,
 }
 
 /// The virtio guest and the client of its data port.
@@ -205,11 +209,14 @@ impl Rig {
         let mut c = Counters::default();
         for p in doc["ports"].as_array().cloned().unwrap_or_default() {
             let dropped = p["dropped_bytes"].as_u64().unwrap_or(0);
+            let replayed = p["replayed_after_restart_bytes"].as_u64().unwrap_or(0);
             let port = (p["vm"].as_str(), p["port"].as_str());
             if port == (Some(STREAM_PORT.0), Some(STREAM_PORT.1)) {
                 c.stream_dropped += dropped;
+                c.stream_replayed += replayed;
             } else {
                 c.virtio_dropped += dropped;
+                c.virtio_replayed += replayed;
             }
             c.bad_chains += p["bad_chains"].as_u64().unwrap_or(0);
         }

@@ -1,104 +1,25 @@
 //! One guest port: its buffer of guest output (the [`Spool`]), its host side (an endpoint or
 //! a port of a linked guest), its counters and what the guest told us about it.
 //!
-//! Guest output goes to the host side directly when nothing is waiting before it, else into
-//! the spool. A full spool holds a data port's guest back (the chain stays in the ring) and
-//! makes the console keep the newest bytes ([`Port::keep_newest`], the one place that rule
-//! lives), so a guest kernel printing to `hvc0` never stalls.
+//! How guest output travels to the host side, and what a crash of the process may cost on
+//! the way, is `output.rs`'s job; host input into the guest's receive buffers is here.
 
-use std::io::{self, IoSlice};
+mod output;
+
+pub use output::{PeekSource, Pieces, Source, TxChain, WRITE_CAP};
+
+use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use devshare_common::chain::GuestBuffers;
 use devshare_common::ratelimit::RateLimit;
 use devshare_common::warn_limited;
 
 use crate::endpoint::{Endpoint, EndpointError};
-use crate::link::PeerPort;
 use crate::queue::{Batch, Budget, Dir};
 use crate::reactor::Interest;
 use crate::spool::Spool;
 use crate::stats::PortStats;
-
-/// Bytes that can be read from an offset on: a guest chain's readable part or host memory.
-pub trait Source {
-    /// Total bytes.
-    fn len(&self) -> usize;
-    /// Whether there are none.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Copies bytes from `off` into `out`; returns how many.
-    fn read_at(&self, off: usize, out: &mut [u8]) -> usize;
-    /// The bytes from `off` on, for one `writev`.
-    fn io_slices(&self, off: usize) -> Vec<IoSlice<'_>>;
-    /// Copies bytes from `off` into the writable part of a guest chain; returns how many.
-    fn copy_into(&self, off: usize, dst: &GuestBuffers<'_>) -> usize;
-}
-
-impl Source for GuestBuffers<'_> {
-    fn len(&self) -> usize {
-        self.readable_len()
-    }
-    fn read_at(&self, off: usize, out: &mut [u8]) -> usize {
-        GuestBuffers::read_at(self, off, out)
-    }
-    fn io_slices(&self, off: usize) -> Vec<IoSlice<'_>> {
-        self.readable_io_slices(off)
-    }
-    fn copy_into(&self, off: usize, dst: &GuestBuffers<'_>) -> usize {
-        self.copy_to(off, dst, 0)
-    }
-}
-
-/// Host bytes in up to two pieces (a spool's front, or one slice).
-pub struct Pieces<'a>(pub [&'a [u8]; 2]);
-
-impl Pieces<'_> {
-    /// Where byte `off` lies: (piece, offset in it).
-    fn locate(&self, off: usize) -> (usize, usize) {
-        let first = self.0[0].len();
-        if off < first {
-            (0, off)
-        } else {
-            (1, (off - first).min(self.0[1].len()))
-        }
-    }
-}
-
-impl Source for Pieces<'_> {
-    fn len(&self) -> usize {
-        self.0[0].len() + self.0[1].len()
-    }
-    fn read_at(&self, off: usize, out: &mut [u8]) -> usize {
-        let (i, o) = self.locate(off);
-        let mut done = 0;
-        for (k, piece) in self.0.iter().enumerate().skip(i) {
-            let from = if k == i { o } else { 0 };
-            let n = (piece.len() - from).min(out.len() - done);
-            out[done..done + n].copy_from_slice(&piece[from..from + n]);
-            done += n;
-        }
-        done
-    }
-    fn io_slices(&self, off: usize) -> Vec<IoSlice<'_>> {
-        let (i, o) = self.locate(off);
-        let mut v = vec![IoSlice::new(&self.0[i][o..])];
-        if i == 0 {
-            v.push(IoSlice::new(self.0[1]));
-        }
-        v
-    }
-    fn copy_into(&self, off: usize, dst: &GuestBuffers<'_>) -> usize {
-        let (i, o) = self.locate(off);
-        let mut done = dst.write_at(0, &self.0[i][o..]);
-        if i == 0 && done == self.0[0].len() - o {
-            done += dst.write_at(done, self.0[1]);
-        }
-        done
-    }
-}
 
 /// Where a port's host-side data goes.
 pub enum Host {
@@ -135,8 +56,13 @@ pub struct Port {
     spool: Spool,
     /// Counters.
     pub stats: Arc<PortStats>,
-    /// Bytes of the transmitq's next chain already taken (data ports under back-pressure).
-    pub tx_offset: usize,
+    /// A data port's transmit chain is taken in part and waits in the ring for room
+    /// (back-pressure); the spool's header says how much of it is taken.
+    tx_partial: bool,
+    /// The spool's header names a chain taken in part and not marked used on rings that are
+    /// gone (the process before this one died, or the front-end went away while the chain
+    /// waited for room): the first chain the front-end hands over is checked against it.
+    chain_from_earlier: bool,
     /// The guest opened the port (or it is the console).
     pub guest_open: bool,
     /// No receive buffer was available last time host input was due.
@@ -159,6 +85,17 @@ impl Port {
         let stats = Arc::new(PortStats::new(endpoint));
         stats.set_buffered(spool.len());
         let label = format!("{vm}/{name}");
+        let leftover = spool.leftover();
+        if leftover.front_replay > 0 {
+            log::info!(
+                "{label}: the process before this one died while writing {} bytes to the host \
+                 side; they are sent again (counted in replayed_after_restart_bytes)",
+                leftover.front_replay
+            );
+            stats
+                .replayed_after_restart_bytes
+                .add(leftover.front_replay as u64);
+        }
         Port {
             warnings: RateLimit::standard(label.clone()),
             label,
@@ -167,7 +104,8 @@ impl Port {
             host,
             spool,
             stats,
-            tx_offset: 0,
+            tx_partial: false,
+            chain_from_earlier: leftover.chain,
             guest_open: false,
             rx_starved: false,
             winsize: None,
@@ -177,7 +115,22 @@ impl Port {
 
     /// Whether guest output is waiting for the host side (in the spool, or a chain begun).
     pub fn has_pending_output(&self) -> bool {
-        !self.spool.is_empty() || self.tx_offset > 0
+        !self.spool.is_empty() || self.tx_partial
+    }
+
+    /// A front-end connected or went away: its rings are new (or gone). A chain taken in part
+    /// (back-pressure), or left by the process before this one, is not used: a front-end
+    /// that comes back with the same guest (QEMU reconnecting, resuming the ring where
+    /// GET_VRING_BASE said) hands it over again, and the first chain it hands over is checked
+    /// against the spool's header (place, length, fingerprint) so that it is continued, not
+    /// taken twice. Any other chain begins anew.
+    pub fn new_connection(&mut self) {
+        if self.tx_partial {
+            self.chain_from_earlier = true;
+        } else if !self.chain_from_earlier {
+            self.spool.end_chain();
+        }
+        self.tx_partial = false;
     }
 
     /// The endpoint, if the host side is one.
@@ -186,54 +139,6 @@ impl Port {
             Host::Endpoint(ep) => Some(ep),
             Host::Link { .. } => None,
         }
-    }
-
-    /// Buffers `src` from `from` on, keeping the newest bytes: the oldest buffered bytes (and
-    /// the oldest of `src`, beyond the capacity) make room, and are counted as dropped. What
-    /// the host side takes now goes there first (`peer` for a link): only bytes it cannot
-    /// take are ever dropped.
-    pub fn keep_newest(
-        &mut self,
-        src: &dyn Source,
-        from: usize,
-        mut peer: Option<&mut PeerPort<'_>>,
-    ) {
-        let mut from = from.min(src.len());
-        if src.len() - from > self.spool.free() {
-            // Room the host side can make before anything is dropped.
-            self.flush(peer.as_deref_mut());
-            if self.spool.is_empty() {
-                from += self.deliver(src, from, peer);
-            }
-        }
-        let cap = self.spool.capacity();
-        let n = src.len() - from;
-        if n > cap {
-            self.stats.dropped_bytes.add((n - cap) as u64);
-            from += n - cap;
-        }
-        let rest = src.len() - from;
-        let dropped = self.spool.discard(rest.saturating_sub(self.spool.free()));
-        self.stats.dropped_bytes.add(dropped as u64);
-        self.push(src, from, rest);
-    }
-
-    /// Takes guest output under the console's rule (never holds the guest back): older output
-    /// first, then `src` straight to the host side, the rest buffered keeping the newest
-    /// bytes. Returns the bytes the host side took now (old and new).
-    pub fn take_newest(&mut self, src: &dyn Source) -> u64 {
-        let before = self.stats.to_host_bytes.get();
-        if !self.spool.is_empty() {
-            self.flush(None);
-        }
-        let mut off = 0;
-        if self.spool.is_empty() {
-            off = self.deliver(src, 0, None);
-        }
-        if off < src.len() {
-            self.keep_newest(src, off, None);
-        }
-        self.stats.to_host_bytes.get() - before
     }
 
     /// Room left in the buffer, in bytes.
@@ -252,103 +157,6 @@ impl Port {
         match &self.host {
             Host::Endpoint(ep) => ep.is_attached() && ep.output_fd().is_some(),
             Host::Link { .. } => false,
-        }
-    }
-
-    /// Appends up to `max` bytes of `src` from `from` on to the spool; returns how many fit.
-    fn push(&mut self, src: &dyn Source, from: usize, max: usize) -> usize {
-        let mut pos = from;
-        let n = self.spool.push_with(max, |dst| {
-            let n = src.read_at(pos, dst);
-            pos += n;
-            n
-        });
-        self.stats.set_buffered(self.spool.len());
-        n
-    }
-
-    /// Takes one transmit chain: to the host side directly when nothing is queued before it,
-    /// else into the spool. Returns false when a data port's spool is full and the chain
-    /// must stay with the guest (`tx_offset` remembers what was already taken).
-    pub fn take_output(
-        &mut self,
-        bufs: &GuestBuffers<'_>,
-        mut peer: Option<&mut PeerPort<'_>>,
-    ) -> bool {
-        let len = bufs.readable_len();
-        let mut off = self.tx_offset.min(len);
-        if self.spool.is_empty() {
-            off += self.deliver(bufs, off, peer.as_deref_mut());
-        }
-        if off < len {
-            if self.console {
-                self.keep_newest(bufs, off, peer);
-                off = len;
-            } else {
-                off += self.push(bufs, off, len - off);
-            }
-        }
-        if off < len {
-            self.tx_offset = off;
-            return false;
-        }
-        self.tx_offset = 0;
-        true
-    }
-
-    /// Delivers `src` from `off` on straight to the host side; returns how much it took.
-    fn deliver(&mut self, src: &dyn Source, off: usize, peer: Option<&mut PeerPort<'_>>) -> usize {
-        let n = match &mut self.host {
-            Host::Endpoint(ep) => {
-                if !ep.is_attached() {
-                    return 0;
-                }
-                match ep.write_output(&src.io_slices(off)) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        self.output_failed(&e);
-                        0
-                    }
-                }
-            }
-            Host::Link { .. } => match peer {
-                Some(peer) => peer.write(src, off),
-                None => 0,
-            },
-        };
-        self.stats.to_host_bytes.add(n as u64);
-        n
-    }
-
-    /// Sends what the spool holds to the host side, as far as it takes it.
-    pub fn flush(&mut self, mut peer: Option<&mut PeerPort<'_>>) {
-        while !self.spool.is_empty() {
-            if let Host::Endpoint(ep) = &self.host {
-                if !ep.is_attached() {
-                    break;
-                }
-            }
-            let (a, b) = self.spool.front();
-            let front = Pieces([a, b]);
-            let n = match &mut self.host {
-                Host::Endpoint(ep) => match ep.write_output(&front.io_slices(0)) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        self.output_failed(&e);
-                        0
-                    }
-                },
-                Host::Link { .. } => match peer.as_deref_mut() {
-                    Some(peer) => peer.write(&front, 0),
-                    None => 0,
-                },
-            };
-            self.spool.discard(n);
-            self.stats.set_buffered(self.spool.len());
-            self.stats.to_host_bytes.add(n as u64);
-            if n == 0 {
-                break;
-            }
         }
     }
 
