@@ -833,3 +833,48 @@ fn a_flood_of_the_longest_chains_does_not_hold_other_guests_up() {
     assert_eq!(nm.port_counter(0, "drops/bad_chain"), 0, "{}", nm.stats());
     assert!(nm.port_counter(0, "tx_packets") >= before + during);
 }
+
+/// `rx_dropped` of the veth end netmux reads (root namespace): frames the veth itself lost.
+fn veth_rx_dropped(ifname: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/class/net/{ifname}/statistics/rx_dropped"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Frames the kernel drops before netmux reads them (its AF_PACKET socket's buffer full) are
+/// counted on the uplink (`rx_dropped`), so every frame from the wire is accounted for: netmux
+/// is stopped (SIGSTOP) while 5000 frames arrive, which fill its socket after a few hundred,
+/// and once it runs again `rx_packets + rx_dropped` is exactly what the wire delivered.
+#[test]
+fn frames_the_kernel_drops_before_netmux_reads_them_are_counted() {
+    const N: u64 = 5000;
+    const EXT: [u8; 6] = [0x02, 0x00, 0x00, 0x78, 0x00, 0x42];
+    let ns = NetNs::new();
+    let nm = Netmux::start("netmux-kdrops", &ns.host_if, &[PortSpec::new(0)], &[]);
+    let wire = WireSender::new(&ns);
+    let seen = |nm: &Netmux| uplink_counter(nm, "rx_packets") + uplink_counter(nm, "rx_dropped");
+    let (seen_before, veth_before) = (seen(&nm), veth_rx_dropped(&ns.host_if));
+    nm.process.signal(libc::SIGSTOP).unwrap();
+    for seq in 0..N as u32 {
+        // To no guest: each costs netmux only a table lookup once it runs again.
+        wire.send(&raw_frame([0x02, 0, 0, 0x78, 0, 0x43], EXT, 0x88b5, &[], seq)[HDR..]);
+    }
+    let veth_lost = veth_rx_dropped(&ns.host_if) - veth_before;
+    nm.process.signal(libc::SIGCONT).unwrap();
+    let expected = seen_before + N - veth_lost;
+    let ok = eventually(WAIT, || seen(&nm) >= expected);
+    assert!(ok, "{veth_lost} lost on the veth: {}", nm.stats());
+    assert_eq!(
+        seen(&nm),
+        expected,
+        "{veth_lost} lost on the veth: {}",
+        nm.stats()
+    );
+    assert!(
+        uplink_counter(&nm, "rx_dropped") > 0,
+        "netmux's socket held all {N} frames?: {}",
+        nm.stats()
+    );
+}

@@ -53,7 +53,17 @@ impl HostLink {
         }
     }
 
+    /// Adds what the kernel dropped for this link since the last look to `rx_dropped`. Safe
+    /// from any thread: the kernel hands each drop out once.
+    fn count_kernel_drops(&self) {
+        let n = self.io.take_kernel_drops();
+        if n > 0 {
+            self.counters.rx_dropped.add(n);
+        }
+    }
+
     fn doc(&self, mac: Option<MacAddr>) -> LinkDoc<'_> {
+        self.count_kernel_drops();
         LinkDoc {
             name: self.io.describe(),
             counters: &self.counters,

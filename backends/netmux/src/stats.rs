@@ -101,6 +101,11 @@ pub struct LinkCounters {
     pub rx_double_tagged: Counter,
     /// Receive errors other than "nothing there".
     pub rx_errors: Counter,
+    /// Frames the kernel dropped for this link before netmux could read them (the socket's
+    /// receive buffer was full): the AF_PACKET socket's `PACKET_STATISTICS` drops, summed
+    /// (Linux's `rx_dropped`: "no space in buffers"). Read at every stats request and at
+    /// least once a second while frames arrive. Always 0 for a TAP (see docs/netmux.md).
+    pub rx_dropped: Counter,
 }
 
 /// One guest port in the stats document.
@@ -188,6 +193,7 @@ mod tests {
                     "name": "af-packet:eth0", "tx_packets": 0, "tx_bytes": 0, "rx_packets": 0,
                     "rx_bytes": 0, "rx_not_for_us": 0, "rx_local_source": 0,
                     "rx_bad_frame": 0, "rx_s_tagged": 0, "rx_double_tagged": 0, "rx_errors": 1,
+                    "rx_dropped": 0,
                 },
                 "ports": [{
                     "name": "vm1", "mac": "52:54:00:00:00:01", "vlan": 10, "queue_pairs": 1,

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use devshare_common::warn_limited;
 use vmm_sys_util::eventfd::EventFd;
@@ -14,6 +15,9 @@ use crate::switch::{DropReason, Ingress, Verdict};
 use crate::uplink::{RxBatch, VlanTag, RX_BATCH};
 use crate::virtio_net::{NetHdr, F_NEEDS_CSUM};
 
+/// How often the receive thread reads the kernel's drop count while frames arrive.
+const KERNEL_DROPS_EVERY: Duration = Duration::from_secs(1);
+
 impl Fabric {
     /// Reads frames from `link` and delivers them until `stop` is signalled. Sleeps in `poll`
     /// while there is nothing to read. Returns at once if `link` is not configured.
@@ -23,6 +27,9 @@ impl Fabric {
         };
         let mut batch = RxBatch::new();
         let mut signals = Signals::default();
+        // The kernel's drop count is 32 bits and nobody may ask for the stats for a long
+        // time: look at it at least this often while frames arrive.
+        let mut drops_read = Instant::now();
         let mut fds = [
             libc::pollfd {
                 fd: l.io.raw_fd(),
@@ -69,6 +76,10 @@ impl Fabric {
                 if n < RX_BATCH {
                     break;
                 }
+            }
+            if drops_read.elapsed() >= KERNEL_DROPS_EVERY {
+                l.count_kernel_drops();
+                drops_read = Instant::now();
             }
         }
     }

@@ -180,6 +180,32 @@ impl Uplink for AfPacket {
         batch.count = got;
         Ok(got)
     }
+
+    fn take_kernel_drops(&self) -> u64 {
+        // SAFETY: tpacket_stats is plain data; all-zero is valid.
+        let mut st: libc::tpacket_stats = unsafe { mem::zeroed() };
+        let mut len = mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+        // SAFETY: PACKET_STATISTICS writes at most `len` bytes of a tpacket_stats (no ring
+        // is set up, so not the v3 layout) into `st`, which is that large.
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                (&mut st as *mut libc::tpacket_stats).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 {
+            log::debug!(
+                "{}: PACKET_STATISTICS: {}",
+                self.name,
+                io::Error::last_os_error()
+            );
+            return 0;
+        }
+        u64::from(st.tp_drops)
+    }
 }
 
 /// Reads the VLAN tag the kernel moved out of the frame from a PACKET_AUXDATA message.

@@ -223,4 +223,10 @@ pub trait Uplink: Send + Sync {
     fn send(&self, batch: &mut TxBatch);
     /// Receives up to [`RX_BATCH`] frames without blocking; returns how many (0: none).
     fn recv(&self, batch: &mut RxBatch) -> io::Result<usize>;
+    /// Frames the kernel dropped on their way to us since the last call (a full receive
+    /// buffer), for links that can tell; the kernel's count restarts at each call, so the
+    /// caller adds them up.
+    fn take_kernel_drops(&self) -> u64 {
+        0
+    }
 }
