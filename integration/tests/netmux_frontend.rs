@@ -878,3 +878,46 @@ fn frames_the_kernel_drops_before_netmux_reads_them_are_counted() {
         nm.stats()
     );
 }
+
+/// The host port cannot take the uplink's own MAC (guests' frames for the uplink host would
+/// go to the TAP instead) nor a guest's, tagged or not: netmux refuses to start and says why.
+#[test]
+fn the_host_port_refuses_the_uplinks_mac_and_a_guests() {
+    let ns = NetNs::new();
+    let uplink_mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", ns.host_if))
+        .unwrap()
+        .trim()
+        .to_string();
+    let dir = devshare_integration::qemu::ScratchDir::new("netmux-hostmac").unwrap();
+    let tap = ns.unique_name("nmhm");
+    for (mac, why) in [
+        (uplink_mac.as_str(), "is the uplink"),
+        ("52:54:00:77:00:05", "is port g0's"),
+    ] {
+        let args = [
+            "--uplink".to_string(),
+            format!("af-packet:{}", ns.host_if),
+            "--port".into(),
+            format!(
+                "name=g0,socket={},mac=52:54:00:77:00:05,vlan=7",
+                dir.path().join("g0.sock").display()
+            ),
+            "--host-port".into(),
+            tap.clone(),
+            "--host-mac".into(),
+            mac.to_string(),
+        ];
+        let log = dir.path().join("netmux.log");
+        let mut p =
+            devshare_integration::process::BackendProcess::spawn("vhost-user-netmux", args, &log)
+                .unwrap();
+        let status = p.wait_exit(WAIT).unwrap();
+        assert!(!status.success(), "started with host MAC {mac}");
+        let log = p.log();
+        assert!(log.contains(why), "host MAC {mac}: {log}");
+        assert!(
+            !std::path::Path::new(&format!("/sys/class/net/{tap}")).exists(),
+            "the TAP was created before the check"
+        );
+    }
+}

@@ -368,6 +368,9 @@ fn what_leaves_is_what_was_checked() {
         fn recv(&self, batch: &mut crate::uplink::RxBatch) -> std::io::Result<usize> {
             self.inner.recv(batch)
         }
+        fn hw_addr(&self) -> std::io::Result<MacAddr> {
+            self.inner.hw_addr()
+        }
     }
     let mem = memory();
     let atomic = GuestMemoryAtomic::new(mem.clone());

@@ -6,8 +6,9 @@ use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use super::sys::{cvt, is_would_block, setsockopt, setup_err};
+use super::sys::{cvt, hw_addr, ioctl_socket, is_would_block, setsockopt, setup_err};
 use super::{RxBatch, SendOutcome, TxBatch, Uplink, UplinkError, VlanTag};
+use crate::config::MacAddr;
 use crate::frame::ETH_P_8021Q;
 
 /// An AF_PACKET raw socket bound to one interface, promiscuous, with virtio-net headers,
@@ -179,6 +180,10 @@ impl Uplink for AfPacket {
         }
         batch.count = got;
         Ok(got)
+    }
+
+    fn hw_addr(&self) -> io::Result<MacAddr> {
+        hw_addr(ioctl_socket()?.as_raw_fd(), &self.name)
     }
 
     fn take_kernel_drops(&self) -> u64 {

@@ -13,6 +13,7 @@ mod tap;
 use std::io;
 use std::os::fd::RawFd;
 
+use crate::config::MacAddr;
 use crate::virtio_net::{NetHdr, HDR_LEN_LEGACY};
 
 pub use af_packet::AfPacket;
@@ -229,4 +230,6 @@ pub trait Uplink: Send + Sync {
     fn take_kernel_drops(&self) -> u64 {
         0
     }
+    /// The interface's own MAC address, as the kernel has it now (SIOCGIFHWADDR).
+    fn hw_addr(&self) -> io::Result<MacAddr>;
 }
