@@ -13,8 +13,8 @@
 mod link_rx;
 mod tx;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use devshare_common::ratelimit::RateLimit;
 
@@ -41,6 +41,9 @@ struct HostLink {
     io: Box<dyn Uplink>,
     counters: LinkCounters,
     warn: RateLimit,
+    /// When the interface's MAC was last read for a frame with another source (see
+    /// `Fabric::host_source_ok`).
+    mac_read: Mutex<Option<Instant>>,
 }
 
 impl HostLink {
@@ -50,6 +53,7 @@ impl HostLink {
             io,
             counters: LinkCounters::default(),
             warn,
+            mac_read: Mutex::new(None),
         }
     }
 

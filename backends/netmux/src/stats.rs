@@ -99,6 +99,9 @@ pub struct LinkCounters {
     /// Received frames that carry a second tag inside the port VLAN's 802.1Q tag (QinQ): an
     /// access port's guest would get a tagged frame.
     pub rx_double_tagged: Counter,
+    /// Received frames whose source MAC is not the interface's own (the host port only:
+    /// anti-spoofing, as for guests; a TAP in a bridge passes on other stations' frames).
+    pub rx_spoofed: Counter,
     /// Receive errors other than "nothing there".
     pub rx_errors: Counter,
     /// Frames the kernel dropped for this link before netmux could read them (the socket's
@@ -192,7 +195,8 @@ mod tests {
                 "uplink": {
                     "name": "af-packet:eth0", "tx_packets": 0, "tx_bytes": 0, "rx_packets": 0,
                     "rx_bytes": 0, "rx_not_for_us": 0, "rx_local_source": 0,
-                    "rx_bad_frame": 0, "rx_s_tagged": 0, "rx_double_tagged": 0, "rx_errors": 1,
+                    "rx_bad_frame": 0, "rx_s_tagged": 0, "rx_double_tagged": 0, "rx_spoofed": 0,
+                    "rx_errors": 1,
                     "rx_dropped": 0,
                 },
                 "ports": [{

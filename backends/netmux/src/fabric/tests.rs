@@ -505,3 +505,64 @@ fn access_ports_get_only_their_own_tag_taken_off_from_uplink_frames() {
         }
     }
 }
+
+/// The host port's MAC is the TAP interface's own: a frame from the host side with another
+/// source (a TAP in a bridge passes on other stations' frames) is dropped and counted
+/// (`rx_spoofed`) and does not change it; when the interface's MAC changes, frames from the
+/// new one pass and guests' frames for it go to the host port.
+#[test]
+fn the_host_port_follows_its_interface_not_the_frames() {
+    let mem = memory();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let sw = switch(
+        &[None],
+        Mode::Bridge,
+        SendOutcome::Sent,
+        Some(SendOutcome::Sent),
+    );
+    let f = &sw.fabric;
+    let host = sw.host.clone().unwrap();
+    const OLD: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0xaa]);
+    const NEW: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0xbb]);
+    host.lock().unwrap().mac = Some(OLD);
+    let mut g = Guest::new(&mem, &atomic, 0);
+    g.post_rx(16, 2048);
+    attach(f, std::slice::from_ref(&g), 0, &atomic);
+    let from_host = |src: MacAddr| {
+        let mut data = frame(mac(0), src, IP, 60)[HDR..].to_vec();
+        let mut signals = Signals::default();
+        f.forward_from_link(Link::Host, NetHdr::default(), None, &mut data, &mut signals);
+    };
+    let host_counter = |name: &str| {
+        serde_json::to_value(f.stats()).unwrap()["host"][name]
+            .as_u64()
+            .unwrap()
+    };
+    from_host(OLD);
+    assert_eq!(g.rx_frames().len(), 1);
+    // Bridged frames from other stations, unicast and group sources alike.
+    for src in [EXT, NEW, BCAST] {
+        from_host(src);
+    }
+    assert_eq!(g.rx_frames().len(), 1, "{}", f.stats_json());
+    assert_eq!(host_counter("rx_spoofed"), 3);
+    assert_eq!(f.table.host_mac(), Some(OLD));
+    // `ip link set NAME address NEW`: its frames pass once the interface has been read again
+    // (at most every HOST_MAC_READ_EVERY), the old address's no longer.
+    host.lock().unwrap().mac = Some(NEW);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while g.rx_frames().len() < 2 && std::time::Instant::now() < deadline {
+        from_host(NEW);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(g.rx_frames().len(), 2, "{}", f.stats_json());
+    assert_eq!(f.table.host_mac(), Some(NEW));
+    let spoofed = host_counter("rx_spoofed");
+    from_host(OLD);
+    assert_eq!(g.rx_frames().len(), 2);
+    assert_eq!(host_counter("rx_spoofed"), spoofed + 1);
+    // A guest's unicast to the new address goes to the host port.
+    g.send(&[frame(NEW, mac(0), IP, 60)]);
+    drain(f, 0, &mem, &mut g);
+    assert_eq!(host.lock().unwrap().sent.len(), 1, "{}", f.stats_json());
+}
