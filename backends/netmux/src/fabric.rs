@@ -101,6 +101,8 @@ impl Signals {
 /// Ports, uplink, host port and switch table.
 pub struct Fabric {
     table: SwitchTable,
+    /// The guests' MTU (`--mtu`): no frame longer than it allows reaches a guest or a link.
+    mtu: usize,
     ports: Vec<Arc<Port>>,
     uplink: HostLink,
     host: Option<HostLink>,
@@ -122,6 +124,7 @@ impl Fabric {
         };
         Fabric {
             table,
+            mtu: usize::from(config.mtu),
             ports: config
                 .ports
                 .iter()

@@ -11,7 +11,7 @@
 use devshare_common::chain::GuestBuffers;
 
 use crate::config::MacAddr;
-use crate::virtio_net::{NetHdr, F_NEEDS_CSUM, GSO_NONE};
+use crate::virtio_net::{NetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6};
 
 /// Ethernet header: two MACs and the type.
 pub const ETH_HLEN: usize = 14;
@@ -24,6 +24,42 @@ pub const ETH_P_8021Q: u16 = 0x8100;
 pub const VLAN_TPIDS: [u16; 5] = [ETH_P_8021Q, 0x88a8, 0x9100, 0x9200, 0x9300];
 /// Largest frame a guest may send: a 64 KiB segment plus Ethernet and VLAN headers.
 pub const MAX_GUEST_FRAME: usize = 65536 + ETH_HLEN + 4;
+
+/// Whether an untagged frame of `len` bytes (Ethernet header included) with offload header
+/// `hdr` fits an MTU of `mtu` bytes. A plain frame may carry at most `mtu` bytes after its
+/// Ethernet header. A GSO super-frame may be longer: it is cut into segments that repeat the
+/// headers up to the end of the L4 header, followed by `gso_size` bytes each, and each
+/// segment must fit. The L4 header starts at `csum_start` with a checksum request (guests
+/// must make one with GSO), else after the IP header (the kernel's coalesced frames); it is
+/// the TCP header's own length long, or UDP's 8 bytes. `byte` reads the frame's byte at an
+/// offset (`None` past its end).
+pub fn fits_mtu(hdr: &NetHdr, len: usize, mtu: usize, byte: impl Fn(usize) -> Option<u8>) -> bool {
+    if hdr.gso_type == GSO_NONE {
+        return len <= mtu + ETH_HLEN;
+    }
+    let l4_start = if hdr.flags & F_NEEDS_CSUM != 0 {
+        usize::from(hdr.csum_start)
+    } else {
+        match (byte(12), byte(13)) {
+            (Some(0x08), Some(0x00)) => match byte(ETH_HLEN) {
+                Some(b) => ETH_HLEN + usize::from(b & 0x0f) * 4,
+                None => return false,
+            },
+            // Extension headers before TCP or UDP are not counted: the segments are checked
+            // as if there were none.
+            (Some(0x86), Some(0xdd)) => ETH_HLEN + 40,
+            _ => return false,
+        }
+    };
+    let l4_len = match hdr.gso_type & !GSO_ECN {
+        GSO_TCPV4 | GSO_TCPV6 => match byte(l4_start + 12) {
+            Some(b) => (usize::from(b >> 4) * 4).max(20),
+            None => return false,
+        },
+        _ => 8,
+    };
+    l4_start.saturating_sub(ETH_HLEN) + l4_len + usize::from(hdr.gso_size) <= mtu
+}
 
 /// An Ethernet header, in host memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +135,18 @@ impl<'a, 'm> GuestFrame<'a, 'm> {
             eth: EthHeader(eth),
             bufs,
             body: need,
+        })
+    }
+
+    /// Whether the frame fits an MTU of `mtu` bytes (see [`fits_mtu`]). The TCP header's
+    /// length of a TCP segmentation request is read from guest memory: a guest that changes
+    /// it afterwards can make its segments at most 40 bytes longer than checked (the TCP
+    /// header is 20 to 60 bytes); no other decision reads it.
+    pub fn fits_mtu(&self, mtu: usize) -> bool {
+        let start = self.body - ETH_HLEN;
+        fits_mtu(&self.hdr, self.len(), mtu, |at| {
+            let mut b = [0u8; 1];
+            (self.bufs.read_at(start + at, &mut b) == 1).then_some(b[0])
         })
     }
 

@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{Fabric, HostLink, Link, Signals};
 use crate::config::MacAddr;
-use crate::frame::{Frame, Payload, ETH_HLEN, ETH_P_8021Q, VLAN_TPIDS};
+use crate::frame::{fits_mtu, Frame, Payload, ETH_HLEN, ETH_P_8021Q, VLAN_TPIDS};
 use crate::switch::{DropReason, Ingress, Verdict};
 use crate::uplink::{RxBatch, VlanTag, RX_BATCH};
 use crate::virtio_net::{NetHdr, F_NEEDS_CSUM};
@@ -153,6 +153,10 @@ impl Fabric {
         };
         if !hdr.csum_in_bounds(data.len()) {
             st.rx_bad_frame.inc();
+            return;
+        }
+        if !fits_mtu(&hdr, data.len(), self.mtu, |at| data.get(at).copied()) {
+            st.rx_oversize.inc();
             return;
         }
         let ethertype = u16::from_be_bytes([data[12], data[13]]);
