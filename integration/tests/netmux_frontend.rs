@@ -921,3 +921,78 @@ fn the_host_port_refuses_the_uplinks_mac_and_a_guests() {
         );
     }
 }
+
+/// The host port's MAC is its TAP interface's own, not the source of whatever the host side
+/// sends: frames the TAP passes on from other stations (as a TAP enslaved to a bridge does)
+/// are dropped and counted (`host/rx_spoofed`) and leave the MAC alone, and a new address
+/// given to the interface (`ip link set TAP address`) is followed.
+#[test]
+fn the_host_port_takes_its_mac_from_the_interface_not_from_frames() {
+    const OTHER: [u8; 6] = [0x02, 0x00, 0x00, 0x78, 0x00, 0x77];
+    let ns = NetNs::new();
+    let tap = ns.unique_name("nmhf");
+    let nm = Netmux::start(
+        "netmux-hostmac-follow",
+        &ns.host_if,
+        &[PortSpec::new(0)],
+        &["--host-port", &tap],
+    );
+    let mut g = HarnessGuest::attach(&nm, 0);
+    g.post_rx(64);
+    let host_mac = || nm.stats()["host"]["mac"].as_str().unwrap().to_string();
+    let tap_mac = std::fs::read_to_string(format!("/sys/class/net/{tap}/address"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(host_mac(), tap_mac);
+    let tap_bytes: Vec<u8> = tap_mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    let tap_bytes: [u8; 6] = tap_bytes.try_into().unwrap();
+    let host = WireSender::on_interface(&tap);
+    let to_guest = |src: [u8; 6], seq: u32| raw_frame(mac_bytes(0), src, 0x88b5, &[], seq);
+    // The test's frames (the host's own IPv6 chatter aside), by sequence number.
+    let mut seqs = Vec::new();
+    let take = |g: &mut HarnessGuest, seqs: &mut Vec<u32>| {
+        for f in g.drain_rx() {
+            if f.len() >= HDR + 18 && f[HDR + 12..HDR + 14] == [0x88, 0xb5] {
+                seqs.push(u32::from_be_bytes(
+                    f[HDR + 14..HDR + 18].try_into().unwrap(),
+                ));
+            }
+        }
+    };
+    for seq in 0..3 {
+        host.send(&to_guest(OTHER, seq)[HDR..]);
+    }
+    // Behind them, one from the interface's MAC: once it is in, the others were dealt with.
+    host.send(&to_guest(tap_bytes, 100)[HDR..]);
+    let ok = eventually(WAIT, || {
+        take(&mut g, &mut seqs);
+        seqs.contains(&100)
+    });
+    assert!(ok, "the host's own frame never arrived: {}", nm.stats());
+    assert_eq!(seqs, [100], "{}", nm.stats());
+    assert_eq!(nm.stats()["host"]["rx_spoofed"], 3, "{}", nm.stats());
+    assert_eq!(host_mac(), tap_mac, "{}", nm.stats());
+    // The operator gives the interface a new address: its frames get through.
+    let set = std::process::Command::new("ip")
+        .args(["link", "set", &tap, "address", "02:00:00:78:00:77"])
+        .status()
+        .unwrap();
+    assert!(set.success());
+    let mut seq = 200;
+    let ok = eventually(WAIT, || {
+        host.send(&to_guest(OTHER, seq)[HDR..]);
+        seq += 1;
+        take(&mut g, &mut seqs);
+        seqs.iter().any(|&s| s >= 200)
+    });
+    assert!(
+        ok,
+        "frames from the new address never arrived: {}",
+        nm.stats()
+    );
+    assert_eq!(host_mac(), "02:00:00:78:00:77", "{}", nm.stats());
+}
