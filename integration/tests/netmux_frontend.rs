@@ -996,3 +996,51 @@ fn the_host_port_takes_its_mac_from_the_interface_not_from_frames() {
     );
     assert_eq!(host_mac(), "02:00:00:78:00:77", "{}", nm.stats());
 }
+
+/// `--mtu 68` holds on every path: frames of 1514 and 9000 bytes from a guest reach neither
+/// another guest nor the wire, whether unicast or broadcast (`drops/oversize`), and a frame
+/// from the wire longer than the MTU allows reaches no guest (`uplink/rx_oversize`); frames
+/// of exactly MTU + 14 bytes get through everywhere.
+#[test]
+fn frames_longer_than_the_mtu_reach_neither_guests_nor_the_wire() {
+    const EXT: [u8; 6] = [0x02, 0x00, 0x00, 0x78, 0x00, 0x68];
+    const MAX: usize = 68 + 14;
+    let ns = NetNs::new();
+    let ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
+    let nm = Netmux::start("netmux-mtu", &ns.host_if, &ports, &["--mtu", "68"]);
+    let wire = Capture::start(Some(&ns.name), &ns.peer);
+    let mut g: Vec<HarnessGuest> = (0..2).map(|i| HarnessGuest::attach(&nm, i)).collect();
+    g[1].post_rx(64);
+    let (me, peer) = (mac_bytes(0), mac_bytes(1));
+    for (dst, len) in [(peer, 1514), (peer, 9000), (EXT, 1514), ([0xff; 6], 9000)] {
+        g[0].send(&frame(dst, me, 1, len));
+    }
+    assert_eq!(nm.port_counter(0, "drops/oversize"), 4, "{}", nm.stats());
+    let from_wire = WireSender::new(&ns);
+    from_wire.send(&frame(peer, EXT, 2, 1514)[HDR..]);
+    from_wire.send(&frame(peer, EXT, 3, MAX)[HDR..]);
+    g[0].send(&frame(peer, me, 4, MAX));
+    g[0].send(&frame(EXT, me, 5, MAX));
+    // Readiness: the last frame of each path is in.
+    let mut got = Vec::new();
+    let ok = eventually(WAIT, || {
+        got.extend(g[1].drain_rx());
+        got.len() >= 2
+    });
+    assert!(ok, "the frames of MTU size never arrived: {}", nm.stats());
+    assert!(
+        wire.wait_for(WAIT, |f| f.iter().any(|f| f.src == me)),
+        "the frame of MTU size never reached the wire: {}",
+        nm.stats()
+    );
+    let lens: Vec<usize> = got.iter().map(|f| f.len() - HDR).collect();
+    assert_eq!(lens, [MAX, MAX], "{}", nm.stats());
+    let on_wire: Vec<usize> = wire
+        .frames()
+        .iter()
+        .filter(|f| f.src == me)
+        .map(|f| f.bytes.len())
+        .collect();
+    assert_eq!(on_wire, [MAX], "{}", nm.stats());
+    assert_eq!(uplink_counter(&nm, "rx_oversize"), 1, "{}", nm.stats());
+}
