@@ -34,8 +34,12 @@ pub const MAX_GUEST_FRAME: usize = 65536 + ETH_HLEN + 4;
 /// the TCP header's own length long, or UDP's 8 bytes. `byte` reads the frame's byte at an
 /// offset (`None` past its end).
 pub fn fits_mtu(hdr: &NetHdr, len: usize, mtu: usize, byte: impl Fn(usize) -> Option<u8>) -> bool {
+    // A frame that fits makes segments that fit, whatever `gso_size` says.
+    if len <= mtu + ETH_HLEN {
+        return true;
+    }
     if hdr.gso_type == GSO_NONE {
-        return len <= mtu + ETH_HLEN;
+        return false;
     }
     let l4_start = if hdr.flags & F_NEEDS_CSUM != 0 {
         usize::from(hdr.csum_start)
