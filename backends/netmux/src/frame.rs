@@ -350,4 +350,77 @@ mod tests {
         let fine = chain(&mem, &[0u8; 72], &[72]);
         assert!(GuestFrame::parse(&fine, 12).is_ok());
     }
+
+    /// The MTU rule's edges: plain frames by length; GSO frames by their segments, found
+    /// from the checksum request or (kernel frames) the IP header, with the TCP header's own
+    /// length; a GSO frame that fits whole passes whatever its segment size.
+    #[test]
+    fn frames_fit_the_mtu_by_length_or_by_segments() {
+        use crate::virtio_net::GSO_UDP_L4;
+        // Ethernet, IPv4 (20), TCP with 12 bytes of options (32), 2000 bytes in all.
+        let mut v4 = vec![0u8; 2000];
+        v4[12..14].copy_from_slice(&[0x08, 0x00]);
+        v4[14] = 0x45;
+        v4[34 + 12] = 8 << 4;
+        let byte = |f: &[u8], at: usize| f.get(at).copied();
+        let gso = |gso_type, gso_size, csum: bool| NetHdr {
+            flags: if csum { F_NEEDS_CSUM } else { 0 },
+            gso_type,
+            gso_size,
+            csum_start: if csum { 34 } else { 0 },
+            csum_offset: 16,
+            ..Default::default()
+        };
+        let plain = NetHdr::default();
+        assert!(fits_mtu(&plain, 1514, 1500, |a| byte(&v4, a)));
+        assert!(!fits_mtu(&plain, 1515, 1500, |a| byte(&v4, a)));
+        for csum in [true, false] {
+            // 20 + 32 + 1448 = 1500.
+            assert!(fits_mtu(&gso(GSO_TCPV4, 1448, csum), 2000, 1500, |a| byte(
+                &v4, a
+            )));
+            assert!(!fits_mtu(
+                &gso(GSO_TCPV4, 1449, csum),
+                2000,
+                1500,
+                |a| byte(&v4, a)
+            ));
+        }
+        // UDP: 20 + 8 + 1472.
+        assert!(fits_mtu(
+            &gso(GSO_UDP_L4, 1472, true),
+            2000,
+            1500,
+            |a| byte(&v4, a)
+        ));
+        assert!(!fits_mtu(&gso(GSO_UDP_L4, 1473, true), 2000, 1500, |a| {
+            byte(&v4, a)
+        }));
+        // One segment only: it fits whole.
+        assert!(fits_mtu(&gso(GSO_TCPV4, 9000, true), 1514, 1500, |a| byte(
+            &v4, a
+        )));
+        // IPv6 from the kernel: 40 + 32 + 1428.
+        let mut v6 = vec![0u8; 2000];
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        v6[54 + 12] = 8 << 4;
+        assert!(fits_mtu(
+            &gso(GSO_TCPV6, 1428, false),
+            2000,
+            1500,
+            |a| byte(&v6, a)
+        ));
+        assert!(!fits_mtu(&gso(GSO_TCPV6, 1429, false), 2000, 1500, |a| {
+            byte(&v6, a)
+        }));
+        // A kernel GSO frame that is neither IPv4 nor IPv6 is not understood: too long.
+        let mut arp = v4.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert!(!fits_mtu(
+            &gso(GSO_TCPV4, 100, false),
+            2000,
+            1500,
+            |a| byte(&arp, a)
+        ));
+    }
 }
