@@ -510,7 +510,7 @@ struct Sent {
     frames: Vec<Vec<u8>>,
 }
 
-fn port_counters(c: &PortCounters) -> [u64; 20] {
+fn port_counters(c: &PortCounters) -> [u64; 21] {
     let d = &c.drops;
     [
         c.tx_packets.get(),
@@ -520,6 +520,7 @@ fn port_counters(c: &PortCounters) -> [u64; 20] {
         d.hairpin.get(),
         d.tagged.get(),
         d.link_local.get(),
+        d.oversize.get(),
         d.bad_chain.get(),
         d.bad_frame.get(),
         d.uplink_busy.get(),
@@ -537,11 +538,11 @@ fn port_counters(c: &PortCounters) -> [u64; 20] {
 }
 const TX_PACKETS: usize = 0;
 const RX_PACKETS: usize = 1;
-const SWITCH_DROPS: std::ops::Range<usize> = 2..7;
-const BAD_CHAIN: usize = 7;
-const BAD_FRAME: usize = 8;
-const LINK_DROPS: std::ops::Range<usize> = 9..13;
-const RX_DROPS: std::ops::Range<usize> = 13..18;
+const SWITCH_DROPS: std::ops::Range<usize> = 2..8;
+const BAD_CHAIN: usize = 8;
+const BAD_FRAME: usize = 9;
+const LINK_DROPS: std::ops::Range<usize> = 10..14;
+const RX_DROPS: std::ops::Range<usize> = 14..19;
 
 fn link_sent(c: &LinkCounters) -> u64 {
     c.tx_packets.get()
@@ -746,11 +747,11 @@ fn pass(
 ) {
     let Some(first) = frames.first() else { return };
     let from = usize::from(first.from) % nports;
-    let before: Vec<[u64; 20]> = (0..nports)
+    let before: Vec<[u64; 21]> = (0..nports)
         .map(|i| {
             fabric
                 .port(i)
-                .map_or([0; 20], |p| port_counters(&p.counters))
+                .map_or([0; 21], |p| port_counters(&p.counters))
         })
         .collect();
     let stats = fabric.stats();
@@ -832,11 +833,11 @@ fn pass(
     assert_eq!(used.len(), usize::from(chains), "TX chains not returned");
     assert_eq!(guests[from].tx_ring.outstanding(), 0);
 
-    let after: Vec<[u64; 20]> = (0..nports)
+    let after: Vec<[u64; 21]> = (0..nports)
         .map(|i| {
             fabric
                 .port(i)
-                .map_or([0; 20], |p| port_counters(&p.counters))
+                .map_or([0; 21], |p| port_counters(&p.counters))
         })
         .collect();
     let delta = |i: usize, k: usize| after[i][k] - before[i][k];

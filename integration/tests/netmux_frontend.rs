@@ -864,3 +864,214 @@ fn a_flood_of_the_longest_chains_does_not_hold_other_guests_up() {
     assert_eq!(nm.port_counter(0, "drops/bad_chain"), 0, "{}", nm.stats());
     assert!(nm.port_counter(0, "tx_packets") >= before + during);
 }
+
+/// `rx_dropped` of the veth end netmux reads (root namespace): frames the veth itself lost.
+fn veth_rx_dropped(ifname: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/class/net/{ifname}/statistics/rx_dropped"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Frames the kernel drops before netmux reads them (its AF_PACKET socket's buffer full) are
+/// counted on the uplink (`rx_dropped`), so every frame from the wire is accounted for: netmux
+/// is stopped (SIGSTOP) while 5000 frames arrive, which fill its socket after a few hundred,
+/// and once it runs again `rx_packets + rx_dropped` is exactly what the wire delivered.
+#[test]
+fn frames_the_kernel_drops_before_netmux_reads_them_are_counted() {
+    const N: u64 = 5000;
+    const EXT: [u8; 6] = [0x02, 0x00, 0x00, 0x78, 0x00, 0x42];
+    let ns = NetNs::new();
+    let nm = Netmux::start("netmux-kdrops", &ns.host_if, &[PortSpec::new(0)], &[]);
+    let wire = WireSender::new(&ns);
+    let seen = |nm: &Netmux| uplink_counter(nm, "rx_packets") + uplink_counter(nm, "rx_dropped");
+    let (seen_before, veth_before) = (seen(&nm), veth_rx_dropped(&ns.host_if));
+    nm.process.signal(libc::SIGSTOP).unwrap();
+    for seq in 0..N as u32 {
+        // To no guest: each costs netmux only a table lookup once it runs again.
+        wire.send(&raw_frame([0x02, 0, 0, 0x78, 0, 0x43], EXT, 0x88b5, &[], seq)[HDR..]);
+    }
+    let veth_lost = veth_rx_dropped(&ns.host_if) - veth_before;
+    nm.process.signal(libc::SIGCONT).unwrap();
+    let expected = seen_before + N - veth_lost;
+    let ok = eventually(WAIT, || seen(&nm) >= expected);
+    assert!(ok, "{veth_lost} lost on the veth: {}", nm.stats());
+    assert_eq!(
+        seen(&nm),
+        expected,
+        "{veth_lost} lost on the veth: {}",
+        nm.stats()
+    );
+    assert!(
+        uplink_counter(&nm, "rx_dropped") > 0,
+        "netmux's socket held all {N} frames?: {}",
+        nm.stats()
+    );
+}
+
+/// The host port cannot take the uplink's own MAC (guests' frames for the uplink host would
+/// go to the TAP instead) nor a guest's, tagged or not: netmux refuses to start and says why.
+#[test]
+fn the_host_port_refuses_the_uplinks_mac_and_a_guests() {
+    let ns = NetNs::new();
+    let uplink_mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", ns.host_if))
+        .unwrap()
+        .trim()
+        .to_string();
+    let dir = devshare_integration::qemu::ScratchDir::new("netmux-hostmac").unwrap();
+    let tap = ns.unique_name("nmhm");
+    for (mac, why) in [
+        (uplink_mac.as_str(), "is the uplink"),
+        ("52:54:00:77:00:05", "is port g0's"),
+    ] {
+        let args = [
+            "--uplink".to_string(),
+            format!("af-packet:{}", ns.host_if),
+            "--port".into(),
+            format!(
+                "name=g0,socket={},mac=52:54:00:77:00:05,vlan=7",
+                dir.path().join("g0.sock").display()
+            ),
+            "--host-port".into(),
+            tap.clone(),
+            "--host-mac".into(),
+            mac.to_string(),
+        ];
+        let log = dir.path().join("netmux.log");
+        let mut p =
+            devshare_integration::process::BackendProcess::spawn("vhost-user-netmux", args, &log)
+                .unwrap();
+        let status = p.wait_exit(WAIT).unwrap();
+        assert!(!status.success(), "started with host MAC {mac}");
+        let log = p.log();
+        assert!(log.contains(why), "host MAC {mac}: {log}");
+        assert!(
+            !std::path::Path::new(&format!("/sys/class/net/{tap}")).exists(),
+            "the TAP was created before the check"
+        );
+    }
+}
+
+/// The host port's MAC is its TAP interface's own, not the source of whatever the host side
+/// sends: frames the TAP passes on from other stations (as a TAP enslaved to a bridge does)
+/// are dropped and counted (`host/rx_spoofed`) and leave the MAC alone, and a new address
+/// given to the interface (`ip link set TAP address`) is followed.
+#[test]
+fn the_host_port_takes_its_mac_from_the_interface_not_from_frames() {
+    const OTHER: [u8; 6] = [0x02, 0x00, 0x00, 0x78, 0x00, 0x77];
+    let ns = NetNs::new();
+    let tap = ns.unique_name("nmhf");
+    let nm = Netmux::start(
+        "netmux-hostmac-follow",
+        &ns.host_if,
+        &[PortSpec::new(0)],
+        &["--host-port", &tap],
+    );
+    let mut g = HarnessGuest::attach(&nm, 0);
+    g.post_rx(64);
+    let host_mac = || nm.stats()["host"]["mac"].as_str().unwrap().to_string();
+    let tap_mac = std::fs::read_to_string(format!("/sys/class/net/{tap}/address"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(host_mac(), tap_mac);
+    let tap_bytes: Vec<u8> = tap_mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    let tap_bytes: [u8; 6] = tap_bytes.try_into().unwrap();
+    let host = WireSender::on_interface(&tap);
+    let to_guest = |src: [u8; 6], seq: u32| raw_frame(mac_bytes(0), src, 0x88b5, &[], seq);
+    // The test's frames (the host's own IPv6 chatter aside), by sequence number.
+    let mut seqs = Vec::new();
+    let take = |g: &mut HarnessGuest, seqs: &mut Vec<u32>| {
+        for f in g.drain_rx() {
+            if f.len() >= HDR + 18 && f[HDR + 12..HDR + 14] == [0x88, 0xb5] {
+                seqs.push(u32::from_be_bytes(
+                    f[HDR + 14..HDR + 18].try_into().unwrap(),
+                ));
+            }
+        }
+    };
+    for seq in 0..3 {
+        host.send(&to_guest(OTHER, seq)[HDR..]);
+    }
+    // Behind them, one from the interface's MAC: once it is in, the others were dealt with.
+    host.send(&to_guest(tap_bytes, 100)[HDR..]);
+    let ok = eventually(WAIT, || {
+        take(&mut g, &mut seqs);
+        seqs.contains(&100)
+    });
+    assert!(ok, "the host's own frame never arrived: {}", nm.stats());
+    assert_eq!(seqs, [100], "{}", nm.stats());
+    assert_eq!(nm.stats()["host"]["rx_spoofed"], 3, "{}", nm.stats());
+    assert_eq!(host_mac(), tap_mac, "{}", nm.stats());
+    // The operator gives the interface a new address: its frames get through.
+    let set = std::process::Command::new("ip")
+        .args(["link", "set", &tap, "address", "02:00:00:78:00:77"])
+        .status()
+        .unwrap();
+    assert!(set.success());
+    let mut seq = 200;
+    let ok = eventually(WAIT, || {
+        host.send(&to_guest(OTHER, seq)[HDR..]);
+        seq += 1;
+        take(&mut g, &mut seqs);
+        seqs.iter().any(|&s| s >= 200)
+    });
+    assert!(
+        ok,
+        "frames from the new address never arrived: {}",
+        nm.stats()
+    );
+    assert_eq!(host_mac(), "02:00:00:78:00:77", "{}", nm.stats());
+}
+
+/// `--mtu 68` holds on every path: frames of 1514 and 9000 bytes from a guest reach neither
+/// another guest nor the wire, whether unicast or broadcast (`drops/oversize`), and a frame
+/// from the wire longer than the MTU allows reaches no guest (`uplink/rx_oversize`); frames
+/// of exactly MTU + 14 bytes get through everywhere.
+#[test]
+fn frames_longer_than_the_mtu_reach_neither_guests_nor_the_wire() {
+    const EXT: [u8; 6] = [0x02, 0x00, 0x00, 0x78, 0x00, 0x68];
+    const MAX: usize = 68 + 14;
+    let ns = NetNs::new();
+    let ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
+    let nm = Netmux::start("netmux-mtu", &ns.host_if, &ports, &["--mtu", "68"]);
+    let wire = Capture::start(Some(&ns.name), &ns.peer);
+    let mut g: Vec<HarnessGuest> = (0..2).map(|i| HarnessGuest::attach(&nm, i)).collect();
+    g[1].post_rx(64);
+    let (me, peer) = (mac_bytes(0), mac_bytes(1));
+    for (dst, len) in [(peer, 1514), (peer, 9000), (EXT, 1514), ([0xff; 6], 9000)] {
+        g[0].send(&frame(dst, me, 1, len));
+    }
+    assert_eq!(nm.port_counter(0, "drops/oversize"), 4, "{}", nm.stats());
+    let from_wire = WireSender::new(&ns);
+    from_wire.send(&frame(peer, EXT, 2, 1514)[HDR..]);
+    from_wire.send(&frame(peer, EXT, 3, MAX)[HDR..]);
+    g[0].send(&frame(peer, me, 4, MAX));
+    g[0].send(&frame(EXT, me, 5, MAX));
+    // Readiness: the last frame of each path is in.
+    let mut got = Vec::new();
+    let ok = eventually(WAIT, || {
+        got.extend(g[1].drain_rx());
+        got.len() >= 2
+    });
+    assert!(ok, "the frames of MTU size never arrived: {}", nm.stats());
+    assert!(
+        wire.wait_for(WAIT, |f| f.iter().any(|f| f.src == me)),
+        "the frame of MTU size never reached the wire: {}",
+        nm.stats()
+    );
+    let lens: Vec<usize> = got.iter().map(|f| f.len() - HDR).collect();
+    assert_eq!(lens, [MAX, MAX], "{}", nm.stats());
+    let on_wire: Vec<usize> = wire
+        .frames()
+        .iter()
+        .filter(|f| f.src == me)
+        .map(|f| f.bytes.len())
+        .collect();
+    assert_eq!(on_wire, [MAX], "{}", nm.stats());
+    assert_eq!(uplink_counter(&nm, "rx_oversize"), 1, "{}", nm.stats());
+}

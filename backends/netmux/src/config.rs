@@ -523,7 +523,7 @@ impl Config {
                     h.name
                 )));
             }
-            if let Some(p) = h.mac.and_then(|mac| self.untagged_port_with(mac)) {
+            if let Some(p) = h.mac.and_then(|mac| self.port_with(mac)) {
                 return Err(ConfigError::HostPort(format!(
                     "MAC {} is port {}'s",
                     p.mac, p.name
@@ -533,10 +533,12 @@ impl Config {
         Ok(self)
     }
 
-    /// The untagged guest port with `mac`, if any: the host port must not share it, since
-    /// frames for it could not be told apart.
-    pub fn untagged_port_with(&self, mac: MacAddr) -> Option<&PortConfig> {
-        self.ports.iter().find(|p| p.vlan.is_none() && p.mac == mac)
+    /// The guest port with `mac`, if any, in any VLAN: the host port must not share it. For
+    /// an untagged guest frames for the two could not be told apart; a tagged guest never
+    /// meets the host port, but one MAC for two stations only confuses whoever reads ARP
+    /// tables, captures and the stats.
+    pub fn port_with(&self, mac: MacAddr) -> Option<&PortConfig> {
+        self.ports.iter().find(|p| p.mac == mac)
     }
 }
 
@@ -790,8 +792,13 @@ mod tests {
             c.clone().validate(),
             Err(ConfigError::HostPort(_))
         ));
-        // A tagged guest never meets the host port, so sharing its MAC is harmless.
+        // Not a tagged guest's either.
         c.host_port = Some(HostPortConfig::new("nmhost0", Some("52:54:00:00:00:02")).unwrap());
+        assert!(matches!(
+            c.clone().validate(),
+            Err(ConfigError::HostPort(_))
+        ));
+        c.host_port = Some(HostPortConfig::new("nmhost0", Some("52:54:00:00:00:03")).unwrap());
         assert!(c.validate().is_ok());
     }
 }

@@ -13,8 +13,8 @@
 mod link_rx;
 mod tx;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use devshare_common::ratelimit::RateLimit;
 
@@ -41,6 +41,9 @@ struct HostLink {
     io: Box<dyn Uplink>,
     counters: LinkCounters,
     warn: RateLimit,
+    /// When the interface's MAC was last read for a frame with another source (see
+    /// `Fabric::host_source_ok`).
+    mac_read: Mutex<Option<Instant>>,
 }
 
 impl HostLink {
@@ -50,10 +53,21 @@ impl HostLink {
             io,
             counters: LinkCounters::default(),
             warn,
+            mac_read: Mutex::new(None),
+        }
+    }
+
+    /// Adds what the kernel dropped for this link since the last look to `rx_dropped`. Safe
+    /// from any thread: the kernel hands each drop out once.
+    fn count_kernel_drops(&self) {
+        let n = self.io.take_kernel_drops();
+        if n > 0 {
+            self.counters.rx_dropped.add(n);
         }
     }
 
     fn doc(&self, mac: Option<MacAddr>) -> LinkDoc<'_> {
+        self.count_kernel_drops();
         LinkDoc {
             name: self.io.describe(),
             counters: &self.counters,
@@ -87,6 +101,8 @@ impl Signals {
 /// Ports, uplink, host port and switch table.
 pub struct Fabric {
     table: SwitchTable,
+    /// The guests' MTU (`--mtu`): no frame longer than it allows reaches a guest or a link.
+    mtu: usize,
     ports: Vec<Arc<Port>>,
     uplink: HostLink,
     host: Option<HostLink>,
@@ -108,6 +124,7 @@ impl Fabric {
         };
         Fabric {
             table,
+            mtu: usize::from(config.mtu),
             ports: config
                 .ports
                 .iter()

@@ -11,7 +11,7 @@
 use devshare_common::chain::GuestBuffers;
 
 use crate::config::MacAddr;
-use crate::virtio_net::{NetHdr, F_NEEDS_CSUM, GSO_NONE};
+use crate::virtio_net::{NetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6};
 
 /// Ethernet header: two MACs and the type.
 pub const ETH_HLEN: usize = 14;
@@ -24,6 +24,46 @@ pub const ETH_P_8021Q: u16 = 0x8100;
 pub const VLAN_TPIDS: [u16; 5] = [ETH_P_8021Q, 0x88a8, 0x9100, 0x9200, 0x9300];
 /// Largest frame a guest may send: a 64 KiB segment plus Ethernet and VLAN headers.
 pub const MAX_GUEST_FRAME: usize = 65536 + ETH_HLEN + 4;
+
+/// Whether an untagged frame of `len` bytes (Ethernet header included) with offload header
+/// `hdr` fits an MTU of `mtu` bytes. A plain frame may carry at most `mtu` bytes after its
+/// Ethernet header. A GSO super-frame may be longer: it is cut into segments that repeat the
+/// headers up to the end of the L4 header, followed by `gso_size` bytes each, and each
+/// segment must fit. The L4 header starts at `csum_start` with a checksum request (guests
+/// must make one with GSO), else after the IP header (the kernel's coalesced frames); it is
+/// the TCP header's own length long, or UDP's 8 bytes. `byte` reads the frame's byte at an
+/// offset (`None` past its end).
+pub fn fits_mtu(hdr: &NetHdr, len: usize, mtu: usize, byte: impl Fn(usize) -> Option<u8>) -> bool {
+    // A frame that fits makes segments that fit, whatever `gso_size` says.
+    if len <= mtu + ETH_HLEN {
+        return true;
+    }
+    if hdr.gso_type == GSO_NONE {
+        return false;
+    }
+    let l4_start = if hdr.flags & F_NEEDS_CSUM != 0 {
+        usize::from(hdr.csum_start)
+    } else {
+        match (byte(12), byte(13)) {
+            (Some(0x08), Some(0x00)) => match byte(ETH_HLEN) {
+                Some(b) => ETH_HLEN + usize::from(b & 0x0f) * 4,
+                None => return false,
+            },
+            // Extension headers before TCP or UDP are not counted: the segments are checked
+            // as if there were none.
+            (Some(0x86), Some(0xdd)) => ETH_HLEN + 40,
+            _ => return false,
+        }
+    };
+    let l4_len = match hdr.gso_type & !GSO_ECN {
+        GSO_TCPV4 | GSO_TCPV6 => match byte(l4_start + 12) {
+            Some(b) => (usize::from(b >> 4) * 4).max(20),
+            None => return false,
+        },
+        _ => 8,
+    };
+    l4_start.saturating_sub(ETH_HLEN) + l4_len + usize::from(hdr.gso_size) <= mtu
+}
 
 /// An Ethernet header, in host memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +139,18 @@ impl<'a, 'm> GuestFrame<'a, 'm> {
             eth: EthHeader(eth),
             bufs,
             body: need,
+        })
+    }
+
+    /// Whether the frame fits an MTU of `mtu` bytes (see [`fits_mtu`]). The TCP header's
+    /// length of a TCP segmentation request is read from guest memory: a guest that changes
+    /// it afterwards can make its segments at most 40 bytes longer than checked (the TCP
+    /// header is 20 to 60 bytes); no other decision reads it.
+    pub fn fits_mtu(&self, mtu: usize) -> bool {
+        let start = self.body - ETH_HLEN;
+        fits_mtu(&self.hdr, self.len(), mtu, |at| {
+            let mut b = [0u8; 1];
+            (self.bufs.read_at(start + at, &mut b) == 1).then_some(b[0])
         })
     }
 
@@ -297,5 +349,78 @@ mod tests {
         assert!(GuestFrame::parse(&gso, 12).is_err());
         let fine = chain(&mem, &[0u8; 72], &[72]);
         assert!(GuestFrame::parse(&fine, 12).is_ok());
+    }
+
+    /// The MTU rule's edges: plain frames by length; GSO frames by their segments, found
+    /// from the checksum request or (kernel frames) the IP header, with the TCP header's own
+    /// length; a GSO frame that fits whole passes whatever its segment size.
+    #[test]
+    fn frames_fit_the_mtu_by_length_or_by_segments() {
+        use crate::virtio_net::GSO_UDP_L4;
+        // Ethernet, IPv4 (20), TCP with 12 bytes of options (32), 2000 bytes in all.
+        let mut v4 = vec![0u8; 2000];
+        v4[12..14].copy_from_slice(&[0x08, 0x00]);
+        v4[14] = 0x45;
+        v4[34 + 12] = 8 << 4;
+        let byte = |f: &[u8], at: usize| f.get(at).copied();
+        let gso = |gso_type, gso_size, csum: bool| NetHdr {
+            flags: if csum { F_NEEDS_CSUM } else { 0 },
+            gso_type,
+            gso_size,
+            csum_start: if csum { 34 } else { 0 },
+            csum_offset: 16,
+            ..Default::default()
+        };
+        let plain = NetHdr::default();
+        assert!(fits_mtu(&plain, 1514, 1500, |a| byte(&v4, a)));
+        assert!(!fits_mtu(&plain, 1515, 1500, |a| byte(&v4, a)));
+        for csum in [true, false] {
+            // 20 + 32 + 1448 = 1500.
+            assert!(fits_mtu(&gso(GSO_TCPV4, 1448, csum), 2000, 1500, |a| byte(
+                &v4, a
+            )));
+            assert!(!fits_mtu(
+                &gso(GSO_TCPV4, 1449, csum),
+                2000,
+                1500,
+                |a| byte(&v4, a)
+            ));
+        }
+        // UDP: 20 + 8 + 1472.
+        assert!(fits_mtu(
+            &gso(GSO_UDP_L4, 1472, true),
+            2000,
+            1500,
+            |a| byte(&v4, a)
+        ));
+        assert!(!fits_mtu(&gso(GSO_UDP_L4, 1473, true), 2000, 1500, |a| {
+            byte(&v4, a)
+        }));
+        // One segment only: it fits whole.
+        assert!(fits_mtu(&gso(GSO_TCPV4, 9000, true), 1514, 1500, |a| byte(
+            &v4, a
+        )));
+        // IPv6 from the kernel: 40 + 32 + 1428.
+        let mut v6 = vec![0u8; 2000];
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        v6[54 + 12] = 8 << 4;
+        assert!(fits_mtu(
+            &gso(GSO_TCPV6, 1428, false),
+            2000,
+            1500,
+            |a| byte(&v6, a)
+        ));
+        assert!(!fits_mtu(&gso(GSO_TCPV6, 1429, false), 2000, 1500, |a| {
+            byte(&v6, a)
+        }));
+        // A kernel GSO frame that is neither IPv4 nor IPv6 is not understood: too long.
+        let mut arp = v4.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert!(!fits_mtu(
+            &gso(GSO_TCPV4, 100, false),
+            2000,
+            1500,
+            |a| byte(&arp, a)
+        ));
     }
 }

@@ -76,23 +76,39 @@ pub fn open_uplink(spec: &UplinkSpec) -> Result<Box<dyn Uplink>, UplinkError> {
     })
 }
 
-/// Opens the host port's TAP and finds the MAC the host's stack uses on it. Refuses a MAC an
-/// untagged guest has (the kernel's pick is only known here; a configured one was checked by
-/// [`Config::validate`] already).
+/// Opens the host port's TAP and finds the MAC the host's stack uses on it. Refuses a MAC a
+/// guest has (the kernel's pick is only known here; a configured one was checked by
+/// [`Config::validate`] already) or the uplink's interface has (`uplink_mac`): guests' frames
+/// for the uplink host's own address would go to the TAP instead.
 pub fn open_host_port(
     config: &Config,
     spec: &HostPortConfig,
+    uplink_mac: Option<MacAddr>,
 ) -> Result<(Tap, MacAddr), NetmuxError> {
     let err = |reason: String| NetmuxError::HostPort {
         name: spec.name.clone(),
         reason,
     };
+    if let (Some(mac), Some(up)) = (spec.mac, uplink_mac) {
+        if mac == up {
+            return Err(err(format!(
+                "MAC {mac} is the uplink {}'s own; give the host port another one",
+                config.uplink.ifname()
+            )));
+        }
+    }
     let tap = Tap::open_with_mac(&spec.name, spec.mac).map_err(|e| err(e.to_string()))?;
     let mac = tap
         .mac()
         .map_err(|e| err(format!("cannot read its MAC: {e}")))?;
-    if let Some(p) = config.untagged_port_with(mac) {
+    if let Some(p) = config.port_with(mac) {
         return Err(err(format!("its MAC {mac} is port {}'s", p.name)));
+    }
+    if uplink_mac == Some(mac) {
+        return Err(err(format!(
+            "its MAC {mac} is the uplink {}'s own",
+            config.uplink.ifname()
+        )));
     }
     Ok((tap, mac))
 }
@@ -123,7 +139,9 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
     );
     let host = match &config.host_port {
         Some(spec) => {
-            let (tap, mac) = open_host_port(&config, spec)?;
+            // An uplink that cannot tell its MAC (none is known to fail) is not refused for it.
+            let uplink_mac = uplink.hw_addr().ok();
+            let (tap, mac) = open_host_port(&config, spec, uplink_mac)?;
             log::info!("host port {} (host MAC {mac})", tap.describe());
             Some((Box::new(tap) as Box<dyn Uplink>, mac))
         }

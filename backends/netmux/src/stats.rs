@@ -49,6 +49,9 @@ pub struct PortDrops {
     /// To a link-local group address 01:80:c2:00:00:00..0f (STP, LACP, 802.1X, LLDP, ...),
     /// which a bridge never forwards.
     pub link_local: Counter,
+    /// Longer than the MTU (`--mtu`) allows: more than MTU bytes after the Ethernet header,
+    /// or a segmentation request whose segments would be.
+    pub oversize: Counter,
     /// Malformed TX descriptor chains (outside memory, broken links, loops, empty or
     /// device-writable buffers, longer than the queue), and a TX ring found unusable.
     pub bad_chain: Counter,
@@ -93,14 +96,25 @@ pub struct LinkCounters {
     pub rx_local_source: Counter,
     /// Received frames too short or truncated.
     pub rx_bad_frame: Counter,
+    /// Received frames longer than the guests' MTU (`--mtu`) allows, once a VLAN tag is off
+    /// (or, for a GSO frame, with segments that would be).
+    pub rx_oversize: Counter,
     /// Received frames whose outer tag is an 802.1ad S-tag (0x88a8, or 0x9100 to 0x9300):
     /// service-provider frames, for no access port.
     pub rx_s_tagged: Counter,
     /// Received frames that carry a second tag inside the port VLAN's 802.1Q tag (QinQ): an
     /// access port's guest would get a tagged frame.
     pub rx_double_tagged: Counter,
+    /// Received frames whose source MAC is not the interface's own (the host port only:
+    /// anti-spoofing, as for guests; a TAP in a bridge passes on other stations' frames).
+    pub rx_spoofed: Counter,
     /// Receive errors other than "nothing there".
     pub rx_errors: Counter,
+    /// Frames the kernel dropped for this link before netmux could read them (the socket's
+    /// receive buffer was full): the AF_PACKET socket's `PACKET_STATISTICS` drops, summed
+    /// (Linux's `rx_dropped`: "no space in buffers"). Read at every stats request and at
+    /// least once a second while frames arrive. Always 0 for a TAP (see docs/netmux.md).
+    pub rx_dropped: Counter,
 }
 
 /// One guest port in the stats document.
@@ -177,7 +191,7 @@ mod tests {
         let v: Value = serde_json::to_value(&doc).unwrap();
         let zero_drops: Value = json!({
             "spoofed": 1, "private": 0, "hairpin": 0, "tagged": 0, "link_local": 0,
-            "bad_chain": 0, "bad_frame": 0, "uplink_busy": 0, "uplink_refused": 0,
+            "oversize": 0, "bad_chain": 0, "bad_frame": 0, "uplink_busy": 0, "uplink_refused": 0,
             "host_busy": 0, "host_refused": 0, "rx_no_buffer": 0, "rx_too_big": 0,
             "rx_offload": 0, "rx_down": 0, "rx_bad_chain": 0,
         });
@@ -187,7 +201,9 @@ mod tests {
                 "uplink": {
                     "name": "af-packet:eth0", "tx_packets": 0, "tx_bytes": 0, "rx_packets": 0,
                     "rx_bytes": 0, "rx_not_for_us": 0, "rx_local_source": 0,
-                    "rx_bad_frame": 0, "rx_s_tagged": 0, "rx_double_tagged": 0, "rx_errors": 1,
+                    "rx_bad_frame": 0, "rx_oversize": 0, "rx_s_tagged": 0, "rx_double_tagged": 0, "rx_spoofed": 0,
+                    "rx_errors": 1,
+                    "rx_dropped": 0,
                 },
                 "ports": [{
                     "name": "vm1", "mac": "52:54:00:00:00:01", "vlan": 10, "queue_pairs": 1,

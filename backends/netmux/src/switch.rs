@@ -118,17 +118,22 @@ impl SwitchTable {
             .map(|m| bits_mac(m.load(Ordering::Relaxed)))
     }
 
-    /// Follows a change of the host interface's MAC, seen as the source of a host frame.
-    /// Returns true if it changed.
-    pub fn follow_host_mac(&self, src: MacAddr) -> bool {
+    /// Sets the host port's MAC to `mac`, the TAP interface's own as netmux just read it.
+    /// Returns true if it changed. A group address is no interface's and is ignored.
+    pub fn set_host_mac(&self, mac: MacAddr) -> bool {
         let Some(m) = &self.host else { return false };
-        let bits = mac_bits(src);
-        // Called for every host frame: only a change writes the shared word.
-        if src.is_multicast() || m.load(Ordering::Relaxed) == bits {
+        let bits = mac_bits(mac);
+        if mac.is_multicast() || m.load(Ordering::Relaxed) == bits {
             return false;
         }
         m.store(bits, Ordering::Relaxed);
         true
+    }
+
+    /// Whether frames whose source MAC is not their port's are dropped (`--no-anti-spoof`
+    /// turns it off).
+    pub fn anti_spoof(&self) -> bool {
+        self.anti_spoof
     }
 
     /// The port with `mac` in `vlan`. A scan: a process serves tens of ports at most, and
@@ -413,15 +418,15 @@ mod tests {
         assert!(t.floods_to_host(Ingress::Port(1)));
         assert_eq!(t.route(Ingress::Host, HOST, mac(1), IP), Verdict::Port(0));
         let new = MacAddr([0x02, 0, 0, 0, 0, 0xbb]);
-        assert!(t.follow_host_mac(new));
-        assert!(!t.follow_host_mac(new));
-        assert!(!t.follow_host_mac(MacAddr::BROADCAST));
+        assert!(t.set_host_mac(new));
+        assert!(!t.set_host_mac(new));
+        assert!(!t.set_host_mac(MacAddr::BROADCAST));
         assert_eq!(t.host_mac(), Some(new));
         assert_eq!(t.route(Ingress::Port(0), mac(1), new, IP), Verdict::Host);
         assert_eq!(t.route(Ingress::Port(0), mac(1), HOST, IP), Verdict::Uplink);
         // Without a host port nothing changes.
         let plain = table(Mode::Bridge);
-        assert!(!plain.follow_host_mac(new));
+        assert!(!plain.set_host_mac(new));
         assert!(!plain.floods_to_host(Ingress::Port(0)));
         assert_eq!(plain.host_mac(), None);
     }

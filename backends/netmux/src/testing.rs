@@ -87,6 +87,8 @@ pub fn frame(dst: MacAddr, src: MacAddr, ethertype: u16, len: usize) -> Vec<u8> 
 pub struct LinkLog {
     /// Frames it took (virtio-net header included), in order.
     pub sent: Vec<Vec<u8>>,
+    /// The MAC the link's interface has (`hw_addr`); none: the link cannot tell.
+    pub mac: Option<MacAddr>,
 }
 
 /// A host-side link that keeps what it sends, or refuses it.
@@ -130,6 +132,14 @@ impl Uplink for FakeLink {
 
     fn recv(&self, _batch: &mut RxBatch) -> std::io::Result<usize> {
         Ok(0)
+    }
+
+    fn hw_addr(&self) -> std::io::Result<MacAddr> {
+        self.log
+            .lock()
+            .unwrap()
+            .mac
+            .ok_or_else(|| std::io::ErrorKind::Unsupported.into())
     }
 }
 

@@ -716,6 +716,15 @@ impl WireSender {
         WireSender(fd)
     }
 
+    /// A sender on interface `ifname` of this namespace (a host port's TAP, say): what it
+    /// sends, the TAP passes to netmux as the host's.
+    pub fn on_interface(ifname: &str) -> WireSender {
+        WireSender(
+            packet_socket(None, ifname)
+                .unwrap_or_else(|e| panic!("packet socket on {ifname}: {e}")),
+        )
+    }
+
     /// Sends one frame (no virtio-net header).
     pub fn send(&self, frame: &[u8]) {
         // SAFETY: sends `frame.len()` bytes of a live buffer on our bound socket.

@@ -3,16 +3,23 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use devshare_common::warn_limited;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Fabric, Link, Signals};
+use super::{Fabric, HostLink, Link, Signals};
 use crate::config::MacAddr;
-use crate::frame::{Frame, Payload, ETH_HLEN, ETH_P_8021Q, VLAN_TPIDS};
+use crate::frame::{fits_mtu, Frame, Payload, ETH_HLEN, ETH_P_8021Q, VLAN_TPIDS};
 use crate::switch::{DropReason, Ingress, Verdict};
 use crate::uplink::{RxBatch, VlanTag, RX_BATCH};
 use crate::virtio_net::{NetHdr, F_NEEDS_CSUM};
+
+/// How often the receive thread reads the kernel's drop count while frames arrive.
+const KERNEL_DROPS_EVERY: Duration = Duration::from_secs(1);
+/// How often the host port's MAC is read at most while frames with other sources arrive (a
+/// TAP in a bridge may pass many on).
+const HOST_MAC_READ_EVERY: Duration = Duration::from_millis(50);
 
 impl Fabric {
     /// Reads frames from `link` and delivers them until `stop` is signalled. Sleeps in `poll`
@@ -23,6 +30,9 @@ impl Fabric {
         };
         let mut batch = RxBatch::new();
         let mut signals = Signals::default();
+        // The kernel's drop count is 32 bits and nobody may ask for the stats for a long
+        // time: look at it at least this often while frames arrive.
+        let mut drops_read = Instant::now();
         let mut fds = [
             libc::pollfd {
                 fd: l.io.raw_fd(),
@@ -66,6 +76,11 @@ impl Fabric {
                     }
                 }
                 signals.flush(&self.ports);
+                // Here, not after the drain: under a steady flood the drain may not end.
+                if drops_read.elapsed() >= KERNEL_DROPS_EVERY {
+                    l.count_kernel_drops();
+                    drops_read = Instant::now();
+                }
                 if n < RX_BATCH {
                     break;
                 }
@@ -141,6 +156,10 @@ impl Fabric {
             st.rx_bad_frame.inc();
             return;
         }
+        if !fits_mtu(&hdr, data.len(), self.mtu, |at| data.get(at).copied()) {
+            st.rx_oversize.inc();
+            return;
+        }
         let ethertype = u16::from_be_bytes([data[12], data[13]]);
         let hint = flow_hash(data);
         let frame = Frame {
@@ -157,13 +176,20 @@ impl Fabric {
             }
             Link::Host => Ingress::Host,
         };
-        let verdict = self.table.route(ingress, src, dst, ethertype);
-        if link == Link::Host
-            && verdict != Verdict::Drop(DropReason::LocalSource)
-            && self.table.follow_host_mac(src)
-        {
-            log::info!("host port now carries MAC {src}");
+        if link == Link::Host && !self.host_source_ok(l, src) {
+            st.rx_spoofed.inc();
+            warn_limited!(
+                l.warn,
+                "{}: frame from {src} dropped: not the interface's MAC {}",
+                l.io.describe(),
+                self.table
+                    .host_mac()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default()
+            );
+            return;
         }
+        let verdict = self.table.route(ingress, src, dst, ethertype);
         match verdict {
             Verdict::Port(to) => self.deliver(to, hint, &frame, signals),
             Verdict::Flood => {
@@ -177,6 +203,40 @@ impl Fabric {
             Verdict::Drop(DropReason::LocalSource) => st.rx_local_source.inc(),
             Verdict::Drop(_) => st.rx_not_for_us.inc(),
         }
+    }
+}
+
+impl Fabric {
+    /// Whether a frame from the host port with source MAC `src` may pass: its source must be
+    /// the TAP interface's own MAC (anti-spoofing, as for guests: a TAP in a bridge passes on
+    /// other stations' frames, and the host port's MAC must not follow them). When `src` is
+    /// not the MAC netmux knows, the interface is asked again (at most every
+    /// [`HOST_MAC_READ_EVERY`]), so `ip link set NAME address ...` is followed.
+    fn host_source_ok(&self, l: &HostLink, src: MacAddr) -> bool {
+        if self.table.host_mac() == Some(src) {
+            return true;
+        }
+        let due = match l.mac_read.lock() {
+            Ok(mut last) => {
+                let due = last.is_none_or(|t| t.elapsed() >= HOST_MAC_READ_EVERY);
+                if due {
+                    *last = Some(Instant::now());
+                }
+                due
+            }
+            Err(_) => false,
+        };
+        if due {
+            match l.io.hw_addr() {
+                Ok(mac) => {
+                    if self.table.set_host_mac(mac) {
+                        log::info!("{}: host port now carries MAC {mac}", l.io.describe());
+                    }
+                }
+                Err(e) => log::debug!("{}: cannot read its MAC: {e}", l.io.describe()),
+            }
+        }
+        self.table.host_mac() == Some(src) || !self.table.anti_spoof()
     }
 }
 

@@ -368,6 +368,9 @@ fn what_leaves_is_what_was_checked() {
         fn recv(&self, batch: &mut crate::uplink::RxBatch) -> std::io::Result<usize> {
             self.inner.recv(batch)
         }
+        fn hw_addr(&self) -> std::io::Result<MacAddr> {
+            self.inner.hw_addr()
+        }
     }
     let mem = memory();
     let atomic = GuestMemoryAtomic::new(mem.clone());
@@ -501,4 +504,157 @@ fn access_ports_get_only_their_own_tag_taken_off_from_uplink_frames() {
             assert_eq!(doc["uplink"][name], want, "case {i}: {name}");
         }
     }
+}
+
+/// The host port's MAC is the TAP interface's own: a frame from the host side with another
+/// source (a TAP in a bridge passes on other stations' frames) is dropped and counted
+/// (`rx_spoofed`) and does not change it; when the interface's MAC changes, frames from the
+/// new one pass and guests' frames for it go to the host port.
+#[test]
+fn the_host_port_follows_its_interface_not_the_frames() {
+    let mem = memory();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let sw = switch(
+        &[None],
+        Mode::Bridge,
+        SendOutcome::Sent,
+        Some(SendOutcome::Sent),
+    );
+    let f = &sw.fabric;
+    let host = sw.host.clone().unwrap();
+    const OLD: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0xaa]);
+    const NEW: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0xbb]);
+    host.lock().unwrap().mac = Some(OLD);
+    let mut g = Guest::new(&mem, &atomic, 0);
+    g.post_rx(16, 2048);
+    attach(f, std::slice::from_ref(&g), 0, &atomic);
+    let from_host = |src: MacAddr| {
+        let mut data = frame(mac(0), src, IP, 60)[HDR..].to_vec();
+        let mut signals = Signals::default();
+        f.forward_from_link(Link::Host, NetHdr::default(), None, &mut data, &mut signals);
+    };
+    let host_counter = |name: &str| {
+        serde_json::to_value(f.stats()).unwrap()["host"][name]
+            .as_u64()
+            .unwrap()
+    };
+    from_host(OLD);
+    assert_eq!(g.rx_frames().len(), 1);
+    // Bridged frames from other stations, unicast and group sources alike.
+    for src in [EXT, NEW, BCAST] {
+        from_host(src);
+    }
+    assert_eq!(g.rx_frames().len(), 1, "{}", f.stats_json());
+    assert_eq!(host_counter("rx_spoofed"), 3);
+    assert_eq!(f.table.host_mac(), Some(OLD));
+    // `ip link set NAME address NEW`: its frames pass once the interface has been read again
+    // (at most every HOST_MAC_READ_EVERY), the old address's no longer.
+    host.lock().unwrap().mac = Some(NEW);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while g.rx_frames().len() < 2 && std::time::Instant::now() < deadline {
+        from_host(NEW);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(g.rx_frames().len(), 2, "{}", f.stats_json());
+    assert_eq!(f.table.host_mac(), Some(NEW));
+    let spoofed = host_counter("rx_spoofed");
+    from_host(OLD);
+    assert_eq!(g.rx_frames().len(), 2);
+    assert_eq!(host_counter("rx_spoofed"), spoofed + 1);
+    // A guest's unicast to the new address goes to the host port.
+    g.send(&[frame(NEW, mac(0), IP, 60)]);
+    drain(f, 0, &mem, &mut g);
+    assert_eq!(host.lock().unwrap().sent.len(), 1, "{}", f.stats_json());
+}
+
+/// `--mtu` holds on every path: a guest frame with more than MTU bytes after its Ethernet
+/// header, or a segmentation request whose segments would have, is dropped and counted
+/// (`oversize`) whether it is for another guest, the uplink or everyone; frames from a link
+/// longer than that reach no guest (`rx_oversize`). Frames of exactly the MTU pass.
+#[test]
+fn frames_longer_than_the_mtu_go_nowhere() {
+    const MTU: u16 = 68;
+    let mem = memory();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let mut cfg = config(&[None, None], Mode::Bridge);
+    cfg.mtu = MTU;
+    let (up, up_log) = fake_link("up", SendOutcome::Sent);
+    let f = Fabric::new(&cfg, up, None);
+    let mut g: Vec<Guest<'_>> = (0..2).map(|i| Guest::new(&mem, &atomic, i)).collect();
+    g[1].post_rx(32, 2048);
+    attach(&f, &g[1..2], 1, &atomic);
+    let max = usize::from(MTU) + 14;
+    // A TCP/IPv4 segmentation request for EXT: IPv4 and TCP headers of 20 bytes each.
+    let tso = |gso_size: u16| {
+        let mut fr = frame(EXT, mac(0), IP, 2000);
+        let hdr = NetHdr {
+            flags: 1, // NEEDS_CSUM
+            gso_type: GSO_TCPV4,
+            hdr_len: 54,
+            gso_size,
+            csum_start: 34,
+            csum_offset: 16,
+            ..Default::default()
+        };
+        fr[..HDR_LEN_LEGACY].copy_from_slice(&hdr.to_bytes()[..HDR_LEN_LEGACY]);
+        fr[HDR + 14] = 0x45;
+        fr[HDR + 34 + 12] = 5 << 4;
+        fr
+    };
+    g[0].send(&[
+        frame(mac(1), mac(0), IP, max),
+        frame(EXT, mac(0), IP, max),
+        frame(mac(1), mac(0), IP, max + 1),
+        frame(mac(1), mac(0), IP, 1514),
+        frame(EXT, mac(0), IP, 9000),
+        frame(BCAST, mac(0), IP, 1514),
+        tso(usize::from(MTU) as u16 - 40),
+        tso(usize::from(MTU) as u16 - 39),
+    ]);
+    drain(&f, 0, &mem, &mut g[0]);
+    let sent: Vec<usize> = up_log
+        .lock()
+        .unwrap()
+        .sent
+        .iter()
+        .map(|s| s.len() - HDR_LEN_LEGACY)
+        .collect();
+    assert_eq!(sent, [max, 2000], "{}", f.stats_json());
+    let got: Vec<usize> = g[1]
+        .rx_frames()
+        .iter()
+        .map(|(_, b)| b.len() - HDR)
+        .collect();
+    assert_eq!(got, [max], "{}", f.stats_json());
+    assert_eq!(drops(&f, 0, "oversize"), 5, "{}", f.stats_json());
+    // From the uplink: the same limit, plain or coalesced by the kernel (no checksum request:
+    // the L4 header is found after the IP header).
+    let mut signals = Signals::default();
+    for len in [max, max + 1, 1514] {
+        let mut data = frame(mac(1), EXT, IP, len)[HDR..].to_vec();
+        f.forward_from_link(
+            Link::Uplink,
+            NetHdr::default(),
+            None,
+            &mut data,
+            &mut signals,
+        );
+    }
+    let gro = |gso_size: u16| NetHdr {
+        gso_type: GSO_TCPV4,
+        gso_size,
+        ..Default::default()
+    };
+    for gso_size in [MTU - 40, MTU - 39] {
+        let mut data = tso(0)[HDR..].to_vec();
+        data[..6].copy_from_slice(&mac(1).0);
+        data[6..12].copy_from_slice(&EXT.0);
+        f.forward_from_link(Link::Uplink, gro(gso_size), None, &mut data, &mut signals);
+    }
+    let doc = serde_json::to_value(f.stats()).unwrap();
+    assert_eq!(doc["uplink"]["rx_oversize"], 3, "{}", f.stats_json());
+    // The frame of exactly the MTU; the coalesced one that fits meets the next rule: this
+    // guest did not accept TSO.
+    assert_eq!(g[1].rx_frames().len(), 2, "{}", f.stats_json());
+    assert_eq!(drops(&f, 1, "rx_offload"), 1, "{}", f.stats_json());
 }

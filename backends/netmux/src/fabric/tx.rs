@@ -242,6 +242,18 @@ impl Fabric {
                 return None;
             }
         };
+        if !frame.fits_mtu(self.mtu) {
+            c.drops.oversize.inc();
+            warn_limited!(
+                port.warn,
+                "{name}: frame of {} bytes (segments of {}) dropped: longer than the MTU {} \
+                 allows",
+                frame.len(),
+                frame.hdr.gso_size,
+                self.mtu
+            );
+            return Some(frame.len());
+        }
         let ingress = Ingress::Port(port.index);
         let eth = frame.eth;
         match self

@@ -6,8 +6,9 @@ use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use super::sys::{cvt, is_would_block, setsockopt, setup_err};
+use super::sys::{cvt, hw_addr, ioctl_socket, is_would_block, setsockopt, setup_err};
 use super::{RxBatch, SendOutcome, TxBatch, Uplink, UplinkError, VlanTag};
+use crate::config::MacAddr;
 use crate::frame::ETH_P_8021Q;
 
 /// An AF_PACKET raw socket bound to one interface, promiscuous, with virtio-net headers,
@@ -179,6 +180,36 @@ impl Uplink for AfPacket {
         }
         batch.count = got;
         Ok(got)
+    }
+
+    fn hw_addr(&self) -> io::Result<MacAddr> {
+        hw_addr(ioctl_socket()?.as_raw_fd(), &self.name)
+    }
+
+    fn take_kernel_drops(&self) -> u64 {
+        // SAFETY: tpacket_stats is plain data; all-zero is valid.
+        let mut st: libc::tpacket_stats = unsafe { mem::zeroed() };
+        let mut len = mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+        // SAFETY: PACKET_STATISTICS writes at most `len` bytes of a tpacket_stats (no ring
+        // is set up, so not the v3 layout) into `st`, which is that large.
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                (&mut st as *mut libc::tpacket_stats).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 {
+            log::debug!(
+                "{}: PACKET_STATISTICS: {}",
+                self.name,
+                io::Error::last_os_error()
+            );
+            return 0;
+        }
+        u64::from(st.tp_drops)
     }
 }
 

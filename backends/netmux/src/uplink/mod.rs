@@ -13,6 +13,7 @@ mod tap;
 use std::io;
 use std::os::fd::RawFd;
 
+use crate::config::MacAddr;
 use crate::virtio_net::{NetHdr, HDR_LEN_LEGACY};
 
 pub use af_packet::AfPacket;
@@ -223,4 +224,15 @@ pub trait Uplink: Send + Sync {
     fn send(&self, batch: &mut TxBatch);
     /// Receives up to [`RX_BATCH`] frames without blocking; returns how many (0: none).
     fn recv(&self, batch: &mut RxBatch) -> io::Result<usize>;
+    /// Frames the kernel dropped on their way to us since the last call (a full receive
+    /// buffer), for links that can tell; the kernel's count restarts at each call, so the
+    /// caller adds them up.
+    fn take_kernel_drops(&self) -> u64 {
+        0
+    }
+    /// The interface's own MAC address, as the kernel has it now (SIOCGIFHWADDR); links that
+    /// have none to tell (test doubles) answer `Unsupported`.
+    fn hw_addr(&self) -> io::Result<MacAddr> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }

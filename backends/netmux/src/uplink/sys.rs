@@ -5,6 +5,7 @@ use std::mem;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use super::UplinkError;
+use crate::config::MacAddr;
 
 /// An interface name as `struct ifreq` holds it: NUL-padded, cut to IFNAMSIZ - 1 bytes.
 pub(super) fn ifreq_name(name: &str) -> [u8; libc::IFNAMSIZ] {
@@ -12,6 +13,37 @@ pub(super) fn ifreq_name(name: &str) -> [u8; libc::IFNAMSIZ] {
     let n = name.len().min(libc::IFNAMSIZ - 1);
     out[..n].copy_from_slice(&name.as_bytes()[..n]);
     out
+}
+
+/// `struct ifreq` holding a hardware address (SIOCGIFHWADDR / SIOCSIFHWADDR).
+#[repr(C)]
+pub(super) struct IfReqHwAddr {
+    pub(super) name: [u8; libc::IFNAMSIZ],
+    pub(super) family: libc::sa_family_t,
+    pub(super) data: [u8; 14],
+    _pad: [u8; 8],
+}
+
+impl IfReqHwAddr {
+    /// A request about interface `name`, address all zero.
+    pub(super) fn new(name: &str) -> IfReqHwAddr {
+        IfReqHwAddr {
+            name: ifreq_name(name),
+            family: 0,
+            data: [0; 14],
+            _pad: [0; 8],
+        }
+    }
+}
+
+/// The MAC address of interface `name` (SIOCGIFHWADDR on `fd`: a socket, which looks the name
+/// up in its network namespace, or a TAP's own descriptor, which answers for its device
+/// wherever it is).
+pub(super) fn hw_addr(fd: RawFd, name: &str) -> io::Result<MacAddr> {
+    let mut req = IfReqHwAddr::new(name);
+    // SAFETY: SIOCGIFHWADDR fills the sockaddr of an ifreq-sized buffer; `req` is one.
+    cvt(unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) })?;
+    MacAddr::from_slice(&req.data).ok_or_else(|| io::Error::other("short hardware address"))
 }
 
 /// A plain datagram socket, used only as the handle for interface ioctls.

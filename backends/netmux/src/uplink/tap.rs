@@ -5,7 +5,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use super::sys::{cvt, ifreq_name, ioctl_socket, is_would_block, setup_err};
+use super::sys::{cvt, hw_addr, ifreq_name, ioctl_socket, is_would_block, setup_err, IfReqHwAddr};
 use super::{RxBatch, SendOutcome, TxBatch, Uplink, UplinkError};
 use crate::config::MacAddr;
 use crate::virtio_net::HDR_LEN_LEGACY;
@@ -25,15 +25,6 @@ struct IfReq {
     name: [u8; libc::IFNAMSIZ],
     flags: libc::c_short,
     _pad: [u8; 22],
-}
-
-/// `struct ifreq` holding a hardware address (SIOCGIFHWADDR / SIOCSIFHWADDR).
-#[repr(C)]
-struct IfReqHwAddr {
-    name: [u8; libc::IFNAMSIZ],
-    family: libc::sa_family_t,
-    data: [u8; 14],
-    _pad: [u8; 8],
 }
 
 impl Tap {
@@ -91,32 +82,20 @@ impl Tap {
         Ok(tap)
     }
 
-    /// The MAC address of the host's end of the TAP.
+    /// The MAC address of the host's end of the TAP. Asked through the TAP's own descriptor,
+    /// which answers for its device even after it moved to another network namespace.
     pub fn mac(&self) -> io::Result<MacAddr> {
-        let s = ioctl_socket()?;
-        let mut req = self.hwaddr_req();
-        // SAFETY: SIOCGIFHWADDR fills the sockaddr of an ifreq-sized buffer; `req` is one.
-        cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) })?;
-        MacAddr::from_slice(&req.data).ok_or_else(|| io::Error::other("short hardware address"))
+        hw_addr(self.file.as_raw_fd(), &self.name)
     }
 
     fn set_mac(&self, mac: MacAddr) -> io::Result<()> {
         let s = ioctl_socket()?;
-        let mut req = self.hwaddr_req();
+        let mut req = IfReqHwAddr::new(&self.name);
         req.family = libc::ARPHRD_ETHER;
         req.data[..6].copy_from_slice(&mac.0);
         // SAFETY: SIOCSIFHWADDR reads the sockaddr of an ifreq-sized buffer; `req` is one.
         cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFHWADDR, &req) })?;
         Ok(())
-    }
-
-    fn hwaddr_req(&self) -> IfReqHwAddr {
-        IfReqHwAddr {
-            name: ifreq_name(&self.name),
-            family: 0,
-            data: [0; 14],
-            _pad: [0; 8],
-        }
     }
 
     fn set_up(&self) -> io::Result<()> {
@@ -138,6 +117,10 @@ impl Tap {
 impl Uplink for Tap {
     fn describe(&self) -> String {
         format!("tap:{}", self.name)
+    }
+
+    fn hw_addr(&self) -> io::Result<MacAddr> {
+        self.mac()
     }
 
     fn raw_fd(&self) -> RawFd {
