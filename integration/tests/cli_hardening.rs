@@ -107,3 +107,99 @@ fn config_files_that_never_end_or_never_open_are_refused() {
         }
     }
 }
+
+/// Any local client that may connect to a stream-mode socket can be "a second QEMU": the
+/// refusals are logged at a bounded rate, not one line each.
+#[test]
+fn refused_second_stream_clients_are_logged_at_a_bounded_rate() {
+    use devshare_integration::console_backend::{Console, WAIT};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    let c = Console::start(
+        "hard-second-qemu",
+        &[
+            "--vm",
+            "s={dir}/s.sock,stream",
+            "-p",
+            "s/serial=unix:{dir}/c.sock",
+        ],
+        &["s.sock", "c.sock"],
+    );
+    let mut client = UnixStream::connect(c.path("c.sock")).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    c.wait_stat("s", "serial", "attached", 1);
+    let mut qemu = UnixStream::connect(c.path("s.sock")).unwrap();
+    qemu.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    client.read_exact(&mut b).unwrap();
+    const TRIES: usize = 60;
+    for _ in 0..TRIES {
+        let mut second = UnixStream::connect(c.path("s.sock")).unwrap();
+        second.set_read_timeout(Some(WAIT)).unwrap();
+        // Refused: closed by the backend (after it logged, or held back, the line).
+        assert_eq!(second.read(&mut b).unwrap_or(0), 0);
+    }
+    let logged = c.log_count("a second QEMU connected");
+    assert!(
+        (1..TRIES / 3).contains(&logged),
+        "{logged} lines for {TRIES} refusals"
+    );
+}
+
+/// A local client that connects to a vhost-user socket and says nothing is disconnected after
+/// the handshake timeout (`DEVSHARE_HANDSHAKE_TIMEOUT_MS`, 300 ms here), and the real
+/// front-end (the harness, as QEMU) that connected behind it is then served.
+#[test]
+fn a_silent_client_cannot_keep_qemu_from_a_vhost_user_socket() {
+    use devshare_integration::frontend::Connection;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    let d = scratch("silent");
+    let sock = d.join("v.sock");
+    let log = std::fs::File::create(d.join("backend.log")).unwrap();
+    let mut child = Command::new(binary("vhost-user-console").unwrap())
+        .args(["--vm", &format!("v={}", sock.display())])
+        .args(["-p", &format!("v/c=unix:{}", d.join("c.sock").display())])
+        .env("RUST_LOG", "warn")
+        .env("DEVSHARE_HANDSHAKE_TIMEOUT_MS", "300")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // The silent client: Connection::connect waits for the socket the same way.
+    let mut silent = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) if child.try_wait().unwrap().is_none() => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("backend gone: {e}"),
+        }
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = sock.clone();
+    std::thread::spawn(move || {
+        let r = Connection::connect(&s).and_then(|mut c| c.get_features());
+        let _ = tx.send(r.map_err(|e| e.to_string()));
+    });
+    // The bound only turns a hang (the fault) into a failure.
+    let features = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the front-end behind a silent client was never served");
+    assert!(features.is_ok(), "{features:?}");
+    silent
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    assert_eq!(
+        silent.read(&mut [0u8; 1]).unwrap(),
+        0,
+        "silent client still connected"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(d.join("backend.log")).unwrap();
+    assert!(log.contains("sent no message within"), "{log}");
+}
