@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod files;
 pub mod listen;
 pub mod mem_table;
+pub mod output;
 pub mod pit;
 pub mod qemu;
 pub mod ratelimit;

@@ -203,3 +203,78 @@ fn a_silent_client_cannot_keep_qemu_from_a_vhost_user_socket() {
     let log = std::fs::read_to_string(d.join("backend.log")).unwrap();
     assert!(log.contains("sent no message within"), "{log}");
 }
+
+/// stdout of a child: the write end of a pipe whose read end is already closed, as with
+/// `... | head -1` once head has exited.
+fn closed_pipe() -> Stdio {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0i32; 2];
+    // SAFETY: fds has room for the two descriptors pipe2 writes.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors were just created and are owned here only.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    Stdio::from(write)
+}
+
+#[test]
+fn a_closed_stdout_pipe_is_a_quiet_clean_exit_in_every_printing_command() {
+    let d = scratch("epipe");
+    let stats = d.join("stats.sock");
+    // A stats socket that answers with a document, as a running backend's does.
+    let listener = std::os::unix::net::UnixListener::bind(&stats).unwrap();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for s in listener.incoming() {
+            let _ = s.unwrap().write_all(b"{\"ports\": []}");
+        }
+    });
+    let stats = stats.display().to_string();
+    let runs: Vec<(&str, Vec<&str>)> = vec![
+        (
+            "vhost-user-netmux",
+            vec![
+                "--uplink",
+                "tap:epipe0",
+                "--port",
+                "socket=/tmp/epipe-g.sock,mac=52:54:00:00:00:01",
+                "--print-qemu-args",
+            ],
+        ),
+        ("vhost-user-netmux", vec!["stats", "--socket", &stats]),
+        (
+            "vhost-user-console",
+            vec![
+                "--socket",
+                "/tmp/epipe-a.sock",
+                "-p",
+                "console=pty",
+                "--print-qemu-args",
+            ],
+        ),
+        ("kvm-pit-policy", vec!["qemu-args", "--policy", "delay"]),
+        ("kvm-pit-policy", vec!["inspect"]),
+    ];
+    for (bin, args) in runs {
+        let child = Command::new(binary(bin).unwrap())
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(closed_pipe())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = finish(child, Duration::from_secs(60), bin);
+        assert!(
+            out.status.success(),
+            "{bin} {args:?}: {:?}\n{}",
+            out.status,
+            out.stderr
+        );
+        assert!(
+            !out.stderr.contains("panicked"),
+            "{bin} {args:?}: {}",
+            out.stderr
+        );
+    }
+}

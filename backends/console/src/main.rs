@@ -308,12 +308,18 @@ fn main() -> ExitCode {
         for vm in &cfg.vms {
             match qemu_args(vm, &memory, qemu) {
                 Ok(lines) => {
-                    println!("# {}", vm.name);
+                    let mut text = format!("# {}\n", vm.name);
                     for line in lines {
-                        println!("{line}");
+                        text.push_str(&line);
+                        text.push('\n');
                     }
                     if let Some(p) = pit_policy {
-                        println!("{}", devshare_common::pit::qemu_args(p).join(" "));
+                        text.push_str(&devshare_common::pit::qemu_args(p).join(" "));
+                        text.push('\n');
+                    }
+                    if let Err(e) = devshare_common::output::print(&text) {
+                        eprintln!("vhost-user-console: cannot write to stdout: {e}");
+                        return ExitCode::FAILURE;
                     }
                 }
                 Err(e) => {

@@ -228,8 +228,13 @@ fn main() -> ExitCode {
                 let pretty = serde_json::from_str::<serde_json::Value>(&doc)
                     .and_then(|v| serde_json::to_string_pretty(&v))
                     .unwrap_or(doc);
-                println!("{pretty}");
-                ExitCode::SUCCESS
+                match devshare_common::output::print(&format!("{pretty}\n")) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("vhost-user-netmux: cannot write to stdout: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("cannot read stats from {}: {e}", socket.display());
@@ -263,15 +268,23 @@ fn main() -> ExitCode {
         for w in warnings {
             eprintln!("vhost-user-netmux: note: {w}");
         }
+        let mut text = String::new();
         for (i, p) in config.ports.iter().enumerate() {
-            println!("# guest on port {} ({})", p.name, p.mac);
+            text.push_str(&format!("# guest on port {} ({})\n", p.name, p.mac));
             let mut args = qemu_args(p, i, config.mtu, memory_mib, qemu);
             if let Some(policy) = cli.run.pit_policy {
                 args.push(devshare_common::pit::qemu_args(policy).join(" "));
             }
-            println!("{}", args.join(" \\\n  "));
+            text.push_str(&args.join(" \\\n  "));
+            text.push('\n');
         }
-        return ExitCode::SUCCESS;
+        return match devshare_common::output::print(&text) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vhost-user-netmux: cannot write to stdout: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let actions = SignalActions {
         on_reload: Box::new(|| log::info!("SIGHUP: netmux has nothing to reload")),

@@ -147,6 +147,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints `text` (a closed pipe is no failure, see [`devshare_common::output`]); false, after
+/// saying why, when stdout cannot be written.
+fn print(text: &str) -> bool {
+    match devshare_common::output::print(text) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("kvm-pit-policy: cannot write to stdout: {e}");
+            false
+        }
+    }
+}
+
 fn qemu_args_command(
     policy: LostTickPolicy,
     strict: bool,
@@ -154,7 +166,9 @@ fn qemu_args_command(
     mut qemu: Vec<String>,
 ) -> ExitCode {
     let ours = qemu_args(policy);
-    println!("{}", ours.join(" "));
+    if !print(&format!("{}\n", ours.join(" "))) {
+        return ExitCode::FAILURE;
+    }
     if qemu.is_empty() {
         return ExitCode::SUCCESS;
     }
@@ -233,25 +247,27 @@ fn inspect_command(pids: &[u32], json: bool) -> ExitCode {
             }
         }
     }
-    if json {
+    let text = if json {
         match serde_json::to_string_pretty(&reports) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => format!("{text}\n"),
             Err(e) => {
                 eprintln!("kvm-pit-policy: cannot encode JSON: {e}");
                 return ExitCode::FAILURE;
             }
         }
     } else if reports.is_empty() && pids.is_empty() {
-        println!("no running QEMU (qemu-system-*) found");
+        "no running QEMU (qemu-system-*) found\n".to_string()
     } else {
+        let mut text = String::new();
         for r in &reports {
-            println!("{}", r.summary());
+            text.push_str(&format!("{}\n", r.summary()));
             for note in &r.reading.notes {
-                println!("    note: {note}");
+                text.push_str(&format!("    note: {note}\n"));
             }
         }
-    }
-    if failed {
+        text
+    };
+    if !print(&text) || failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -272,16 +288,19 @@ fn lab_command(
             return ExitCode::FAILURE;
         }
     };
-    if json {
+    let text = if json {
         match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => format!("{text}\n"),
             Err(e) => {
                 eprintln!("kvm-pit-policy: cannot encode JSON: {e}");
                 return ExitCode::FAILURE;
             }
         }
     } else {
-        print!("{}", report.table());
+        report.table()
+    };
+    if !print(&text) {
+        return ExitCode::FAILURE;
     }
     if let Some(path) = plot {
         if let Err(e) = write_png(&report, &path) {
