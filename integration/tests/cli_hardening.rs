@@ -278,3 +278,30 @@ fn a_closed_stdout_pipe_is_a_quiet_clean_exit_in_every_printing_command() {
         );
     }
 }
+
+/// `stats --socket` against a socket that accepts and never answers ends with an error that
+/// says so, instead of waiting forever.
+#[test]
+fn stats_of_a_socket_that_never_answers_ends_with_an_error() {
+    let d = scratch("stats-silent");
+    let path = d.join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming() {
+            held.push(s.unwrap());
+        }
+    });
+    let p = path.display().to_string();
+    let out = finish(
+        spawn("vhost-user-netmux", &["stats", "--socket", &p]),
+        Duration::from_secs(60),
+        "netmux stats",
+    );
+    assert!(!out.status.success(), "{:?}", out.status);
+    assert!(
+        out.stderr.contains(&p) && out.stderr.contains("no complete answer"),
+        "{}",
+        out.stderr
+    );
+}
