@@ -305,3 +305,38 @@ fn stats_of_a_socket_that_never_answers_ends_with_an_error() {
         out.stderr
     );
 }
+
+const NETMUX_PRINT: &[&str] = &[
+    "--uplink",
+    "tap:clihard0",
+    "--port",
+    "socket=/tmp/cli-hard-g.sock,mac=52:54:00:00:00:01",
+    "--print-qemu-args",
+];
+
+fn netmux_print(more: &[&str]) -> Finished {
+    let args: Vec<&str> = NETMUX_PRINT.iter().chain(more).copied().collect();
+    finish(
+        spawn("vhost-user-netmux", &args),
+        Duration::from_secs(60),
+        "netmux --print-qemu-args",
+    )
+}
+
+/// The deprecated `--guest-mem MIB` is checked as `--memory` is.
+#[test]
+fn guest_mem_is_checked_like_memory() {
+    for bad in ["0", "18446744073709551615", "17592186044416"] {
+        let out = netmux_print(&["--guest-mem", bad]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--guest-mem {bad}: {}",
+            out.stdout
+        );
+        assert!(out.stderr.contains(bad), "{}", out.stderr);
+    }
+    let out = netmux_print(&["--guest-mem", "256"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stdout.contains("size=256M,share=on"), "{}", out.stdout);
+}

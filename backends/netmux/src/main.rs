@@ -135,7 +135,7 @@ struct RunArgs {
     memory: u64,
 
     /// Deprecated: use --memory SIZE (this took MiB: --guest-mem 512 is --memory 512M).
-    #[arg(long, value_name = "MIB", conflicts_with = "memory")]
+    #[arg(long, value_name = "MIB", conflicts_with = "memory", value_parser = parse_guest_mem_mib)]
     guest_mem: Option<u64>,
 
     /// With --print-qemu-args: also print the option that sets KVM's PIT lost-tick policy
@@ -219,6 +219,15 @@ impl TryFrom<&RunArgs> for Config {
     }
 }
 
+/// `--guest-mem MIB`, checked as `--memory MIBM` is (non-zero, no overflow); in bytes.
+fn parse_guest_mem_mib(s: &str) -> Result<u64, String> {
+    let mib: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of MiB"))?;
+    parse_guest_memory(&format!("{mib}M")).map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     devshare_common::init_logging();
     let cli = Cli::parse();
@@ -250,9 +259,9 @@ fn main() -> ExitCode {
         }
     };
     let memory_mib = match cli.run.guest_mem {
-        Some(mib) => {
+        Some(bytes) => {
             warn_deprecated("--guest-mem MIB", "--memory SIZE (e.g. --memory 512M)");
-            mib
+            bytes >> 20
         }
         None => cli.run.memory >> 20,
     };
