@@ -206,15 +206,31 @@ fn remove_if_ours(path: &Path, dev_ino: (u64, u64)) -> bool {
 
 /// Removes every socket path this process created with [`listen`] that still names the socket
 /// it created, and returns those paths. New connections to them are no longer possible; the
-/// listening descriptors themselves stay open. Used on SIGTERM/SIGINT, where destructors do not
-/// run.
+/// listening descriptors themselves stay open. For a process that exits without running
+/// destructors; on SIGTERM/SIGINT, [`close_and_remove_created_sockets`].
 pub fn remove_created_sockets() -> Vec<PathBuf> {
-    let list = std::mem::take(&mut *created());
-    list.into_iter()
+    remove_registered(&mut created())
+}
+
+/// [`remove_created_sockets`] for a process that is shutting down: from then on [`listen`]
+/// creates no socket (a thread that calls it waits for the exit instead), so a thread still starting up cannot leave a socket behind a
+/// shutdown that has already cleaned up. Used on SIGTERM/SIGINT.
+pub fn close_and_remove_created_sockets() -> Vec<PathBuf> {
+    let mut registry = created();
+    SOCKETS_CLOSED.store(true, std::sync::atomic::Ordering::SeqCst);
+    remove_registered(&mut registry)
+}
+
+fn remove_registered(registry: &mut Vec<(PathBuf, (u64, u64))>) -> Vec<PathBuf> {
+    std::mem::take(registry)
+        .into_iter()
         .filter(|(path, dev_ino)| remove_if_ours(path, *dev_ino))
         .map(|(path, _)| path)
         .collect()
 }
+
+/// Set by [`close_and_remove_created_sockets`]: the process is shutting down.
+static SOCKETS_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Listens on the Unix socket `path` with the permissions of `opts`: see the module
 /// documentation for what is refused and how the socket is put in place. The listener is in
@@ -240,6 +256,19 @@ pub fn listen(
         return Err(io_err(
             "path longer than a Unix socket address holds (107 bytes)",
         )(io::ErrorKind::InvalidInput.into()));
+    }
+    // Held from making the private directory to recording the socket: a shutdown
+    // (close_and_remove_created_sockets) either finds the socket recorded or has closed
+    // creation before anything was made.
+    let mut registry = created();
+    if SOCKETS_CLOSED.load(std::sync::atomic::Ordering::SeqCst) {
+        // The signal thread is shutting the process down and exits it (status 0) when done:
+        // this start-up thread has nothing left to do, and an error returned here would race
+        // that exit with a failure status.
+        drop(registry);
+        loop {
+            std::thread::park();
+        }
     }
     let stale = probe(path)?;
     let parent = match path.parent() {
@@ -267,7 +296,8 @@ pub fn listen(
         Placement::Refused(err) => err,
     })?;
     drop(private);
-    created().push((path.to_path_buf(), dev_ino));
+    registry.push((path.to_path_buf(), dev_ino));
+    drop(registry);
     log::debug!(
         "listening on {} (mode {:o}{})",
         path.display(),

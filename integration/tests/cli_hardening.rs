@@ -340,3 +340,133 @@ fn guest_mem_is_checked_like_memory() {
     assert!(out.status.success(), "{}", out.stderr);
     assert!(out.stdout.contains("size=256M,share=on"), "{}", out.stdout);
 }
+
+fn kill(child: &Child, sig: i32) {
+    // SAFETY: kill has no memory effects; the pid is our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+/// Starts a backend whose sockets go to `d`, with SIGHUP and SIGTERM blocked across the exec
+/// (as a supervisor hands over a signal sent while the program starts): a signal sent at once
+/// stays pending until the backend takes it. The backend must install its handling and then
+/// take the signal, however early it came.
+fn start_backend(bin: &str, d: &std::path::Path, tap: &str) -> Child {
+    use std::os::unix::process::CommandExt;
+    let p = |n: &str| d.join(n).display().to_string();
+    let args: Vec<String> = if bin == "vhost-user-console" {
+        vec![
+            "--vm".into(),
+            format!("v={}", p("v.sock")),
+            "-p".into(),
+            format!("v/c=unix:{}", p("c.sock")),
+            "--stats-socket".into(),
+            p("stats.sock"),
+        ]
+    } else {
+        vec![
+            "--uplink".into(),
+            format!("tap:{tap}"),
+            "--port".into(),
+            format!("socket={},mac=52:54:00:00:00:01", p("v.sock")),
+            "--stats-socket".into(),
+            p("stats.sock"),
+        ]
+    };
+    let mut cmd = Command::new(binary(bin).unwrap());
+    cmd.args(&args)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: runs between fork and exec and calls only async-signal-safe functions on a
+    // sigset_t on its own stack.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGHUP);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            match libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) {
+                0 => Ok(()),
+                e => Err(std::io::Error::from_raw_os_error(e)),
+            }
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
+/// Whatever is left in `d`: sockets, the private directories sockets are made in.
+fn leftovers(d: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The SIGHUP count in a backend's stats, once its stats socket answers.
+fn hups(stats: &std::path::Path) -> Option<u64> {
+    let doc = devshare_integration::console_backend::stats_of(stats).ok()?;
+    doc.pointer("/process/signals/hup").and_then(|v| v.as_u64())
+}
+
+const SIGNAL_ROUNDS: usize = 50;
+
+/// SIGHUP sent the moment the process exists, before it has done anything: the backend lives
+/// on, serves, and counts the SIGHUP as handled.
+#[test]
+fn sighup_during_start_up_is_handled_and_does_not_kill_a_backend() {
+    let tap = format!("sghup{}", std::process::id() % 100_000);
+    for bin in BACKENDS {
+        for round in 0..SIGNAL_ROUNDS {
+            let d = scratch(&format!("hup-{round}"));
+            let mut child = start_backend(bin, &d, &tap);
+            kill(&child, libc::SIGHUP);
+            // Readiness: the stats socket answers and counts the SIGHUP.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while hups(&d.join("stats.sock")) != Some(1) {
+                if let Some(status) = child.try_wait().unwrap() {
+                    panic!("{bin} round {round}: SIGHUP during start-up ended it: {status}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{bin} round {round}: SIGHUP never handled"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            kill(&child, libc::SIGTERM);
+            let out = finish(child, Duration::from_secs(60), bin);
+            assert_eq!(out.status.code(), Some(0), "{bin} round {round}");
+            assert!(
+                leftovers(&d).is_empty(),
+                "{bin} round {round}: {:?}",
+                leftovers(&d)
+            );
+        }
+    }
+}
+
+/// SIGTERM sent the moment the process exists: a clean exit (status 0) that leaves none of
+/// the sockets start-up created behind.
+#[test]
+fn sigterm_during_start_up_leaves_no_socket_behind() {
+    let tap = format!("sgterm{}", std::process::id() % 100_000);
+    for bin in BACKENDS {
+        for round in 0..SIGNAL_ROUNDS {
+            let d = scratch(&format!("term-{round}"));
+            let child = start_backend(bin, &d, &tap);
+            kill(&child, libc::SIGTERM);
+            let out = finish(child, Duration::from_secs(60), bin);
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{bin} round {round}: {:?}",
+                out.status
+            );
+            assert!(
+                leftovers(&d).is_empty(),
+                "{bin} round {round}: {:?}",
+                leftovers(&d)
+            );
+        }
+    }
+}

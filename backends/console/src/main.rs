@@ -13,7 +13,7 @@ use devshare_common::files::{ensure_private_dir, StateDirLock};
 use devshare_common::listen::SocketOptions;
 use devshare_common::pit::LostTickPolicy;
 use devshare_common::qemu::QemuVersion;
-use devshare_common::signals::{handle_signals, ProcessStats, SignalActions};
+use devshare_common::signals::{install_signal_handlers, ProcessStats, SignalActions};
 use vhost_user_console::config::{
     parse_port_arg, parse_vm_arg, Config, ConfigFile, DeviceKind, SocketMode, VmFile,
 };
@@ -279,6 +279,16 @@ fn on_shutdown(groups: &[Arc<Group>]) {
 }
 
 fn main() -> ExitCode {
+    // First of all: a SIGHUP or SIGTERM during start-up is held and handled once start-up is
+    // done (a reload, or a shutdown that removes what start-up created), never the default
+    // (death, leaving sockets behind).
+    let pending_signals = match install_signal_handlers() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("vhost-user-console: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     devshare_common::init_logging();
     let args = Args::parse();
     let print = args.print_qemu_args;
@@ -376,7 +386,7 @@ fn main() -> ExitCode {
             on_shutdown: Box::new(move || on_shutdown(&shutdown)),
         }
     };
-    if let Err(e) = handle_signals(actions) {
+    if let Err(e) = pending_signals.start(actions) {
         eprintln!("vhost-user-console: {e}");
         return ExitCode::FAILURE;
     }

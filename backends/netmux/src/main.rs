@@ -8,7 +8,7 @@ use devshare_common::config::{load_toml, parse_guest_memory, warn_deprecated};
 use devshare_common::listen::SocketOptions;
 use devshare_common::pit::LostTickPolicy;
 use devshare_common::qemu::QemuVersion;
-use devshare_common::signals::{handle_signals, SignalActions};
+use devshare_common::signals::{install_signal_handlers, SignalActions};
 use vhost_user_netmux::config::{
     Config, ConfigError, ConfigFile, FileError, HostPortConfig, Mode, PortConfig, UplinkSpec,
 };
@@ -229,6 +229,15 @@ fn parse_guest_mem_mib(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    // First of all: a SIGHUP or SIGTERM during start-up is held and handled once start-up is
+    // done (see devshare_common::signals), never the default (death, sockets left behind).
+    let pending_signals = match install_signal_handlers() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("vhost-user-netmux: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     devshare_common::init_logging();
     let cli = Cli::parse();
     if let Some(Command::Stats { socket }) = &cli.command {
@@ -299,7 +308,7 @@ fn main() -> ExitCode {
         on_reload: Box::new(|| log::info!("SIGHUP: netmux has nothing to reload")),
         on_shutdown: Box::new(|| {}),
     };
-    if let Err(e) = handle_signals(actions) {
+    if let Err(e) = pending_signals.start(actions) {
         log::error!("{e}");
         return ExitCode::FAILURE;
     }
