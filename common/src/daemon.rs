@@ -412,7 +412,8 @@ where
     let num_queues = backend.num_queues();
     // Declared before the daemon: on every way out it is dropped after it (see worker_exit).
     let mut exit_copies = ExitEventCopies::new(&backend);
-    let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
+    // The library names a thread after it.
+    let mut daemon = VhostUserDaemon::new(crate::thread_name(name), backend, mem)
         .map_err(|e| io::Error::other(e.to_string()))?;
     // The library's end of the relay, reachable by this process only (see PrivateListener).
     let private = relay::PrivateListener::new()?;
@@ -449,7 +450,7 @@ where
         let (from, to) = (frontend.try_clone()?, inner.try_clone()?);
         let vm = name.to_string();
         thread::Builder::new()
-            .name(format!("{name}-relay"))
+            .name(crate::thread_name(&format!("{name}-relay")))
             .spawn(move || {
                 let r = relay::relay_frontend_messages(&vm, &from, &to);
                 let _ = to.shutdown(Shutdown::Both);
@@ -461,7 +462,7 @@ where
         let (from, to) = (inner.try_clone()?, frontend.try_clone()?);
         let queue_num = opts.queue_num;
         thread::Builder::new()
-            .name(format!("{name}-reply"))
+            .name(crate::thread_name(&format!("{name}-reply")))
             .spawn(move || {
                 // Replies carry no descriptors for the features these devices offer.
                 if let Err(e) = relay::relay_backend_replies(&from, &to, queue_num) {

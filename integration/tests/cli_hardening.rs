@@ -470,3 +470,81 @@ fn sigterm_during_start_up_leaves_no_socket_behind() {
         }
     }
 }
+
+/// A NUL (or other control character) in a VM or port name from a config file: no thread
+/// name built from it may panic, at start-up or when a front-end connects. The backend either
+/// refuses the name with an error or serves it.
+#[test]
+fn control_characters_in_names_never_panic() {
+    use devshare_integration::frontend::Connection;
+    let d = scratch("nul-names");
+    let tap = format!("nulnm{}", std::process::id() % 100_000);
+    let console = d.join("console.toml");
+    std::fs::write(
+        &console,
+        format!(
+            "[[vm]]\nname = \"a\\u0000b\\u001b\"\nsocket = \"{}\"\nport = [ {{ name = \"c\", endpoint = \"unix:{}\" }} ]\n",
+            d.join("c-vm.sock").display(),
+            d.join("c-port.sock").display()
+        ),
+    )
+    .unwrap();
+    let netmux = d.join("netmux.toml");
+    std::fs::write(
+        &netmux,
+        format!(
+            "uplink = \"tap:{tap}\"\n[[port]]\nname = \"p\\u0000q\"\nsocket = \"{}\"\nmac = \"52:54:00:00:00:01\"\n",
+            d.join("n-vm.sock").display()
+        ),
+    )
+    .unwrap();
+    for (bin, config, sock) in [
+        ("vhost-user-console", &console, d.join("c-vm.sock")),
+        ("vhost-user-netmux", &netmux, d.join("n-vm.sock")),
+    ] {
+        let log = d.join(format!("{bin}.log"));
+        let mut child = Command::new(binary(bin).unwrap())
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let served = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Err(status);
+            }
+            if sock.exists() {
+                break Ok(());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{bin}: neither served nor refused"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        match served {
+            Err(status) => {
+                let text = std::fs::read_to_string(&log).unwrap();
+                assert!(
+                    status.code().is_some_and(|c| c != 101) && !text.contains("panicked"),
+                    "{bin}: {status}: {text}"
+                );
+            }
+            Ok(()) => {
+                // A front-end connecting makes the per-connection threads.
+                let mut c = Connection::connect(&sock).unwrap();
+                c.get_features().unwrap();
+                drop(c);
+                kill(&child, libc::SIGTERM);
+                let out = finish(child, Duration::from_secs(60), bin);
+                let text = std::fs::read_to_string(&log).unwrap();
+                assert_eq!(out.status.code(), Some(0), "{bin}: {text}");
+                assert!(!text.contains("panicked"), "{bin}: {text}");
+            }
+        }
+    }
+}

@@ -448,7 +448,7 @@ fn main() -> ExitCode {
             vhost_user_console::virtio_console::queue_count(vm.ports.len(), vm.multiport());
         opts.worker_fds = vec![(vmref.reactor_fd(), reactor_event(queues))];
         let spawned = thread::Builder::new()
-            .name(format!("vm-{}", vm.name))
+            .name(devshare_common::thread_name(&format!("vm-{}", vm.name)))
             .spawn(move || {
                 serve(
                     &opts,

@@ -179,7 +179,7 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
         // more with an error that says so.
         opts.queue_num = Some(u64::from(pc.queue_pairs));
         let handle = thread::Builder::new()
-            .name(format!("port-{}", pc.name))
+            .name(devshare_common::thread_name(&format!("port-{}", pc.name)))
             .spawn(move || serve_port(&f, i, &opts, &socket))
             .map_err(NetmuxError::Thread)?;
         workers.push(handle);
