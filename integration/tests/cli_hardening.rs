@@ -548,3 +548,30 @@ fn control_characters_in_names_never_panic() {
         }
     }
 }
+
+/// `qemu-args -- ... -machine`: the appended -global must not become the machine type.
+#[test]
+fn a_qemu_option_missing_its_value_is_an_error() {
+    for tail in [
+        &["-machine"][..],
+        &["-enable-kvm", "-m"][..],
+        &["--global"][..],
+    ] {
+        let mut args = vec!["qemu-args", "--policy", "delay", "--"];
+        args.extend(tail);
+        let out = finish(
+            spawn("kvm-pit-policy", &args),
+            Duration::from_secs(60),
+            "qemu-args",
+        );
+        assert_eq!(out.status.code(), Some(2), "{tail:?}: {}", out.stdout);
+        let last = tail[tail.len() - 1];
+        assert!(
+            out.stderr
+                .contains(&format!("{last}, which is missing its value")),
+            "{}",
+            out.stderr
+        );
+        assert!(out.stdout.is_empty(), "{}", out.stdout);
+    }
+}

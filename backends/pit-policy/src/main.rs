@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use devshare_common::pit::{qemu_args, LostTickPolicy};
 use devshare_common::qemu::QemuVersion;
-use kvm_pit_policy::cmdline::{read_pit, PitVerdict};
+use kvm_pit_policy::cmdline::{option_missing_value, read_pit, PitVerdict};
 use kvm_pit_policy::inspect::{inspect_all, inspect_pid, QemuPit};
 use kvm_pit_policy::lab::{run_lab, LabConfig};
 use kvm_pit_policy::plot::write_png;
@@ -166,12 +166,6 @@ fn qemu_args_command(
     mut qemu: Vec<String>,
 ) -> ExitCode {
     let ours = qemu_args(policy);
-    if !print(&format!("{}\n", ours.join(" "))) {
-        return ExitCode::FAILURE;
-    }
-    if qemu.is_empty() {
-        return ExitCode::SUCCESS;
-    }
     // One quoted string is taken as a whole command line.
     if qemu.len() == 1 && qemu[0].contains(char::is_whitespace) {
         qemu = qemu[0].split_whitespace().map(str::to_owned).collect();
@@ -184,6 +178,19 @@ fn qemu_args_command(
             .starts_with("qemu-system-")
     }) {
         qemu.remove(0);
+    }
+    if let Some(opt) = option_missing_value(&qemu) {
+        // The options appended below would become its value (-global as the machine type).
+        eprintln!(
+            "kvm-pit-policy: the QEMU command line ends with {opt}, which is missing its value"
+        );
+        return ExitCode::from(2);
+    }
+    if !print(&format!("{}\n", ours.join(" "))) {
+        return ExitCode::FAILURE;
+    }
+    if qemu.is_empty() {
+        return ExitCode::SUCCESS;
     }
     let mut warnings = Vec::new();
     let before = read_pit(&qemu, version);
