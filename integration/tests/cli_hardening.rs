@@ -575,3 +575,59 @@ fn a_qemu_option_missing_its_value_is_an_error() {
         assert!(out.stdout.is_empty(), "{}", out.stdout);
     }
 }
+
+/// A veth pair, removed on drop.
+struct Veth(String);
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+/// `--host-mac` equal to the uplink interface's own MAC is refused.
+#[test]
+fn the_host_port_cannot_take_the_uplinks_own_mac() {
+    let id = std::process::id() % 100_000;
+    let (a, b) = (format!("chma{id}"), format!("chmb{id}"));
+    let mac = "02:5e:00:12:34:56";
+    let ok = Command::new("ip")
+        .args([
+            "link", "add", &a, "address", mac, "type", "veth", "peer", "name", &b,
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let _veth = Veth(a.clone());
+    assert!(Command::new("ip")
+        .args(["link", "set", &a, "up"])
+        .status()
+        .unwrap()
+        .success());
+    let d = scratch("host-mac");
+    let sock = d.join("g.sock").display().to_string();
+    let host = format!("chmh{id}");
+    let out = finish(
+        spawn(
+            "vhost-user-netmux",
+            &[
+                "--uplink",
+                &format!("af-packet:{a}"),
+                "--host-port",
+                &host,
+                "--host-mac",
+                mac,
+                "--port",
+                &format!("socket={sock},mac=52:54:00:00:00:01"),
+            ],
+        ),
+        Duration::from_secs(60),
+        "netmux with the uplink's MAC on the host port",
+    );
+    assert!(!out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&a) && out.stderr.contains("own"),
+        "{}",
+        out.stderr
+    );
+}

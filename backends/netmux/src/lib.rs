@@ -94,7 +94,26 @@ pub fn open_host_port(
     if let Some(p) = config.untagged_port_with(mac) {
         return Err(err(format!("its MAC {mac} is port {}'s", p.name)));
     }
+    let uplink = match &config.uplink {
+        UplinkSpec::AfPacket(name) | UplinkSpec::Tap(name) => name,
+    };
+    if interface_mac(uplink) == Some(mac) {
+        // Frames for the host port and for the uplink's own stack would be one address.
+        return Err(err(format!(
+            "its MAC {mac} is the uplink interface {uplink}'s own; choose another --host-mac"
+        )));
+    }
     Ok((tap, mac))
+}
+
+/// The MAC address of network interface `name`, from sysfs; `None` when it has none (or is
+/// not there).
+fn interface_mac(name: &str) -> Option<MacAddr> {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/address"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Runs the switch until the process is stopped (SIGTERM/SIGINT, handled by
