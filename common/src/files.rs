@@ -178,6 +178,9 @@ pub fn open_private(path: &Path, options: &OpenOptions) -> Result<File, FileErro
                 reason: "is a symlink".into(),
             })
         }
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !parent_exists(path) => {
+            return Err(io_err(path, "open (its directory does not exist)")(e))
+        }
         Err(e) => return Err(io_err(path, "open")(e)),
     };
     let meta = file.metadata().map_err(io_err(path, "stat"))?;
@@ -194,6 +197,14 @@ pub fn open_private(path: &Path, options: &OpenOptions) -> Result<File, FileErro
         });
     }
     Ok(file)
+}
+
+/// Whether the directory `path` would be created in exists.
+fn parent_exists(path: &Path) -> bool {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.is_dir(),
+        _ => true,
+    }
 }
 
 /// Opens the state file at `path` for reading and writing, creating it (0600) if missing and

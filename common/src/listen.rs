@@ -275,6 +275,11 @@ pub fn listen(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    if !parent.is_dir() {
+        return Err(io_err("its directory does not exist")(
+            io::Error::from_raw_os_error(libc::ENOENT),
+        ));
+    }
     let mut private = PrivateDir::create(&parent).map_err(io_err("create a private directory"))?;
     let tmp = private.socket_path();
     // The private name is a few bytes longer than the final one; when that is too long for a

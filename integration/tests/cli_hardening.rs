@@ -631,3 +631,68 @@ fn the_host_port_cannot_take_the_uplinks_own_mac() {
         out.stderr
     );
 }
+
+/// Errors a user can act on: a missing directory is named as such, a log path is said once,
+/// and an interface that exists but is not a TAP is called that (not "TUNSETIFF: Invalid
+/// argument").
+#[test]
+fn start_up_errors_say_what_is_wrong() {
+    let id = std::process::id();
+    let missing = format!("/nonexistent-{id}");
+    let run = |bin: &str, args: &[&str]| {
+        let out = finish(spawn(bin, args), Duration::from_secs(60), bin);
+        assert!(!out.status.success(), "{bin} {args:?}");
+        out.stderr
+    };
+    let sock = format!("{missing}/v.sock");
+    let err = run(
+        "vhost-user-console",
+        &["--vm", &format!("v={sock}"), "-p", "v/c=pty"],
+    );
+    assert!(
+        err.contains(&sock) && err.contains("directory does not exist"),
+        "{err}"
+    );
+
+    let d = scratch("errors");
+    let vm = d.join("v.sock").display().to_string();
+    let log = format!("{missing}/x.log");
+    let err = run(
+        "vhost-user-console",
+        &["--vm", &format!("v={vm}"), "-p", &format!("v/c=file:{log}")],
+    );
+    assert_eq!(err.matches(&log).count(), 1, "{err}");
+    assert!(err.contains("directory does not exist"), "{err}");
+
+    let (a, b) = (
+        format!("chea{}", id % 100_000),
+        format!("cheb{}", id % 100_000),
+    );
+    assert!(Command::new("ip")
+        .args(["link", "add", &a, "type", "veth", "peer", "name", &b])
+        .status()
+        .unwrap()
+        .success());
+    let _veth = Veth(a.clone());
+    let port = format!(
+        "socket={},mac=52:54:00:00:00:01",
+        d.join("g.sock").display()
+    );
+    let err = run(
+        "vhost-user-netmux",
+        &["--uplink", &format!("tap:{a}"), "--port", &port],
+    );
+    assert!(err.contains(&a) && err.contains("not a TAP"), "{err}");
+    let err = run(
+        "vhost-user-netmux",
+        &[
+            "--uplink",
+            &format!("tap:cheu{}", id % 100_000),
+            "--host-port",
+            &a,
+            "--port",
+            &port,
+        ],
+    );
+    assert!(err.contains(&a) && err.contains("not a TAP"), "{err}");
+}

@@ -72,8 +72,24 @@ pub enum NetmuxError {
 pub fn open_uplink(spec: &UplinkSpec) -> Result<Box<dyn Uplink>, UplinkError> {
     Ok(match spec {
         UplinkSpec::AfPacket(i) => Box::new(AfPacket::open(i)?),
-        UplinkSpec::Tap(n) => Box::new(Tap::open(n)?),
+        UplinkSpec::Tap(n) => {
+            if !may_be_tap(n) {
+                return Err(UplinkError::Setup {
+                    name: n.clone(),
+                    what: "the interface exists and is not a TAP device (use af-packet: for it)",
+                    source: std::io::Error::from_raw_os_error(libc::EINVAL),
+                });
+            }
+            Box::new(Tap::open(n)?)
+        }
     })
+}
+
+/// False when `name` is an existing interface that is not a TUN/TAP device (the kernel would
+/// refuse TUNSETIFF with a bare EINVAL): only those have `tun_flags` in sysfs.
+fn may_be_tap(name: &str) -> bool {
+    let dir = std::path::Path::new("/sys/class/net").join(name);
+    !dir.exists() || dir.join("tun_flags").exists()
 }
 
 /// Opens the host port's TAP and finds the MAC the host's stack uses on it. Refuses a MAC an
@@ -87,6 +103,11 @@ pub fn open_host_port(
         name: spec.name.clone(),
         reason,
     };
+    if !may_be_tap(&spec.name) {
+        return Err(err(
+            "an interface of that name exists and is not a TAP device".into(),
+        ));
+    }
     let tap = Tap::open_with_mac(&spec.name, spec.mac).map_err(|e| err(e.to_string()))?;
     let mac = tap
         .mac()
