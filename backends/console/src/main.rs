@@ -318,15 +318,12 @@ fn main() -> ExitCode {
         for vm in &cfg.vms {
             match qemu_args(vm, &memory, qemu) {
                 Ok(lines) => {
-                    let mut text = format!("# {}\n", vm.name);
-                    for line in lines {
-                        text.push_str(&line);
-                        text.push('\n');
-                    }
+                    let mut lines = lines;
                     if let Some(p) = pit_policy {
-                        text.push_str(&devshare_common::pit::qemu_args(p).join(" "));
-                        text.push('\n');
+                        lines.push(devshare_common::pit::qemu_args(p).join(" "));
                     }
+                    // The shape netmux prints: one option per line, shell continuations.
+                    let text = format!("# {}\n{}\n", vm.name, lines.join(" \\\n  "));
                     if let Err(e) = devshare_common::output::print(&text) {
                         eprintln!("vhost-user-console: cannot write to stdout: {e}");
                         return ExitCode::FAILURE;
