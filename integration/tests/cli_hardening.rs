@@ -746,3 +746,26 @@ fn printed_qemu_args_are_escaped_and_shaped_alike() {
     assert!(device.contains(",vectors=0"), "{device}");
     assert!(out.stdout.contains(" \\\n  -device"), "{}", out.stdout);
 }
+
+/// Ctrl-C during `stats` ends it at once (its signal handling is installed at start, and
+/// must not hold the signal until the query gives up).
+#[test]
+fn sigint_ends_a_waiting_stats_query() {
+    let d = scratch("stats-int");
+    let path = d.join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (held, _) = listener.accept().unwrap();
+        tx.send(()).unwrap();
+        std::thread::park();
+        drop(held);
+    });
+    let p = path.display().to_string();
+    let child = spawn("vhost-user-netmux", &["stats", "--socket", &p]);
+    rx.recv().unwrap();
+    kill(&child, libc::SIGINT);
+    let out = finish(child, Duration::from_secs(60), "netmux stats");
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    assert!(!out.stderr.contains("no complete answer"), "{}", out.stderr);
+}

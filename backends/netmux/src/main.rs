@@ -241,6 +241,11 @@ fn main() -> ExitCode {
     devshare_common::init_logging();
     let cli = Cli::parse();
     if let Some(Command::Stats { socket }) = &cli.command {
+        // Nothing to clean up: Ctrl-C or SIGTERM during the query just ends it.
+        if let Err(e) = pending_signals.start(SignalActions::none()) {
+            eprintln!("vhost-user-netmux: {e}");
+            return ExitCode::FAILURE;
+        }
         return match devshare_common::stats::query(socket) {
             Ok(doc) => {
                 let pretty = serde_json::from_str::<serde_json::Value>(&doc)
