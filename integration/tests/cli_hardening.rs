@@ -441,6 +441,7 @@ fn sighup_during_start_up_is_handled_and_does_not_kill_a_backend() {
                 "{bin} round {round}: {:?}",
                 leftovers(&d)
             );
+            std::fs::remove_dir(&d).unwrap();
         }
     }
 }
@@ -467,6 +468,7 @@ fn sigterm_during_start_up_leaves_no_socket_behind() {
                 "{bin} round {round}: {:?}",
                 leftovers(&d)
             );
+            std::fs::remove_dir(&d).unwrap();
         }
     }
 }
