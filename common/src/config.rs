@@ -15,6 +15,15 @@ pub enum ConfigError {
         /// Underlying error.
         source: std::io::Error,
     },
+    /// The path is not a regular file (a FIFO would hang the read, a device such as
+    /// `/dev/zero` would never end), or it is larger than [`MAX_CONFIG_BYTES`].
+    #[error("config file {path}: {reason}; refusing to read it")]
+    Unsuitable {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The file is not valid TOML for this program.
     #[error("config file {path}: {message}")]
     Parse {
@@ -28,12 +37,53 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// Reads and parses a TOML configuration file.
+/// The largest configuration file read, in bytes (1 MiB: thousands of VMs and ports fit).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads and parses a TOML configuration file: a regular file of at most [`MAX_CONFIG_BYTES`].
+///
+/// # Errors
+/// [`ConfigError::Unsuitable`] for a FIFO, a device, a directory or a file too large;
+/// [`ConfigError::Read`] when it cannot be opened or read (or is not UTF-8);
+/// [`ConfigError::Parse`] for invalid TOML.
 pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let read_err = |source| ConfigError::Read {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let unsuitable = |reason: String| ConfigError::Unsuitable {
+        path: path.to_owned(),
+        reason,
+    };
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (no effect on regular files).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(unsuitable("not a regular file".into()));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(unsuitable(format!(
+            "{} bytes, more than the {MAX_CONFIG_BYTES} a config file may have",
+            meta.len()
+        )));
+    }
+    let mut text = String::new();
+    // Bounded even if the file grows between the stat and the read.
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(unsuitable(format!(
+            "more than the {MAX_CONFIG_BYTES} bytes a config file may have"
+        )));
+    }
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),
         message: e.to_string(),

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
@@ -28,6 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::chain::Memory;
 use crate::listen::{listen, ListenError, SocketFile, SocketOptions};
+use crate::ratelimit::RateLimit;
 use crate::relay;
 use crate::worker_exit::ExitEventCopies;
 
@@ -93,12 +94,42 @@ pub struct ServeOptions {
     /// own event sources, so one thread serves its kicks and its other fds. The backend must
     /// keep them open while it may be connected.
     pub worker_fds: Vec<(RawFd, u16)>,
+    /// How long a new front-end may take to send the header of its first message. QEMU sends
+    /// GET_FEATURES at once; a client that connects and says nothing (or only part of a
+    /// header) is disconnected after this, so it cannot keep the socket from the real QEMU.
+    pub handshake_timeout: Duration,
+}
+
+/// The default of [`ServeOptions::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Environment variable that sets [`ServeOptions::handshake_timeout`] in milliseconds
+/// (instead of [`DEFAULT_HANDSHAKE_TIMEOUT`]), read by [`ServeOptions::new`]: for a host where
+/// the front-end is known to be slow, and for tests.
+pub const HANDSHAKE_TIMEOUT_ENV: &str = "DEVSHARE_HANDSHAKE_TIMEOUT_MS";
+
+fn handshake_timeout_from_env() -> Duration {
+    match std::env::var(HANDSHAKE_TIMEOUT_ENV) {
+        Err(_) => DEFAULT_HANDSHAKE_TIMEOUT,
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Duration::from_millis(ms),
+            _ => {
+                log::warn!(
+                    "{HANDSHAKE_TIMEOUT_ENV}={v:?} is not a positive number of milliseconds; \
+                     using {DEFAULT_HANDSHAKE_TIMEOUT:?}"
+                );
+                DEFAULT_HANDSHAKE_TIMEOUT
+            }
+        },
+    }
 }
 
 impl ServeOptions {
-    /// Options with a 500 ms reconnect delay, a 100 ms to 5 s back-off and a fresh stop flag.
+    /// Options with a 500 ms reconnect delay, a 100 ms to 5 s back-off, a fresh stop flag and
+    /// the handshake timeout of [`HANDSHAKE_TIMEOUT_ENV`] (10 s when unset).
     pub fn new(name: impl Into<String>, transport: Transport) -> Self {
         ServeOptions {
+            handshake_timeout: handshake_timeout_from_env(),
             name: name.into(),
             transport,
             reconnect_delay: Duration::from_millis(500),
@@ -151,6 +182,75 @@ impl FrontendSocket {
 /// queue index and past the library's own `num_queues` event).
 pub fn connection_start_event(num_queues: usize) -> u16 {
     (num_queues + 1) as u16
+}
+
+/// What a new front-end did within [`ServeOptions::handshake_timeout`].
+#[derive(Debug, PartialEq)]
+enum FirstMessage {
+    /// A whole message header is waiting.
+    Arrived,
+    /// It hung up without a message.
+    HungUp,
+    /// It sent nothing (or part of a header) in time.
+    TimedOut,
+}
+
+/// Waits until `s` holds a whole vhost-user header (12 bytes, peeked: the relay reads it),
+/// the peer hangs up, or `timeout` passes.
+fn wait_first_message(s: &UnixStream, timeout: Duration) -> io::Result<FirstMessage> {
+    const HEADER: usize = 12;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(FirstMessage::TimedOut);
+        }
+        let mut pfd = libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd, and the count says one.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            continue;
+        }
+        let mut header = [0u8; HEADER];
+        // SAFETY: the buffer is valid for writes of its length; MSG_PEEK leaves the bytes (and
+        // any descriptors) queued for the relay.
+        let got = unsafe {
+            libc::recv(
+                s.as_raw_fd(),
+                header.as_mut_ptr().cast(),
+                header.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match got {
+            0 => return Ok(FirstMessage::HungUp),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                ) {
+                    return Err(e);
+                }
+            }
+            n if n as usize >= HEADER => return Ok(FirstMessage::Arrived),
+            // Part of a header: the socket stays readable, so poll would return at once. A
+            // real front-end sends the rest in the same write; look again shortly.
+            _ => thread::sleep(Duration::from_millis(5)),
+        }
+    }
 }
 
 /// Bounded exponential back-off between failures in a row.
@@ -210,6 +310,7 @@ pub fn serve<B, F, D>(
     D: FnMut(),
 {
     log::info!("{}: {}", opts.name, opts.transport);
+    let idle_warnings = RateLimit::standard(format!("{}: silent front-ends", opts.name));
     let mut waiting_logged = false;
     let mut backoff = Backoff::new(opts);
     while !opts.stop.load(Ordering::Acquire) {
@@ -234,6 +335,33 @@ pub fn serve<B, F, D>(
             }
         };
         waiting_logged = false;
+        // Nothing is set up for a front-end until it speaks: one that connects and stays
+        // silent must not hold the socket (in listen mode, the real QEMU waits in the backlog).
+        let first = wait_first_message(&frontend, opts.handshake_timeout);
+        if first.as_ref().ok() != Some(&FirstMessage::Arrived) {
+            match first {
+                Ok(FirstMessage::TimedOut) => crate::warn_limited!(
+                    idle_warnings,
+                    "{}: a front-end connected but sent no message within {:?}; disconnected it",
+                    opts.name,
+                    opts.handshake_timeout
+                ),
+                Ok(_) => log::debug!(
+                    "{}: a front-end hung up before its first message",
+                    opts.name
+                ),
+                Err(e) => crate::warn_limited!(
+                    idle_warnings,
+                    "{}: cannot read a new front-end: {e}; disconnected it",
+                    opts.name
+                ),
+            }
+            drop(frontend);
+            if matches!(socket, FrontendSocket::Connecting(_)) {
+                thread::sleep(opts.reconnect_delay);
+            }
+            continue;
+        }
         let backend = match make_backend() {
             Ok(b) => b,
             Err(e) => {
@@ -284,7 +412,8 @@ where
     let num_queues = backend.num_queues();
     // Declared before the daemon: on every way out it is dropped after it (see worker_exit).
     let mut exit_copies = ExitEventCopies::new(&backend);
-    let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
+    // The library names a thread after it.
+    let mut daemon = VhostUserDaemon::new(crate::thread_name(name), backend, mem)
         .map_err(|e| io::Error::other(e.to_string()))?;
     // The library's end of the relay, reachable by this process only (see PrivateListener).
     let private = relay::PrivateListener::new()?;
@@ -321,7 +450,7 @@ where
         let (from, to) = (frontend.try_clone()?, inner.try_clone()?);
         let vm = name.to_string();
         thread::Builder::new()
-            .name(format!("{name}-relay"))
+            .name(crate::thread_name(&format!("{name}-relay")))
             .spawn(move || {
                 let r = relay::relay_frontend_messages(&vm, &from, &to);
                 let _ = to.shutdown(Shutdown::Both);
@@ -333,7 +462,7 @@ where
         let (from, to) = (inner.try_clone()?, frontend.try_clone()?);
         let queue_num = opts.queue_num;
         thread::Builder::new()
-            .name(format!("{name}-reply"))
+            .name(crate::thread_name(&format!("{name}-reply")))
             .spawn(move || {
                 // Replies carry no descriptors for the features these devices offer.
                 if let Err(e) = relay::relay_backend_replies(&from, &to, queue_num) {
@@ -486,6 +615,38 @@ mod tests {
         let socket = FrontendSocket::open(&transport, &SocketOptions::default()).unwrap();
         thread::spawn(move || serve(&opts, &socket, || Ok(backend.clone()), || {}));
         path
+    }
+
+    /// A client that connects and says nothing, or only part of a header, is disconnected
+    /// after the handshake timeout, and the real front-end waiting behind it is served.
+    #[test]
+    fn a_silent_front_end_cannot_hold_the_socket() {
+        let _serial = crate::process_state_lock();
+        let path = serve_in_thread(
+            "silent",
+            |o| o.handshake_timeout = Duration::from_millis(200),
+            Idle(Some(Arc::new(exit_pair()))),
+        );
+        let mut silent = UnixStream::connect(&path).unwrap();
+        let mut partial = UnixStream::connect(&path).unwrap();
+        partial.write_all(&[1, 0, 0]).unwrap();
+        assert!(
+            features_answered(&path),
+            "a front-end behind a silent one was not served"
+        );
+        // Both were hung up on: reads end (the bound only keeps a broken build from hanging).
+        for s in [&mut silent, &mut partial] {
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut b = [0u8; 1];
+            // A socket closed with unread bytes (the partial header) reads as a reset.
+            match s.read(&mut b) {
+                Ok(0) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+                other => panic!("still connected: {other:?}"),
+            }
+        }
+        // And the socket is still served.
+        assert!(features_answered(&path));
     }
 
     /// QEMU restarting is a front-end hanging up: the next one is served at once, with no

@@ -178,6 +178,9 @@ pub fn open_private(path: &Path, options: &OpenOptions) -> Result<File, FileErro
                 reason: "is a symlink".into(),
             })
         }
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !parent_exists(path) => {
+            return Err(io_err(path, "open (its directory does not exist)")(e))
+        }
         Err(e) => return Err(io_err(path, "open")(e)),
     };
     let meta = file.metadata().map_err(io_err(path, "stat"))?;
@@ -194,6 +197,14 @@ pub fn open_private(path: &Path, options: &OpenOptions) -> Result<File, FileErro
         });
     }
     Ok(file)
+}
+
+/// Whether the directory `path` would be created in exists.
+fn parent_exists(path: &Path) -> bool {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.is_dir(),
+        _ => true,
+    }
 }
 
 /// Opens the state file at `path` for reading and writing, creating it (0600) if missing and
@@ -238,6 +249,88 @@ pub fn open_state_file(path: &Path) -> Result<File, FileError> {
             .map_err(io_err(path, "chmod"))?;
     }
     Ok(file)
+}
+
+/// Writes `bytes` to `path` as a new file with `mode` (a report, a plot: output a user asked
+/// for, not state), replacing what is there without ever writing through it: the bytes go to
+/// a fresh temporary file in the same directory (`O_CREAT | O_EXCL | O_NOFOLLOW`), which is then
+/// renamed over `path`. A rename replaces the directory entry itself, so a symlink swapped in
+/// at `path` meanwhile is replaced, never followed, and no other file is truncated in place.
+///
+/// An existing `path` that is a symlink or not a regular file is refused up front (a user who
+/// points `--plot` at a link or a device most likely made a mistake).
+///
+/// # Errors
+/// [`FileError::Unsafe`] for a symlink or non-regular file at `path`; [`FileError::Io`] when the
+/// temporary file cannot be created, written or renamed (it is removed then).
+pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError> {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            return Err(FileError::Unsafe {
+                path: path.to_path_buf(),
+                reason: "is a symlink".into(),
+            })
+        }
+        Ok(meta) if !meta.is_file() => {
+            return Err(FileError::Unsafe {
+                path: path.to_path_buf(),
+                reason: "exists and is not a regular file".into(),
+            })
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(path, "stat")(e)),
+    }
+    let name = path.file_name().ok_or_else(|| FileError::Unsafe {
+        path: path.to_path_buf(),
+        reason: "names no file".into(),
+    })?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(format!(
+        ".{}.{}.tmp",
+        std::process::id(),
+        SEQUENCE.fetch_add(1, Ordering::Relaxed)
+    ));
+    let temp = dir.join(temp_name);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&temp)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                FileError::Io {
+                    path: dir.to_path_buf(),
+                    op: "create a file in the directory (it does not exist)",
+                    source: e,
+                }
+            } else {
+                io_err(&temp, "create")(e)
+            }
+        })?;
+    let written = file
+        .write_all(bytes)
+        .map_err(io_err(&temp, "write"))
+        .and_then(|()| {
+            // Mode as asked, whatever the umask made of it.
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(io_err(&temp, "chmod"))
+        })
+        .and_then(|()| std::fs::rename(&temp, path).map_err(io_err(path, "replace")));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written
 }
 
 #[cfg(test)]
@@ -427,5 +520,49 @@ mod tests {
             assert!(matches!(e, FileError::Unsafe { .. }), "{e}");
         }
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn replaced_files_never_write_through_a_planted_symlink() {
+        let d = scratch("replace");
+        let victim = d.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let link = d.join("plot.png");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let e = replace_file(&link, b"plot", 0o644).unwrap_err();
+        assert!(matches!(e, FileError::Unsafe { .. }), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        // A dangling link (the target would be created through it) is refused too.
+        let dangling = d.join("dangling.png");
+        std::os::unix::fs::symlink(d.join("would-be-created"), &dangling).unwrap();
+        assert!(replace_file(&dangling, b"plot", 0o644).is_err());
+        assert!(!d.join("would-be-created").exists());
+        // A hard link to another file: the entry is replaced, the other file keeps its bytes.
+        let hard = d.join("hard.png");
+        std::fs::hard_link(&victim, &hard).unwrap();
+        replace_file(&hard, b"plot", 0o644).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(std::fs::read(&hard).unwrap(), b"plot");
+        // A plain new file gets the mode asked for; no temporary file is left behind.
+        let fresh = d.join("fresh.png");
+        replace_file(&fresh, b"x", 0o644).unwrap();
+        assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o644);
+        let names: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.to_string_lossy().ends_with(".tmp")),
+            "{names:?}"
+        );
+        // Not a regular file: refused.
+        assert!(matches!(
+            replace_file(&d, b"x", 0o644),
+            Err(FileError::Unsafe { .. })
+        ));
+        // A missing directory is named as such.
+        let e = replace_file(&d.join("missing/plot.png"), b"x", 0o644).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+        assert!(e.to_string().contains("does not exist"), "{e}");
     }
 }

@@ -13,6 +13,7 @@ pub mod files;
 mod idle_backend;
 pub mod listen;
 pub mod mem_table;
+pub mod output;
 pub mod pit;
 pub mod qemu;
 pub mod ratelimit;
@@ -36,9 +37,29 @@ pub(crate) fn process_state_lock() -> std::sync::MutexGuard<'static, ()> {
     PROCESS_STATE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A thread name made from `name` (a VM or port name from a config file or the command line):
+/// every control character (NUL among them, with which `std::thread::Builder::spawn` panics)
+/// becomes `?`. Names are for `ps`/`top`/debuggers only; the kernel keeps the first 15 bytes.
+pub fn thread_name(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// Starts logging to stderr; `RUST_LOG` overrides the default level (`info`).
 pub fn init_logging() {
     let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .try_init();
+}
+
+#[cfg(test)]
+mod thread_name_tests {
+    #[test]
+    fn names_with_control_characters_still_name_a_thread() {
+        let name = super::thread_name("vm-a\0b\n\u{7f}c");
+        assert_eq!(name, "vm-a?b??c");
+        let t = std::thread::Builder::new().name(name).spawn(|| ()).unwrap();
+        t.join().unwrap();
+    }
 }

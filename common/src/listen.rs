@@ -210,15 +210,31 @@ fn remove_if_ours(path: &Path, dev_ino: (u64, u64)) -> bool {
 
 /// Removes every socket path this process created with [`listen`] that still names the socket
 /// it created, and returns those paths. New connections to them are no longer possible; the
-/// listening descriptors themselves stay open. Used on SIGTERM/SIGINT, where destructors do not
-/// run.
+/// listening descriptors themselves stay open. For a process that exits without running
+/// destructors; on SIGTERM/SIGINT, [`close_and_remove_created_sockets`].
 pub fn remove_created_sockets() -> Vec<PathBuf> {
-    let list = std::mem::take(&mut *created());
-    list.into_iter()
+    remove_registered(&mut created())
+}
+
+/// [`remove_created_sockets`] for a process that is shutting down: from then on [`listen`]
+/// creates no socket (a thread that calls it waits for the exit instead), so a thread still starting up cannot leave a socket behind a
+/// shutdown that has already cleaned up. Used on SIGTERM/SIGINT.
+pub fn close_and_remove_created_sockets() -> Vec<PathBuf> {
+    let mut registry = created();
+    SOCKETS_CLOSED.store(true, std::sync::atomic::Ordering::SeqCst);
+    remove_registered(&mut registry)
+}
+
+fn remove_registered(registry: &mut Vec<(PathBuf, (u64, u64))>) -> Vec<PathBuf> {
+    std::mem::take(registry)
+        .into_iter()
         .filter(|(path, dev_ino)| remove_if_ours(path, *dev_ino))
         .map(|(path, _)| path)
         .collect()
 }
+
+/// Set by [`close_and_remove_created_sockets`]: the process is shutting down.
+static SOCKETS_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Listens on the Unix socket `path` with the permissions of `opts`: see the module
 /// documentation for what is refused and how the socket is put in place. The listener is in
@@ -245,11 +261,29 @@ pub fn listen(
             "path longer than a Unix socket address holds (107 bytes)",
         )(io::ErrorKind::InvalidInput.into()));
     }
+    // Held from making the private directory to recording the socket: a shutdown
+    // (close_and_remove_created_sockets) either finds the socket recorded or has closed
+    // creation before anything was made.
+    let mut registry = created();
+    if SOCKETS_CLOSED.load(std::sync::atomic::Ordering::SeqCst) {
+        // The signal thread is shutting the process down and exits it (status 0) when done:
+        // this start-up thread has nothing left to do, and an error returned here would race
+        // that exit with a failure status.
+        drop(registry);
+        loop {
+            std::thread::park();
+        }
+    }
     let stale = probe(path)?;
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    if !parent.is_dir() {
+        return Err(io_err("its directory does not exist")(
+            io::Error::from_raw_os_error(libc::ENOENT),
+        ));
+    }
     let mut private = PrivateDir::create(&parent).map_err(io_err("create a private directory"))?;
     let tmp = private.socket_path();
     // The private name is a few bytes longer than the final one; when that is too long for a
@@ -271,7 +305,8 @@ pub fn listen(
         Placement::Refused(err) => err,
     })?;
     drop(private);
-    created().push((path.to_path_buf(), dev_ino));
+    registry.push((path.to_path_buf(), dev_ino));
+    drop(registry);
     log::debug!(
         "listening on {} (mode {:o}{})",
         path.display(),

@@ -230,6 +230,52 @@ impl FromStr for QemuVersion {
     }
 }
 
+/// `value` as one value of a QEMU `key=value,...` option: QEMU splits at every single comma
+/// and reads `,,` as a literal one, so a path with a comma (`/tmp/a,b.sock`) must be written
+/// `/tmp/a,,b.sock`.
+pub fn option_value(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// A QEMU id (QEMU accepts `[A-Za-z][A-Za-z0-9_.-]*`) made of `prefix` (which must start with
+/// a letter) and a user's `name` (a VM or port name may hold anything else): every other
+/// character becomes `_`.
+pub fn qemu_id(prefix: &str, name: &str) -> String {
+    let mut id = String::with_capacity(prefix.len() + name.len());
+    for c in prefix.chars().chain(name.chars()) {
+        id.push(
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '_'
+            },
+        );
+    }
+    if !id.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        id.insert(0, 'x');
+    }
+    id
+}
+
+/// One printed QEMU option, `-option value`, with `value` shell-quoted when a shell would
+/// otherwise split or expand it (spaces, quotes, `$`, `*`, braces...), so the line pastes into
+/// a shell as is. Commas and `=` need no quoting and are left bare, so the usual
+/// `socket,id=x,path=/run/x.sock` reads as it always did.
+pub fn option_line(option: &str, value: &str) -> String {
+    let bare = value.chars().all(|c| {
+        c.is_ascii_alphanumeric()
+            || matches!(c, '+' | '-' | '.' | '/' | ':' | '@' | '_' | ',' | '=' | '%')
+    });
+    if bare {
+        return format!("{option} {value}");
+    }
+    // try_quote refuses only a NUL, which no path or name from a config can hold.
+    match shlex::try_quote(value) {
+        Ok(q) => format!("{option} {q}"),
+        Err(_) => format!("{option} {value}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,5 +362,19 @@ mod tests {
         assert!(v("12.0").untested_warning().is_some());
         assert!(v("7.2.22").untested_warning().is_none());
         assert!(v("11.1.3").untested_warning().is_none());
+    }
+
+    #[test]
+    fn printed_values_survive_qemu_and_the_shell() {
+        assert_eq!(option_value("/tmp/a,b.sock"), "/tmp/a,,b.sock");
+        assert_eq!(qemu_id("console-", "a\"b{c} d"), "console-a_b_c__d");
+        assert_eq!(qemu_id("nm", "0"), "nm0");
+        assert_eq!(
+            option_line("-chardev", "socket,id=x,path=/run/x.sock"),
+            "-chardev socket,id=x,path=/run/x.sock"
+        );
+        let line = option_line("-chardev", "socket,id=x,path=/tmp/my vm's.sock");
+        let words = shlex::split(&line).unwrap();
+        assert_eq!(words, ["-chardev", "socket,id=x,path=/tmp/my vm's.sock"]);
     }
 }

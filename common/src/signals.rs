@@ -96,57 +96,115 @@ pub enum SignalError {
 }
 
 /// Installs the handlers described in the module documentation and starts the thread that
-/// runs `actions`. Call once, early in `main`, before the sockets are created (a signal that
-/// arrives before then has its default effect).
+/// runs `actions`: [`install_signal_handlers`] and [`PendingSignals::start`] at once.
 ///
 /// # Errors
 /// [`SignalError`] when the handlers or the thread cannot be set up.
 pub fn handle_signals(actions: SignalActions) -> Result<(), SignalError> {
+    install_signal_handlers()?.start(actions)
+}
+
+/// Signal handlers installed, their signals held until [`PendingSignals::start`].
+pub struct PendingSignals {
+    signals: Signals,
+    shutting_down: Arc<AtomicBool>,
+}
+
+/// Installs the handlers for SIGHUP, SIGTERM and SIGINT without acting on them yet: a signal
+/// that arrives from now on is held (not its default effect: SIGHUP would kill the process,
+/// SIGTERM would leave the sockets created so far behind) and handled as the module says
+/// once [`PendingSignals::start`] runs. Call it first thing in `main`, before the config is
+/// read and anything is created; call `start` once start-up is done, so a SIGTERM during
+/// start-up removes every socket start-up created and runs the binary's `on_shutdown`.
+///
+/// # Errors
+/// [`SignalError::Register`] when the handlers cannot be installed.
+pub fn install_signal_handlers() -> Result<PendingSignals, SignalError> {
     let shutting_down = Arc::new(AtomicBool::new(false));
     for sig in [SIGTERM, SIGINT] {
         // Armed only once shutdown began: the second signal then exits at once.
         signal_hook::flag::register_conditional_shutdown(sig, 1, shutting_down.clone())
             .map_err(SignalError::Register)?;
     }
-    let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(SignalError::Register)?;
-    let SignalActions {
-        mut on_reload,
-        on_shutdown,
-    } = actions;
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut on_shutdown = Some(on_shutdown);
-            for sig in signals.forever() {
-                match sig {
-                    SIGHUP => {
-                        COUNTS.hup.inc();
-                        log::info!("SIGHUP: reloading; every VM keeps being served");
-                        on_reload();
-                    }
-                    SIGTERM | SIGINT => {
-                        let name = if sig == SIGTERM {
-                            COUNTS.term.inc();
-                            "SIGTERM"
-                        } else {
-                            COUNTS.int.inc();
-                            "SIGINT"
-                        };
-                        shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
-                        log::info!("{name}: shutting down");
-                        for p in crate::listen::remove_created_sockets() {
-                            log::debug!("removed {}", p.display());
+    let signals = Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(SignalError::Register)?;
+    // Handled from here on, so take them even if the parent started us with them blocked (a
+    // supervisor may do so to hand over a signal sent during exec): one left blocked would
+    // never be acted on.
+    unblock(&[SIGHUP, SIGTERM, SIGINT]).map_err(SignalError::Register)?;
+    Ok(PendingSignals {
+        signals,
+        shutting_down,
+    })
+}
+
+fn unblock(sigs: &[i32]) -> io::Result<()> {
+    // SAFETY: sigset_t is plain data that sigemptyset initialises before any other use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned here; the signal numbers are valid.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        for &sig in sigs {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut())
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+impl PendingSignals {
+    /// Starts the thread that handles the signals held so far and every later one with
+    /// `actions`.
+    ///
+    /// # Errors
+    /// [`SignalError::Thread`] when the thread cannot be started.
+    pub fn start(self, actions: SignalActions) -> Result<(), SignalError> {
+        let PendingSignals {
+            mut signals,
+            shutting_down,
+        } = self;
+        let SignalActions {
+            mut on_reload,
+            on_shutdown,
+        } = actions;
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut on_shutdown = Some(on_shutdown);
+                for sig in signals.forever() {
+                    match sig {
+                        SIGHUP => {
+                            COUNTS.hup.inc();
+                            log::info!("SIGHUP: reloading; every VM keeps being served");
+                            on_reload();
                         }
-                        if let Some(f) = on_shutdown.take() {
-                            f();
+                        SIGTERM | SIGINT => {
+                            let name = if sig == SIGTERM {
+                                COUNTS.term.inc();
+                                "SIGTERM"
+                            } else {
+                                COUNTS.int.inc();
+                                "SIGINT"
+                            };
+                            shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
+                            log::info!("{name}: shutting down");
+                            for p in crate::listen::close_and_remove_created_sockets() {
+                                log::debug!("removed {}", p.display());
+                            }
+                            if let Some(f) = on_shutdown.take() {
+                                f();
+                            }
+                            log::info!("shut down cleanly");
+                            std::process::exit(0);
                         }
-                        log::info!("shut down cleanly");
-                        std::process::exit(0);
+                        _ => {}
                     }
-                    _ => {}
                 }
-            }
-        })
-        .map_err(SignalError::Thread)?;
-    Ok(())
+            })
+            .map_err(SignalError::Thread)?;
+        Ok(())
+    }
 }

@@ -118,12 +118,62 @@ where
     Ok(())
 }
 
-/// Reads one snapshot from a stats socket served by [`serve_json`].
+/// How long [`query`] waits for the whole snapshot: [`serve_json`] writes it at once.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest snapshot [`query`] reads (thousands of ports fit in far less).
+pub const QUERY_MAX_BYTES: u64 = 16 << 20;
+
+/// Reads one snapshot from a stats socket served by [`serve_json`], waiting at most
+/// [`QUERY_TIMEOUT`] in all and reading at most [`QUERY_MAX_BYTES`].
+///
+/// # Errors
+/// The connect or read error; `TimedOut` when the socket accepts but does not answer in time
+/// (not a backend's stats socket, or a stuck one); `InvalidData` for an answer too large or
+/// not UTF-8.
 pub fn query(path: &Path) -> io::Result<String> {
-    let mut s = UnixStream::connect(path)?;
-    let mut out = String::new();
-    io::Read::read_to_string(&mut s, &mut out)?;
-    Ok(out)
+    use std::io::Read;
+    let s = UnixStream::connect(path)?;
+    let deadline = std::time::Instant::now() + QUERY_TIMEOUT;
+    let timed_out = || {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no complete answer within {}s (is this a backend's stats socket?)",
+                QUERY_TIMEOUT.as_secs()
+            ),
+        )
+    };
+    let mut reader = (&s).take(QUERY_MAX_BYTES + 1);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        s.set_read_timeout(Some(left))?;
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(timed_out())
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if out.len() as u64 > QUERY_MAX_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("answer larger than {QUERY_MAX_BYTES} bytes"),
+        ));
+    }
+    String::from_utf8(out).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use devshare_common::files::{ensure_private_dir, StateDirLock};
 use devshare_common::listen::SocketOptions;
 use devshare_common::pit::LostTickPolicy;
 use devshare_common::qemu::QemuVersion;
-use devshare_common::signals::{handle_signals, ProcessStats, SignalActions};
+use devshare_common::signals::{install_signal_handlers, ProcessStats, SignalActions};
 use vhost_user_console::config::{
     parse_port_arg, parse_vm_arg, Config, ConfigFile, DeviceKind, SocketMode, VmFile,
 };
@@ -279,6 +279,16 @@ fn on_shutdown(groups: &[Arc<Group>]) {
 }
 
 fn main() -> ExitCode {
+    // First of all: a SIGHUP or SIGTERM during start-up is held and handled once start-up is
+    // done (a reload, or a shutdown that removes what start-up created), never the default
+    // (death, leaving sockets behind).
+    let pending_signals = match install_signal_handlers() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("vhost-user-console: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     devshare_common::init_logging();
     let args = Args::parse();
     let print = args.print_qemu_args;
@@ -308,12 +318,15 @@ fn main() -> ExitCode {
         for vm in &cfg.vms {
             match qemu_args(vm, &memory, qemu) {
                 Ok(lines) => {
-                    println!("# {}", vm.name);
-                    for line in lines {
-                        println!("{line}");
-                    }
+                    let mut lines = lines;
                     if let Some(p) = pit_policy {
-                        println!("{}", devshare_common::pit::qemu_args(p).join(" "));
+                        lines.push(devshare_common::pit::qemu_args(p).join(" "));
+                    }
+                    // The shape netmux prints: one option per line, shell continuations.
+                    let text = format!("# {}\n{}\n", vm.name, lines.join(" \\\n  "));
+                    if let Err(e) = devshare_common::output::print(&text) {
+                        eprintln!("vhost-user-console: cannot write to stdout: {e}");
+                        return ExitCode::FAILURE;
                     }
                 }
                 Err(e) => {
@@ -370,7 +383,7 @@ fn main() -> ExitCode {
             on_shutdown: Box::new(move || on_shutdown(&shutdown)),
         }
     };
-    if let Err(e) = handle_signals(actions) {
+    if let Err(e) = pending_signals.start(actions) {
         eprintln!("vhost-user-console: {e}");
         return ExitCode::FAILURE;
     }
@@ -432,7 +445,7 @@ fn main() -> ExitCode {
             vhost_user_console::virtio_console::queue_count(vm.ports.len(), vm.multiport());
         opts.worker_fds = vec![(vmref.reactor_fd(), reactor_event(queues))];
         let spawned = thread::Builder::new()
-            .name(format!("vm-{}", vm.name))
+            .name(devshare_common::thread_name(&format!("vm-{}", vm.name)))
             .spawn(move || {
                 serve(
                     &opts,

@@ -1,7 +1,7 @@
 //! The QEMU options that plug each configured VM into this process (`--print-qemu-args`),
 //! spelled for the operator's QEMU version (see [`devshare_common::qemu`] for what differs).
 
-use devshare_common::qemu::QemuVersion;
+use devshare_common::qemu::{option_line, option_value, qemu_id, QemuVersion};
 
 use crate::config::{DeviceKind, SocketMode, VmConfig};
 use crate::virtio_console as vc;
@@ -31,8 +31,9 @@ pub fn qemu_args(
     memory: &str,
     qemu: QemuVersion,
 ) -> Result<Vec<String>, QemuArgsError> {
-    let id = format!("console-{}", vm.name);
-    let path = vm.socket.display();
+    // A VM name may hold what a QEMU id may not (quotes, braces, spaces).
+    let id = qemu_id("console-", &vm.name);
+    let path = option_value(&vm.socket.display().to_string());
     let chardev = match (vm.mode, vm.kind) {
         // QEMU 11's generic vhost-user device cannot start on a chardev that reconnects in
         // the background (it finds the socket not yet connected and fails), so QEMU connects
@@ -55,18 +56,24 @@ pub fn qemu_args(
                     })?;
             let queues = vc::queue_count(vm.ports.len(), vm.multiport());
             Ok(vec![
-                format!("-object memory-backend-memfd,id=mem,size={memory},share=on"),
-                "-machine q35,memory-backend=mem".to_string(),
-                format!("-chardev {chardev}"),
-                format!(
-                    "-device {device},chardev={id},virtio-id=3,num_vqs={queues},config_size={}",
-                    vc::CONFIG_SIZE
+                option_line(
+                    "-object",
+                    &format!("memory-backend-memfd,id=mem,size={memory},share=on"),
+                ),
+                option_line("-machine", "q35,memory-backend=mem"),
+                option_line("-chardev", &chardev),
+                option_line(
+                    "-device",
+                    &format!(
+                        "{device},chardev={id},virtio-id=3,num_vqs={queues},config_size={}",
+                        vc::CONFIG_SIZE
+                    ),
                 ),
             ])
         }
         DeviceKind::Stream => Ok(vec![
-            format!("-chardev {chardev}"),
-            format!("-serial chardev:{id}"),
+            option_line("-chardev", &chardev),
+            option_line("-serial", &format!("chardev:{id}")),
         ]),
     }
 }
@@ -138,6 +145,19 @@ mod tests {
         listening.mode = SocketMode::Connect;
         assert!(render(&listening, "7.2").unwrap().contains("server=on"));
         assert!(!render(&listening, "7.2").unwrap().contains("reconnect"));
+    }
+
+    #[test]
+    fn odd_names_and_paths_make_valid_ids_and_one_value() {
+        let mut odd = vm(1, DeviceKind::Stream);
+        odd.name = "a\"{b}".into();
+        odd.socket = PathBuf::from("/tmp/x,y z.sock");
+        let s = render(&odd, "11.1").unwrap();
+        assert_eq!(
+            s,
+            "-chardev 'socket,id=console-a__b_,path=/tmp/x,,y z.sock,reconnect-ms=1000' \
+             -serial chardev:console-a__b_"
+        );
     }
 
     #[test]

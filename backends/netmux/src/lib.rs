@@ -72,8 +72,24 @@ pub enum NetmuxError {
 pub fn open_uplink(spec: &UplinkSpec) -> Result<Box<dyn Uplink>, UplinkError> {
     Ok(match spec {
         UplinkSpec::AfPacket(i) => Box::new(AfPacket::open(i)?),
-        UplinkSpec::Tap(n) => Box::new(Tap::open(n)?),
+        UplinkSpec::Tap(n) => {
+            if !may_be_tap(n) {
+                return Err(UplinkError::Setup {
+                    name: n.clone(),
+                    what: "the interface exists and is not a TAP device (use af-packet: for it)",
+                    source: std::io::Error::from_raw_os_error(libc::EINVAL),
+                });
+            }
+            Box::new(Tap::open(n)?)
+        }
     })
+}
+
+/// False when `name` is an existing interface that is not a TUN/TAP device (the kernel would
+/// refuse TUNSETIFF with a bare EINVAL): only those have `tun_flags` in sysfs.
+fn may_be_tap(name: &str) -> bool {
+    let dir = std::path::Path::new("/sys/class/net").join(name);
+    !dir.exists() || dir.join("tun_flags").exists()
 }
 
 /// Opens the host port's TAP and finds the MAC the host's stack uses on it. Refuses a MAC a
@@ -96,6 +112,11 @@ pub fn open_host_port(
                 config.uplink.ifname()
             )));
         }
+    }
+    if !may_be_tap(&spec.name) {
+        return Err(err(
+            "an interface of that name exists and is not a TAP device".into(),
+        ));
     }
     let tap = Tap::open_with_mac(&spec.name, spec.mac).map_err(|e| err(e.to_string()))?;
     let mac = tap
@@ -197,7 +218,7 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
         // more with an error that says so.
         opts.queue_num = Some(u64::from(pc.queue_pairs));
         let handle = thread::Builder::new()
-            .name(format!("port-{}", pc.name))
+            .name(devshare_common::thread_name(&format!("port-{}", pc.name)))
             .spawn(move || serve_port(&f, i, &opts, &socket))
             .map_err(NetmuxError::Thread)?;
         workers.push(handle);

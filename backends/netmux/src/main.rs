@@ -8,7 +8,7 @@ use devshare_common::config::{load_toml, parse_guest_memory, warn_deprecated};
 use devshare_common::listen::SocketOptions;
 use devshare_common::pit::LostTickPolicy;
 use devshare_common::qemu::QemuVersion;
-use devshare_common::signals::{handle_signals, SignalActions};
+use devshare_common::signals::{install_signal_handlers, SignalActions};
 use vhost_user_netmux::config::{
     Config, ConfigError, ConfigFile, FileError, HostPortConfig, Mode, PortConfig, UplinkSpec,
 };
@@ -135,7 +135,7 @@ struct RunArgs {
     memory: u64,
 
     /// Deprecated: use --memory SIZE (this took MiB: --guest-mem 512 is --memory 512M).
-    #[arg(long, value_name = "MIB", conflicts_with = "memory")]
+    #[arg(long, value_name = "MIB", conflicts_with = "memory", value_parser = parse_guest_mem_mib)]
     guest_mem: Option<u64>,
 
     /// With --print-qemu-args: also print the option that sets KVM's PIT lost-tick policy
@@ -219,17 +219,45 @@ impl TryFrom<&RunArgs> for Config {
     }
 }
 
+/// `--guest-mem MIB`, checked as `--memory MIBM` is (non-zero, no overflow); in bytes.
+fn parse_guest_mem_mib(s: &str) -> Result<u64, String> {
+    let mib: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of MiB"))?;
+    parse_guest_memory(&format!("{mib}M")).map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
+    // First of all: a SIGHUP or SIGTERM during start-up is held and handled once start-up is
+    // done (see devshare_common::signals), never the default (death, sockets left behind).
+    let pending_signals = match install_signal_handlers() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("vhost-user-netmux: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     devshare_common::init_logging();
     let cli = Cli::parse();
     if let Some(Command::Stats { socket }) = &cli.command {
+        // Nothing to clean up: Ctrl-C or SIGTERM during the query just ends it.
+        if let Err(e) = pending_signals.start(SignalActions::none()) {
+            eprintln!("vhost-user-netmux: {e}");
+            return ExitCode::FAILURE;
+        }
         return match devshare_common::stats::query(socket) {
             Ok(doc) => {
                 let pretty = serde_json::from_str::<serde_json::Value>(&doc)
                     .and_then(|v| serde_json::to_string_pretty(&v))
                     .unwrap_or(doc);
-                println!("{pretty}");
-                ExitCode::SUCCESS
+                match devshare_common::output::print(&format!("{pretty}\n")) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("vhost-user-netmux: cannot write to stdout: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("cannot read stats from {}: {e}", socket.display());
@@ -245,9 +273,9 @@ fn main() -> ExitCode {
         }
     };
     let memory_mib = match cli.run.guest_mem {
-        Some(mib) => {
+        Some(bytes) => {
             warn_deprecated("--guest-mem MIB", "--memory SIZE (e.g. --memory 512M)");
-            mib
+            bytes >> 20
         }
         None => cli.run.memory >> 20,
     };
@@ -263,21 +291,29 @@ fn main() -> ExitCode {
         for w in warnings {
             eprintln!("vhost-user-netmux: note: {w}");
         }
+        let mut text = String::new();
         for (i, p) in config.ports.iter().enumerate() {
-            println!("# guest on port {} ({})", p.name, p.mac);
+            text.push_str(&format!("# guest on port {} ({})\n", p.name, p.mac));
             let mut args = qemu_args(p, i, config.mtu, memory_mib, qemu);
             if let Some(policy) = cli.run.pit_policy {
                 args.push(devshare_common::pit::qemu_args(policy).join(" "));
             }
-            println!("{}", args.join(" \\\n  "));
+            text.push_str(&args.join(" \\\n  "));
+            text.push('\n');
         }
-        return ExitCode::SUCCESS;
+        return match devshare_common::output::print(&text) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vhost-user-netmux: cannot write to stdout: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let actions = SignalActions {
         on_reload: Box::new(|| log::info!("SIGHUP: netmux has nothing to reload")),
         on_shutdown: Box::new(|| {}),
     };
-    if let Err(e) = handle_signals(actions) {
+    if let Err(e) = pending_signals.start(actions) {
         log::error!("{e}");
         return ExitCode::FAILURE;
     }

@@ -163,6 +163,112 @@ const REMOVED_OPTIONS: [(&str, (u32, u32), &str); 6] = [
     ("no-acpi", (9, 0), "-machine acpi=off"),
 ];
 
+/// QEMU options that take a value (the next argument): those read here and the common others
+/// (from QEMU's option table, `HAS_ARG`), so an option missing its value is found wherever it
+/// is and a value is never taken for an option.
+const VALUE_OPTIONS: &[&str] = &[
+    "accel",
+    "machine",
+    "M",
+    "global",
+    "readconfig",
+    "m",
+    "smp",
+    "cpu",
+    "drive",
+    "blockdev",
+    "device",
+    "netdev",
+    "nic",
+    "net",
+    "chardev",
+    "object",
+    "kernel",
+    "append",
+    "initrd",
+    "dtb",
+    "bios",
+    "L",
+    "name",
+    "uuid",
+    "serial",
+    "parallel",
+    "monitor",
+    "mon",
+    "qmp",
+    "qmp-pretty",
+    "display",
+    "vga",
+    "boot",
+    "numa",
+    "rtc",
+    "incoming",
+    "pidfile",
+    "D",
+    "d",
+    "trace",
+    "overcommit",
+    "sandbox",
+    "msg",
+    "fsdev",
+    "virtfs",
+    "add-fd",
+    "k",
+    "audiodev",
+    "icount",
+    "smbios",
+    "acpitable",
+    "fw_cfg",
+    "hda",
+    "hdb",
+    "hdc",
+    "hdd",
+    "cdrom",
+    "fda",
+    "fdb",
+    "mtdblock",
+    "sd",
+    "pflash",
+    "watchdog-action",
+    "action",
+    "option-rom",
+    "plugin",
+    "run-with",
+    "compat",
+    "iscsi",
+    "debugcon",
+    "spice",
+    "loadvm",
+    "gdb",
+    "chroot",
+    "runas",
+    "async-teardown",
+    "mem-path",
+    "semihosting-config",
+    "tpmdev",
+    "usbdevice",
+    "set",
+];
+
+/// The first option of `args` that takes a value and has none (it is the last argument), as
+/// written: `-machine` in `... -machine`. Options appended after it would become its value.
+pub fn option_missing_value(args: &[String]) -> Option<&str> {
+    let mut i = 0;
+    while i < args.len() {
+        let opt = args[i].strip_prefix('-').unwrap_or(&args[i]);
+        let opt = opt.strip_prefix('-').unwrap_or(opt);
+        if args[i].starts_with('-') && VALUE_OPTIONS.contains(&opt) {
+            if i + 1 == args.len() {
+                return Some(&args[i]);
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    None
+}
+
 /// Reads the QEMU arguments `args` (everything after the binary) by the rules of QEMU
 /// `qemu`.
 pub fn read_pit(args: &[String], qemu: QemuVersion) -> PitReading {
@@ -232,6 +338,9 @@ pub fn read_pit(args: &[String], qemu: QemuVersion) -> PitReading {
                 }
                 _ => {}
             }
+        }
+        if takes_value && value.is_none() {
+            rejected.push(format!("{} is missing its value", args[i]));
         }
         i += if takes_value { 2 } else { 1 };
     }
@@ -548,6 +657,27 @@ mod tests {
             "-accel tcg -M q35,kernel-irqchip=off",
             "11.1"
         )));
+    }
+
+    #[test]
+    fn an_option_missing_its_value_is_found() {
+        let args = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(
+            option_missing_value(&args("-m 1G -machine")),
+            Some("-machine")
+        );
+        assert_eq!(
+            option_missing_value(&args("-enable-kvm --global")),
+            Some("--global")
+        );
+        assert_eq!(option_missing_value(&args("-machine q35 -m")), Some("-m"));
+        // A value that looks like an option is a value.
+        assert_eq!(option_missing_value(&args("-name -machine")), None);
+        assert_eq!(
+            option_missing_value(&args("-machine q35 -enable-kvm")),
+            None
+        );
+        assert!(rejected(&read("-accel kvm -machine")));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use devshare_common::pit::{qemu_args, LostTickPolicy};
 use devshare_common::qemu::QemuVersion;
-use kvm_pit_policy::cmdline::{read_pit, PitVerdict};
+use kvm_pit_policy::cmdline::{option_missing_value, read_pit, PitVerdict};
 use kvm_pit_policy::inspect::{inspect_all, inspect_pid, QemuPit};
 use kvm_pit_policy::lab::{run_lab, LabConfig};
 use kvm_pit_policy::plot::write_png;
@@ -147,6 +147,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints `text` (a closed pipe is no failure, see [`devshare_common::output`]); false, after
+/// saying why, when stdout cannot be written.
+fn print(text: &str) -> bool {
+    match devshare_common::output::print(text) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("kvm-pit-policy: cannot write to stdout: {e}");
+            false
+        }
+    }
+}
+
 fn qemu_args_command(
     policy: LostTickPolicy,
     strict: bool,
@@ -154,10 +166,6 @@ fn qemu_args_command(
     mut qemu: Vec<String>,
 ) -> ExitCode {
     let ours = qemu_args(policy);
-    println!("{}", ours.join(" "));
-    if qemu.is_empty() {
-        return ExitCode::SUCCESS;
-    }
     // One quoted string is taken as a whole command line.
     if qemu.len() == 1 && qemu[0].contains(char::is_whitespace) {
         qemu = qemu[0].split_whitespace().map(str::to_owned).collect();
@@ -170,6 +178,19 @@ fn qemu_args_command(
             .starts_with("qemu-system-")
     }) {
         qemu.remove(0);
+    }
+    if let Some(opt) = option_missing_value(&qemu) {
+        // The options appended below would become its value (-global as the machine type).
+        eprintln!(
+            "kvm-pit-policy: the QEMU command line ends with {opt}, which is missing its value"
+        );
+        return ExitCode::from(2);
+    }
+    if !print(&format!("{}\n", ours.join(" "))) {
+        return ExitCode::FAILURE;
+    }
+    if qemu.is_empty() {
+        return ExitCode::SUCCESS;
     }
     let mut warnings = Vec::new();
     let before = read_pit(&qemu, version);
@@ -233,25 +254,27 @@ fn inspect_command(pids: &[u32], json: bool) -> ExitCode {
             }
         }
     }
-    if json {
+    let text = if json {
         match serde_json::to_string_pretty(&reports) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => format!("{text}\n"),
             Err(e) => {
                 eprintln!("kvm-pit-policy: cannot encode JSON: {e}");
                 return ExitCode::FAILURE;
             }
         }
     } else if reports.is_empty() && pids.is_empty() {
-        println!("no running QEMU (qemu-system-*) found");
+        "no running QEMU (qemu-system-*) found\n".to_string()
     } else {
+        let mut text = String::new();
         for r in &reports {
-            println!("{}", r.summary());
+            text.push_str(&format!("{}\n", r.summary()));
             for note in &r.reading.notes {
-                println!("    note: {note}");
+                text.push_str(&format!("    note: {note}\n"));
             }
         }
-    }
-    if failed {
+        text
+    };
+    if !print(&text) || failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -272,16 +295,19 @@ fn lab_command(
             return ExitCode::FAILURE;
         }
     };
-    if json {
+    let text = if json {
         match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => format!("{text}\n"),
             Err(e) => {
                 eprintln!("kvm-pit-policy: cannot encode JSON: {e}");
                 return ExitCode::FAILURE;
             }
         }
     } else {
-        print!("{}", report.table());
+        report.table()
+    };
+    if !print(&text) {
+        return ExitCode::FAILURE;
     }
     if let Some(path) = plot {
         if let Err(e) = write_png(&report, &path) {

@@ -1,7 +1,6 @@
 //! Draws a lab report as a PNG: ticks counted over time for each policy (with the
 //! wall-clock expectation and the stalls shaded), and below it how far each run was behind.
 
-use std::io;
 use std::path::Path;
 
 use devshare_common::pit::LostTickPolicy;
@@ -39,14 +38,9 @@ pub enum PlotError {
     /// The report has no samples to draw.
     #[error("nothing to plot: the report has no samples")]
     Empty,
-    /// The file could not be written.
-    #[error("cannot write {path}: {source}")]
-    Write {
-        /// The file.
-        path: String,
-        /// The failure.
-        source: io::Error,
-    },
+    /// The file could not be written (or its path is a symlink or not a regular file).
+    #[error("cannot write the plot: {0}")]
+    Write(#[from] devshare_common::files::FileError),
 }
 
 /// Letters whose glyph hangs below the line: drawn this many rows lower.
@@ -391,13 +385,13 @@ pub fn render(report: &LabReport) -> Result<Vec<u8>, PlotError> {
     .encode())
 }
 
-/// Renders `report` and writes it to `path`.
+/// Renders `report` and writes it to `path` as a new 0644 file: never through a symlink and
+/// never truncating another file in place (the kernel runs this as root; see
+/// [`devshare_common::files::replace_file`]).
 pub fn write_png(report: &LabReport, path: &Path) -> Result<(), PlotError> {
     let bytes = render(report)?;
-    std::fs::write(path, bytes).map_err(|source| PlotError::Write {
-        path: path.display().to_string(),
-        source,
-    })
+    devshare_common::files::replace_file(path, &bytes, 0o644)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -425,5 +419,55 @@ mod tests {
             runs: vec![],
         };
         assert!(matches!(render(&report), Err(PlotError::Empty)));
+    }
+
+    #[test]
+    fn the_plot_is_never_written_through_a_symlink() {
+        let report = LabReport {
+            rate_hz: 1000.0,
+            divisor: 1193,
+            pattern: "one".into(),
+            duration_s: 1.0,
+            settle_s: 0.0,
+            kvm_module: None,
+            runs: vec![PolicyRun {
+                policy: LostTickPolicy::Delay,
+                elapsed_s: 1.0,
+                measured_at_s: 1.0,
+                expected_ticks: 1000,
+                counted_ticks: 1000,
+                lost_ticks: 0,
+                behind_at_end: 0,
+                lost_percent: 0.0,
+                stalls: 0,
+                stalled_s: 0.0,
+                max_behind_ticks: 0,
+                catch_up_ms: None,
+                samples: vec![
+                    crate::lab::Sample { t: 0.0, ticks: 0 },
+                    crate::lab::Sample {
+                        t: 1.0,
+                        ticks: 1000,
+                    },
+                ],
+                stall_windows: vec![],
+            }],
+        };
+        let dir = std::env::temp_dir().join(format!("pit-plot-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("passwd");
+        std::fs::write(&victim, b"root:x:0:0").unwrap();
+        let link = dir.join("plot.png");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let e = write_png(&report, &link).unwrap_err();
+        assert!(e.to_string().contains("symlink"), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"root:x:0:0");
+        // A regular file is replaced by the plot.
+        let out = dir.join("real.png");
+        std::fs::write(&out, b"old").unwrap();
+        write_png(&report, &out).unwrap();
+        assert!(std::fs::read(&out).unwrap().starts_with(b"\x89PNG"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

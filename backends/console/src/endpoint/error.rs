@@ -56,7 +56,8 @@ pub enum EndpointError {
         source: io::Error,
     },
     /// The log file could not be opened.
-    #[error("cannot open log file {path}: {source}")]
+    // The source begins with the path: "cannot open log file PATH: cannot open: ...".
+    #[error("cannot open log file {source}")]
     FileOpen {
         /// Log file path.
         path: PathBuf,

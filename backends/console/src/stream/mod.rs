@@ -71,6 +71,8 @@ pub struct StreamGuest {
     /// The client took nothing for too long: output is read again, keeping the newest bytes,
     /// until the client takes some.
     pub(crate) gave_up: bool,
+    /// Bounds the "second QEMU" warnings: any local client that may connect can repeat it.
+    refused_warnings: devshare_common::ratelimit::RateLimit,
 }
 
 impl StreamGuest {
@@ -102,6 +104,10 @@ impl StreamGuest {
             next_attempt: Instant::now(),
             waiting_logged: false,
             listen_paused_until: None,
+            refused_warnings: devshare_common::ratelimit::RateLimit::standard(format!(
+                "{}: refused connections",
+                path.display()
+            )),
             held_since: None,
             gave_up: false,
         })
@@ -178,7 +184,11 @@ impl StreamGuest {
                     }
                 };
                 if self.conn.is_some() {
-                    log::warn!("{}: a second QEMU connected; refused", self.path.display());
+                    devshare_common::warn_limited!(
+                        self.refused_warnings,
+                        "{}: a second QEMU connected; refused",
+                        self.path.display()
+                    );
                     return Ok(StreamEvent::Nothing);
                 }
                 c.set_nonblocking(true)?;
