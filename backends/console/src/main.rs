@@ -27,7 +27,9 @@ const AFTER_HELP: &str = "\
 ENDPOINTS (what a port is bridged to):
   pty[:LINK]                      new PTY; its path is logged, LINK becomes a symlink to it
   unix:PATH                       Unix socket listener (one client at a time)
-  tcp:[ADDR:]PORT                 TCP listener, 127.0.0.1 unless ADDR is given
+  tcp:[ADDR:]PORT                 TCP listener, 127.0.0.1 unless ADDR is given; NO ACCESS
+                                  CONTROL: any local user (any host, with ADDR 0.0.0.0) who
+                                  connects first gets the port; prefer unix: for consoles
   file:PATH[,timestamps][,max-size=SIZE][,keep=N]
                                   log of guest output, rotated before it grows past SIZE
                                   (default 2M; 0: never) into PATH.1 .. PATH.N (default 3)

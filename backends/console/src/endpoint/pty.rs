@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 
 use std::time::Instant;
 
+use devshare_common::log_limited_or_debug;
+use devshare_common::ratelimit::RateLimit;
+
 use super::fd::{set_nonblocking, write_vectored};
 use super::reopen::{Reopen, DEFAULT_INTERVAL};
 use super::{EndpointError, Readiness, Side, Watch, WatchRole};
@@ -30,6 +33,9 @@ pub(super) struct Pty {
     retry: Option<Reopen>,
     /// Slave fds replaced but maybe still in the event loop's epoll set.
     retired: Vec<OwnedFd>,
+    /// Limits the lines about hang-ups: whoever may open the terminal decides how often
+    /// they happen.
+    hang_ups: RateLimit,
 }
 
 impl Pty {
@@ -53,6 +59,7 @@ impl Pty {
         Ok(Pty {
             master,
             slave: Some(slave),
+            hang_ups: RateLimit::standard(format!("pty {}", slave_path.display())),
             slave_path,
             link,
             retry: None,
@@ -70,7 +77,9 @@ impl Pty {
             Ok(slave) => {
                 self.slave = Some(slave);
                 let again = self.retry.take().is_some();
-                log::info!(
+                log_limited_or_debug!(
+                    log::Level::Info,
+                    self.hang_ups,
                     "{}: {why}; opened again in raw mode{}",
                     self.describe(),
                     if again { " after failed attempts" } else { "" }

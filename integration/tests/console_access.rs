@@ -1,0 +1,110 @@
+//! Who can reach a vhost-user-console's sockets and files, and what they can make it do: the
+//! log a stream of clients leaves, a TCP endpoint reachable from beyond the host, the modes
+//! and groups of each kind of socket, and paths that collide.
+//!
+//! The backend is the real process; in stream mode the test plays QEMU on the `--vm` socket.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use devshare_integration::console_backend::{spawn_with_env, WAIT};
+use devshare_integration::qemu::ScratchDir;
+
+fn connect(path: &Path) -> UnixStream {
+    let s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+/// Lines of `log` that say something about one client.
+fn client_lines(log: &str) -> usize {
+    log.lines()
+        .filter(|l| {
+            l.contains("client")
+                || l.contains("attached")
+                || l.contains("detached")
+                || l.contains("port busy")
+        })
+        .count()
+}
+
+#[test]
+fn clients_that_connect_and_close_in_a_loop_leave_a_bounded_log() {
+    let dir = ScratchDir::new("con-access-flood").unwrap();
+    let mut p = spawn_with_env(
+        &dir,
+        &[
+            "--vm",
+            "v={dir}/v.sock,stream",
+            "-p",
+            "v/serial=unix:{dir}/c.sock",
+        ],
+        &[("RUST_LOG", "info")],
+        "backend.log",
+    );
+    let c = dir.path().join("c.sock");
+    p.wait_for_path(&dir.path().join("v.sock"), WAIT).unwrap();
+    p.wait_for_path(&c, WAIT).unwrap();
+    const CYCLES: usize = 300;
+    for _ in 0..CYCLES {
+        drop(UnixStream::connect(&c).unwrap());
+    }
+    // Readiness: a client after the flood gets the guest's output, so the backend took
+    // every connection before it.
+    let mut qemu = connect(&dir.path().join("v.sock"));
+    qemu.write_all(b"ping\n").unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut client = connect(&c);
+        let mut got = [0u8; 5];
+        client.read_exact(&mut got).unwrap();
+        if &got == b"ping\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never served; log:\n{}", p.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let log = p.log();
+    let lines = client_lines(&log);
+    assert!(
+        lines < 40,
+        "{CYCLES} clients made {lines} log lines; log:\n{log}"
+    );
+    assert!(p.is_running());
+}
+
+#[test]
+fn a_tcp_endpoint_beyond_loopback_is_warned_about_at_start() {
+    let dir = ScratchDir::new("con-access-tcp").unwrap();
+    let mut p = spawn_with_env(
+        &dir,
+        &[
+            "--vm",
+            "v={dir}/v.sock,stream",
+            "-p",
+            "v/serial=tcp:127.0.0.1:0",
+            "--vm",
+            "w={dir}/w.sock,stream",
+            "-p",
+            "w/serial=tcp:0.0.0.0:0",
+        ],
+        &[("RUST_LOG", "info")],
+        "backend.log",
+    );
+    p.wait_for_socket(&dir.path().join("stats.sock"), WAIT)
+        .unwrap();
+    let log = p.log();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("no access control"))
+        .collect();
+    assert_eq!(
+        warned.len(),
+        1,
+        "one warning, for 0.0.0.0 only; log:\n{log}"
+    );
+    assert!(warned[0].contains("0.0.0.0:"), "{}", warned[0]);
+    assert!(warned[0].contains("WARN"), "{}", warned[0]);
+}
