@@ -108,3 +108,51 @@ fn a_tcp_endpoint_beyond_loopback_is_warned_about_at_start() {
     assert!(warned[0].contains("0.0.0.0:"), "{}", warned[0]);
     assert!(warned[0].contains("WARN"), "{}", warned[0]);
 }
+
+#[test]
+fn socket_modes_that_lock_the_owner_out_and_groups_that_do_not_exist_are_refused() {
+    let refused: [(&[&str], &str); 5] = [
+        (&["--socket-mode", "0"], "owner"),
+        (&["--socket-mode", "0066"], "owner"),
+        (&["--socket-mode", "10777"], "0777"),
+        (&["--socket-group", "99999"], "99999"),
+        (&["-p", "v/data=unix:{dir}/d.sock,mode=0"], "owner"),
+    ];
+    for (extra, why) in refused {
+        let dir = ScratchDir::new("con-access-mode").unwrap();
+        let mut args = vec![
+            "--vm",
+            "v={dir}/v.sock",
+            "-p",
+            "v/console=unix:{dir}/c.sock",
+        ];
+        args.extend_from_slice(extra);
+        let mut p = spawn_with_env(&dir, &args, &[], "backend.log");
+        let status = p.wait_exit(WAIT).unwrap();
+        assert!(!status.success(), "{extra:?} accepted; log:\n{}", p.log());
+        assert!(p.log().contains(why), "{extra:?}: {}", p.log());
+        assert!(!dir.path().join("v.sock").exists(), "{extra:?}");
+    }
+    // A mode that lets everyone connect is served, with a warning.
+    let dir = ScratchDir::new("con-access-world").unwrap();
+    let mut p = spawn_with_env(
+        &dir,
+        &[
+            "--vm",
+            "v={dir}/v.sock",
+            "-p",
+            "v/console=unix:{dir}/c.sock",
+            "--socket-mode",
+            "0606",
+        ],
+        &[],
+        "backend.log",
+    );
+    p.wait_for_path(&dir.path().join("v.sock"), WAIT).unwrap();
+    let log = p.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("0606") && l.contains("every local user")),
+        "{log}"
+    );
+}

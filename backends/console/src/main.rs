@@ -26,7 +26,8 @@ use vhost_user_console::vhu_console::{reactor_event, VhuConsole};
 const AFTER_HELP: &str = "\
 ENDPOINTS (what a port is bridged to):
   pty[:LINK]                      new PTY; its path is logged, LINK becomes a symlink to it
-  unix:PATH                       Unix socket listener (one client at a time)
+  unix:PATH[,mode=0600][,group=G] Unix socket listener (one client at a time); only the
+                                  owner may connect unless mode=/group= say otherwise
   tcp:[ADDR:]PORT                 TCP listener, 127.0.0.1 unless ADDR is given; NO ACCESS
                                   CONTROL: any local user (any host, with ADDR 0.0.0.0) who
                                   connects first gets the port; prefer unix: for consoles
@@ -56,7 +57,9 @@ as /dev/virtio-ports/NAME. Output with nothing attached is buffered (--buffer-si
 replayed when a client attaches; a full buffer holds data ports back and makes the console
 keep its newest bytes (never bytes an attached client is ready to take).
 
-Sockets are created 0600 (--socket-mode, --socket-group open them to QEMU's group). A socket
+Sockets are created 0600. --socket-mode, --socket-group open the front-end (QEMU) sockets to
+QEMU's group, and only those: a unix: endpoint is a guest's console, opened to others only by
+its own mode=/group=; the stats socket stays 0600. A socket
 another running process serves is never taken over, and a file that is not a socket is never
 removed.
 
@@ -105,12 +108,13 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     stats_socket: Option<PathBuf>,
 
-    /// Permission bits (octal) of every socket this process creates [default: 0600]. E.g. 0660
-    /// with --socket-group to let QEMU or libvirt's group connect.
+    /// Permission bits (octal) of the front-end sockets: vhost-user and stream --vm sockets
+    /// [default: 0600]. E.g. 0660 with --socket-group to let QEMU or libvirt's group connect.
+    /// unix: endpoints have their own mode=/group=; the stats socket stays 0600.
     #[arg(long, value_name = "MODE")]
     socket_mode: Option<String>,
 
-    /// Group (name or number) given to every socket this process creates.
+    /// Group (name or number; it must exist) given to the front-end sockets.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
 
@@ -387,7 +391,9 @@ fn main() -> ExitCode {
             process: ProcessStats::current(),
         };
         let served =
-            devshare_common::stats::serve_json(&path, &process.socket, move || report.to_json());
+            devshare_common::stats::serve_json(&path, &SocketOptions::default(), move || {
+                report.to_json()
+            });
         if let Err(e) = served {
             eprintln!("vhost-user-console: {e}");
             return ExitCode::FAILURE;

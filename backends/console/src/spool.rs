@@ -331,12 +331,7 @@ impl Spool {
     /// run accepted), and the rest is counted ([`Spool::resize_dropped`]). The new file is
     /// built beside the old one (`PATH.resize`) and renamed over it once complete, so a crash
     /// or a full file system meanwhile leaves the old spool as it was.
-    fn resize(
-        path: &Path,
-        old: &File,
-        old_len: u64,
-        capacity: usize,
-    ) -> Result<Spool, SpoolError> {
+    fn resize(path: &Path, old: &File, old_len: u64, capacity: usize) -> Result<Spool, SpoolError> {
         let err = |source| SpoolError::File {
             path: path.to_owned(),
             source,

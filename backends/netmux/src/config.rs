@@ -280,7 +280,7 @@ pub struct Config {
     pub mtu: u16,
     /// Unix socket serving JSON counters, if any.
     pub stats_socket: Option<PathBuf>,
-    /// Mode and group of every socket this process creates (ports and stats).
+    /// Mode and group of the port (vhost-user) sockets; the stats socket is always 0600.
     pub socket: SocketOptions,
 }
 
