@@ -21,12 +21,20 @@ impl SmallFs {
     fn mount(at: &Path, size: &str) -> SmallFs {
         std::fs::create_dir_all(at).unwrap();
         let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(at)
             .status()
             .unwrap();
         assert!(st.success(), "mount tmpfs at {}", at.display());
-        SmallFs { at: at.to_path_buf() }
+        SmallFs {
+            at: at.to_path_buf(),
+        }
     }
 }
 
@@ -50,8 +58,7 @@ fn play_qemu(path: &Path, lines: usize) {
 }
 
 #[test]
-fn a_full_state_dir_file_system_refuses_the_start_with_a_clear_error_and_never_kills_the_process()
-{
+fn a_full_state_dir_file_system_refuses_the_start_with_a_clear_error_and_never_kills_the_process() {
     let scratch = ScratchDir::new("con-state-full").unwrap();
     let d = scratch.path();
     let fs = SmallFs::mount(&d.join("mnt"), "256k");
@@ -160,16 +167,27 @@ fn a_new_buffer_size_carries_over_what_an_earlier_run_kept_and_counts_what_does_
     drop(qemu);
     // Larger: everything is kept.
     let c = start_sized(crash(c), "128K");
-    assert_eq!(c.stat("r", "serial", "buffered_bytes"), 40_000, "{}", c.process.log());
+    assert_eq!(
+        c.stat("r", "serial", "buffered_bytes"),
+        40_000,
+        "{}",
+        c.process.log()
+    );
     assert_eq!(c.stat("r", "serial", "dropped_bytes"), 0);
     // Smaller: the newest 16 KiB are kept, the rest is counted as dropped and warned about.
     let c = start_sized(crash(c), "16K");
-    assert_eq!(c.stat("r", "serial", "buffered_bytes"), 16_384, "{}", c.process.log());
+    assert_eq!(
+        c.stat("r", "serial", "buffered_bytes"),
+        16_384,
+        "{}",
+        c.process.log()
+    );
     assert_eq!(c.stat("r", "serial", "dropped_bytes"), 40_000 - 16_384);
     let log = c.process.log();
     assert!(
-        log.lines()
-            .any(|l| l.contains("WARN") && l.contains("buffer size changed") && l.contains("23616")),
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("buffer size changed")
+            && l.contains("23616")),
         "{log}"
     );
     let mut client = UnixStream::connect(c.path("rd.sock")).unwrap();
