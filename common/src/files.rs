@@ -18,7 +18,7 @@ use std::fs::{DirBuilder, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use nix::fcntl::{flock, FlockArg};
 
@@ -240,9 +240,53 @@ pub fn open_state_file(path: &Path) -> Result<File, FileError> {
     Ok(file)
 }
 
+/// `path` as an absolute path (relative to the current directory) without `.` and `..`
+/// components, with the symlinks of its parent directory resolved when that exists: the form
+/// in which two spellings of one path (`f.log`, `./f.log`, `DIR/f.log`) compare equal, for
+/// checking that the paths a process will create are distinct. The last component is kept as
+/// it is (it may not exist yet, or be a symlink the caller will refuse).
+pub fn normalize(path: &Path) -> PathBuf {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .unwrap_or_else(|_| PathBuf::from("/"))
+            .join(path)
+    };
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    match (out.parent(), out.file_name()) {
+        (Some(parent), Some(name)) => match std::fs::canonicalize(parent) {
+            Ok(real) => real.join(name),
+            Err(_) => out,
+        },
+        _ => out,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_path_spelled_several_ways_normalizes_to_one() {
+        let cwd = std::fs::canonicalize(std::env::current_dir().unwrap()).unwrap();
+        assert_eq!(normalize(Path::new("f.log")), cwd.join("f.log"));
+        assert_eq!(normalize(Path::new("./f.log")), cwd.join("f.log"));
+        assert_eq!(normalize(Path::new("x/../f.log")), cwd.join("f.log"));
+        assert_eq!(
+            normalize(Path::new("/nonexistent/./a/../b.sock")),
+            PathBuf::from("/nonexistent/b.sock")
+        );
+    }
     use std::io::{Read, Write};
 
     fn scratch(tag: &str) -> PathBuf {

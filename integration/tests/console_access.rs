@@ -156,3 +156,143 @@ fn socket_modes_that_lock_the_owner_out_and_groups_that_do_not_exist_are_refused
         "{log}"
     );
 }
+
+#[test]
+fn a_path_used_twice_is_refused_naming_both_uses_and_nothing_is_left_behind() {
+    let cases: [(&[&str], &str, &str); 6] = [
+        // A PTY link at the VM's own socket.
+        (
+            &["--vm", "a={dir}/a.sock", "-p", "a/console=pty:{dir}/a.sock"],
+            "VM 'a''s socket",
+            "a/console's pty: link",
+        ),
+        // An endpoint socket at the stats socket.
+        (
+            &[
+                "--vm",
+                "a={dir}/a.sock",
+                "-p",
+                "a/console=unix:{dir}/stats.sock",
+            ],
+            "stats socket",
+            "a/console's unix: socket",
+        ),
+        // An endpoint socket at another VM's socket.
+        (
+            &[
+                "--vm",
+                "a={dir}/a.sock",
+                "-p",
+                "a/console=pty",
+                "--vm",
+                "b={dir}/b.sock,stream",
+                "-p",
+                "b/serial=unix:{dir}/a.sock",
+            ],
+            "VM 'a''s socket",
+            "b/serial's unix: socket",
+        ),
+        // Two logs on one file, spelled two ways.
+        (
+            &[
+                "--vm",
+                "a={dir}/a.sock",
+                "-p",
+                "a/console=file:{dir}/f.log",
+                "-p",
+                "a/data=file:{dir}/./f.log",
+            ],
+            "a/console's file: log",
+            "a/data's file: log",
+        ),
+        // A log at another's rotated name.
+        (
+            &[
+                "--vm",
+                "a={dir}/a.sock",
+                "-p",
+                "a/console=file:{dir}/f.log,keep=2",
+                "-p",
+                "a/data=file:{dir}/f.log.2",
+            ],
+            "a/console's file: log rotated",
+            "a/data's file: log",
+        ),
+        // A log at a buffer file.
+        (
+            &[
+                "--vm",
+                "a={dir}/a.sock",
+                "-p",
+                "a/console=file:{dir}/st/a.data.spool",
+                "-p",
+                "a/data=pty",
+                "--state-dir",
+                "{dir}/st",
+            ],
+            "a/console's file: log",
+            "a/data's buffer file",
+        ),
+    ];
+    for (args, first, second) in cases {
+        let dir = ScratchDir::new("con-access-twice").unwrap();
+        let mut p = spawn_with_env(&dir, args, &[], "backend.log");
+        let status = p.wait_exit(WAIT).unwrap();
+        let log = p.log();
+        assert_eq!(status.code(), Some(2), "{args:?}: {status}; log:\n{log}");
+        assert!(
+            log.contains("is used twice") && log.contains(first) && log.contains(second),
+            "{args:?}: the error names both uses; log:\n{log}"
+        );
+        // Refused before anything was created: the directory holds the log only.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n != "backend.log")
+            .collect();
+        assert!(left.is_empty(), "{args:?} left {left:?}");
+    }
+}
+
+#[test]
+fn a_start_that_fails_midway_removes_what_it_created() {
+    // A directory that does not exist is found only when the socket is made, after the VMs'
+    // endpoints (and stream sockets) were set up: for the stats socket, and for a vhost-user
+    // socket, made last.
+    for late in [
+        [
+            "--stats-socket",
+            "{dir}/nodir/stats.sock",
+            "--vm",
+            "b={dir}/b.sock",
+        ],
+        [
+            "--stats-socket",
+            "{dir}/stats.sock",
+            "--vm",
+            "b={dir}/nodir/b.sock",
+        ],
+    ] {
+        let dir = ScratchDir::new("con-access-midway").unwrap();
+        let mut args = vec![
+            "--vm",
+            "a={dir}/a.sock,stream",
+            "-p",
+            "a/serial=unix:{dir}/c.sock",
+            "-p",
+            "b/console=pty:{dir}/b.pty",
+        ];
+        args.splice(0..0, late);
+        let mut p = spawn_with_env(&dir, &args, &[], "backend.log");
+        let status = p.wait_exit(WAIT).unwrap();
+        assert!(!status.success(), "{}", p.log());
+        assert!(p.log().contains("nodir"), "{}", p.log());
+        for name in ["a.sock", "c.sock", "b.pty", "stats.sock"] {
+            assert!(
+                std::fs::symlink_metadata(dir.path().join(name)).is_err(),
+                "{late:?}: {name} left behind; log:\n{}",
+                p.log()
+            );
+        }
+    }
+}

@@ -284,6 +284,15 @@ fn on_shutdown(groups: &[Arc<Group>]) {
     }
 }
 
+/// Start-up failed after the VMs were set up: what this process created goes (its sockets,
+/// its PTY links; buffers are synced as on SIGTERM), since threads it started may hold the
+/// groups and destructors do not run at exit.
+fn abandon(groups: &[Arc<Group>]) -> ExitCode {
+    devshare_common::listen::remove_created_sockets();
+    on_shutdown(groups);
+    ExitCode::FAILURE
+}
+
 fn main() -> ExitCode {
     devshare_common::init_logging();
     let args = Args::parse();
@@ -334,6 +343,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         };
     }
+    // Two uses of one path would fail midway with a misleading error, or write into each
+    // other's files: refused before anything is created.
+    if let Err(e) = vhost_user_console::paths::check_distinct(&cfg, process.stats_socket.as_deref())
+    {
+        eprintln!("vhost-user-console: {e}");
+        return ExitCode::from(2);
+    }
     // Held for the life of the process: a second instance on the same state directory would
     // corrupt the spools.
     let _state_lock = match &cfg.state_dir {
@@ -378,7 +394,7 @@ fn main() -> ExitCode {
     };
     if let Err(e) = handle_signals(actions) {
         eprintln!("vhost-user-console: {e}");
-        return ExitCode::FAILURE;
+        return abandon(&groups);
     }
     if let Some(path) = process.stats_socket {
         // Counters are atomics the data path updates: reading them takes no VM's lock. The
@@ -396,7 +412,7 @@ fn main() -> ExitCode {
             });
         if let Err(e) = served {
             eprintln!("vhost-user-console: {e}");
-            return ExitCode::FAILURE;
+            return abandon(&groups);
         }
     }
     let mut threads = Vec::new();
@@ -409,7 +425,7 @@ fn main() -> ExitCode {
             Ok(h) => threads.push(h),
             Err(e) => {
                 eprintln!("vhost-user-console: cannot start a thread: {e}");
-                return ExitCode::FAILURE;
+                return abandon(&groups);
             }
         }
     }
@@ -424,7 +440,7 @@ fn main() -> ExitCode {
             Ok(s) => sockets.push((transport, s)),
             Err(e) => {
                 eprintln!("vhost-user-console: VM {}: {e}", vm.name);
-                return ExitCode::FAILURE;
+                return abandon(&groups);
             }
         }
     }
@@ -453,7 +469,7 @@ fn main() -> ExitCode {
             Ok(h) => threads.push(h),
             Err(e) => {
                 eprintln!("vhost-user-console: cannot start a thread: {e}");
-                return ExitCode::FAILURE;
+                return abandon(&groups);
             }
         }
     }
