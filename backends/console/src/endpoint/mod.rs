@@ -107,6 +107,13 @@ pub struct EndpointCounters {
     pub reopens: Counter,
     /// Times a log file was rotated because it reached its size limit.
     pub rotations: Counter,
+    /// Times a log file reached its size limit and could not be rotated (a name in the way
+    /// that is not our regular file, a rename that failed): it was emptied instead, and the
+    /// bytes it held are counted in the port's `dropped_bytes`.
+    pub rotation_failures: Counter,
+    /// The port's `dropped_bytes`, shared: what the endpoint itself discards is counted there.
+    #[serde(skip)]
+    pub dropped_bytes: Arc<Counter>,
 }
 
 fn gauge<S: Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Error> {
