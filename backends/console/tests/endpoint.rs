@@ -705,3 +705,18 @@ fn serial_open_failure_names_the_device() {
         "{e}"
     );
 }
+
+#[test]
+fn another_users_symlink_at_a_pty_link_is_left_alone() {
+    let scratch = Scratch::new("pty-theirs");
+    let link = scratch.path("console");
+    std::os::unix::fs::symlink("/etc/hostname", &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+    let spec: EndpointSpec = format!("pty:{}", link.display()).parse().unwrap();
+    let e = Endpoint::open(&spec).err().unwrap().to_string();
+    assert!(e.contains("another user's symlink"), "{e}");
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        Path::new("/etc/hostname")
+    );
+}

@@ -6,7 +6,7 @@ use std::fs::OpenOptions;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use std::time::Instant;
@@ -294,6 +294,12 @@ fn make_raw(fd: BorrowedFd<'_>) -> io::Result<()> {
 
 /// Points `link` at `target`, replacing a stale symlink but never another kind of file.
 fn make_link(link: &Path, target: &Path) -> io::Result<PtyLink> {
+    // Only a symlink of ours (one an earlier run left) is replaced: in a shared directory
+    // anything else at the name is another user's, and stays.
+    let ours = |meta: &std::fs::Metadata| {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        meta.file_type().is_symlink() && meta.uid() == unsafe { libc::geteuid() }
+    };
     if let Ok(meta) = std::fs::symlink_metadata(link) {
         if !meta.file_type().is_symlink() {
             return Err(io::Error::new(
@@ -301,12 +307,20 @@ fn make_link(link: &Path, target: &Path) -> io::Result<PtyLink> {
                 "exists and is not a symlink; not replacing it",
             ));
         }
+        if !ours(&meta) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "is another user's symlink; not replacing it",
+            ));
+        }
     }
     // Make the new link beside it and rename over: the old one is replaced atomically.
     let mut tmp = link.as_os_str().to_owned();
     tmp.push(format!(".new-{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
+    if std::fs::symlink_metadata(&tmp).is_ok_and(|m| ours(&m)) {
+        let _ = std::fs::remove_file(&tmp);
+    }
     std::os::unix::fs::symlink(target, &tmp)?;
     if let Err(e) = std::fs::rename(&tmp, link) {
         let _ = std::fs::remove_file(&tmp);
