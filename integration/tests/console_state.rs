@@ -196,3 +196,33 @@ fn a_new_buffer_size_carries_over_what_an_earlier_run_kept_and_counts_what_does_
     client.read_exact(&mut got).unwrap();
     assert!(got == data[40_000 - 16_384..], "the newest bytes, in order");
 }
+
+#[test]
+fn kernel_files_as_logs_and_the_root_directory_as_state_dir_are_refused() {
+    let dir = ScratchDir::new("con-state-kernel").unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["-p", "k/serial=file:/proc/self/status"],
+            "kernel file system",
+        ),
+        (
+            &["-p", "k/serial=file:/sys/kernel/uevent_helper"],
+            "kernel file system",
+        ),
+        (
+            &["-p", "k/serial=pty", "--state-dir", "/"],
+            "root directory",
+        ),
+    ];
+    for (extra, why) in cases {
+        let mut args = vec!["--vm", "k={dir}/k.sock,stream"];
+        args.extend_from_slice(extra);
+        let mut p = spawn(&dir, &args, "kernel.log");
+        let status = p
+            .wait_exit(WAIT)
+            .unwrap_or_else(|e| panic!("{extra:?} accepted: {e}"));
+        assert!(!status.success(), "{extra:?}; log:\n{}", p.log());
+        assert!(p.log().contains(why), "{extra:?}; log:\n{}", p.log());
+    }
+    assert!(std::fs::symlink_metadata("/k.serial.spool").is_err());
+}
