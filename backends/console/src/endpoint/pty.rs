@@ -33,9 +33,9 @@ pub(super) struct Pty {
     retry: Option<Reopen>,
     /// Slave fds replaced but maybe still in the event loop's epoll set.
     retired: Vec<OwnedFd>,
-    /// Limits the lines about hang-ups: whoever may open the terminal decides how often
-    /// they happen.
-    hang_ups: RateLimit,
+    /// Limits the lines about hang-ups and settings restored: whoever may open the terminal
+    /// decides how often they happen.
+    terminal_events: RateLimit,
 }
 
 impl Pty {
@@ -59,7 +59,7 @@ impl Pty {
         Ok(Pty {
             master,
             slave: Some(slave),
-            hang_ups: RateLimit::standard(format!("pty {}", slave_path.display())),
+            terminal_events: RateLimit::standard(format!("pty {}", slave_path.display())),
             slave_path,
             link,
             retry: None,
@@ -79,7 +79,7 @@ impl Pty {
                 let again = self.retry.take().is_some();
                 log_limited_or_debug!(
                     log::Level::Info,
-                    self.hang_ups,
+                    self.terminal_events,
                     "{}: {why}; opened again in raw mode{}",
                     self.describe(),
                     if again { " after failed attempts" } else { "" }
@@ -151,6 +151,27 @@ impl Side for Pty {
     }
 
     fn write(&mut self, bufs: &[IoSlice<'_>], _total: usize) -> Option<io::Result<usize>> {
+        // Guest output written here is the terminal's input: with echo (or canonical mode,
+        // signals, CR/NL translation) switched on by a program on the slave (`stty -F LINK
+        // echo icanon`), it would come back to the guest as input, or changed. The backend
+        // owns the line discipline: raw mode is checked (one ioctl) before every write and
+        // restored if someone changed it.
+        match restore_raw(self.master.as_fd()) {
+            Ok(false) => {}
+            Ok(true) => log_limited_or_debug!(
+                log::Level::Warn,
+                self.terminal_events,
+                "{}: someone changed the terminal's settings; raw mode restored (the backend \
+                 owns them: echo would send guest output back to the guest)",
+                self.describe()
+            ),
+            Err(e) => log_limited_or_debug!(
+                log::Level::Warn,
+                self.terminal_events,
+                "{}: cannot check the terminal's settings: {e}",
+                self.describe()
+            ),
+        }
         Some(write_vectored(self.master.as_fd(), bufs))
     }
 
@@ -274,6 +295,30 @@ fn open_pty_pair() -> io::Result<(OwnedFd, OwnedFd, PathBuf)> {
         .custom_flags(libc::O_NOCTTY)
         .open(&slave_path)?;
     Ok((master, OwnedFd::from(slave), slave_path))
+}
+
+/// Puts the terminal of `fd` (the master reaches the slave's settings) back in raw mode if it
+/// is not; returns whether it had to.
+fn restore_raw(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: termios is plain data; zeroed is a valid value and tcgetattr overwrites it.
+    let mut now: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `now` is a valid termios to write into; fd is open.
+    if unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut now) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut raw = now;
+    // SAFETY: cfmakeraw only edits the struct it is given.
+    unsafe { libc::cfmakeraw(&mut raw) };
+    if (raw.c_iflag, raw.c_oflag, raw.c_lflag, raw.c_cflag)
+        == (now.c_iflag, now.c_oflag, now.c_lflag, now.c_cflag)
+    {
+        return Ok(false);
+    }
+    // SAFETY: `raw` is a valid termios; fd is open.
+    if unsafe { libc::tcsetattr(fd.as_raw_fd(), libc::TCSANOW, &raw) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
 }
 
 fn make_raw(fd: BorrowedFd<'_>) -> io::Result<()> {
