@@ -725,7 +725,15 @@ fn allocate(file: &File, len: u64) -> io::Result<()> {
     if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
         return Err(e);
     }
-    const BLOCK: u64 = 512;
+    allocate_by_writing(file, len)
+}
+
+/// [`allocate`] on a file system without `fallocate`: a zero byte written into every block
+/// of the first `len` bytes that reads as zero (a block holding data keeps it), then synced,
+/// so that a full file system says so here.
+fn allocate_by_writing(file: &File, len: u64) -> io::Result<()> {
+    // One byte per block of the file system's preferred size (a block holds at least that).
+    let block = std::os::unix::fs::MetadataExt::blksize(&file.metadata()?).max(512);
     let mut at = 0;
     while at < len {
         let mut b = [0u8; 1];
@@ -733,7 +741,7 @@ fn allocate(file: &File, len: u64) -> io::Result<()> {
         if n == 0 || b[0] == 0 {
             file.write_all_at(&[0], at)?;
         }
-        at += BLOCK;
+        at += block;
     }
     file.sync_data()
 }
@@ -792,6 +800,31 @@ mod tests {
         assert_eq!(contents(&mut s), b"world");
         assert_eq!(s.resize_dropped(), 0);
         drop(s);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn writing_zeroes_allocates_a_sparse_file_and_keeps_its_data() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = scratch("zeroes");
+        let path = dir.join("f");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(b"data", 300_000).unwrap();
+        let sparse = f.metadata().unwrap().blocks();
+        allocate_by_writing(&f, 1 << 20).unwrap();
+        let blocks = f.metadata().unwrap().blocks();
+        assert!(blocks * 512 >= 1 << 20, "{sparse} -> {blocks} blocks");
+        let mut b = [0u8; 4];
+        f.read_exact_at(&mut b, 300_000).unwrap();
+        assert_eq!(&b, b"data");
+        assert_eq!(f.metadata().unwrap().len(), 1 << 20);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
