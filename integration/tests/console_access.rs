@@ -76,6 +76,56 @@ fn clients_that_connect_and_close_in_a_loop_leave_a_bounded_log() {
 }
 
 #[test]
+fn connections_to_a_stream_socket_in_a_loop_leave_a_bounded_log() {
+    let dir = ScratchDir::new("con-access-qemu-flood").unwrap();
+    let mut p = spawn_with_env(
+        &dir,
+        &[
+            "--vm",
+            "v={dir}/v.sock,stream",
+            "-p",
+            "v/serial=unix:{dir}/c.sock",
+        ],
+        &[("RUST_LOG", "info")],
+        "backend.log",
+    );
+    let v = dir.path().join("v.sock");
+    p.wait_for_path(&dir.path().join("c.sock"), WAIT).unwrap();
+    const CYCLES: usize = 300;
+    for _ in 0..CYCLES {
+        drop(UnixStream::connect(&v).unwrap());
+    }
+    // Readiness: a QEMU after the flood reaches the client, so the backend took every
+    // connection before it.
+    let mut client = connect(&c_path(&dir));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut qemu = connect(&v);
+        if qemu.write_all(b"ping\n").is_ok() {
+            let mut got = [0u8; 5];
+            client
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            if client.read_exact(&mut got).is_ok() {
+                assert_eq!(&got, b"ping\n");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "never served; log:\n{}", p.log());
+    }
+    let log = p.log();
+    let lines = log.lines().filter(|l| l.contains("QEMU")).count();
+    assert!(
+        lines < 40,
+        "{CYCLES} connections made {lines} log lines; log:\n{log}"
+    );
+}
+
+fn c_path(dir: &ScratchDir) -> std::path::PathBuf {
+    dir.path().join("c.sock")
+}
+
+#[test]
 fn a_tcp_endpoint_beyond_loopback_is_warned_about_at_start() {
     let dir = ScratchDir::new("con-access-tcp").unwrap();
     let mut p = spawn_with_env(
