@@ -5,8 +5,12 @@
 #   1. scripts/setup.sh       Debian packages, the QEMUs, guest kernel + initramfs (cached)
 #   2. cargo fmt --check      formatting
 #   3. cargo clippy           lints, warnings are errors
-#   4. cargo build --bins     the backends the end-to-end tests start
-#   5. cargo test --workspace unit tests, frontend-driven tests, real QEMU guests
+#   4. cargo doc              the API docs, rustdoc warnings (broken links...) are errors
+#   5. cargo build --bins     the backends the end-to-end tests start
+#   6. cargo test --workspace unit tests, frontend-driven tests, real QEMU guests
+#   7. scripts/fuzz.sh        every fuzz target for DEVSHARE_FUZZ_SECONDS (30) seconds, from
+#                             the committed corpora; a crash fails the step
+# (fmt and clippy cover the fuzz crate too, which has its own workspace under fuzz/.)
 #
 # Usage: scripts/test.sh [--help] [-- CARGO_TEST_ARGS...]
 #   Arguments after `--` go to `cargo test` (e.g. `-- boot` to run only matching tests).
@@ -22,6 +26,7 @@
 #   DEVSHARE_QEMU_VERSIONS the QEMU versions of the compatibility matrix to set up and test
 #                          (default 7.2,10.0,11.1, every version of the README's table). A
 #                          version named here but missing fails its tests.
+#   DEVSHARE_FUZZ_SECONDS  seconds per fuzz target in step 7 (default 30; 0 skips the step)
 #   CARGO_TARGET_DIR       honoured as usual
 set -euo pipefail
 
@@ -98,9 +103,14 @@ cargo --version
 FAILED=()
 step fmt
 cargo fmt --all -- --check || FAILED+=(fmt)
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check || FAILED+=(fmt-fuzz)
 
 step clippy
 cargo clippy --workspace --all-targets -- -D warnings || FAILED+=(clippy)
+cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings || FAILED+=(clippy-fuzz)
+
+step doc
+RUSTDOCFLAGS="${RUSTDOCFLAGS:-} -D warnings" cargo doc --workspace --no-deps || FAILED+=(doc)
 
 step build
 cargo build --workspace --bins "${PROFILE_ARGS[@]}" || FAILED+=(build)
@@ -114,6 +124,14 @@ trap 'rm -f "$log"' EXIT
 timeout --kill-after=30 "$TEST_TIMEOUT" \
     cargo test --workspace --no-fail-fast "${PROFILE_ARGS[@]}" -- "$@" 2>&1 | tee "$log" ||
     FAILED+=(test)
+
+FUZZ_SECONDS=${DEVSHARE_FUZZ_SECONDS:-30}
+if [ "$FUZZ_SECONDS" != 0 ]; then
+    step fuzz
+    # Builds the targets (release, AddressSanitizer; installs cargo-fuzz if missing), then runs
+    # each from its committed corpus; prints executions and coverage per target.
+    scripts/fuzz.sh --seconds "$FUZZ_SECONDS" || FAILED+=(fuzz)
+fi
 step_end
 
 echo

@@ -148,6 +148,9 @@ pub struct GuestBuffers<'a> {
     readable_segments: usize,
     readable_len: usize,
     writable_len: usize,
+    /// A device-writable descriptor was added (an empty one maps no segment, so the segments
+    /// alone cannot tell).
+    writable_seen: bool,
 }
 
 impl<'a> GuestBuffers<'a> {
@@ -190,6 +193,7 @@ impl<'a> GuestBuffers<'a> {
             readable_segments: 0,
             readable_len: 0,
             writable_len: 0,
+            writable_seen: false,
         }
     }
 
@@ -227,9 +231,10 @@ impl<'a> GuestBuffers<'a> {
             len: desc_len,
         };
         if write {
+            self.writable_seen = true;
             self.writable_len += len;
         } else {
-            if self.segments.len() != self.readable_segments {
+            if self.writable_seen {
                 return Err(ChainError::ReadableAfterWritable { head });
             }
             self.readable_len += len;
@@ -625,6 +630,19 @@ mod tests {
             GuestBuffers::parse(&chain, &m),
             Err(ChainError::ReadableAfterWritable { .. })
         ));
+    }
+
+    // Found by the ring fuzz target: an empty device-writable buffer mapped no segment, so a
+    // device-readable buffer after it passed the order check.
+    #[test]
+    fn refuses_readable_after_an_empty_writable_buffer() {
+        let m = mem();
+        let mut b = GuestBuffers::empty(3);
+        b.push_buffer(&m, 0x10_0000, 0, true).ok();
+        assert_eq!(
+            b.push_buffer(&m, 0x10_1000, 8, false),
+            Err(ChainError::ReadableAfterWritable { head: 3 })
+        );
     }
 
     #[test]

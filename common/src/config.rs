@@ -40,6 +40,20 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     })
 }
 
+/// Parses a number written in decimal digits only, as users write ports, ids and counts.
+///
+/// `str::parse` also takes a leading `+` ("+23"), which no one means and which lets two
+/// spellings name one value; this refuses it, and refuses empty text, signs, spaces and
+/// anything `T` cannot hold.
+///
+/// Returns `None` for anything but `[0-9]+` that fits in `T`.
+pub fn parse_decimal<T: std::str::FromStr>(text: &str) -> Option<T> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
 /// Parses a byte size such as `4096`, `64K`, `64KiB`, `16M` or `1G` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     let t = s.trim();
@@ -108,6 +122,12 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("K").is_err());
         assert!(parse_size("99999999999999999999G").is_err());
+        assert!(parse_size("+5M").is_err());
+        assert_eq!(parse_decimal::<u16>("0023"), Some(23));
+        for bad in ["", "+23", "-1", " 23", "23 ", "0x17", "65536"] {
+            assert_eq!(parse_decimal::<u16>(bad), None, "{bad:?}");
+        }
+        assert!(parse_size("5 M").is_ok());
     }
 
     #[test]

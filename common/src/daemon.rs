@@ -386,11 +386,9 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::sync::atomic::AtomicUsize;
-    use vhost::vhost_user::message::VhostUserProtocolFeatures;
-    use vhost_user_backend::VringMutex;
     use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-    use crate::chain::MemoryAtomic;
+    use crate::idle_backend::Idle;
 
     #[test]
     fn backoff_doubles_up_to_its_bound_and_resets() {
@@ -406,46 +404,6 @@ mod tests {
         assert_eq!(b.failed(), Duration::from_secs(1));
         b.succeeded();
         assert_eq!(b.failed(), Duration::from_millis(100));
-    }
-
-    /// The smallest device: one queue, nothing to do; optionally one worker exit event,
-    /// handed out as copies (as the backends do). Without one a connection cannot end (the
-    /// library joins its workers), so only tests that serve a single connection leave it out.
-    #[derive(Clone)]
-    struct Idle(Option<Arc<(EventConsumer, EventNotifier)>>);
-
-    impl VhostUserBackend for Idle {
-        type Bitmap = ();
-        type Vring = VringMutex<MemoryAtomic>;
-        fn num_queues(&self) -> usize {
-            1
-        }
-        fn max_queue_size(&self) -> usize {
-            256
-        }
-        fn features(&self) -> u64 {
-            1 << 32 | 1 << 30
-        }
-        fn protocol_features(&self) -> VhostUserProtocolFeatures {
-            VhostUserProtocolFeatures::empty()
-        }
-        fn set_event_idx(&self, _enabled: bool) {}
-        fn update_memory(&self, _mem: MemoryAtomic) -> io::Result<()> {
-            Ok(())
-        }
-        fn handle_event(
-            &self,
-            _device_event: u16,
-            _evset: EventSet,
-            _vrings: &[Self::Vring],
-            _thread_id: usize,
-        ) -> io::Result<()> {
-            Ok(())
-        }
-        fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-            let (c, n) = &**self.0.as_ref()?;
-            Some((c.try_clone().ok()?, n.try_clone().ok()?))
-        }
     }
 
     /// GET_FEATURES (request 1) and its reply: the device answered.

@@ -9,6 +9,8 @@ pub mod chain;
 pub mod config;
 pub mod daemon;
 pub mod files;
+#[cfg(test)]
+mod idle_backend;
 pub mod listen;
 pub mod mem_table;
 pub mod pit;

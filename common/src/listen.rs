@@ -128,8 +128,12 @@ pub fn parse_mode(text: &str) -> Result<u32, ListenError> {
         text: text.to_owned(),
         reason: reason.to_owned(),
     };
+    // from_str_radix alone would take a leading '+'.
+    if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return Err(refuse("not an octal permission mode such as 0600 or 0660"));
+    }
     match u32::from_str_radix(digits, 8) {
-        Ok(m) if m <= 0o777 && !digits.is_empty() => {
+        Ok(m) if m <= 0o777 => {
             if m & 0o600 != 0o600 {
                 return Err(refuse(
                     "the owner must keep read and write permission (0600)",
@@ -137,10 +141,9 @@ pub fn parse_mode(text: &str) -> Result<u32, ListenError> {
             }
             Ok(m)
         }
-        Ok(_) if !digits.is_empty() => Err(refuse(
+        _ => Err(refuse(
             "only permission bits (at most 0777) mean something on a socket",
         )),
-        _ => Err(refuse("not an octal permission mode such as 0600 or 0660")),
     }
 }
 
@@ -151,9 +154,9 @@ pub fn parse_mode(text: &str) -> Result<u32, ListenError> {
 /// [`ListenError::Group`] when no such group exists.
 pub fn parse_group(text: &str) -> Result<u32, ListenError> {
     let t = text.trim();
-    let found = match t.parse::<u32>() {
-        Ok(gid) => Group::from_gid(Gid::from_raw(gid)),
-        Err(_) => Group::from_name(t),
+    let found = match crate::config::parse_decimal::<u32>(t) {
+        Some(gid) => Group::from_gid(Gid::from_raw(gid)),
+        None => Group::from_name(t),
     };
     match found {
         Ok(Some(g)) => Ok(g.gid.as_raw()),
@@ -587,6 +590,16 @@ mod tests {
         assert_eq!(parse_group("0").unwrap(), 0);
         assert_eq!(parse_group("root").unwrap(), 0);
         assert!(parse_group("no-such-group-here").is_err());
+    }
+
+    #[test]
+    fn modes_and_group_ids_are_digits_only() {
+        let _serial = crate::process_state_lock();
+        // u32::from_str_radix and str::parse take a leading '+': "+660" is not a mode.
+        for bad in ["+660", "0o+660", "-0", "6 60"] {
+            assert!(parse_mode(bad).is_err(), "mode {bad:?} accepted");
+        }
+        assert!(parse_group("+0").is_err(), "group '+0' accepted");
     }
 
     #[test]

@@ -34,8 +34,12 @@ const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 /// Largest message body accepted from a front-end (SET_MEM_TABLE with 8 regions is 328 bytes;
 /// configuration space messages are at most 256 + 12).
 const MAX_BODY: usize = 4096;
-/// Most descriptors one message carries (SET_MEM_TABLE: one per region, at most 8).
-const MAX_FDS: usize = 16;
+/// Most descriptors one message may carry: as many as the library accepts with one message
+/// (SET_MEM_TABLE carries one per region; QEMU sends at most 8). A message with more is
+/// refused rather than passed on without some of them.
+const MAX_FDS: usize = vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES;
+/// Control buffer for [`MAX_FDS`] descriptors: CMSG_SPACE(MAX_FDS * 4), in u64s.
+const CTL_WORDS: usize = (mem::size_of::<libc::cmsghdr>() + MAX_FDS * 4).div_ceil(8);
 
 /// The library's end of the relay: a listening socket inside a fresh 0700 directory under
 /// the temporary directory, so no other user can connect to it, not even in the moment between
@@ -72,7 +76,7 @@ impl PrivateListener {
 
 /// Why the relay stopped.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum RelayError {
+pub enum RelayError {
     /// The front-end sent something this backend refuses; the connection was ended.
     #[error("refused the front-end's {what}: {reason}")]
     Refused {
@@ -89,7 +93,9 @@ pub(crate) enum RelayError {
 /// Forwards front-end messages to the library, inserting the feature bit fix-up and checking
 /// memory tables against their files ([`crate::mem_table`]). Returns `Ok` when the front-end
 /// hangs up, [`RelayError::Refused`] when it sent a table that would crash the process.
-pub(crate) fn relay_frontend_messages(
+/// Public for the fuzz target (`fuzz/fuzz_targets/relay.rs`); backends reach it through
+/// [`crate::daemon::serve`].
+pub fn relay_frontend_messages(
     name: &str,
     from: &UnixStream,
     to: &UnixStream,
@@ -192,8 +198,9 @@ pub(crate) fn relay_backend_replies(
 }
 
 /// Reads exactly `buf.len()` bytes; descriptors arrive with the first byte. `None` on EOF
-/// before any byte.
-fn recv_with_fds(s: &UnixStream, buf: &mut [u8]) -> io::Result<Option<Vec<OwnedFd>>> {
+/// before any byte. More than [`MAX_FDS`] descriptors (the kernel then closes the ones that
+/// do not fit) are [`RelayError::Refused`]: the message could not be passed on as it was sent.
+fn recv_with_fds(s: &UnixStream, buf: &mut [u8]) -> Result<Option<Vec<OwnedFd>>, RelayError> {
     let mut fds = Vec::new();
     let mut got = 0;
     while got < buf.len() {
@@ -201,7 +208,7 @@ fn recv_with_fds(s: &UnixStream, buf: &mut [u8]) -> io::Result<Option<Vec<OwnedF
             iov_base: buf[got..].as_mut_ptr().cast(),
             iov_len: buf.len() - got,
         };
-        let mut ctl = [0u64; (MAX_FDS * 4 + 64) / 8];
+        let mut ctl = [0u64; CTL_WORDS];
         // SAFETY: msghdr is plain data; zeroed is valid.
         let mut msg: libc::msghdr = unsafe { mem::zeroed() };
         msg.msg_iov = &mut iov;
@@ -215,7 +222,7 @@ fn recv_with_fds(s: &UnixStream, buf: &mut [u8]) -> io::Result<Option<Vec<OwnedF
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(e);
+            return Err(e.into());
         }
         // SAFETY: the kernel filled `msg`; the CMSG macros stay inside `msg_controllen`.
         let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
@@ -238,11 +245,20 @@ fn recv_with_fds(s: &UnixStream, buf: &mut [u8]) -> io::Result<Option<Vec<OwnedF
             // SAFETY: as above; returns null past the end.
             c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
         }
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            return Err(RelayError::Refused {
+                what: "message",
+                reason: format!(
+                    "it carries more than {MAX_FDS} file descriptors ({} arrived)",
+                    fds.len()
+                ),
+            });
+        }
         if n == 0 {
             if got == 0 {
                 return Ok(None);
             }
-            return Err(io::ErrorKind::UnexpectedEof.into());
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
         }
         got += n as usize;
     }
@@ -292,6 +308,47 @@ fn send_with_fds(s: &UnixStream, data: &[u8], fds: &[OwnedFd]) -> io::Result<()>
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    fn dev_nulls(n: usize) -> Vec<OwnedFd> {
+        (0..n)
+            .map(|_| std::fs::File::open("/dev/null").unwrap().into())
+            .collect()
+    }
+
+    /// Relays `fds` sent with one GET_FEATURES message; returns how the relay ended and the
+    /// descriptors the library received.
+    fn relay_one_message(fds: &[OwnedFd]) -> (Result<(), RelayError>, usize) {
+        let (frontend, from) = UnixStream::pair().unwrap();
+        let (to, library) = UnixStream::pair().unwrap();
+        let mut hdr = [0u8; HDR_SIZE];
+        hdr[0] = 1;
+        hdr[4] = FLAG_VERSION_1 as u8;
+        send_with_fds(&frontend, &hdr, fds).unwrap();
+        drop(frontend);
+        let r = relay_frontend_messages("test", &from, &to);
+        drop(to);
+        let mut buf = [0u8; HDR_SIZE];
+        let got = match recv_with_fds(&library, &mut buf) {
+            Ok(Some(fds)) => fds.len(),
+            _ => 0,
+        };
+        (r, got)
+    }
+
+    // Found by the relay fuzz target: with more descriptors than its control buffer held, the
+    // kernel closed the rest and the relay passed the message on without them.
+    #[test]
+    fn a_message_with_more_descriptors_than_the_library_takes_is_refused() {
+        let (r, got) = relay_one_message(&dev_nulls(MAX_FDS));
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(got, MAX_FDS, "every descriptor must be passed on");
+        let (r, got) = relay_one_message(&dev_nulls(MAX_FDS + 1));
+        assert!(
+            matches!(r, Err(RelayError::Refused { .. })),
+            "a message that lost descriptors was passed on: {r:?}, {got} descriptors"
+        );
+        assert_eq!(got, 0);
+    }
 
     #[test]
     fn the_library_end_lives_in_a_private_directory_and_vanishes_once_connected() {

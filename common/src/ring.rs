@@ -660,6 +660,28 @@ mod tests {
         );
     }
 
+    // Found by the ring fuzz target (minimized): an empty device-writable descriptor, then a
+    // device-readable one, was accepted.
+    #[test]
+    fn refuses_readable_after_an_empty_writable_descriptor() {
+        let mem = memory();
+        let mq = MockSplitQueue::new(&mem, 4);
+        let table = [
+            desc(0x8000, 0, DESC_F_WRITE | DESC_F_NEXT, 1),
+            desc(0x9000, 16, 0, 0),
+        ];
+        for (i, d) in table.iter().enumerate() {
+            mq.desc_table().store(i as u16, *d).unwrap();
+        }
+        let q: Queue = queue(&mq);
+        let ring = Ring::open(&q, &mem).unwrap();
+        let r = ring.chain(0);
+        assert!(
+            r.is_err(),
+            "a readable buffer after a writable one was accepted"
+        );
+    }
+
     #[test]
     fn follows_one_indirect_table_only() {
         let mem = memory();

@@ -140,51 +140,11 @@ impl Drop for ExitEventCopies {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io;
     use std::os::fd::IntoRawFd;
-    use vhost::vhost_user::message::VhostUserProtocolFeatures;
-    use vhost_user_backend::VringMutex;
     use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-    use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag, EventNotifier};
+    use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
 
-    use crate::chain::MemoryAtomic;
-
-    /// A backend with one worker whose exit event is one fixed pair, handed out as copies.
-    #[derive(Clone)]
-    struct OneWorker(std::sync::Arc<(EventConsumer, EventNotifier)>);
-
-    impl VhostUserBackend for OneWorker {
-        type Bitmap = ();
-        type Vring = VringMutex<MemoryAtomic>;
-        fn num_queues(&self) -> usize {
-            1
-        }
-        fn max_queue_size(&self) -> usize {
-            256
-        }
-        fn features(&self) -> u64 {
-            1 << 32
-        }
-        fn protocol_features(&self) -> VhostUserProtocolFeatures {
-            VhostUserProtocolFeatures::empty()
-        }
-        fn set_event_idx(&self, _enabled: bool) {}
-        fn update_memory(&self, _mem: MemoryAtomic) -> io::Result<()> {
-            Ok(())
-        }
-        fn handle_event(
-            &self,
-            _device_event: u16,
-            _evset: EventSet,
-            _vrings: &[Self::Vring],
-            _thread_id: usize,
-        ) -> io::Result<()> {
-            Ok(())
-        }
-        fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-            Some((self.0 .0.try_clone().ok()?, self.0 .1.try_clone().ok()?))
-        }
-    }
+    use crate::idle_backend::Idle;
 
     fn is_open(fd: RawFd) -> bool {
         // SAFETY: F_GETFD only queries the descriptor table.
@@ -194,8 +154,8 @@ mod tests {
     #[test]
     fn the_copy_registered_in_an_epoll_is_closed_and_the_others_stay() {
         let pair = new_event_consumer_and_notifier(EventFlag::NONBLOCK).unwrap();
-        let backend = OneWorker(std::sync::Arc::new(pair));
-        let kept = backend.0 .0.try_clone().unwrap();
+        let backend = Idle(Some(std::sync::Arc::new(pair)));
+        let kept = backend.0.as_ref().unwrap().0.try_clone().unwrap();
         let mut copies = ExitEventCopies::new(&backend);
         // What the library does with the pair it is given: the consumer goes into an epoll as
         // a raw descriptor, the notifier is kept (owned) for a while.
@@ -225,10 +185,10 @@ mod tests {
         assert!(is_open(leaked));
         assert_eq!(copies.close_taken(), 1);
         assert!(!is_open(leaked));
-        assert!(is_open(kept.as_raw_fd()) && is_open(backend.0 .0.as_raw_fd()));
+        assert!(is_open(kept.as_raw_fd()) && is_open(backend.0.as_ref().unwrap().0.as_raw_fd()));
         assert!(is_open(other.0.as_raw_fd()));
         // The event still works through the copies that remain.
-        backend.0 .1.notify().unwrap();
+        backend.0.as_ref().unwrap().1.notify().unwrap();
         assert!(kept.consume().is_ok());
     }
 }

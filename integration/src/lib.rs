@@ -1,6 +1,7 @@
 //! Test harnesses.
 pub mod console_backend;
 pub mod console_guest;
+pub mod console_traffic;
 pub mod frontend;
 pub mod matrix;
 pub mod process;

@@ -10,63 +10,46 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use devshare_integration::console_backend::Console;
 use devshare_integration::console_guest::*;
+use devshare_integration::console_traffic::RoundTrips;
 use devshare_integration::frontend::{
     Descriptor, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use devshare_integration::process::BackendProcess;
-use devshare_integration::qemu::ScratchDir;
 use devshare_integration::testdata::pattern;
 
 const WAIT: Duration = Duration::from_secs(10);
 
 /// A vhost-user-console process serving the VMs named in `vms`, each with a `console` and a
 /// `data` port on Unix sockets `<vm>-console.sock` / `<vm>-data.sock`.
-struct Backend {
-    dir: ScratchDir,
-    process: BackendProcess,
-}
+struct Backend(Console);
 
 impl Backend {
     fn start(label: &str, vms: &[&str], extra: &[&str]) -> Backend {
-        let dir = ScratchDir::new(label).unwrap();
-        let d = dir.path();
         let mut args: Vec<String> = Vec::new();
         for vm in vms {
             args.push("--vm".into());
-            args.push(format!("{vm}={}", d.join(format!("{vm}.sock")).display()));
+            args.push(format!("{vm}={{dir}}/{vm}.sock"));
         }
         for vm in vms {
             for port in ["console", "data"] {
                 args.push("-p".into());
-                args.push(format!(
-                    "{vm}/{port}=unix:{}",
-                    d.join(format!("{vm}-{port}.sock")).display()
-                ));
+                args.push(format!("{vm}/{port}=unix:{{dir}}/{vm}-{port}.sock"));
             }
         }
-        args.push("--stats-socket".into());
-        args.push(d.join("stats.sock").display().to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut process =
-            BackendProcess::spawn("vhost-user-console", &args, &d.join("backend.log")).unwrap();
-        for vm in vms {
-            process
-                .wait_for_socket(&d.join(format!("{vm}.sock")), WAIT)
-                .unwrap();
-        }
-        process.wait_for_path(&d.join("stats.sock"), WAIT).unwrap();
-        Backend { dir, process }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let ready: Vec<String> = vms.iter().map(|vm| format!("{vm}.sock")).collect();
+        let ready: Vec<&str> = ready.iter().map(String::as_str).collect();
+        Backend(Console::start(label, &args, &ready))
     }
 
     fn socket(&self, vm: &str) -> PathBuf {
-        self.dir.path().join(format!("{vm}.sock"))
+        self.0.path(&format!("{vm}.sock"))
     }
 
     fn guest(&self, vm: &str, opts: GuestOptions) -> ConsoleGuest {
@@ -75,64 +58,35 @@ impl Backend {
 
     /// A client of port `port` of `vm` (the backend accepts it asynchronously).
     fn client(&self, vm: &str, port: &str) -> UnixStream {
-        let path = self.dir.path().join(format!("{vm}-{port}.sock"));
-        let s = UnixStream::connect(&path).unwrap();
+        let s = UnixStream::connect(self.0.path(&format!("{vm}-{port}.sock"))).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
         s
     }
 
     /// One counter of one port from the stats socket.
     fn stat(&self, vm: &str, port: &str, key: &str) -> u64 {
-        let mut s = UnixStream::connect(self.dir.path().join("stats.sock")).unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
-        doc["ports"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["vm"] == vm && p["port"] == port)
-            .unwrap_or_else(|| panic!("no stats for {vm}/{port} in {text}"))[key]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no {key} for {vm}/{port} in {text}"))
+        self.0.stat(vm, port, key)
     }
 
     /// Waits until counter `key` of `vm/port` reaches `want`.
     fn wait_stat(&self, vm: &str, port: &str, key: &str, want: u64) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let got = self.stat(vm, port, key);
-            if got >= want {
-                assert_eq!(got, want, "{vm}/{port} {key} overshot");
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{vm}/{port} {key} is {got}, expected {want}; log:\n{}",
-                self.process.log()
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+        let reached = |p: &serde_json::Value| p[key].as_u64().is_some_and(|got| got >= want);
+        let p = self
+            .0
+            .wait_port(vm, port, &format!("{key} >= {want}"), reached);
+        assert_eq!(p[key].as_u64(), Some(want), "{vm}/{port} {key} overshot");
     }
 
     /// Waits until the backend's log contains `needle`.
     fn wait_log(&self, needle: &str) {
-        let deadline = Instant::now() + WAIT;
-        while !self.process.log().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "backend never logged {needle:?}; log:\n{}",
-                self.process.log()
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+        self.0.wait_log(needle);
     }
 
     fn assert_running(&mut self) {
         assert!(
-            self.process.is_running(),
+            self.0.process.is_running(),
             "backend died; log:\n{}",
-            self.process.log()
+            self.0.process.log()
         );
     }
 }
@@ -279,86 +233,23 @@ fn data_both_ways_with_indirect_and_event_idx_on_and_off() {
 }
 
 /// VM `b`'s traffic, both ways through its data port, in a thread until stopped.
-struct SteadyTraffic {
-    rounds: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    failure: Arc<Mutex<Option<String>>>,
-    handle: Option<thread::JoinHandle<()>>,
-}
+struct SteadyTraffic(RoundTrips);
+
+const STEADY: &str = "the other VM's traffic";
 
 impl SteadyTraffic {
     fn start(b: &Backend, vm: &str) -> SteadyTraffic {
-        let mut g = up(b, vm, GuestOptions::default());
-        let mut client = b.client(vm, "data");
-        let rounds = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let failure = Arc::new(Mutex::new(None));
-        let (r, s, f) = (rounds.clone(), stop.clone(), failure.clone());
-        let handle = thread::spawn(move || {
-            if let Err(e) = g.post_rx(1, 8, 512, 1) {
-                *f.lock().unwrap() = Some(e.to_string());
-                return;
-            }
-            let mut round = || -> Result<(), String> {
-                let n = r.load(Ordering::Relaxed) as u32;
-                let out = pattern(4096, n);
-                g.send(1, &out, 2).map_err(|e| e.to_string())?;
-                let mut got = vec![0u8; out.len()];
-                client.read_exact(&mut got).map_err(|e| e.to_string())?;
-                if got != out {
-                    return Err(format!("round {n}: output corrupted"));
-                }
-                let input = pattern(1024, n + 1_000_000);
-                client.write_all(&input).map_err(|e| e.to_string())?;
-                let got = g
-                    .recv_exact(1, input.len(), WAIT)
-                    .map_err(|e| e.to_string())?;
-                if got != input {
-                    return Err(format!("round {n}: input corrupted"));
-                }
-                Ok(())
-            };
-            while !s.load(Ordering::Relaxed) {
-                if let Err(e) = round() {
-                    *f.lock().unwrap() = Some(e);
-                    return;
-                }
-                r.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        SteadyTraffic {
-            rounds,
-            stop,
-            failure,
-            handle: Some(handle),
-        }
+        let g = up(b, vm, GuestOptions::default());
+        SteadyTraffic(RoundTrips::start(g, 1, 512, b.client(vm, "data")))
     }
 
     /// Waits until a few more rounds went through than when called.
     fn check_moving(&self, after: &str) {
-        let start = self.rounds.load(Ordering::Relaxed);
-        let deadline = Instant::now() + WAIT;
-        while self.rounds.load(Ordering::Relaxed) < start + 3 {
-            if let Some(e) = self.failure.lock().unwrap().clone() {
-                panic!("the other VM's traffic failed after {after}: {e}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the other VM's traffic stalled after {after}"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
+        self.0.check_moving(STEADY, after, WAIT);
     }
 
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            h.join().unwrap();
-        }
-        if let Some(e) = self.failure.lock().unwrap().clone() {
-            panic!("the other VM's traffic failed: {e}");
-        }
-        self.rounds.load(Ordering::Relaxed)
+    fn finish(self) -> u64 {
+        self.0.finish(STEADY)
     }
 }
 

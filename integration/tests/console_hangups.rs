@@ -620,6 +620,18 @@ fn wait_stopped(c: &Console) {
     }
 }
 
+/// The client leaves: shut down both ways, then closed. Closing alone is not enough here:
+/// a sibling test that starts a backend at that moment holds a copy of every fd of this
+/// process until its child execs, and the socket stays open for the backend meanwhile (it
+/// then rightly tells the newcomer `port busy`).
+fn leave<S: AsRawFd>(old: S) {
+    // SAFETY: shutdown(2) on the socket `old` owns, open until it is dropped just after;
+    // no memory is passed.
+    let r = unsafe { libc::shutdown(old.as_raw_fd(), libc::SHUT_RDWR) };
+    assert_eq!(r, 0, "shutdown: {}", std::io::Error::last_os_error());
+    drop(old);
+}
+
 /// How many lines of the log contain both `a` and `b`.
 fn log_lines_with(c: &Console, a: &str, b: &str) -> usize {
     c.process
@@ -633,7 +645,7 @@ fn log_lines_with(c: &Console, a: &str, b: &str) -> usize {
 /// next one comes "at once": both happen while the backend is stopped (SIGSTOP), so it finds
 /// them together, in the order `order` says. The newcomer must get the port, not `port
 /// busy`. Returns the newcomer.
-fn reattach_at_once<S: Read + Write>(
+fn reattach_at_once<S: Read + Write + AsRawFd>(
     c: &Console,
     what: &str,
     connect: &dyn Fn() -> S,
@@ -657,12 +669,12 @@ fn reattach_at_once<S: Read + Write>(
     wait_stopped(c);
     let new = match order {
         Reattach::LeaveThenCome => {
-            drop(old);
+            leave(old);
             connect()
         }
         Reattach::ComeThenLeave => {
             let new = connect();
-            drop(old);
+            leave(old);
             new
         }
     };

@@ -11,11 +11,12 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use devshare_integration::console_guest::*;
+use devshare_integration::console_traffic::RoundTrips;
 use devshare_integration::frontend::{
     Descriptor, DriverQueue, QueueConfig, DESC_F_INDIRECT, DESC_F_NEXT,
 };
@@ -531,77 +532,6 @@ fn guest_caused_warnings_are_logged_at_a_bounded_rate_with_a_count() {
 
 // ---- hole 3: a work budget per kick ----
 
-/// Round trips through a data port, in a thread until stopped: the guest sends 4 KiB, the
-/// client reads them and answers 1 KiB, the guest receives it.
-struct RoundTrips {
-    rounds: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    failure: Arc<Mutex<Option<String>>>,
-    handle: Option<thread::JoinHandle<()>>,
-}
-
-impl RoundTrips {
-    fn start(mut g: ConsoleGuest, port: usize, mut client: UnixStream) -> RoundTrips {
-        let rounds = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let failure = Arc::new(Mutex::new(None));
-        let (r, s, f) = (rounds.clone(), stop.clone(), failure.clone());
-        let handle = thread::spawn(move || {
-            if let Err(e) = g.post_rx(port, 8, 1024, 1) {
-                *f.lock().unwrap() = Some(e.to_string());
-                return;
-            }
-            let mut round = |n: u32| -> Result<(), String> {
-                let out = pattern(4096, n);
-                g.send(port, &out, 2).map_err(|e| e.to_string())?;
-                let mut got = vec![0u8; out.len()];
-                client.read_exact(&mut got).map_err(|e| e.to_string())?;
-                if got != out {
-                    return Err(format!("round {n}: output corrupted"));
-                }
-                let input = pattern(1024, n + 1_000_000);
-                client.write_all(&input).map_err(|e| e.to_string())?;
-                let got = g
-                    .recv_exact(port, input.len(), WAIT)
-                    .map_err(|e| e.to_string())?;
-                if got != input {
-                    return Err(format!("round {n}: input corrupted"));
-                }
-                Ok(())
-            };
-            while !s.load(Ordering::Relaxed) {
-                let n = r.load(Ordering::Relaxed) as u32;
-                if let Err(e) = round(n) {
-                    *f.lock().unwrap() = Some(e);
-                    return;
-                }
-                r.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        RoundTrips {
-            rounds,
-            stop,
-            failure,
-            handle: Some(handle),
-        }
-    }
-
-    fn rounds(&self) -> u64 {
-        if let Some(e) = self.failure.lock().unwrap().clone() {
-            panic!("round trips failed: {e}");
-        }
-        self.rounds.load(Ordering::Relaxed)
-    }
-
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            h.join().unwrap();
-        }
-        self.rounds()
-    }
-}
-
 /// A hostile driver on one transmit queue: it publishes the same worst-case chain (one
 /// indirect table of as many 1-byte buffers as the queue size allows) over and over, as fast
 /// as the device takes it. It watches the used ring element by element (it marks each slot
@@ -740,17 +670,17 @@ fn worst_case_chains_on_one_port_hold_up_neither_its_other_ports_nor_the_linked_
         assert!(Instant::now() < deadline, "the flood never got going");
         thread::sleep(Duration::from_millis(10));
     }
-    let other_vm = RoundTrips::start(gb, 1, b_data);
-    let other_port = RoundTrips::start(ga, 1, a_data);
+    let other_vm = RoundTrips::start(gb, 1, 1024, b_data);
+    let other_port = RoundTrips::start(ga, 1, 1024, a_data);
     let flood_before = flood.taken();
     let deadline = Instant::now() + LONG_WAIT;
-    while other_vm.rounds() < 20 || other_port.rounds() < 20 {
+    while other_vm.rounds("round trips") < 20 || other_port.rounds("round trips") < 20 {
         assert!(
             Instant::now() < deadline,
             "starved: {} round trips on the linked VM and {} on a's other port while the \
              device took {} worst-case chains; log:\n{}",
-            other_vm.rounds(),
-            other_port.rounds(),
+            other_vm.rounds("round trips"),
+            other_port.rounds("round trips"),
             flood.taken() - flood_before,
             b.process.log()
         );
@@ -758,7 +688,10 @@ fn worst_case_chains_on_one_port_hold_up_neither_its_other_ports_nor_the_linked_
     }
     // The flood went on meanwhile: all three were served side by side.
     let flood_during = flood.taken() - flood_before;
-    let (vm_rounds, port_rounds) = (other_vm.finish(), other_port.finish());
+    let (vm_rounds, port_rounds) = (
+        other_vm.finish("round trips"),
+        other_port.finish("round trips"),
+    );
     flood.finish();
     assert!(
         flood_during >= 16,

@@ -143,16 +143,39 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-// ---- vhost-user-console ----
-
-struct Console {
+/// One backend binary serving one socket, in a scratch directory of its own.
+struct Backend {
     dir: ScratchDir,
+    kind: Kind,
 }
 
-impl Console {
-    fn new(label: &str) -> Console {
-        Console {
+enum Kind {
+    Console,
+    /// netmux with a TAP uplink named after `tap` and each instance's tag.
+    Netmux {
+        tap: String,
+    },
+}
+
+impl Backend {
+    fn console(label: &str) -> Backend {
+        Backend {
             dir: ScratchDir::new(label).unwrap(),
+            kind: Kind::Console,
+        }
+    }
+
+    fn netmux(label: &str) -> Backend {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        Backend {
+            dir: ScratchDir::new(label).unwrap(),
+            kind: Kind::Netmux {
+                tap: format!(
+                    "dss{}x{}",
+                    std::process::id() % 100_000,
+                    SEQ.fetch_add(1, Ordering::Relaxed)
+                ),
+            },
         }
     }
 
@@ -160,19 +183,34 @@ impl Console {
         self.dir.path().join(name)
     }
 
-    /// Starts one virtio VM on `sock` with a console port on a Unix endpoint, and a stats
-    /// socket; `tag` keeps the endpoint and stats paths of two instances apart.
+    /// Starts an instance on `sock` with a stats socket; `tag` keeps the paths (and netmux's
+    /// TAP) of two instances apart. The console serves one virtio VM with a console port on a
+    /// Unix endpoint, netmux one port.
     fn spawn(&self, sock: &str, tag: &str, extra: &[&str]) -> Proc {
-        let mut args = vec![
-            "--socket".into(),
-            s(&self.p(sock)),
-            "-p".into(),
-            format!("console=unix:{}", s(&self.p(&format!("{tag}-con.sock")))),
-            "--stats-socket".into(),
-            s(&self.p(&format!("{tag}-stats.sock"))),
-        ];
+        let (bin, mut args) = match &self.kind {
+            Kind::Console => (
+                "vhost-user-console",
+                vec![
+                    "--socket".into(),
+                    s(&self.p(sock)),
+                    "-p".into(),
+                    format!("console=unix:{}", s(&self.p(&format!("{tag}-con.sock")))),
+                ],
+            ),
+            Kind::Netmux { tap } => (
+                "vhost-user-netmux",
+                vec![
+                    "--uplink".into(),
+                    format!("tap:{tap}{tag}"),
+                    "--port".into(),
+                    format!("name=g0,socket={},mac=52:54:00:78:00:01", s(&self.p(sock))),
+                ],
+            ),
+        };
+        args.push("--stats-socket".into());
+        args.push(s(&self.p(&format!("{tag}-stats.sock"))));
         args.extend(extra.iter().map(|a| a.to_string()));
-        Proc::spawn("vhost-user-console", &args, &self.p(&format!("{tag}.log")))
+        Proc::spawn(bin, &args, &self.p(&format!("{tag}.log")))
     }
 
     fn start(&self, sock: &str, tag: &str, extra: &[&str]) -> Proc {
@@ -183,25 +221,76 @@ impl Console {
     }
 }
 
-#[test]
-fn console_second_instance_on_a_served_socket_is_refused_and_the_first_keeps_serving() {
-    let c = Console::new("sock-console-takeover");
-    let mut first = c.start("vm.sock", "a", &[]);
-    let mut second = c.spawn("vm.sock", "b", &[]);
+/// A second instance on the socket `b` serves is refused, saying why, and the first keeps
+/// serving.
+fn second_instance_is_refused(b: &Backend, sock: &str) {
+    let mut first = b.start(sock, "a", &[]);
+    let mut second = b.spawn(sock, "b", &[]);
     let status = second.wait_exit();
     assert!(!status.success(), "second instance started");
     let log = second.log();
     assert!(
-        log.contains(&s(&c.p("vm.sock"))) && log.contains("served by another running process"),
+        log.contains(&s(&b.p(sock))) && log.contains("served by another running process"),
         "unclear refusal: {log}"
     );
     assert!(first.running());
-    vhost_user_answers(&c.p("vm.sock"));
+    vhost_user_answers(&b.p(sock));
+}
+
+/// SIGTERM and SIGINT, with a front-end connected, end a backend `new` makes with status 0,
+/// and neither `sock` nor the stats socket is left behind.
+fn sigterm_and_sigint_exit_0_and_leave_no_socket(new: impl Fn() -> Backend, sock: &str) {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let b = new();
+        let mut p = b.start(sock, "a", &[]);
+        // A front-end is connected while the signal arrives.
+        let mut fe = Connection::connect(b.p(sock)).unwrap();
+        fe.get_features().unwrap();
+        p.signal(sig);
+        let status = p.wait_exit();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "signal {sig}: {status}; log:\n{}",
+            p.log()
+        );
+        for sock in [sock, "a-stats.sock"] {
+            assert!(
+                std::fs::symlink_metadata(b.p(sock)).is_err(),
+                "signal {sig}: {sock} left behind"
+            );
+        }
+    }
+}
+
+/// `b`'s sockets are 0600 by default, and its front-end sockets take `mode` (spelled as
+/// given) and group 1 (`daemon` on Debian: a group that exists) from the command line; the
+/// stats socket stays 0600.
+fn sockets_are_0600_by_default_and_take_mode_and_group(b: &Backend, mode: &str) {
+    let _a = b.start("a.sock", "a", &[]);
+    assert_eq!(mode_and_gid(&b.p("a.sock")).0, 0o600);
+    assert_eq!(mode_and_gid(&b.p("a-stats.sock")).0, 0o600);
+
+    let _b = b.start(
+        "b.sock",
+        "b",
+        &["--socket-mode", mode, "--socket-group", "1"],
+    );
+    assert_eq!(mode_and_gid(&b.p("b.sock")), (0o660, 1));
+    // The counters are the operator's: the stats socket stays 0600.
+    assert_eq!(mode_and_gid(&b.p("b-stats.sock")).0, 0o600);
+}
+
+// ---- vhost-user-console ----
+
+#[test]
+fn console_second_instance_on_a_served_socket_is_refused_and_the_first_keeps_serving() {
+    second_instance_is_refused(&Backend::console("sock-console-takeover"), "vm.sock");
 }
 
 #[test]
 fn console_files_in_the_way_are_never_removed() {
-    let c = Console::new("sock-console-files");
+    let c = Backend::console("sock-console-files");
     // At the stats socket path.
     std::fs::write(c.p("a-stats.sock"), b"not a socket").unwrap();
     let mut p = c.spawn("vm.sock", "a", &[]);
@@ -225,7 +314,7 @@ fn console_files_in_the_way_are_never_removed() {
 
 #[test]
 fn console_stale_socket_of_a_killed_instance_is_replaced() {
-    let c = Console::new("sock-console-stale");
+    let c = Backend::console("sock-console-stale");
     let mut first = c.start("vm.sock", "a", &[]);
     first.signal(libc::SIGKILL);
     first.wait_exit();
@@ -245,19 +334,8 @@ fn mode_and_gid(p: &Path) -> (u32, u32) {
 
 #[test]
 fn console_sockets_are_0600_by_default_and_take_mode_and_group() {
-    let c = Console::new("sock-console-mode");
-    let _a = c.start("a.sock", "a", &[]);
-    assert_eq!(mode_and_gid(&c.p("a.sock")).0, 0o600);
-    assert_eq!(mode_and_gid(&c.p("a-stats.sock")).0, 0o600);
-
-    let _b = c.start(
-        "b.sock",
-        "b",
-        &["--socket-mode", "0660", "--socket-group", "1"],
-    );
-    assert_eq!(mode_and_gid(&c.p("b.sock")), (0o660, 1));
-    // The counters are the operator's: the stats socket stays 0600.
-    assert_eq!(mode_and_gid(&c.p("b-stats.sock")).0, 0o600);
+    let c = Backend::console("sock-console-mode");
+    sockets_are_0600_by_default_and_take_mode_and_group(&c, "0660");
 
     // The same from the config file.
     std::fs::write(
@@ -271,7 +349,7 @@ fn console_sockets_are_0600_by_default_and_take_mode_and_group() {
 
 #[test]
 fn console_sighup_keeps_serving_and_is_counted() {
-    let c = Console::new("sig-console-hup");
+    let c = Backend::console("sig-console-hup");
     let mut p = c.start("vm.sock", "a", &[]);
     p.signal(libc::SIGHUP);
     wait_signal_count(&mut p, &c.p("a-stats.sock"), "hup", 1);
@@ -283,27 +361,10 @@ fn console_sighup_keeps_serving_and_is_counted() {
 
 #[test]
 fn console_sigterm_and_sigint_exit_0_and_leave_no_socket() {
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        let c = Console::new("sig-console-term");
-        let mut p = c.start("vm.sock", "a", &[]);
-        // A front-end is connected while the signal arrives.
-        let mut fe = Connection::connect(c.p("vm.sock")).unwrap();
-        fe.get_features().unwrap();
-        p.signal(sig);
-        let status = p.wait_exit();
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "signal {sig}: {status}; log:\n{}",
-            p.log()
-        );
-        for sock in ["vm.sock", "a-stats.sock"] {
-            assert!(
-                std::fs::symlink_metadata(c.p(sock)).is_err(),
-                "signal {sig}: {sock} left behind"
-            );
-        }
-    }
+    sigterm_and_sigint_exit_0_and_leave_no_socket(
+        || Backend::console("sig-console-term"),
+        "vm.sock",
+    );
 }
 
 /// Every listening Unix socket of process `pid`, by the name the kernel has for it (`@...` for
@@ -348,7 +409,7 @@ fn reachable(name: &str) -> bool {
 
 #[test]
 fn only_the_public_sockets_can_be_reached_while_a_front_end_is_connected() {
-    let c = Console::new("sock-console-relay");
+    let c = Backend::console("sock-console-relay");
     let p = c.start("vm.sock", "a", &[]);
     let mut fe = Connection::connect(c.p("vm.sock")).unwrap();
     fe.handshake(
@@ -379,68 +440,14 @@ fn only_the_public_sockets_can_be_reached_while_a_front_end_is_connected() {
 
 // ---- vhost-user-netmux ----
 
-struct Netmux {
-    dir: ScratchDir,
-    tap: String,
-}
-
-impl Netmux {
-    fn new(label: &str) -> Netmux {
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        Netmux {
-            dir: ScratchDir::new(label).unwrap(),
-            tap: format!(
-                "dss{}x{}",
-                std::process::id() % 100_000,
-                SEQ.fetch_add(1, Ordering::Relaxed)
-            ),
-        }
-    }
-
-    fn p(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// One port on `sock`; the uplink is a TAP of its own per instance (`tag`).
-    fn spawn(&self, sock: &str, tag: &str, extra: &[&str]) -> Proc {
-        let mut args = vec![
-            "--uplink".into(),
-            format!("tap:{}{tag}", self.tap),
-            "--port".into(),
-            format!("name=g0,socket={},mac=52:54:00:78:00:01", s(&self.p(sock))),
-            "--stats-socket".into(),
-            s(&self.p(&format!("{tag}-stats.sock"))),
-        ];
-        args.extend(extra.iter().map(|a| a.to_string()));
-        Proc::spawn("vhost-user-netmux", &args, &self.p(&format!("{tag}.log")))
-    }
-
-    fn start(&self, sock: &str, tag: &str, extra: &[&str]) -> Proc {
-        let mut p = self.spawn(sock, tag, extra);
-        p.wait_socket(&self.p(&format!("{tag}-stats.sock")));
-        p.wait_socket(&self.p(sock));
-        p
-    }
-}
-
 #[test]
 fn netmux_second_instance_on_a_served_port_socket_is_refused_and_the_first_keeps_serving() {
-    let n = Netmux::new("sock-netmux-takeover");
-    let mut first = n.start("g0.sock", "a", &[]);
-    let mut second = n.spawn("g0.sock", "b", &[]);
-    assert!(!second.wait_exit().success(), "second instance started");
-    let log = second.log();
-    assert!(
-        log.contains(&s(&n.p("g0.sock"))) && log.contains("served by another running process"),
-        "unclear refusal: {log}"
-    );
-    assert!(first.running());
-    vhost_user_answers(&n.p("g0.sock"));
+    second_instance_is_refused(&Backend::netmux("sock-netmux-takeover"), "g0.sock");
 }
 
 #[test]
 fn netmux_file_at_the_stats_path_is_never_removed() {
-    let n = Netmux::new("sock-netmux-files");
+    let n = Backend::netmux("sock-netmux-files");
     std::fs::write(n.p("a-stats.sock"), b"not a socket").unwrap();
     let mut p = n.spawn("g0.sock", "a", &[]);
     assert!(!p.wait_exit().success());
@@ -450,22 +457,13 @@ fn netmux_file_at_the_stats_path_is_never_removed() {
 
 #[test]
 fn netmux_sockets_are_0600_by_default_and_take_mode_and_group() {
-    let n = Netmux::new("sock-netmux-mode");
-    let _a = n.start("a.sock", "a", &[]);
-    assert_eq!(mode_and_gid(&n.p("a.sock")).0, 0o600);
-    assert_eq!(mode_and_gid(&n.p("a-stats.sock")).0, 0o600);
-    let _b = n.start(
-        "b.sock",
-        "b",
-        &["--socket-mode", "660", "--socket-group", "1"],
-    );
-    assert_eq!(mode_and_gid(&n.p("b.sock")), (0o660, 1));
-    assert_eq!(mode_and_gid(&n.p("b-stats.sock")).0, 0o600);
+    let n = Backend::netmux("sock-netmux-mode");
+    sockets_are_0600_by_default_and_take_mode_and_group(&n, "660");
 }
 
 #[test]
 fn netmux_sighup_keeps_serving_and_is_counted() {
-    let n = Netmux::new("sig-netmux-hup");
+    let n = Backend::netmux("sig-netmux-hup");
     let mut p = n.start("g0.sock", "a", &[]);
     p.signal(libc::SIGHUP);
     wait_signal_count(&mut p, &n.p("a-stats.sock"), "hup", 1);
@@ -478,24 +476,5 @@ fn netmux_sighup_keeps_serving_and_is_counted() {
 
 #[test]
 fn netmux_sigterm_and_sigint_exit_0_and_leave_no_socket() {
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        let n = Netmux::new("sig-netmux-term");
-        let mut p = n.start("g0.sock", "a", &[]);
-        let mut fe = Connection::connect(n.p("g0.sock")).unwrap();
-        fe.get_features().unwrap();
-        p.signal(sig);
-        let status = p.wait_exit();
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "signal {sig}: {status}; log:\n{}",
-            p.log()
-        );
-        for sock in ["g0.sock", "a-stats.sock"] {
-            assert!(
-                std::fs::symlink_metadata(n.p(sock)).is_err(),
-                "signal {sig}: {sock} left behind"
-            );
-        }
-    }
+    sigterm_and_sigint_exit_0_and_leave_no_socket(|| Backend::netmux("sig-netmux-term"), "g0.sock");
 }

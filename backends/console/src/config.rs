@@ -86,9 +86,10 @@ impl FromStr for Target {
 }
 
 impl fmt::Display for Target {
+    /// The spec string as written in a config file; parses back to the same target.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Target::Endpoint(e) => write!(f, "{e:?}"),
+            Target::Endpoint(e) => write!(f, "{e}"),
             Target::Link { vm, port } => write!(f, "vm:{vm}/{port}"),
         }
     }
@@ -249,9 +250,12 @@ impl Config {
         let mut names = HashMap::new();
         let mut sockets = HashMap::new();
         for vm in &self.vms {
-            if vm.name.is_empty() || vm.name.contains(['/', ':', ',', '=']) {
+            if vm.name.is_empty()
+                || vm.name.contains(['/', ':', ',', '='])
+                || vm.name.contains(char::is_control)
+            {
                 return bad(format!(
-                    "VM name '{}' must be non-empty without / : , =",
+                    "VM name {:?} must be non-empty without / : , = or control characters",
                     vm.name
                 ));
             }
@@ -279,9 +283,10 @@ impl Config {
             }
             let mut pn = HashMap::new();
             for p in &vm.ports {
-                if p.name.is_empty() || p.name.len() > 255 || p.name.contains(['/', '\0']) {
+                if p.name.is_empty() || p.name.contains('/') || p.name.contains(char::is_control) {
                     return bad(format!(
-                        "port name '{}' of VM '{}' is not usable",
+                        "port name {:?} of VM '{}' must be non-empty without / or control \
+                         characters",
                         p.name, vm.name
                     ));
                 }
@@ -444,5 +449,38 @@ mod tests {
         assert_eq!(vm.as_deref(), Some("a"));
         assert_eq!(p.name, "data");
         assert!("vm:nope".parse::<Target>().is_err());
+    }
+
+    // Names go into log lines: a control character in one would forge or break them.
+    #[test]
+    fn names_with_control_characters_are_refused() {
+        let two = |a: &str, pa: &str| {
+            format!(
+                "[[vm]]\nname=\"{a}\"\nsocket='/tmp/1.sock'\nport=[{{name=\"{pa}\", endpoint='pty'}}]\n"
+            )
+        };
+        assert!(cfg(&two("vm1", "x")).is_ok());
+        for bad in ["a\\nb", "a\\tb", "a\\u001bb"] {
+            assert!(cfg(&two(bad, "x")).is_err(), "VM {bad:?} accepted");
+            assert!(cfg(&two("vm1", bad)).is_err(), "port {bad:?} accepted");
+        }
+    }
+
+    // Found by the config fuzz target: an endpoint target printed as its Debug form.
+    #[test]
+    fn a_port_target_prints_as_it_is_written() {
+        for spec in [
+            "pty",
+            "pty:/run/a.pty",
+            "unix:/run/b.sock",
+            "tcp:127.0.0.1:4555",
+            "file:/var/log/a.log,timestamps",
+            "serial:/dev/ttyS0,baud=9600,data=7,parity=even,stop=2,flow=hw",
+            "vm:b/link",
+        ] {
+            let t: Target = spec.parse().unwrap();
+            assert_eq!(t.to_string(), spec);
+            assert_eq!(t.to_string().parse::<Target>().unwrap(), t);
+        }
     }
 }

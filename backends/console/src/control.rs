@@ -4,7 +4,10 @@
 //! then its size with RESIZE) and opens its side (PORT_OPEN); the driver's PORT_OPEN tells
 //! whether a program in the guest has the port open.
 //!
-//! Messages to the driver wait in a queue until it posts control receive buffers.
+//! Messages to the driver wait in a queue until it posts control receive buffers. The queue
+//! holds at most one message per port and event: a newer one replaces the one waiting (a
+//! RESIZE carries the newer size; the other events say the same again), so a driver that
+//! repeats DEVICE_READY or PORT_READY without posting buffers cannot make it grow.
 
 use std::collections::VecDeque;
 
@@ -42,7 +45,11 @@ impl ControlChannel {
     }
 
     fn send(&mut self, msg: Vec<u8>) {
-        self.out.push_back(msg);
+        // The port id and the event: the first six bytes of every message.
+        match self.out.iter_mut().find(|m| m.get(..6) == msg.get(..6)) {
+            Some(waiting) => *waiting = msg,
+            None => self.out.push_back(msg),
+        }
     }
 
     /// Queues a RESIZE of port `port` to `cols` x `rows`.
@@ -310,6 +317,34 @@ mod tests {
         let raw = rig.written(vc::CONTROL_RX, used[1].0, 8);
         let c = vc::Control::decode(&raw).unwrap();
         assert_eq!((c.id, c.event), (1, vc::DEVICE_ADD));
+    }
+
+    // Found by the control fuzz target (issue 10: the reply queue grew by one DEVICE_ADD per
+    // port for every DEVICE_READY while the driver posted no receive buffers).
+    #[test]
+    fn a_driver_repeating_itself_without_buffers_cannot_grow_the_reply_queue() {
+        let mut rig = Rig::new("control-repeat", "64", vc::F_MULTIPORT);
+        for _ in 0..100 {
+            assert_eq!(talk(&mut rig, 0, vc::DEVICE_READY, 1), vec![]);
+            assert_eq!(talk(&mut rig, 1, vc::PORT_READY, 1), vec![]);
+        }
+        let pending = rig.vms().devices[0].conn().unwrap().control.pending();
+        assert_eq!(
+            pending, 4,
+            "DEVICE_ADD of both ports, PORT_NAME and PORT_OPEN of port 1"
+        );
+        // Each waiting message reaches the driver once buffers come.
+        post_buffers(&mut rig, 8, 64);
+        rig.vms().on_queue_event(0, vc::CONTROL_RX);
+        assert_eq!(
+            event(&answers(&mut rig)),
+            vec![
+                (0, vc::DEVICE_ADD, 1),
+                (1, vc::DEVICE_ADD, 1),
+                (1, vc::PORT_NAME, 1),
+                (1, vc::PORT_OPEN, 1)
+            ]
+        );
     }
 
     #[test]

@@ -101,7 +101,7 @@ pub struct Device {
     /// The stream socket fds registered with `reactor`.
     pub stream_interest: Interest,
     /// What needs the reactor's timer: bit `p` for port `p`'s endpoint, plus
-    /// [`TICK_ALWAYS`](crate::event_loop::TICK_ALWAYS) and
+    /// [`TICK_ALWAYS`] and
     /// [`TICK_STREAM_HOLD`](crate::event_loop::TICK_STREAM_HOLD).
     pub tick_wants: u64,
     /// Limits what the VM's guest and front-end can make it log.

@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use devshare_common::config::parse_decimal;
 use devshare_common::daemon::Transport;
 use devshare_common::files::normalize;
 use devshare_common::listen::SocketOptions;
@@ -25,6 +26,19 @@ pub enum ConfigError {
         /// The address.
         mac: MacAddr,
     },
+    /// An interface name (of the uplink or the host port) is one the kernel would refuse.
+    #[error(
+        "{option}: {name:?} is not an interface name: {reason} (Linux interface names are 1 to \
+         15 bytes, not '.' or '..', without '/', ':' or whitespace)"
+    )]
+    IfName {
+        /// The option that named it: "uplink" or "host port".
+        option: &'static str,
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// The uplink spec did not parse.
     #[error("'{0}' is not an uplink (expected af-packet:IFACE or tap:NAME)")]
     Uplink(String),
@@ -36,6 +50,9 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A port name is empty or holds control characters.
+    #[error("port name {0:?} must be non-empty, without control characters")]
+    PortName(String),
     /// Two ports would share a MAC in the same VLAN (frames could not be told apart).
     #[error("ports {first} and {second} both use MAC {mac} in the same VLAN")]
     DuplicateMac {
@@ -136,17 +153,21 @@ impl FromStr for MacAddr {
     type Err = ConfigError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::Mac(s.into());
+        // Six bytes of exactly two hex digits, one separator (':' or '-') throughout, as QEMU,
+        // ip(8) and libvirt write them. from_str_radix alone would take "+f" for 0x0f.
+        let separator = if s.contains('-') { '-' } else { ':' };
         let mut out = [0u8; 6];
-        let mut parts = s.split([':', '-']);
+        let mut parts = s.split(separator);
         for byte in out.iter_mut() {
-            let p = parts.next().ok_or_else(|| ConfigError::Mac(s.into()))?;
-            if p.is_empty() || p.len() > 2 {
-                return Err(ConfigError::Mac(s.into()));
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad());
             }
-            *byte = u8::from_str_radix(p, 16).map_err(|_| ConfigError::Mac(s.into()))?;
+            *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
         }
         if parts.next().is_some() {
-            return Err(ConfigError::Mac(s.into()));
+            return Err(bad());
         }
         Ok(MacAddr(out))
     }
@@ -172,10 +193,31 @@ pub enum UplinkSpec {
     Tap(String),
 }
 
-/// Interface names are at most 15 bytes (IFNAMSIZ - 1) and, as the kernel demands, contain no
-/// '/', ':' or whitespace.
-fn valid_ifname(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 15 && !name.contains(['/', ' ', '\0', ':'])
+/// Longest interface name: IFNAMSIZ (16) less the terminating NUL.
+const IFNAME_MAX: usize = 15;
+
+/// Checks an interface name by the kernel's rules (`dev_valid_name`): 1 to 15 bytes, not "."
+/// or "..", no '/', ':' or whitespace (and no NUL, which a C string cannot carry). A name the
+/// kernel would refuse fails here, naming `option`, before anything is opened.
+fn check_ifname(option: &'static str, name: &str) -> Result<(), ConfigError> {
+    let reason = if name.is_empty() {
+        "it is empty"
+    } else if name.len() > IFNAME_MAX {
+        "it is longer than 15 bytes"
+    } else if name == "." || name == ".." {
+        "'.' and '..' name directories under /sys/class/net"
+    } else if name.contains(['/', ':']) {
+        "it contains '/' or ':'"
+    } else if name.contains(|c: char| c.is_ascii_whitespace() || c == '\x0b' || c == '\0') {
+        "it contains whitespace or NUL"
+    } else {
+        return Ok(());
+    };
+    Err(ConfigError::IfName {
+        option,
+        name: name.into(),
+        reason,
+    })
 }
 
 impl UplinkSpec {
@@ -193,14 +235,13 @@ impl FromStr for UplinkSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || ConfigError::Uplink(s.into());
         let (kind, name) = s.split_once(':').ok_or_else(bad)?;
-        if !valid_ifname(name) {
-            return Err(bad());
-        }
-        match kind {
-            "af-packet" | "af_packet" | "packet" => Ok(UplinkSpec::AfPacket(name.into())),
-            "tap" => Ok(UplinkSpec::Tap(name.into())),
-            _ => Err(bad()),
-        }
+        let spec = match kind {
+            "af-packet" | "af_packet" | "packet" => UplinkSpec::AfPacket(name.into()),
+            "tap" => UplinkSpec::Tap(name.into()),
+            _ => return Err(bad()),
+        };
+        check_ifname("uplink", name)?;
+        Ok(spec)
     }
 }
 
@@ -252,11 +293,7 @@ pub struct HostPortConfig {
 impl HostPortConfig {
     /// Checks a host port's name and MAC as given on the command line or in the file.
     pub fn new(name: &str, mac: Option<&str>) -> Result<HostPortConfig, ConfigError> {
-        if !valid_ifname(name) {
-            return Err(ConfigError::HostPort(format!(
-                "'{name}' is not an interface name (1 to 15 characters, no '/', ':' or spaces)"
-            )));
-        }
+        check_ifname("host port", name)?;
         let mac = mac.map(str::parse::<MacAddr>).transpose()?;
         if let Some(m) = mac {
             if m.is_multicast() || m == MacAddr::default() {
@@ -285,7 +322,7 @@ pub struct Config {
     pub mode: Mode,
     /// Drop frames whose source MAC is not the sending port's.
     pub anti_spoof: bool,
-    /// MTU for the guests: QEMU offers it (`host_mtu=` in [`Config::qemu_args`]).
+    /// MTU for the guests: QEMU offers it (`host_mtu=` in [`crate::qemu_args::qemu_args`]).
     pub mtu: u16,
     /// Unix socket serving JSON counters, if any.
     pub stats_socket: Option<PathBuf>,
@@ -379,16 +416,14 @@ impl PortConfig {
                 "name" => file.name = Some(need(value)?),
                 "vlan" => {
                     file.vlan = Some(
-                        need(value)?
-                            .parse()
-                            .map_err(|_| err("vlan must be a number".into()))?,
+                        parse_decimal(&need(value)?)
+                            .ok_or_else(|| err("vlan must be a number from 1 to 4094".into()))?,
                     )
                 }
                 "queues" => {
                     file.queues = Some(
-                        need(value)?
-                            .parse()
-                            .map_err(|_| err("queues must be a number".into()))?,
+                        parse_decimal(&need(value)?)
+                            .ok_or_else(|| err("queues must be a number".into()))?,
                     )
                 }
                 "connect" if value.is_none() => file.connect = true,
@@ -408,6 +443,11 @@ impl PortConfig {
     /// Checks one `[[port]]` table; `index` names unnamed ports.
     pub fn from_file(f: PortFile, index: usize) -> Result<PortConfig, ConfigError> {
         let name = f.name.unwrap_or_else(|| format!("port{index}"));
+        // The name goes into every log line and the stats: a control character would forge
+        // or break them.
+        if name.is_empty() || name.contains(char::is_control) {
+            return Err(ConfigError::PortName(name));
+        }
         let mac: MacAddr = f.mac.parse()?;
         if mac.is_multicast() || mac == MacAddr::default() {
             return Err(ConfigError::MacNotUnicast { port: name, mac });
@@ -534,9 +574,93 @@ mod tests {
             "52:54:00:ab:0c:ff:00",
             "52:54:00:ab:0c:fg",
             "525:4:00:ab:0c:ff",
+            // u8::from_str_radix takes a leading '+': two characters but one hex digit.
+            "+f:54:00:ab:0c:ff",
+            "52:54:00:ab:0c:+f",
+            // One digit per byte is not the notation QEMU, ip(8) or libvirt write.
+            "52:54:0:ab:c:ff",
+            // One separator throughout.
+            "52:54-00:ab:0c:ff",
+            " 52:54:00:ab:0c:ff",
         ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
+        let dashed: MacAddr = "52-54-00-ab-0c-ff".parse().unwrap();
+        assert_eq!(dashed, m);
+    }
+
+    #[test]
+    fn interface_names_follow_the_kernels_rules() {
+        // What the kernel's dev_valid_name refuses: empty, longer than IFNAMSIZ - 1, "." and
+        // "..", '/', ':' and whitespace.
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a:b",
+            "a b",
+            "a\tb",
+            "eth0\n",
+            " eth0",
+            "0123456789abcdef",
+            "a\0b",
+        ] {
+            let e = format!("tap:{bad}").parse::<UplinkSpec>().unwrap_err();
+            assert!(
+                matches!(
+                    &e,
+                    ConfigError::IfName {
+                        option: "uplink",
+                        ..
+                    }
+                ),
+                "uplink {bad:?}: {e}"
+            );
+            let e = HostPortConfig::new(bad, None).unwrap_err();
+            assert!(
+                matches!(
+                    &e,
+                    ConfigError::IfName {
+                        option: "host port",
+                        ..
+                    }
+                ),
+                "host port {bad:?}: {e}"
+            );
+            assert!(e.to_string().starts_with("host port: "), "{e}");
+        }
+        for good in ["eth0", "a", "...", "0123456789abcde", "br-lan.10", "nm@x"] {
+            assert!(
+                format!("af-packet:{good}").parse::<UplinkSpec>().is_ok(),
+                "{good}"
+            );
+            assert!(HostPortConfig::new(good, None).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn vlan_and_queue_numbers_are_digits_only_and_names_printable() {
+        for bad in [
+            "vlan=+10",
+            "vlan=0",
+            "vlan=4095",
+            "vlan= 10",
+            "queues=+2",
+            "queues=0x2",
+        ] {
+            let spec = format!("socket=/tmp/q.sock,mac=52:54:00:00:00:03,{bad}");
+            assert!(PortConfig::parse_spec(&spec, 0).is_err(), "{bad} accepted");
+        }
+        for bad in ["name=", "name=a\nb", "name=a\u{1b}[2Jb"] {
+            let spec = format!("socket=/tmp/q.sock,mac=52:54:00:00:00:03,{bad}");
+            assert!(
+                PortConfig::parse_spec(&spec, 0).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        let p = PortConfig::parse_spec("socket=/tmp/q.sock,mac=52:54:00:00:00:03,vlan=4094", 0);
+        assert_eq!(p.unwrap().vlan, Some(4094));
     }
 
     #[test]

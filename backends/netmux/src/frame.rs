@@ -15,6 +15,13 @@ use crate::virtio_net::{NetHdr, F_NEEDS_CSUM, GSO_NONE};
 
 /// Ethernet header: two MACs and the type.
 pub const ETH_HLEN: usize = 14;
+/// Ethernet type of an 802.1Q tag (C-tag), the one tag an access port's VLAN is carried in.
+pub const ETH_P_8021Q: u16 = 0x8100;
+/// TPIDs of VLAN tags: 802.1Q (C-tag), 802.1ad (S-tag), and the pre-802.1ad QinQ TPIDs
+/// switches still accept when configured for them (Linux names them ETH_P_QINQ1..3). No access
+/// port sends or receives a frame that carries one: a guest's 0x9100 tag would reach another
+/// VLAN on such a switch just as a 0x8100 one would.
+pub const VLAN_TPIDS: [u16; 5] = [ETH_P_8021Q, 0x88a8, 0x9100, 0x9200, 0x9300];
 /// Largest frame a guest may send: a 64 KiB segment plus Ethernet and VLAN headers.
 pub const MAX_GUEST_FRAME: usize = 65536 + ETH_HLEN + 4;
 

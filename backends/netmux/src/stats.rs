@@ -93,6 +93,12 @@ pub struct LinkCounters {
     pub rx_local_source: Counter,
     /// Received frames too short or truncated.
     pub rx_bad_frame: Counter,
+    /// Received frames whose outer tag is an 802.1ad S-tag (0x88a8, or 0x9100 to 0x9300):
+    /// service-provider frames, for no access port.
+    pub rx_s_tagged: Counter,
+    /// Received frames that carry a second tag inside the port VLAN's 802.1Q tag (QinQ): an
+    /// access port's guest would get a tagged frame.
+    pub rx_double_tagged: Counter,
     /// Receive errors other than "nothing there".
     pub rx_errors: Counter,
 }
@@ -181,7 +187,7 @@ mod tests {
                 "uplink": {
                     "name": "af-packet:eth0", "tx_packets": 0, "tx_bytes": 0, "rx_packets": 0,
                     "rx_bytes": 0, "rx_not_for_us": 0, "rx_local_source": 0,
-                    "rx_bad_frame": 0, "rx_errors": 1,
+                    "rx_bad_frame": 0, "rx_s_tagged": 0, "rx_double_tagged": 0, "rx_errors": 1,
                 },
                 "ports": [{
                     "name": "vm1", "mac": "52:54:00:00:00:01", "vlan": 10, "queue_pairs": 1,

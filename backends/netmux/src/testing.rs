@@ -217,19 +217,9 @@ impl<'m> Guest<'m> {
     /// Queues raw TX chains (`descs`, with `next` counted from 0: rebased here).
     pub fn tx_chains(&mut self, descs: &[RawDescriptor]) {
         let at = self.tx_next;
-        let rebased: Vec<RawDescriptor> = descs
-            .iter()
-            .map(|d| {
-                let d = SplitDesc::from(*d);
-                let next = if d.flags() & NEXT != 0 {
-                    d.next() + at
-                } else {
-                    0
-                };
-                desc(d.addr().0, d.len(), d.flags(), next)
-            })
-            .collect();
-        self.tx_mock.add_desc_chains(&rebased, at).unwrap();
+        self.tx_mock
+            .add_desc_chains(&rebase(descs, at), at)
+            .unwrap();
         self.tx_next = (at + descs.len() as u16) % QSIZE;
     }
 
@@ -256,19 +246,9 @@ impl<'m> Guest<'m> {
     /// Posts raw RX chains (`next` counted from 0).
     pub fn post_rx_raw(&mut self, descs: &[RawDescriptor]) {
         let at = self.rx_next;
-        let rebased: Vec<RawDescriptor> = descs
-            .iter()
-            .map(|d| {
-                let d = SplitDesc::from(*d);
-                let next = if d.flags() & NEXT != 0 {
-                    d.next() + at
-                } else {
-                    0
-                };
-                desc(d.addr().0, d.len(), d.flags(), next)
-            })
-            .collect();
-        self.rx_mock.add_desc_chains(&rebased, at).unwrap();
+        self.rx_mock
+            .add_desc_chains(&rebase(descs, at), at)
+            .unwrap();
         self.rx_next = (at + descs.len() as u16) % QSIZE;
     }
 
@@ -298,6 +278,23 @@ impl<'m> Guest<'m> {
             })
             .collect()
     }
+}
+
+/// `descs` (with `next` counted from 0) placed from table index `at`: every `next` of a
+/// chained descriptor moved by `at`.
+fn rebase(descs: &[RawDescriptor], at: u16) -> Vec<RawDescriptor> {
+    descs
+        .iter()
+        .map(|d| {
+            let d = SplitDesc::from(*d);
+            let next = if d.flags() & NEXT != 0 {
+                d.next() + at
+            } else {
+                0
+            };
+            desc(d.addr().0, d.len(), d.flags(), next)
+        })
+        .collect()
 }
 
 /// Runs TX passes for `port` until one ends idle; returns how many passes it took.

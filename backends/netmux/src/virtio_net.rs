@@ -3,6 +3,8 @@
 //! frame as it is.
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+use crate::frame::ETH_HLEN;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
@@ -186,10 +188,15 @@ impl NetHdr {
         b
     }
 
-    /// Whether the checksum request lies inside a frame of `frame_len` bytes.
+    /// Whether the checksum request lies inside a frame of `frame_len` bytes, after its
+    /// Ethernet header. No checksum covers the MAC addresses or the type; and netmux itself
+    /// completes a checksum for a receiver that did not negotiate GUEST_CSUM (as the kernel
+    /// does for a link), so one placed in the Ethernet header would rewrite the very fields
+    /// the switch checked (a forged source MAC, a VLAN type).
     pub fn csum_in_bounds(&self, frame_len: usize) -> bool {
         self.flags & F_NEEDS_CSUM == 0
-            || usize::from(self.csum_start) + usize::from(self.csum_offset) + 2 <= frame_len
+            || (usize::from(self.csum_start) >= ETH_HLEN
+                && usize::from(self.csum_start) + usize::from(self.csum_offset) + 2 <= frame_len)
     }
 }
 
@@ -243,6 +250,21 @@ mod tests {
         assert_eq!(legacy.num_buffers, 0);
         assert!(h.csum_in_bounds(52));
         assert!(!h.csum_in_bounds(51));
+        // A checksum in the Ethernet header is out of bounds, wherever its field ends.
+        for (start, offset) in [(0, 6), (0, 12), (13, 30), (4, 16)] {
+            let h = NetHdr {
+                csum_start: start,
+                csum_offset: offset,
+                ..h
+            };
+            assert!(!h.csum_in_bounds(1500), "start {start}, offset {offset}");
+        }
+        let h = NetHdr {
+            csum_start: ETH_HLEN as u16,
+            csum_offset: 10,
+            ..h
+        };
+        assert!(h.csum_in_bounds(1500));
     }
 
     #[test]

@@ -34,12 +34,23 @@ pub fn parse_duration(text: &str) -> Result<Duration, PatternError> {
     } else {
         return Err(bad());
     };
-    let value: f64 = number.trim().parse().map_err(|_| bad())?;
+    let number = number.trim();
+    let digits = number.bytes().filter(u8::is_ascii_digit).count();
+    let points = number.bytes().filter(|&b| b == b'.').count();
+    if digits == 0 || points > 1 || digits + points != number.len() {
+        return Err(bad());
+    }
+    let value: f64 = number.parse().map_err(|_| bad())?;
     if !value.is_finite() || value < 0.0 || value * scale > 86_400.0 {
         return Err(bad());
     }
     Ok(Duration::from_secs_f64(value * scale))
 }
+
+/// Shortest stall-plus-run cycle a pattern may have: half the tick of the fastest PIT rate the
+/// lab programs (5 kHz). Shorter cycles cannot show in the tick count, and would make millions
+/// of stall windows a second.
+pub const MIN_CYCLE: Duration = Duration::from_micros(100);
 
 fn show(d: Duration) -> String {
     format!("{}ms", d.as_secs_f64() * 1000.0)
@@ -156,6 +167,12 @@ impl FromStr for StallPattern {
                     "stalls and runs must be longer than zero",
                 ));
             }
+            if stall_min + run_min < MIN_CYCLE {
+                return Err(PatternError::Impossible(
+                    text.to_owned(),
+                    "the shortest stall plus the shortest run must last at least 100us",
+                ));
+            }
             return Ok(StallPattern::Random {
                 stall_min,
                 stall_max,
@@ -170,6 +187,12 @@ impl FromStr for StallPattern {
             return Err(PatternError::Impossible(
                 text.to_owned(),
                 "the stall must be longer than zero and shorter than its period",
+            ));
+        }
+        if period < MIN_CYCLE {
+            return Err(PatternError::Impossible(
+                text.to_owned(),
+                "the period must last at least 100us",
             ));
         }
         Ok(StallPattern::Periodic { stall, period })
@@ -216,6 +239,12 @@ mod tests {
         assert!(parse_duration("50").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("NaNs").is_err());
+        // f64's parser also takes signs, exponents and "inf": a duration is digits, with at
+        // most one decimal point.
+        for bad in ["+5ms", "1e3ms", "5e-1s", "infs", ".ms", "1.2.3s", "0x10ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(parse_duration("0.25ms"), Ok(Duration::from_micros(250)));
     }
 
     #[test]
@@ -239,6 +268,33 @@ mod tests {
             "x/y",
         ] {
             assert!(bad.parse::<StallPattern>().is_err(), "{bad}");
+        }
+    }
+
+    // Found while fuzzing the parsers: "0.001us/0.002us" parsed, and the lab then asked for
+    // ten million stall windows per 20 ms (billions for its default 3 s) and ran out of memory.
+    #[test]
+    fn cycles_shorter_than_a_tick_are_refused() {
+        for bad in [
+            "0.001us/0.002us",
+            "10us/50us",
+            "random:0.001us-0.001us/0.001us-0.001us",
+            "random:20us-1ms/0us-1ms",
+        ] {
+            assert!(
+                matches!(
+                    bad.parse::<StallPattern>(),
+                    Err(PatternError::Impossible(..))
+                ),
+                "{bad}"
+            );
+        }
+        for good in ["50us/100us", "random:50us-1ms/50us-1ms"] {
+            let p: StallPattern = good.parse().unwrap();
+            assert!(
+                p.windows(Duration::from_secs(2), 1).len() <= 20_000,
+                "{good}"
+            );
         }
     }
 

@@ -181,21 +181,9 @@ pub fn account(sessions: &[Session], runs: &[Run], complete: bool) -> Accounting
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::soak::lines::tests::{lines, session};
     use crate::soak::lines::{line, LineCheck};
     use std::sync::{Arc, Mutex};
-
-    fn lines(from: u64, to: u64) -> Vec<u8> {
-        (from..to).flat_map(line).collect()
-    }
-
-    fn session(first_seq: u64, written: u64, accepted: u64) -> Session {
-        Session {
-            first_seq,
-            written,
-            accepted,
-            closed: true,
-        }
-    }
 
     #[test]
     fn a_torn_tail_then_the_next_session_is_an_allowed_loss() {

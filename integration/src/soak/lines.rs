@@ -112,7 +112,8 @@ pub struct Run {
 }
 
 /// The reader-side check: splits the received bytes into [`Run`]s and notes anything that is
-/// not a line (corruption). Whether the runs make sense is [`account`]'s question.
+/// not a line (corruption). Whether the runs make sense is [`super::accounting::account`]'s
+/// question.
 pub struct LineCheck {
     /// Sessions of the writer, to place short fragments.
     sessions: Option<Sessions>,
@@ -344,15 +345,17 @@ impl LineCheck {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::soak::accounting::account;
 
-    fn lines(from: u64, to: u64) -> Vec<u8> {
+    /// Lines `from..to`, back to back.
+    pub(crate) fn lines(from: u64, to: u64) -> Vec<u8> {
         (from..to).flat_map(line).collect()
     }
 
-    fn session(first_seq: u64, written: u64, accepted: u64) -> Session {
+    /// A closed session starting at line `first_seq`.
+    pub(crate) fn session(first_seq: u64, written: u64, accepted: u64) -> Session {
         Session {
             first_seq,
             written,

@@ -10,10 +10,13 @@
 //! - [`series`]: one number per iteration, its first/last/max, and the flatness bound.
 //! - [`backend`]: the backend under test, killed with SIGKILL and started again.
 //! - [`socket`]: how much of what a writer sent its peer has read (the stream acknowledgement).
+//! - [`driver`]: what the drivers' mains share: the bounds options, the descriptor watch, the
+//!   scratch directory and the verdict.
 //! - [`pace`]: a token bucket for a steady rate, and a small seeded generator for kill points.
 
 pub mod accounting;
 pub mod backend;
+pub mod driver;
 pub mod lines;
 pub mod pace;
 pub mod series;

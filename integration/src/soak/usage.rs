@@ -85,7 +85,7 @@ pub fn fd_kinds(targets: &[String]) -> Vec<(String, usize)> {
     kinds
 }
 
-/// How `after` differs from `before` by kind, e.g. "socket +12, anon_inode:[eventfd] +3".
+/// How `after` differs from `before` by kind, e.g. "socket +12, anon_inode:\[eventfd\] +3".
 pub fn fd_growth(before: &[String], after: &[String]) -> String {
     let (b, a) = (fd_kinds(before), fd_kinds(after));
     let mut out = Vec::new();

@@ -700,6 +700,42 @@ fn station_answer(f: &[u8], ip: [u8; 4]) -> Option<Vec<u8>> {
     }
 }
 
+/// Sends raw Ethernet frames, tags and all as given, out of a test namespace's veth end: the
+/// uplink receives them as it would from the wire.
+pub struct WireSender(std::os::fd::OwnedFd);
+
+impl WireSender {
+    /// A sender on `ns`'s veth end.
+    pub fn new(ns: &NetNs) -> WireSender {
+        let (name, peer) = (ns.name.clone(), ns.peer.clone());
+        // packet_socket enters the namespace: on a thread of its own, so this one stays out.
+        let fd = std::thread::spawn(move || packet_socket(Some(&name), &peer))
+            .join()
+            .expect("socket thread")
+            .unwrap_or_else(|e| panic!("packet socket on {}: {e}", ns.peer));
+        WireSender(fd)
+    }
+
+    /// Sends one frame (no virtio-net header).
+    pub fn send(&self, frame: &[u8]) {
+        // SAFETY: sends `frame.len()` bytes of a live buffer on our bound socket.
+        let r = unsafe {
+            libc::send(
+                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+            )
+        };
+        assert_eq!(
+            r,
+            frame.len() as isize,
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// One frame a [`Capture`] saw.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CapturedFrame {

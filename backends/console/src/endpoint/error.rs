@@ -1,5 +1,4 @@
-//! The errors of endpoints, one enum for every kind ([`EndpointError`]): bad spec strings,
-//! failures to open, and I/O on attached clients.
+//! Why an endpoint spec was refused, an endpoint could not be opened, or its I/O failed.
 
 use std::io;
 use std::net::SocketAddr;
@@ -51,7 +50,7 @@ pub enum EndpointError {
     /// `accept` failed for a reason other than "nothing pending".
     #[error("cannot accept a client on {endpoint}: {source}")]
     Accept {
-        /// [`super::Endpoint::describe`] of the endpoint.
+        /// [`Endpoint::describe`](super::Endpoint::describe) of the endpoint.
         endpoint: String,
         /// The underlying error.
         source: io::Error,
@@ -84,19 +83,19 @@ pub enum EndpointError {
     /// for listeners, keeps listening.
     #[error("{endpoint}: client went away")]
     Detached {
-        /// [`super::Endpoint::describe`] of the endpoint.
+        /// [`Endpoint::describe`](super::Endpoint::describe) of the endpoint.
         endpoint: String,
     },
-    /// Output was written while nothing is attached (see [`super::Endpoint::is_attached`]).
+    /// Output was written while nothing is attached (see [`Endpoint::is_attached`](super::Endpoint::is_attached)).
     #[error("{endpoint}: nothing attached to write to")]
     NotAttached {
-        /// [`super::Endpoint::describe`] of the endpoint.
+        /// [`Endpoint::describe`](super::Endpoint::describe) of the endpoint.
         endpoint: String,
     },
     /// Writing guest output failed.
     #[error("write to {endpoint} failed: {source}")]
     Write {
-        /// [`super::Endpoint::describe`] of the endpoint.
+        /// [`Endpoint::describe`](super::Endpoint::describe) of the endpoint.
         endpoint: String,
         /// The underlying error.
         source: io::Error,

@@ -91,3 +91,15 @@ pub(super) fn write_all_vectored(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> io
     }
     Ok(())
 }
+
+/// Bytes waiting to be read on a socket or terminal `fd` (FIONREAD); 0 when unknown.
+pub(crate) fn unread_bytes(fd: BorrowedFd<'_>) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int into the valid pointer; the fd is open.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc == 0 && n > 0 {
+        n as usize
+    } else {
+        0
+    }
+}

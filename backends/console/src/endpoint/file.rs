@@ -26,22 +26,15 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use devshare_common::files::open_private;
 use devshare_common::ratelimit::RateLimit;
 use devshare_common::warn_limited;
-use time::format_description::FormatItem;
-use time::macros::format_description;
-use time::OffsetDateTime;
 
 use super::fd::write_all_vectored;
 use super::reopen::{Reopen, DEFAULT_INTERVAL};
 use super::{EndpointCounters, EndpointError, LogLimits, Readiness, Side, Watch};
-
-/// `2026-11-21T21:30:00.123Z`: RFC 3339, UTC, milliseconds.
-const STAMP: &[FormatItem<'static>] =
-    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
 
 #[derive(Debug)]
 pub(super) struct LogFile {
@@ -402,19 +395,24 @@ impl Side for LogFile {
     }
 }
 
+/// First second humantime's RFC 3339 formatter cannot show: 10000-01-01T00:00:00Z.
+const YEAR_10000: u64 = 253_402_300_800;
+
 /// Formats `t` as RFC 3339 UTC with milliseconds: `2026-11-21T21:30:00.123Z`. Times the
-/// formatter cannot show (before year 0 or after 9999) are shown as the epoch.
+/// formatter cannot show (before the epoch, from year 10000: a clock set wrong) are shown as
+/// the epoch; formatting them would panic.
 fn rfc3339_utc(t: SystemTime) -> String {
-    OffsetDateTime::from(t)
-        .format(STAMP)
-        .or_else(|_| OffsetDateTime::UNIX_EPOCH.format(STAMP))
-        .unwrap_or_default()
+    let shown = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) if d.as_secs() < YEAR_10000 => t,
+        _ => UNIX_EPOCH,
+    };
+    humantime::format_rfc3339_millis(shown).to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, UNIX_EPOCH};
+    use std::time::Duration;
 
     #[test]
     fn formats_rfc3339() {
@@ -427,5 +425,9 @@ mod tests {
         assert_eq!(at(1_795_296_600, 123), "2026-11-21T21:30:00.123Z");
         assert_eq!(at(4_102_444_799, 0), "2099-12-31T23:59:59.000Z");
         assert_eq!(at(4_107_542_400, 0), "2100-03-01T00:00:00.000Z");
+        assert_eq!(at(YEAR_10000 - 1, 0), "9999-12-31T23:59:59.000Z");
+        assert_eq!(at(YEAR_10000, 0), "1970-01-01T00:00:00.000Z");
+        let before = UNIX_EPOCH - Duration::from_secs(1);
+        assert_eq!(rfc3339_utc(before), "1970-01-01T00:00:00.000Z");
     }
 }

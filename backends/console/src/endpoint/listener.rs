@@ -24,7 +24,8 @@ use devshare_common::ratelimit::RateLimit;
 use log::Level;
 
 use super::fd::send_vectored;
-use super::{unread_bytes, EndpointError, Readiness, Side, Watch, WatchRole};
+use super::fd::unread_bytes;
+use super::{EndpointError, Readiness, Side, Watch, WatchRole};
 
 /// Line written to a second client before it is closed.
 const BUSY_MESSAGE: &[u8] = b"port busy\n";

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use devshare_common::config::parse_size;
+use devshare_common::config::{parse_decimal, parse_size};
 use devshare_common::listen::{parse_group, parse_mode, SocketOptions};
 
 use serialport::{DataBits, FlowControl, Parity, StopBits};
@@ -221,7 +221,7 @@ impl FromStr for EndpointSpec {
             }
             "tcp" => {
                 let rest = required("port or address:port")?;
-                if let Ok(port) = rest.parse::<u16>() {
+                if let Some(port) = parse_decimal::<u16>(rest) {
                     return Ok(EndpointSpec::Tcp(SocketAddr::new(
                         IpAddr::V4(Ipv4Addr::LOCALHOST),
                         port,
@@ -256,8 +256,8 @@ impl FromStr for EndpointSpec {
                             })?
                         }
                         Some(("keep", v)) => {
-                            limits.keep = match v.parse::<u32>() {
-                                Ok(n) if n <= LogLimits::MAX_KEEP => n,
+                            limits.keep = match parse_decimal::<u32>(v) {
+                                Some(n) if n <= LogLimits::MAX_KEEP => n,
                                 _ => {
                                     return Err(invalid(format!(
                                         "keep={v:?} must be a number of files from 0 to {}",
@@ -318,8 +318,8 @@ fn parse_serial(rest: &str) -> Result<SerialSettings, String> {
         seen.push(key);
         match key {
             "baud" => {
-                settings.baud = match value.parse::<u32>() {
-                    Ok(baud) if baud > 0 => baud,
+                settings.baud = match parse_decimal::<u32>(value) {
+                    Some(baud) if baud > 0 => baud,
                     _ => return Err(format!("baud={value:?} is not a positive number")),
                 }
             }
@@ -550,6 +550,15 @@ mod tests {
         assert_eq!(sw.parity, Parity::Odd);
         assert_eq!(sw.data_bits, DataBits::Five);
         assert_eq!(sw.baud, 115_200);
+    }
+
+    // str::parse takes a leading '+': "tcp:+23" is not how anyone writes a port.
+    #[test]
+    fn numbers_are_digits_only() {
+        assert!(err("tcp:+23").contains("is neither a port"));
+        assert!(err("file:/x.log,keep=+3").contains("keep=\"+3\" must be a number"));
+        assert!(err("serial:/dev/ttyS0,baud=+9600").contains("is not a positive number"));
+        assert_eq!(ok("tcp:23"), ok("tcp:127.0.0.1:23"));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! a port of a linked guest), its counters and what the guest told us about it.
 //!
 //! How guest output travels to the host side, and what a crash of the process may cost on
-//! the way, is [`output`]'s job; host input into the guest's receive buffers is here.
+//! the way, is `output.rs`'s job; host input into the guest's receive buffers is here.
 
 mod output;
 

@@ -9,12 +9,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{Fabric, Link, Signals};
 use crate::config::MacAddr;
-use crate::frame::{Frame, Payload, ETH_HLEN};
+use crate::frame::{Frame, Payload, ETH_HLEN, ETH_P_8021Q, VLAN_TPIDS};
 use crate::switch::{DropReason, Ingress, Verdict};
-use crate::uplink::{RxBatch, RX_BATCH};
+use crate::uplink::{RxBatch, VlanTag, RX_BATCH};
 use crate::virtio_net::{NetHdr, F_NEEDS_CSUM};
-
-const ETH_P_8021Q: u16 = 0x8100;
 
 impl Fabric {
     /// Reads frames from `link` and delivers them until `stop` is signalled. Sleeps in `poll`
@@ -62,7 +60,7 @@ impl Fabric {
                 };
                 for i in 0..n {
                     if let Some(f) = batch.frame(i) {
-                        self.forward_from_link(link, f.hdr, f.vlan, f.data, &mut signals);
+                        self.forward_from_link(link, f.hdr, f.tag, f.data, &mut signals);
                     } else {
                         l.counters.rx_bad_frame.inc();
                     }
@@ -75,13 +73,20 @@ impl Fabric {
         }
     }
 
-    /// Switches one frame that arrived on a host-side link: `vlan` is the tag the kernel took
+    /// Switches one frame that arrived on a host-side link: `tag` is the tag the kernel took
     /// off (an inline tag is taken off here), `data` the Ethernet frame.
-    fn forward_from_link(
+    ///
+    /// Guest ports are access ports: a frame reaches one only with at most one tag, an 802.1Q
+    /// C-tag naming the port's VLAN (or none for an untagged port), and leaves it untagged.
+    /// Exactly that tag is taken off. A frame whose outer tag is an S-tag (802.1ad, QinQ) or
+    /// that still carries a tag once the C-tag is off is dropped and counted (`rx_s_tagged`,
+    /// `rx_double_tagged`): delivered, the guest would get a tagged frame it never asked for,
+    /// and an untagged guest would see another customer's service VLAN.
+    pub(super) fn forward_from_link(
         &self,
         link: Link,
         mut hdr: NetHdr,
-        vlan: Option<u16>,
+        tag: Option<VlanTag>,
         data: &mut [u8],
         signals: &mut Signals,
     ) {
@@ -93,15 +98,18 @@ impl Fabric {
             st.rx_bad_frame.inc();
             return;
         }
-        let mut vlan = vlan;
         let mut data: &mut [u8] = data;
-        if vlan.is_none() && u16::from_be_bytes([data[12], data[13]]) == ETH_P_8021Q {
+        let outer_tpid = |data: &[u8]| u16::from_be_bytes([data[12], data[13]]);
+        let mut tag = tag;
+        if tag.is_none() && outer_tpid(data) == ETH_P_8021Q {
             if data.len() < ETH_HLEN + 4 {
                 st.rx_bad_frame.inc();
                 return;
             }
-            let vid = u16::from_be_bytes([data[14], data[15]]) & 0x0fff;
-            vlan = (vid != 0).then_some(vid);
+            tag = Some(VlanTag {
+                tpid: ETH_P_8021Q,
+                vid: u16::from_be_bytes([data[14], data[15]]) & 0x0fff,
+            });
             // Guests see untagged frames: move the MACs over the tag.
             data.copy_within(0..12, 4);
             data = &mut data[4..];
@@ -110,6 +118,18 @@ impl Fabric {
             }
             hdr.hdr_len = hdr.hdr_len.saturating_sub(4);
         }
+        if tag.is_some_and(|t| t.tpid != ETH_P_8021Q)
+            || (tag.is_none() && VLAN_TPIDS.contains(&outer_tpid(data)))
+        {
+            st.rx_s_tagged.inc();
+            return;
+        }
+        if VLAN_TPIDS.contains(&outer_tpid(data)) {
+            st.rx_double_tagged.inc();
+            return;
+        }
+        // VLAN id 0 is a priority tag: the frame is in no VLAN.
+        let vlan = tag.map(|t| t.vid).filter(|&v| v != 0);
         st.rx_packets.inc();
         st.rx_bytes.add(data.len() as u64);
         let (Some(dst), Some(src)) = (MacAddr::from_slice(data), MacAddr::from_slice(&data[6..]))

@@ -9,7 +9,8 @@ use vm_memory::GuestMemoryAtomic;
 use super::*;
 use crate::config::Mode;
 use crate::testing::*;
-use crate::uplink::SendOutcome;
+use crate::uplink::{SendOutcome, VlanTag};
+use crate::virtio_net::NetHdr;
 use crate::virtio_net::{GSO_TCPV4, HDR_LEN_LEGACY};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
@@ -232,6 +233,41 @@ fn frames_for_a_guest_are_dropped_and_counted_by_reason() {
     assert_eq!(drops(f, 0, "bad_frame") + drops(f, 0, "bad_chain"), 0);
 }
 
+/// Found by the net fuzz target: a checksum request that starts in the Ethernet header made
+/// netmux, completing the checksum for a receiver without GUEST_CSUM, write the sum over the
+/// source MAC it had checked (or over the type: a VLAN tag). Such a frame is malformed.
+#[test]
+fn a_checksum_request_cannot_rewrite_the_checked_headers() {
+    let mem = memory();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let sw = switch(&[None, None], Mode::Bridge, SendOutcome::Sent, None);
+    let f = &sw.fabric;
+    let mut g: Vec<Guest<'_>> = (0..2).map(|i| Guest::new(&mem, &atomic, i)).collect();
+    g[1].post_rx(8, 2048);
+    attach(f, &g[1..2], 1, &atomic);
+    let mut frames = Vec::new();
+    for (start, offset) in [(0u16, 5u16), (0, 6), (2, 10), (0, 12)] {
+        for dst in [mac(1), EXT] {
+            let mut fr = frame(dst, mac(0), IP, 60);
+            fr[0] = 1; // NEEDS_CSUM
+            fr[6..8].copy_from_slice(&start.to_le_bytes());
+            fr[8..10].copy_from_slice(&offset.to_le_bytes());
+            frames.push(fr);
+        }
+    }
+    g[0].send(&frames);
+    drain(f, 0, &mem, &mut g[0]);
+    for (_, bytes) in g[1].rx_frames() {
+        assert_eq!(
+            &bytes[HDR + 6..HDR + 14],
+            &[&mac(0).0[..], &IP.to_be_bytes()[..]].concat()[..],
+            "a received frame's source or type was rewritten"
+        );
+    }
+    assert!(sw.uplink.lock().unwrap().sent.is_empty());
+    assert_eq!(drops(f, 0, "bad_frame"), 8, "{}", f.stats_json());
+}
+
 /// A guest whose RX ring is full (empty of buffers) costs drops on its own port only: the
 /// sender's ring is drained in one pass and every chain returned, another receiver gets all
 /// its frames.
@@ -349,4 +385,120 @@ fn what_leaves_is_what_was_checked() {
     drain(&f, 0, &mem, &mut g);
     let sent = &log.lock().unwrap().sent;
     assert_eq!(&sent[0][HDR_LEN_LEGACY..], &bytes[HDR..]);
+}
+
+/// An untagged Ethernet frame (no virtio-net header) to `dst`, with `tags` (TPID, VLAN id)
+/// outermost first, then an IPv4 type and a 46-byte payload.
+fn tagged(dst: MacAddr, tags: &[(u16, u16)]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst.0);
+    f.extend_from_slice(&EXT.0);
+    for &(tpid, vid) in tags {
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&vid.to_be_bytes());
+    }
+    f.extend_from_slice(&IP.to_be_bytes());
+    f.extend((0..46u8).map(|b| b.wrapping_mul(7)));
+    f
+}
+
+/// Frames from the uplink reach an access port with exactly its own 802.1Q tag taken off;
+/// S-tagged and double-tagged (QinQ) frames reach no guest and are counted, whether the
+/// kernel took the outer tag off or it is inline.
+#[test]
+fn access_ports_get_only_their_own_tag_taken_off_from_uplink_frames() {
+    let mem = memory();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    // Port 0 untagged, port 1 in VLAN 10.
+    let sw = switch(&[None, Some(10)], Mode::Bridge, SendOutcome::Sent, None);
+    let f = &sw.fabric;
+    let mut g: Vec<Guest<'_>> = (0..2).map(|i| Guest::new(&mem, &atomic, i)).collect();
+    for guest in &mut g {
+        guest.post_rx(16, 2048);
+    }
+    attach(f, &g, 0, &atomic);
+    let c_tag = |vid| Some(VlanTag { tpid: 0x8100, vid });
+    let s_tag = |vid| Some(VlanTag { tpid: 0x88a8, vid });
+    let plain = |dst| tagged(dst, &[]);
+    // (kernel tag, frame bytes, the port it must reach with `plain(dst)`, or the counter)
+    type Case = (Option<VlanTag>, Vec<u8>, Result<usize, &'static str>);
+    let cases: Vec<Case> = vec![
+        (None, tagged(mac(1), &[(0x8100, 10)]), Ok(1)),
+        (c_tag(10), plain(mac(1)), Ok(1)),
+        (None, plain(mac(0)), Ok(0)),
+        // A priority tag (VLAN id 0) is no VLAN.
+        (None, tagged(mac(0), &[(0x8100, 0)]), Ok(0)),
+        (c_tag(0), plain(mac(0)), Ok(0)),
+        // QinQ: the port's tag outside, another inside.
+        (
+            None,
+            tagged(mac(1), &[(0x8100, 10), (0x8100, 20)]),
+            Err("rx_double_tagged"),
+        ),
+        (
+            c_tag(10),
+            tagged(mac(1), &[(0x8100, 20)]),
+            Err("rx_double_tagged"),
+        ),
+        (
+            None,
+            tagged(mac(0), &[(0x8100, 0), (0x8100, 20)]),
+            Err("rx_double_tagged"),
+        ),
+        (
+            c_tag(10),
+            tagged(mac(1), &[(0x88a8, 20)]),
+            Err("rx_double_tagged"),
+        ),
+        // 802.1ad outer tags, with or without a C-tag inside, for either port.
+        (
+            None,
+            tagged(mac(1), &[(0x88a8, 10), (0x8100, 10)]),
+            Err("rx_s_tagged"),
+        ),
+        (None, tagged(mac(0), &[(0x88a8, 10)]), Err("rx_s_tagged")),
+        (None, tagged(mac(0), &[(0x9100, 10)]), Err("rx_s_tagged")),
+        (s_tag(10), plain(mac(1)), Err("rx_s_tagged")),
+        (
+            s_tag(10),
+            tagged(mac(1), &[(0x8100, 10)]),
+            Err("rx_s_tagged"),
+        ),
+    ];
+    let mut delivered = [0usize; 2];
+    let mut counted = std::collections::HashMap::<&str, u64>::new();
+    for (i, (tag, bytes, want)) in cases.into_iter().enumerate() {
+        let dst = MacAddr::from_slice(&bytes).unwrap();
+        let mut data = bytes.clone();
+        let mut signals = Signals::default();
+        f.forward_from_link(
+            Link::Uplink,
+            NetHdr::default(),
+            tag,
+            &mut data,
+            &mut signals,
+        );
+        match want {
+            Ok(port) => {
+                delivered[port] += 1;
+                let got = g[port].rx_frames();
+                assert_eq!(got.len(), delivered[port], "case {i}: {}", f.stats_json());
+                let (_, last) = got.last().unwrap();
+                assert_eq!(&last[HDR..], &plain(dst)[..], "case {i}");
+            }
+            Err(counter) => *counted.entry(counter).or_default() += 1,
+        }
+        for (port, guest) in g.iter().enumerate() {
+            assert_eq!(
+                guest.rx_frames().len(),
+                delivered[port],
+                "case {i}, port {port}"
+            );
+        }
+        let doc = serde_json::to_value(f.stats()).unwrap();
+        for name in ["rx_double_tagged", "rx_s_tagged"] {
+            let want = counted.get(name).copied().unwrap_or(0);
+            assert_eq!(doc["uplink"][name], want, "case {i}: {name}");
+        }
+    }
 }

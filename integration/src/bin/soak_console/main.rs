@@ -33,13 +33,14 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use devshare_integration::soak::accounting::{account, Accounting};
 use devshare_integration::soak::backend::Backend;
+use devshare_integration::soak::driver::{self, Bounds, FdWatch, Scratch};
 use devshare_integration::soak::pace::Rng;
 use devshare_integration::soak::series::{Series, UsageSeries};
 use devshare_integration::soak::usage::Usage;
 use devshare_integration::soak::wait_for;
 
 use endpoint_reader::EndpointReader;
-use rig::{backend_args, FdWatch, Paths, Rig, VirtioPair};
+use rig::{backend_args, Paths, Rig, VirtioPair};
 use stream_writer::StreamWriter;
 use virtio_writer::VirtioWriter;
 
@@ -93,18 +94,8 @@ pub(crate) struct Args {
     /// Seed of the kill points.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Bound: descriptors may exceed the first sample by this many.
-    #[arg(long, default_value_t = 2)]
-    fd_slack: u64,
-    /// Bound: resident memory may exceed the first sample by this many KiB.
-    #[arg(long, default_value_t = 12288)]
-    rss_slack_kib: u64,
-    /// Bound: threads may exceed the first sample by this many.
-    #[arg(long, default_value_t = 0)]
-    thread_slack: u64,
-    /// Also write the results as JSON here.
-    #[arg(long, value_name = "FILE")]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    bounds: Bounds,
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -205,7 +196,7 @@ fn kill_phase(a: &Args, rig: &mut Rig, res: &mut Results) -> Result<(), String> 
         }
         let u = rig.backend.usage().map_err(|e| e.to_string())?;
         let own = Usage::own().map_err(|e| e.to_string())?;
-        if let Some(note) = fds.sample(rig.backend.pid(), u.fds, a.fd_slack) {
+        if let Some(note) = fds.sample(rig.backend.pid(), u.fds, a.bounds.fd_slack) {
             res.problems.push(format!("kill {i}: backend {note}"));
         }
         res.backend_usage.push(u);
@@ -388,7 +379,7 @@ fn frontend_phase(a: &Args, rig: &mut Rig, res: &mut Results) -> Result<(), Stri
             dropped_before = counters.stream_dropped;
         }
         let u = rig.backend.usage().map_err(|e| e.to_string())?;
-        if let Some(note) = fds.sample(rig.backend.pid(), u.fds, a.fd_slack) {
+        if let Some(note) = fds.sample(rig.backend.pid(), u.fds, a.bounds.fd_slack) {
             res.problems
                 .push(format!("front-end restart {j}: backend {note}"));
         }
@@ -456,10 +447,11 @@ fn finish(a: &Args, rig: &mut Rig, res: &mut Results) -> Result<(), String> {
                 .map(|e| format!("virtio client: {e}")),
         );
     }
-    for s in [&res.backend_usage, &res.frontend_usage, &res.driver_usage] {
-        res.problems
-            .extend(s.check_flat(a.fd_slack, a.rss_slack_kib, a.thread_slack));
-    }
+    res.problems.extend(a.bounds.check(&[
+        &res.backend_usage,
+        &res.frontend_usage,
+        &res.driver_usage,
+    ]));
 
     let t = stream.total();
     let kills_with_loss = res.kills.iter().filter(|k| k.lost > 0).count();
@@ -515,14 +507,9 @@ fn finish(a: &Args, rig: &mut Rig, res: &mut Results) -> Result<(), String> {
             println!("{}", s.summary());
         }
     }
-    for s in [&res.backend_usage, &res.frontend_usage, &res.driver_usage] {
-        println!("{}", s.summary());
-    }
-    println!(
-        "bounds: fds first + {}, RSS first + {} KiB, threads first + {}",
-        a.fd_slack, a.rss_slack_kib, a.thread_slack
-    );
-    if let Some(path) = &a.json {
+    a.bounds
+        .print(&[&res.backend_usage, &res.frontend_usage, &res.driver_usage]);
+    if a.bounds.json.is_some() {
         let doc = serde_json::json!({
             "backend": "vhost-user-console",
             "kills": a.iterations, "frontend_restarts": a.frontend_restarts,
@@ -555,32 +542,17 @@ fn finish(a: &Args, rig: &mut Rig, res: &mut Results) -> Result<(), String> {
             "driver_usage": res.driver_usage.json(),
             "problems": res.problems,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default())
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        a.bounds.write_json(&doc)?;
     }
     Ok(())
 }
 
 fn soak(a: &Args) -> Result<(), String> {
-    let own_dir = a.dir.is_none();
-    let dir = a.dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("devshare-soak-console.{}", std::process::id()))
-    });
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let scratch = Scratch::new(a.dir.as_deref(), "console")?;
+    let dir = scratch.path().to_owned();
     if a.qemu {
         let problems = qemu_stream::run(a, &dir)?;
-        if !problems.is_empty() {
-            return Err(format!(
-                "{} problem(s):\n  {}\n(scratch directory kept: {})",
-                problems.len(),
-                problems.join("\n  "),
-                dir.display()
-            ));
-        }
-        if own_dir {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        return Ok(());
+        return scratch.verdict(&problems);
     }
     let paths = Paths::new(&dir);
     let virtio = !a.no_virtio;
@@ -633,31 +605,10 @@ fn soak(a: &Args) -> Result<(), String> {
     frontend_phase(a, &mut rig, &mut res)?;
     finish(a, &mut rig, &mut res)?;
     drop(rig);
-    if !res.problems.is_empty() {
-        return Err(format!(
-            "{} problem(s):\n  {}\n(scratch directory kept: {})",
-            res.problems.len(),
-            res.problems.join("\n  "),
-            dir.display()
-        ));
-    }
-    if own_dir {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    Ok(())
+    scratch.verdict(&res.problems)
 }
 
 fn main() -> ExitCode {
-    env_logger::init();
     let a = Args::parse();
-    match soak(&a) {
-        Ok(()) => {
-            println!("console soak: PASSED");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("console soak: FAILED: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    driver::main("console", || soak(&a))
 }

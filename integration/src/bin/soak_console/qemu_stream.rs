@@ -202,9 +202,10 @@ pub fn run(a: &Args, dir: &Path) -> Result<Vec<String>, String> {
         ));
     }
     problems.extend(c.errors().iter().map(|e| format!("client: {e}")));
-    for s in [&backend_usage, &qemu_usage, &driver_usage] {
-        problems.extend(s.check_flat(a.fd_slack, a.rss_slack_kib, a.thread_slack));
-    }
+    problems.extend(
+        a.bounds
+            .check(&[&backend_usage, &qemu_usage, &driver_usage]),
+    );
     let reconnects = reader.state.connects.load(Ordering::Acquire);
     println!("--- console soak with QEMU: summary ---");
     println!(
@@ -222,11 +223,10 @@ pub fn run(a: &Args, dir: &Path) -> Result<Vec<String>, String> {
     for s in [&lost_lines, &t_up, &t_resumed] {
         println!("{}", s.summary());
     }
-    for s in [&backend_usage, &qemu_usage, &driver_usage] {
-        println!("{}", s.summary());
-    }
+    a.bounds
+        .print(&[&backend_usage, &qemu_usage, &driver_usage]);
     drop(c);
-    if let Some(path) = &a.json {
+    if a.bounds.json.is_some() {
         let doc = serde_json::json!({
             "backend": "vhost-user-console", "front_end": "QEMU",
             "kills": a.iterations, "kill_seconds": kill_secs,
@@ -236,8 +236,7 @@ pub fn run(a: &Args, dir: &Path) -> Result<Vec<String>, String> {
             "backend_usage": backend_usage.json(), "qemu_usage": qemu_usage.json(),
             "driver_usage": driver_usage.json(), "problems": problems,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default())
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        a.bounds.write_json(&doc)?;
     }
     let _ = guest.kill();
     Ok(problems)

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use devshare_integration::soak::accounting::{account, Accounting};
 use devshare_integration::soak::backend::{stats, Backend};
 use devshare_integration::soak::lines::{Session, LINE_LEN};
-use devshare_integration::soak::usage::{fd_growth, fd_targets};
 
 use crate::endpoint_reader::EndpointReader;
 use crate::stream_writer::StreamWriter;
@@ -261,33 +260,5 @@ impl Rig {
         if let Some(v) = &self.virtio {
             v.guest.state.pause.store(false, Ordering::Release);
         }
-    }
-}
-
-/// Remembers the backend's descriptors at the first sample, to tell what a growth is made of.
-#[derive(Default)]
-pub struct FdWatch {
-    first: Option<(u64, Vec<String>)>,
-    reported: bool,
-}
-
-impl FdWatch {
-    /// Notes a sample of process `pid` with `fds` descriptors; the first time the count
-    /// exceeds the first sample's by more than `slack`, says what the new descriptors are.
-    pub fn sample(&mut self, pid: Option<u32>, fds: u64, slack: u64) -> Option<String> {
-        let pid = pid?;
-        let Some((n0, list0)) = &self.first else {
-            self.first = Some((fds, fd_targets(pid).ok()?));
-            return None;
-        };
-        if self.reported || fds <= n0 + slack {
-            return None;
-        }
-        self.reported = true;
-        let now = fd_targets(pid).ok()?;
-        Some(format!(
-            "descriptors {n0} -> {fds}: {}",
-            fd_growth(list0, &now)
-        ))
     }
 }

@@ -199,6 +199,8 @@ fn attach(
     rx: &mut DriverQueue,
     tx: &mut DriverQueue,
 ) -> Result<Negotiated, FrontendError> {
+    // netmux answers GET_QUEUE_NUM in queue pairs, as QEMU's vhost-user-net reads it.
+    conn.device_counts_queue_pairs();
     let agreed = conn.handshake(
         features(),
         VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK,

@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use devshare_integration::soak::backend::{stats, Backend};
+use devshare_integration::soak::driver::{self, Bounds, FdWatch, Scratch};
 use devshare_integration::soak::pace::Rng;
 use devshare_integration::soak::series::{Series, UsageSeries};
-use devshare_integration::soak::usage::{fd_growth, fd_targets, Usage};
+use devshare_integration::soak::usage::Usage;
 
 use guest::HarnessGuest;
 
@@ -64,22 +65,12 @@ struct Args {
     /// Seed of the kill points.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Bound: descriptors may exceed the first sample by this many.
-    #[arg(long, default_value_t = 2)]
-    fd_slack: u64,
-    /// Bound: resident memory may exceed the first sample by this many KiB.
-    #[arg(long, default_value_t = 12288)]
-    rss_slack_kib: u64,
-    /// Bound: threads may exceed the first sample by this many.
-    #[arg(long, default_value_t = 0)]
-    thread_slack: u64,
     /// Scratch directory (sockets, backend log); default: a new one under /tmp, removed after
     /// a run that passed.
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
-    /// Also write the results as JSON here.
-    #[arg(long, value_name = "FILE")]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    bounds: Bounds,
 }
 
 /// Readiness polling step.
@@ -257,35 +248,10 @@ fn add_drops(into: &mut Vec<(String, u64)>, from: &[(String, u64)]) {
     }
 }
 
-/// Notes a usage sample; on the first one beyond the bound, says what the new descriptors are.
-fn watch_fds(
-    first: &mut Option<(u64, Vec<String>)>,
-    pid: Option<u32>,
-    fds: u64,
-    slack: u64,
-) -> Option<String> {
-    let pid = pid?;
-    match first {
-        None => {
-            *first = Some((fds, fd_targets(pid).ok()?));
-            None
-        }
-        Some((n0, list0)) if fds > *n0 + slack => {
-            let note = format!(
-                "descriptors {n0} -> {fds}: {}",
-                fd_growth(list0, &fd_targets(pid).ok()?)
-            );
-            *n0 = u64::MAX / 2; // report once
-            Some(note)
-        }
-        Some(_) => None,
-    }
-}
-
 fn kill_phase(a: &Args, rig: &mut Rig, res: &mut Results) -> Result<(), String> {
     let started = Instant::now();
     let mut rng = Rng::new(a.seed);
-    let mut first_fds = None;
+    let mut fds = FdWatch::default();
     let n = rig.guests.len();
     let missing0 = rig.sum(|s| s.missing.load(Ordering::Acquire));
     let (mut sent_prev, mut recv_prev, mut miss_prev, mut dup_prev) = (
@@ -304,7 +270,7 @@ fn kill_phase(a: &Args, rig: &mut Rig, res: &mut Results) -> Result<(), String> 
         }
         let u = rig.backend.usage().map_err(|e| e.to_string())?;
         let own = Usage::own().map_err(|e| e.to_string())?;
-        if let Some(note) = watch_fds(&mut first_fds, rig.backend.pid(), u.fds, a.fd_slack) {
+        if let Some(note) = fds.sample(rig.backend.pid(), u.fds, a.bounds.fd_slack) {
             res.problems.push(format!("kill {i}: backend {note}"));
         }
         res.backend_usage.push(u);
@@ -376,7 +342,7 @@ fn kill_phase(a: &Args, rig: &mut Rig, res: &mut Results) -> Result<(), String> 
 
 fn frontend_phase(a: &Args, rig: &mut Rig, res: &mut Results) -> Result<(), String> {
     let started = Instant::now();
-    let mut first_fds = None;
+    let mut fds = FdWatch::default();
     let n = rig.guests.len();
     rig.drain()?;
     let missing0 = rig.sum(|s| s.missing.load(Ordering::Acquire));
@@ -409,7 +375,7 @@ fn frontend_phase(a: &Args, rig: &mut Rig, res: &mut Results) -> Result<(), Stri
             (0..n).all(|g| r.delivered(g, submitted[g] + min))
         })?;
         let u = rig.backend.usage().map_err(|e| e.to_string())?;
-        if let Some(note) = watch_fds(&mut first_fds, rig.backend.pid(), u.fds, a.fd_slack) {
+        if let Some(note) = fds.sample(rig.backend.pid(), u.fds, a.bounds.fd_slack) {
             res.problems
                 .push(format!("front-end restart {j}: backend {note}"));
         }
@@ -450,10 +416,11 @@ fn finish(a: &Args, rig: &mut Rig, res: &mut Results) -> Result<(), String> {
             "{corrupt} frames arrived corrupted; the first: {first}"
         ));
     }
-    for s in [&res.backend_usage, &res.frontend_usage, &res.driver_usage] {
-        res.problems
-            .extend(s.check_flat(a.fd_slack, a.rss_slack_kib, a.thread_slack));
-    }
+    res.problems.extend(a.bounds.check(&[
+        &res.backend_usage,
+        &res.frontend_usage,
+        &res.driver_usage,
+    ]));
     let last_drops = rig.drops()?;
     println!("--- netmux soak summary ---");
     println!(
@@ -498,14 +465,9 @@ fn finish(a: &Args, rig: &mut Rig, res: &mut Results) -> Result<(), String> {
     for s in [&res.t_up, &res.t_reconnected, &res.t_resumed] {
         println!("{}", s.summary());
     }
-    for s in [&res.backend_usage, &res.frontend_usage, &res.driver_usage] {
-        println!("{}", s.summary());
-    }
-    println!(
-        "bounds: fds first + {}, RSS first + {} KiB, threads first + {}",
-        a.fd_slack, a.rss_slack_kib, a.thread_slack
-    );
-    if let Some(path) = &a.json {
+    a.bounds
+        .print(&[&res.backend_usage, &res.frontend_usage, &res.driver_usage]);
+    if a.bounds.json.is_some() {
         let doc = serde_json::json!({
             "backend": "vhost-user-netmux",
             "kills": a.iterations, "frontend_restarts": a.frontend_restarts,
@@ -525,18 +487,14 @@ fn finish(a: &Args, rig: &mut Rig, res: &mut Results) -> Result<(), String> {
             "driver_usage": res.driver_usage.json(),
             "problems": res.problems,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default())
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        a.bounds.write_json(&doc)?;
     }
     Ok(())
 }
 
 fn soak(a: &Args) -> Result<(), String> {
-    let own_dir = a.dir.is_none();
-    let dir = a.dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("devshare-soak-netmux.{}", std::process::id()))
-    });
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let scratch = Scratch::new(a.dir.as_deref(), "netmux")?;
+    let dir = scratch.path().to_owned();
     let n = usize::from(a.guests);
     let stats_path = dir.join("stats.sock");
     let sock = |i: usize| dir.join(format!("g{i}.sock"));
@@ -599,31 +557,10 @@ fn soak(a: &Args) -> Result<(), String> {
     frontend_phase(a, &mut rig, &mut res)?;
     finish(a, &mut rig, &mut res)?;
     drop(rig);
-    if !res.problems.is_empty() {
-        return Err(format!(
-            "{} problem(s):\n  {}\n(scratch directory kept: {})",
-            res.problems.len(),
-            res.problems.join("\n  "),
-            dir.display()
-        ));
-    }
-    if own_dir {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    Ok(())
+    scratch.verdict(&res.problems)
 }
 
 fn main() -> ExitCode {
-    env_logger::init();
     let a = Args::parse();
-    match soak(&a) {
-        Ok(()) => {
-            println!("netmux soak: PASSED");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("netmux soak: FAILED: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    driver::main("netmux", || soak(&a))
 }
