@@ -91,6 +91,7 @@ fn connections_to_a_stream_socket_in_a_loop_leave_a_bounded_log() {
     );
     let v = dir.path().join("v.sock");
     p.wait_for_path(&dir.path().join("c.sock"), WAIT).unwrap();
+    p.wait_for_path(&v, WAIT).unwrap();
     const CYCLES: usize = 300;
     for _ in 0..CYCLES {
         drop(UnixStream::connect(&v).unwrap());
