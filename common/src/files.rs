@@ -189,8 +189,10 @@ const PSEUDO_FILE_SYSTEMS: &[(i64, &str)] = &[
     (0x1980_0202, "mqueue"),
 ];
 
-/// The name of the kernel file system `dir` is on, if it is one (see [`PSEUDO_FILE_SYSTEMS`]);
-/// `None` for a real one or when it cannot be told (the open that follows reports that).
+/// The name of the kernel file system `dir` is on, if it is one (proc, sysfs, debugfs, tracefs,
+/// securityfs, cgroup, configfs, devpts, bpf, efivarfs, pstore, selinuxfs, fusectl, binfmt_misc,
+/// mqueue); `None` for a real one or when it cannot be told (the open that follows reports
+/// that).
 pub fn pseudo_file_system(dir: &Path) -> Option<&'static str> {
     let st = nix::sys::statfs::statfs(dir).ok()?;
     #[allow(clippy::unnecessary_cast)] // the type of f_type differs between targets
