@@ -18,7 +18,7 @@ use std::fs::{DirBuilder, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use nix::fcntl::{flock, FlockArg};
 
@@ -105,20 +105,33 @@ fn check_private_dir(dir: &Path) -> Result<(), FileError> {
     if meta.file_type().is_symlink() {
         return Err(unsafe_dir("is a symlink, not a directory".into()));
     }
+    if std::fs::canonicalize(dir).is_ok_and(|d| d == Path::new("/")) {
+        return Err(unsafe_dir(
+            "is the root directory; give the state files a directory of their own \
+             (e.g. /var/lib/devshare, created 0700 if absent)"
+                .into(),
+        ));
+    }
+    if let Some(fs) = pseudo_file_system(dir) {
+        return Err(unsafe_dir(format!("is on {fs}, a kernel file system")));
+    }
     if !meta.is_dir() {
         return Err(unsafe_dir("is not a directory".into()));
     }
     let euid = nix::unistd::geteuid().as_raw();
     if meta.uid() != euid {
         return Err(unsafe_dir(format!(
-            "is owned by uid {}, not by this process's user (uid {euid})",
-            meta.uid()
+            "is owned by uid {}, not by this process's user (uid {euid}); use a directory of \
+             this user's (chown {euid} {} if it is meant to be)",
+            meta.uid(),
+            dir.display()
         )));
     }
     if meta.mode() & 0o022 != 0 {
         return Err(unsafe_dir(format!(
-            "is writable by its group or by everyone (mode {:o}); chmod go-w it",
-            meta.mode() & 0o7777
+            "is writable by its group or by everyone (mode {:o}); run: chmod go-w {}",
+            meta.mode() & 0o7777,
+            dir.display()
         )));
     }
     Ok(())
@@ -154,10 +167,48 @@ impl StateDirLock {
     }
 }
 
+/// Kernel file systems whose entries look like regular files, by `statfs` magic
+/// (linux/magic.h). devtmpfs reports tmpfs's magic; its entries are devices, refused as not
+/// regular files.
+const PSEUDO_FILE_SYSTEMS: &[(i64, &str)] = &[
+    (0x9fa0, "proc"),
+    (0x6265_6572, "sysfs"),
+    (0x6462_6720, "debugfs"),
+    (0x7472_6163, "tracefs"),
+    (0x7363_6673, "securityfs"),
+    (0x0027_e0eb, "cgroup"),
+    (0x6367_7270, "cgroup2"),
+    (0x6265_6570, "configfs"),
+    (0x1cd1, "devpts"),
+    (0xcafe_4a11, "bpf"),
+    (0xde5e_81e4, "efivarfs"),
+    (0x6165_676c, "pstore"),
+    (0xf97c_ff8c, "selinuxfs"),
+    (0x6573_5543, "fusectl"),
+    (0x4249_4e4d, "binfmt_misc"),
+    (0x1980_0202, "mqueue"),
+];
+
+/// The name of the kernel file system `dir` is on, if it is one (proc, sysfs, debugfs, tracefs,
+/// securityfs, cgroup, configfs, devpts, bpf, efivarfs, pstore, selinuxfs, fusectl, binfmt_misc,
+/// mqueue); `None` for a real one or when it cannot be told (the open that follows reports
+/// that).
+pub fn pseudo_file_system(dir: &Path) -> Option<&'static str> {
+    let st = nix::sys::statfs::statfs(dir).ok()?;
+    #[allow(clippy::unnecessary_cast)] // the type of f_type differs between targets
+    let magic = st.filesystem_type().0 as i64;
+    PSEUDO_FILE_SYSTEMS
+        .iter()
+        .find(|&&(m, _)| m == magic)
+        .map(|&(_, name)| name)
+}
+
 /// Opens `path` as `options` says (read, write, append, create, truncate...), adding
 /// `O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK` (a FIFO planted at the path must not block the open)
 /// and mode 0600 for a file it creates. After opening, refuses anything but a regular file
-/// with exactly one link. `O_NONBLOCK` has no effect on regular files.
+/// with exactly one link. `O_NONBLOCK` has no effect on regular files. A path whose directory
+/// is on a kernel file system (proc, sysfs...: [`pseudo_file_system`]) is refused before
+/// anything is opened.
 ///
 /// `O_NOFOLLOW` covers the last component; the directories above are the caller's to trust
 /// (use [`ensure_private_dir`] on them). An existing file keeps its mode.
@@ -166,6 +217,20 @@ impl StateDirLock {
 /// [`FileError::Unsafe`] for a symlink (ELOOP), a non-regular file or a hard-linked file;
 /// [`FileError::Io`] for anything else.
 pub fn open_private(path: &Path, options: &OpenOptions) -> Result<File, FileError> {
+    // Before anything is opened: opening some kernel files has effects of its own.
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if let Some(fs) = pseudo_file_system(parent) {
+        return Err(FileError::Unsafe {
+            path: path.to_path_buf(),
+            reason: format!(
+                "is on {fs}, a kernel file system whose entries look like files but are not \
+                 (writing to them changes the kernel's state); give a path on a real file system"
+            ),
+        });
+    }
     let mut options = options.clone();
     options
         .mode(PRIVATE_FILE_MODE)
@@ -333,9 +398,81 @@ pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileErro
     written
 }
 
+/// `path` as an absolute path (relative to the current directory) without `.` and `..`
+/// components, with the symlinks of its parent directory resolved when that exists: the form
+/// in which two spellings of one path (`f.log`, `./f.log`, `DIR/f.log`) compare equal, for
+/// checking that the paths a process will create are distinct. The last component is kept as
+/// it is (it may not exist yet, or be a symlink the caller will refuse).
+pub fn normalize(path: &Path) -> PathBuf {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .unwrap_or_else(|_| PathBuf::from("/"))
+            .join(path)
+    };
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    match (out.parent(), out.file_name()) {
+        (Some(parent), Some(name)) => match std::fs::canonicalize(parent) {
+            Ok(real) => real.join(name),
+            Err(_) => out,
+        },
+        _ => out,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_files_and_the_root_directory_are_refused() {
+        for p in [
+            "/proc/self/status",
+            "/sys/kernel/uevent_helper",
+            "/proc/sys/kernel/a",
+        ] {
+            let e = open_private(Path::new(p), OpenOptions::new().append(true).create(true))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("kernel file system"), "{p}: {e}");
+        }
+        let e = ensure_private_dir(Path::new("/")).unwrap_err().to_string();
+        assert!(e.contains("root directory"), "{e}");
+        let e = ensure_private_dir(Path::new("/proc/self/"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("proc") || e.contains("owned"), "{e}");
+        // A world-writable directory: the error says the command to run.
+        let dir = std::env::temp_dir().join(format!("files-ww-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = ensure_private_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains(&format!("chmod go-w {}", dir.display())), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn one_path_spelled_several_ways_normalizes_to_one() {
+        let cwd = std::fs::canonicalize(std::env::current_dir().unwrap()).unwrap();
+        assert_eq!(normalize(Path::new("f.log")), cwd.join("f.log"));
+        assert_eq!(normalize(Path::new("./f.log")), cwd.join("f.log"));
+        assert_eq!(normalize(Path::new("x/../f.log")), cwd.join("f.log"));
+        assert_eq!(
+            normalize(Path::new("/nonexistent/./a/../b.sock")),
+            PathBuf::from("/nonexistent/b.sock")
+        );
+    }
     use std::io::{Read, Write};
 
     fn scratch(tag: &str) -> PathBuf {

@@ -81,48 +81,84 @@ impl Default for SocketOptions {
 
 impl SocketOptions {
     /// Options from the `--socket-mode` / `--socket-group` texts (either may be absent).
+    /// A mode that lets every local user connect is accepted with a warning.
     ///
     /// # Errors
-    /// [`ListenError::Mode`] or [`ListenError::Group`] when a text does not parse.
+    /// [`ListenError::Mode`] or [`ListenError::Group`] when a text does not parse, the mode
+    /// is refused or the group does not exist (see [`parse_mode`], [`parse_group`]).
     pub fn parse(mode: Option<&str>, group: Option<&str>) -> Result<SocketOptions, ListenError> {
-        Ok(SocketOptions {
+        let opts = SocketOptions {
             mode: mode
                 .map(parse_mode)
                 .transpose()?
                 .unwrap_or(DEFAULT_SOCKET_MODE),
             group: group.map(parse_group).transpose()?,
+        };
+        if let Some(w) = opts.world_access() {
+            log::warn!("{w}");
+        }
+        Ok(opts)
+    }
+
+    /// A warning when the mode lets every local user connect (write permission for others):
+    /// whoever connects to a vhost-user socket drives a guest's device, and to a console
+    /// endpoint gets the guest's console.
+    pub fn world_access(&self) -> Option<String> {
+        (self.mode & 0o002 != 0).then(|| {
+            format!(
+                "socket mode {:04o} lets every local user connect; give the sockets a group \
+                 (mode 0660 with a group) instead",
+                self.mode
+            )
         })
     }
 }
 
-/// Parses an octal permission mode such as `0660`, `660` or `0o660` (permission bits only:
-/// setuid, setgid and sticky bits are refused, they mean nothing on a socket).
+/// Parses an octal permission mode such as `0660`, `660` or `0o660`: permission bits only
+/// (setuid, setgid and sticky bits mean nothing on a socket), and the owner must be able to
+/// read and write (connect): a mode such as `0` or `0066` only locks out the user the backend
+/// runs as and its tools.
 ///
 /// # Errors
-/// [`ListenError::Mode`] naming the text.
+/// [`ListenError::Mode`] naming the text and the reason.
 pub fn parse_mode(text: &str) -> Result<u32, ListenError> {
     let t = text.trim();
     let digits = t.strip_prefix("0o").unwrap_or(t);
+    let refuse = |reason: &str| ListenError::Mode {
+        text: text.to_owned(),
+        reason: reason.to_owned(),
+    };
     // from_str_radix alone would take a leading '+'.
     if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-        return Err(ListenError::Mode(text.to_owned()));
+        return Err(refuse("not an octal permission mode such as 0600 or 0660"));
     }
     match u32::from_str_radix(digits, 8) {
-        Ok(m) if m <= 0o777 => Ok(m),
-        _ => Err(ListenError::Mode(text.to_owned())),
+        Ok(m) if m <= 0o777 => {
+            if m & 0o600 != 0o600 {
+                return Err(refuse(
+                    "the owner must keep read and write permission (0600)",
+                ));
+            }
+            Ok(m)
+        }
+        _ => Err(refuse(
+            "only permission bits (at most 0777) mean something on a socket",
+        )),
     }
 }
 
-/// Parses a group given by name (looked up in the group database) or by numeric id.
+/// Parses a group given by name or by numeric id; either must exist in the group database
+/// (a group nobody is in opens the socket to nobody, and is most likely a typo).
 ///
 /// # Errors
 /// [`ListenError::Group`] when no such group exists.
 pub fn parse_group(text: &str) -> Result<u32, ListenError> {
     let t = text.trim();
-    if let Some(gid) = crate::config::parse_decimal::<u32>(t) {
-        return Ok(gid);
-    }
-    match Group::from_name(t) {
+    let found = match crate::config::parse_decimal::<u32>(t) {
+        Some(gid) => Group::from_gid(Gid::from_raw(gid)),
+        None => Group::from_name(t),
+    };
+    match found {
         Ok(Some(g)) => Ok(g.gid.as_raw()),
         _ => Err(ListenError::Group(text.to_owned())),
     }
@@ -155,11 +191,16 @@ pub enum ListenError {
         /// The error.
         source: io::Error,
     },
-    /// A `--socket-mode` that is not an octal permission mode.
-    #[error("socket mode '{0}' is not an octal permission mode such as 0600 or 0660")]
-    Mode(String),
-    /// A `--socket-group` that names no group.
-    #[error("socket group '{0}' is neither a group name nor a numeric group id")]
+    /// A socket mode that is refused.
+    #[error("socket mode '{text}': {reason}")]
+    Mode {
+        /// The text given.
+        text: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A socket group that names no group of this host.
+    #[error("socket group '{0}' is neither the name nor the numeric id of a group of this host (see /etc/group)")]
     Group(String),
 }
 
@@ -594,6 +635,29 @@ mod tests {
             assert!(parse_mode(bad).is_err(), "mode {bad:?} accepted");
         }
         assert!(parse_group("+0").is_err(), "group '+0' accepted");
+    }
+
+    #[test]
+    fn modes_that_lock_the_owner_out_and_groups_that_do_not_exist_are_refused() {
+        for m in ["0", "000", "0066", "0400", "0200", "0070"] {
+            let e = parse_mode(m).unwrap_err().to_string();
+            assert!(e.contains("owner"), "{m}: {e}");
+        }
+        let e = parse_mode("10777").unwrap_err().to_string();
+        assert!(e.contains("0777"), "{e}");
+        // A numeric id must name a group too.
+        let e = parse_group("99999").unwrap_err().to_string();
+        assert!(e.contains("99999"), "{e}");
+        // World-accessible modes are accepted, with a warning.
+        for (m, warned) in [
+            ("0777", true),
+            ("0606", true),
+            ("0660", false),
+            ("0644", false),
+        ] {
+            let o = SocketOptions::parse(Some(m), None).unwrap();
+            assert_eq!(o.world_access().is_some(), warned, "{m}");
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //!
 //! A Rust program ignores SIGPIPE, so `println!` into a closed pipe (`... | head -4`) panics
 //! ("failed printing to stdout") and exits with status 101. A filter whose reader is gone has
-//! nothing left to do: [`print`] reports that as success, and the caller finishes normally.
+//! nothing left to do: [`print()`] reports that as success, and the caller finishes normally.
 
 use std::io::{self, Write};
 

@@ -218,6 +218,28 @@ macro_rules! log_limited {
     }};
 }
 
+/// Like [`log_limited!`](crate::log_limited), but what the limit holds back is still logged,
+/// at debug level: for routine events whose rate someone else decides (clients connecting
+/// and leaving), which an operator wants to see at the usual level only at a bounded rate,
+/// and someone tracing a problem wants to see every one of (`RUST_LOG=debug`).
+///
+/// `log_limited_or_debug!(log::Level::Info, limit, "format {}", args)`.
+#[macro_export]
+macro_rules! log_limited_or_debug {
+    ($level:expr, $limit:expr, $($arg:tt)+) => {{
+        let limit = &$limit;
+        match limit.check() {
+            $crate::ratelimit::Decision::Log { held_back, over } => {
+                if held_back > 0 {
+                    $crate::__log::warn!("{}", limit.summary(held_back, over));
+                }
+                $crate::__log::log!($level, $($arg)+);
+            }
+            $crate::ratelimit::Decision::HoldBack => $crate::__log::debug!($($arg)+),
+        }
+    }};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

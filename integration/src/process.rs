@@ -47,7 +47,12 @@ impl BackendProcess {
         cmd.args(args)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                // Clients' and QEMU's comings and goings are logged at a bounded rate at info
+                // level and every one at debug level: tests read them as readiness signals.
+                std::env::var("RUST_LOG").unwrap_or_else(|_| {
+                    "info,vhost_user_console::endpoint=debug,vhost_user_console::stream=debug"
+                        .into()
+                }),
             )
             .envs(env.iter().copied())
             .stdin(Stdio::null())

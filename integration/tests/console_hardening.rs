@@ -378,7 +378,8 @@ fn two_ports_whose_spools_would_share_a_file_are_refused() {
     wait_for_refusal(&mut process, &d.join("a.sock"));
     let log = process.log();
     assert!(
-        log.contains(&state.join("a.b.c.spool").display().to_string()) && log.contains("in use"),
+        log.contains(&state.join("a.b.c.spool").display().to_string())
+            && log.contains("used twice: as a.b/c's buffer file and as a/b.c's buffer file"),
         "the refusal must name the shared spool; log:\n{log}"
     );
 }

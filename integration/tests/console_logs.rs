@@ -1,6 +1,7 @@
 //! `file:` log endpoints with the real backend process: bounded by default and rotated by size
 //! as virtlogd does (`PATH`, `PATH.1` ... `PATH.N`, the oldest dropped), created 0600, never
-//! written through a planted symlink (at `PATH` or `PATH.N`), and reopened by name on SIGHUP
+//! written through a planted symlink (at `PATH` or `PATH.N`), rotation never moving anything
+//! but our own regular files, and reopened by name on SIGHUP
 //! after an external logrotate moved them, without dropping any client or front-end.
 //!
 //! The guest side is a stream VM whose `-chardev socket` the test plays, so the bytes of a
@@ -140,14 +141,21 @@ fn planted_symlinks_at_the_log_or_its_rotated_names_are_never_written_through() 
     let mut qemu = unix_client(&c.path("s.sock"));
     qemu.write_all(&data).unwrap();
     c.wait_stat("s", "serial", "to_host_bytes", data.len() as u64);
-    assert!(c.stat("s", "serial", "rotations") >= 3);
+    // Rotation moves only regular files of ours: the links stay where they are, and the log
+    // is kept bounded by emptying it instead, counted apart from rotations.
+    assert_eq!(c.stat("s", "serial", "rotations"), 0);
+    assert!(c.stat("s", "serial", "rotation_failures") >= 3);
+    assert!(std::fs::metadata(&log).unwrap().len() <= 1024);
     assert_eq!(
         read(&victim),
         b"precious\n",
         "written through a planted link"
     );
     for p in [numbered(&log, 1), numbered(&log, 2)] {
-        assert!(std::fs::symlink_metadata(&p).unwrap().is_file());
+        assert!(std::fs::symlink_metadata(&p)
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     // A link at the log's own name, planted after an external rotation: SIGHUP does not
@@ -271,4 +279,58 @@ fn sighup_after_logrotate_moves_the_log_reopens_it_and_drops_no_client() {
         c.log_count("front-end connected") == 1,
         "the front-end reconnected"
     );
+}
+
+/// Another user plants a directory at a rotated name in a shared directory before the
+/// console starts: rotation moves only regular files of ours, so the directory stays where
+/// it is, the log is emptied instead (bounded), and that is counted apart from rotations,
+/// with the bytes emptied in `dropped_bytes`, and logged at a bounded rate.
+#[test]
+fn a_directory_planted_at_a_rotated_name_is_never_moved_and_the_failure_is_counted() {
+    let dir = ScratchDir::new("log-planted-dir").unwrap();
+    let log = dir.path().join("r.log");
+    let planted = numbered(&log, 1);
+    std::fs::create_dir(&planted).unwrap();
+    std::fs::write(planted.join("theirs"), b"x").unwrap();
+    // Owned by another user, as it would be in a world-writable directory.
+    std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
+    let c = Console::start_in(
+        dir,
+        &[
+            "--vm",
+            "s={dir}/s.sock,stream",
+            "-p",
+            "s/serial=file:{dir}/r.log,max-size=100,keep=2",
+        ],
+        &["s.sock"],
+    );
+    // 100 lines of 10 bytes: 9 files' worth.
+    let data = lines(1, 100, 10);
+    let mut qemu = unix_client(&c.path("s.sock"));
+    qemu.write_all(&data).unwrap();
+    c.wait_stat("s", "serial", "to_host_bytes", data.len() as u64);
+    // The directory was not moved, nor anything in it.
+    assert!(std::fs::symlink_metadata(&planted).unwrap().is_dir());
+    assert_eq!(std::fs::read(planted.join("theirs")).unwrap(), b"x");
+    assert!(std::fs::symlink_metadata(numbered(&log, 2)).is_err());
+    let failures = c.stat("s", "serial", "rotation_failures");
+    assert!(failures >= 9, "{failures}");
+    assert_eq!(c.stat("s", "serial", "rotations"), 0);
+    let kept = std::fs::metadata(&log).unwrap().len();
+    assert_eq!(
+        c.stat("s", "serial", "dropped_bytes") + kept,
+        data.len() as u64,
+        "every byte is in the log or counted as dropped"
+    );
+    // Said, at a bounded rate.
+    let said = c.log_count("cannot rotate");
+    assert!(
+        (1..=6).contains(&said),
+        "{said} lines for {failures} failures; log:\n{}",
+        c.process.log()
+    );
+    assert!(c
+        .process
+        .log()
+        .contains("is a directory, not a log file of ours"));
 }

@@ -159,7 +159,7 @@ fn files_in_the_way_of_endpoint_sockets_are_kept_and_busy_tcp_ports_named() {
 }
 
 #[test]
-fn endpoint_and_stream_sockets_are_0600_or_take_the_socket_mode_and_group() {
+fn stream_sockets_take_the_socket_mode_and_group_and_endpoints_only_their_own() {
     use std::os::unix::fs::MetadataExt;
     let mode_gid = |p: &Path| {
         let m = std::fs::symlink_metadata(p).unwrap();
@@ -175,11 +175,30 @@ fn endpoint_and_stream_sockets_are_0600_or_take_the_socket_mode_and_group() {
     let c = Console::start("sock-endpoint-mode", &args, &["s.sock", "c.sock"]);
     assert_eq!(mode_gid(&c.path("s.sock")).0, 0o600);
     assert_eq!(mode_gid(&c.path("c.sock")).0, 0o600);
+    // --socket-mode/--socket-group open QEMU's socket, never a guest's console endpoint (nor
+    // the stats socket); an endpoint is opened by its own options. (gid 1 is `daemon` on
+    // Debian: a group that exists.)
     let mut with_group = args.to_vec();
-    with_group.extend(["--socket-mode", "0660", "--socket-group", "4242"]);
-    let c = Console::start("sock-endpoint-group", &with_group, &["s.sock", "c.sock"]);
-    assert_eq!(mode_gid(&c.path("s.sock")), (0o660, 4242));
-    assert_eq!(mode_gid(&c.path("c.sock")), (0o660, 4242));
+    with_group.extend([
+        "--vm",
+        "o={dir}/o-vm.sock,stream",
+        "-p",
+        "o/serial=unix:{dir}/o.sock,mode=0640,group=1",
+        "--socket-mode",
+        "0660",
+        "--socket-group",
+        "1",
+    ]);
+    let c = Console::start(
+        "sock-endpoint-group",
+        &with_group,
+        &["s.sock", "c.sock", "o.sock"],
+    );
+    assert_eq!(mode_gid(&c.path("s.sock")), (0o660, 1));
+    assert_eq!(mode_gid(&c.path("c.sock")).0, 0o600);
+    assert_ne!(mode_gid(&c.path("c.sock")).1, 1);
+    assert_eq!(mode_gid(&c.path("stats.sock")).0, 0o600);
+    assert_eq!(mode_gid(&c.path("o.sock")), (0o640, 1));
 }
 
 /// The arguments of the signal test: a stream VM `s` and a virtio VM `v` whose data port has

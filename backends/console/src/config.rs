@@ -187,8 +187,10 @@ pub struct Config {
     pub vms: Vec<VmConfig>,
     /// Where buffers are kept across restarts (None: in memory only).
     pub state_dir: Option<PathBuf>,
-    /// Mode and group of the Unix sockets the process creates (stream sockets, `unix:`
-    /// endpoints); set by `main` from `--socket-mode` / `--socket-group` or the file's keys.
+    /// Mode and group of the front-end (QEMU) sockets the process creates: vhost-user and
+    /// stream `--vm` sockets; set by `main` from `--socket-mode` / `--socket-group` or the
+    /// file's keys. Not `unix:` endpoints (their own `mode=`/`group=`), not the stats socket
+    /// (0600).
     pub socket: SocketOptions,
 }
 

@@ -12,7 +12,7 @@ use vm_memory::GuestMemoryAtomic;
 
 use crate::config::{Config, DeviceKind, Target, VmConfig};
 use crate::control::ControlChannel;
-use crate::endpoint::{Endpoint, EndpointError, OpenOptions};
+use crate::endpoint::{Endpoint, EndpointError};
 use crate::event_loop::TICK_ALWAYS;
 use crate::port::{Host, Port};
 use crate::queue::{self, pin, Batch, Budget, GuestRings, Pass};
@@ -140,13 +140,10 @@ impl Device {
         for p in &vm.ports {
             let host = match &p.target {
                 Target::Endpoint(spec) => {
-                    let opts = OpenOptions { socket: cfg.socket };
-                    let ep = Endpoint::open_with(spec, &opts).map_err(|source| {
-                        DeviceError::Endpoint {
-                            vm: vm.name.clone(),
-                            port: p.name.clone(),
-                            source: Box::new(source),
-                        }
+                    let ep = Endpoint::open(spec).map_err(|source| DeviceError::Endpoint {
+                        vm: vm.name.clone(),
+                        port: p.name.clone(),
+                        source: Box::new(source),
                     })?;
                     log::info!("{}/{}: {}", vm.name, p.name, ep.describe());
                     has_window |= p.console && ep.pty_path().is_some();

@@ -213,7 +213,8 @@ impl Vms {
                     }
                 };
                 if r == Readiness::Connected {
-                    log::info!("{}: {} attached", p.label, ep.describe());
+                    // The endpoint logged it (at a bounded rate: clients decide how often).
+                    log::debug!("{}: {} attached", p.label, ep.describe());
                     self.replay(dev, port);
                 }
             }

@@ -10,6 +10,7 @@ pub mod event_loop;
 pub mod failpoint;
 pub mod group;
 pub mod link;
+pub mod paths;
 pub mod port;
 pub mod qemu_args;
 pub mod queue;

@@ -26,8 +26,11 @@ use vhost_user_console::vhu_console::{reactor_event, VhuConsole};
 const AFTER_HELP: &str = "\
 ENDPOINTS (what a port is bridged to):
   pty[:LINK]                      new PTY; its path is logged, LINK becomes a symlink to it
-  unix:PATH                       Unix socket listener (one client at a time)
-  tcp:[ADDR:]PORT                 TCP listener, 127.0.0.1 unless ADDR is given
+  unix:PATH[,mode=0600][,group=G] Unix socket listener (one client at a time); only the
+                                  owner may connect unless mode=/group= say otherwise
+  tcp:[ADDR:]PORT                 TCP listener, 127.0.0.1 unless ADDR is given; NO ACCESS
+                                  CONTROL: any local user (any host, with ADDR 0.0.0.0) who
+                                  connects first gets the port; prefer unix: for consoles
   file:PATH[,timestamps][,max-size=SIZE][,keep=N]
                                   log of guest output, rotated before it grows past SIZE
                                   (default 2M; 0: never) into PATH.1 .. PATH.N (default 3)
@@ -54,7 +57,9 @@ as /dev/virtio-ports/NAME. Output with nothing attached is buffered (--buffer-si
 replayed when a client attaches; a full buffer holds data ports back and makes the console
 keep its newest bytes (never bytes an attached client is ready to take).
 
-Sockets are created 0600 (--socket-mode, --socket-group open them to QEMU's group). A socket
+Sockets are created 0600. --socket-mode, --socket-group open the front-end (QEMU) sockets to
+QEMU's group, and only those: a unix: endpoint is a guest's console, opened to others only by
+its own mode=/group=; the stats socket stays 0600. A socket
 another running process serves is never taken over, and a file that is not a socket is never
 removed.
 
@@ -103,12 +108,13 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     stats_socket: Option<PathBuf>,
 
-    /// Permission bits (octal) of every socket this process creates [default: 0600]. E.g. 0660
-    /// with --socket-group to let QEMU or libvirt's group connect.
+    /// Permission bits (octal) of the front-end sockets: vhost-user and stream --vm sockets
+    /// [default: 0600]. E.g. 0660 with --socket-group to let QEMU or libvirt's group connect.
+    /// unix: endpoints have their own mode=/group=; the stats socket stays 0600.
     #[arg(long, value_name = "MODE")]
     socket_mode: Option<String>,
 
-    /// Group (name or number) given to every socket this process creates.
+    /// Group (name or number; it must exist) given to the front-end sockets.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
 
@@ -278,6 +284,15 @@ fn on_shutdown(groups: &[Arc<Group>]) {
     }
 }
 
+/// Start-up failed after the VMs were set up: what this process created goes (its sockets,
+/// its PTY links; buffers are synced as on SIGTERM), since threads it started may hold the
+/// groups and destructors do not run at exit.
+fn abandon(groups: &[Arc<Group>]) -> ExitCode {
+    devshare_common::listen::remove_created_sockets();
+    on_shutdown(groups);
+    ExitCode::FAILURE
+}
+
 fn main() -> ExitCode {
     // First of all: a SIGHUP or SIGTERM during start-up is held and handled once start-up is
     // done (a reload, or a shutdown that removes what start-up created), never the default
@@ -341,6 +356,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         };
     }
+    // Two uses of one path would fail midway with a misleading error, or write into each
+    // other's files: refused before anything is created.
+    if let Err(e) = vhost_user_console::paths::check_distinct(&cfg, process.stats_socket.as_deref())
+    {
+        eprintln!("vhost-user-console: {e}");
+        return ExitCode::from(2);
+    }
     // Held for the life of the process: a second instance on the same state directory would
     // corrupt the spools.
     let _state_lock = match &cfg.state_dir {
@@ -385,7 +407,7 @@ fn main() -> ExitCode {
     };
     if let Err(e) = pending_signals.start(actions) {
         eprintln!("vhost-user-console: {e}");
-        return ExitCode::FAILURE;
+        return abandon(&groups);
     }
     if let Some(path) = process.stats_socket {
         // Counters are atomics the data path updates: reading them takes no VM's lock. The
@@ -398,10 +420,12 @@ fn main() -> ExitCode {
             process: ProcessStats::current(),
         };
         let served =
-            devshare_common::stats::serve_json(&path, &process.socket, move || report.to_json());
+            devshare_common::stats::serve_json(&path, &SocketOptions::default(), move || {
+                report.to_json()
+            });
         if let Err(e) = served {
             eprintln!("vhost-user-console: {e}");
-            return ExitCode::FAILURE;
+            return abandon(&groups);
         }
     }
     let mut threads = Vec::new();
@@ -414,7 +438,7 @@ fn main() -> ExitCode {
             Ok(h) => threads.push(h),
             Err(e) => {
                 eprintln!("vhost-user-console: cannot start a thread: {e}");
-                return ExitCode::FAILURE;
+                return abandon(&groups);
             }
         }
     }
@@ -429,7 +453,7 @@ fn main() -> ExitCode {
             Ok(s) => sockets.push((transport, s)),
             Err(e) => {
                 eprintln!("vhost-user-console: VM {}: {e}", vm.name);
-                return ExitCode::FAILURE;
+                return abandon(&groups);
             }
         }
     }
@@ -458,7 +482,7 @@ fn main() -> ExitCode {
             Ok(h) => threads.push(h),
             Err(e) => {
                 eprintln!("vhost-user-console: cannot start a thread: {e}");
-                return ExitCode::FAILURE;
+                return abandon(&groups);
             }
         }
     }

@@ -60,6 +60,17 @@ pub enum SpoolError {
         /// Backing file.
         path: PathBuf,
     },
+    /// The state directory's file system has no room for the whole file. Its blocks are
+    /// allocated when it is opened because a shared mapping of a file whose pages have no
+    /// blocks behind them kills the process (SIGBUS) at the first store the file system
+    /// cannot back, and with it every VM it serves.
+    #[error("spool file {path}: no room for its {size} bytes on the state directory's file system; free some space there, move --state-dir, or give this port a smaller --buffer-size")]
+    NoRoom {
+        /// Backing file.
+        path: PathBuf,
+        /// Bytes the file needs (buffer size plus a page of header).
+        size: u64,
+    },
     /// Anonymous memory could not be mapped.
     #[error("cannot allocate a {size}-byte buffer: {source}")]
     Memory {
@@ -183,6 +194,8 @@ pub struct Spool {
     capacity: usize,
     /// The backing file, kept open for its lock.
     _file: Option<File>,
+    /// See [`Spool::resize_dropped`].
+    resize_dropped: usize,
 }
 
 /// What the process before this one left unfinished in a spool file (see the module docs).
@@ -224,7 +237,9 @@ impl Spool {
 
     /// A spool kept in `path`. Existing content of the same capacity is kept (that is the
     /// output an earlier process accepted but had not delivered); a spool of another
-    /// capacity starts empty. See the module docs for what `path` must be.
+    /// capacity is carried over into one of `capacity` (see [`Spool::resize_dropped`]). The
+    /// file's blocks are allocated here, so a full file system is [`SpoolError::NoRoom`] now
+    /// rather than a SIGBUS later. See the module docs for what `path` must be.
     pub fn open(path: &Path, capacity: usize) -> Result<Spool, SpoolError> {
         let capacity = capacity.max(1);
         let err = |source| SpoolError::File {
@@ -247,28 +262,29 @@ impl Spool {
                 path: path.to_owned(),
             });
         }
+        if stamp == MAGIC && old_len != map_len as u64 {
+            return Self::resize(path, &file, old_len, capacity);
+        }
         if old_len != map_len as u64 {
-            if stamp == MAGIC {
-                log::info!(
-                    "{}: the buffer size changed; output kept by an earlier run is dropped",
-                    path.display()
-                );
-            }
             file.set_len(0).map_err(err)?;
             file.set_len(map_len as u64).map_err(err)?;
         }
-        // SAFETY: a shared mapping of a file we just sized to `map_len`; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        let spool = Self::from_map(p, map_len, capacity, Some(file)).map_err(err)?;
+        // Every open, not only a creation: a file an older version sized sparse gets its
+        // blocks too.
+        if let Err(e) = allocate(&file, map_len as u64) {
+            if is_no_room(&e) {
+                if stamp != MAGIC {
+                    // Nothing of ours in it: give back what was allocated.
+                    let _ = file.set_len(0);
+                }
+                return Err(SpoolError::NoRoom {
+                    path: path.to_owned(),
+                    size: map_len as u64,
+                });
+            }
+            return Err(err(e));
+        }
+        let spool = Self::map_file(path, file, capacity)?;
         let h = spool.header();
         let consistent = h.magic.load(Ordering::Acquire) == MAGIC
             && h.capacity.load(Ordering::Acquire) == capacity as u64
@@ -288,6 +304,147 @@ impl Spool {
         Ok(spool)
     }
 
+    /// Maps `file`, sized to and allocated for `capacity` bytes of data.
+    fn map_file(path: &Path, file: File, capacity: usize) -> Result<Spool, SpoolError> {
+        let map_len = HEADER + capacity;
+        // SAFETY: a shared mapping of a file sized to `map_len` whose blocks are allocated
+        // (see `allocate`); the result is checked by `from_map`.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        Self::from_map(p, map_len, capacity, Some(file)).map_err(|source| SpoolError::File {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// The spool at `path` (`old`, `old_len` bytes long, stamped) was kept with another
+    /// buffer size: what it holds moves into a new file of `capacity`, the newest bytes when
+    /// they do not all fit (the console's rule; a data port cannot hold back what an earlier
+    /// run accepted), and the rest is counted ([`Spool::resize_dropped`]). The new file is
+    /// built beside the old one (`PATH.resize`) and renamed over it once complete, so a crash
+    /// or a full file system meanwhile leaves the old spool as it was.
+    fn resize(path: &Path, old: &File, old_len: u64, capacity: usize) -> Result<Spool, SpoolError> {
+        let err = |source| SpoolError::File {
+            path: path.to_owned(),
+            source,
+        };
+        let mut words = [0u8; std::mem::size_of::<Header>()];
+        old.read_exact_at(&mut words, 0).map_err(err)?;
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&words[i * 8..i * 8 + 8]);
+            u64::from_ne_bytes(w)
+        };
+        let (old_cap, read, write) = (word(1), word(2), word(3));
+        let (flight, chain, chain_len, chain_sum, chain_base) =
+            (word(4), word(5), word(6), word(7), word(8));
+        let consistent =
+            old_len == HEADER as u64 + old_cap && write >= read && write - read <= old_cap;
+        let held = if consistent { write - read } else { 0 };
+        let kept = held.min(capacity as u64);
+        let dropped = held - kept;
+        if !consistent {
+            log::warn!(
+                "{}: the spool's header is inconsistent; its content cannot be carried over to the new buffer size",
+                path.display()
+            );
+        }
+
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".resize");
+        let tmp = PathBuf::from(tmp);
+        let file = open_spool_file(&tmp)?;
+        let tmp_err = |source| SpoolError::File {
+            path: tmp.clone(),
+            source,
+        };
+        let map_len = (HEADER + capacity) as u64;
+        file.set_len(0).map_err(tmp_err)?;
+        file.set_len(map_len).map_err(tmp_err)?;
+        if let Err(e) = allocate(&file, map_len) {
+            let _ = std::fs::remove_file(&tmp);
+            if is_no_room(&e) {
+                return Err(SpoolError::NoRoom {
+                    path: path.to_owned(),
+                    size: map_len,
+                });
+            }
+            return Err(tmp_err(e));
+        }
+        let mut spool = Self::map_file(&tmp, file, capacity)?;
+        spool.init();
+        // The newest `kept` bytes, from read position `write - kept` on, in at most two runs
+        // of the old data area.
+        let mut at = write - kept;
+        let mut failed = None;
+        spool.push_with(kept as usize, |dst| {
+            let mut done = 0;
+            while done < dst.len() {
+                let off = at % old_cap;
+                let n = ((old_cap - off) as usize).min(dst.len() - done);
+                if let Err(e) = old.read_exact_at(&mut dst[done..done + n], HEADER as u64 + off) {
+                    failed = Some(e);
+                    return done;
+                }
+                done += n;
+                at += n as u64;
+            }
+            done
+        });
+        if let Some(e) = failed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err(e));
+        }
+        let h = spool.header();
+        let new_write = h.write.load(Ordering::Acquire);
+        // What the process before left unfinished moves along: a write of the front still in
+        // flight (when the front is kept), and the chain being taken with its taken bytes.
+        let (kind, from, len) = Flight::decode(flight);
+        if kind == Flight::FRONT && dropped == 0 && from == read & 0xffff_ffff {
+            h.flight
+                .store(Flight::Front { from: 0, len }.encode(), Ordering::Release);
+        } else if kind == Flight::CHAIN {
+            h.flight.store(flight, Ordering::Release);
+        }
+        if consistent && chain & CHAIN_ACTIVE != 0 {
+            let taken = write.wrapping_sub(chain_base);
+            h.chain_len.store(chain_len, Ordering::Release);
+            h.chain_sum.store(chain_sum, Ordering::Release);
+            h.chain_base
+                .store(new_write.wrapping_sub(taken), Ordering::Release);
+            h.chain.store(chain, Ordering::Release);
+        }
+        spool.sync().map_err(tmp_err)?;
+        std::fs::rename(&tmp, path).map_err(err)?;
+        spool.resize_dropped = dropped as usize;
+        if dropped > 0 {
+            log::warn!(
+                "{}: the buffer size changed from {old_cap} to {capacity} bytes; the newest {kept} bytes kept by an earlier run are replayed, the oldest {dropped} are dropped (counted in dropped_bytes)",
+                path.display()
+            );
+        } else {
+            log::info!(
+                "{}: the buffer size changed from {old_cap} to {capacity} bytes; the {kept} bytes kept by an earlier run are replayed",
+                path.display()
+            );
+        }
+        Ok(spool)
+    }
+
+    /// Bytes an earlier run kept that did not fit this spool's new buffer size (0 unless the
+    /// size changed): they are lost, and the port counts them as dropped.
+    pub fn resize_dropped(&self) -> usize {
+        self.resize_dropped
+    }
+
     fn from_map(
         p: *mut libc::c_void,
         map_len: usize,
@@ -303,6 +460,7 @@ impl Spool {
             map_len,
             capacity,
             _file: file,
+            resize_dropped: 0,
         })
     }
 
@@ -546,6 +704,48 @@ impl Spool {
     }
 }
 
+/// Whether `e` says the file system (or the user's quota) is full.
+fn is_no_room(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+/// Gives the first `len` bytes of `file` their blocks (the file is at least that long), so
+/// that stores through a shared mapping never meet a full file system. A file system without
+/// `fallocate` gets a zero byte written into every block that reads as zero (a block holding
+/// data is left alone), which allocates it just the same.
+fn allocate(file: &File, len: u64) -> io::Result<()> {
+    let off = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: fallocate on a descriptor we own, mode 0 (allocate, keep the size); no memory
+    // is passed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, off) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(e);
+    }
+    allocate_by_writing(file, len)
+}
+
+/// [`allocate`] on a file system without `fallocate`: a zero byte written into every block
+/// of the first `len` bytes that reads as zero (a block holding data keeps it), then synced,
+/// so that a full file system says so here.
+fn allocate_by_writing(file: &File, len: u64) -> io::Result<()> {
+    // One byte per block of the file system's preferred size (a block holds at least that).
+    let block = std::os::unix::fs::MetadataExt::blksize(&file.metadata()?).max(512);
+    let mut at = 0;
+    while at < len {
+        let mut b = [0u8; 1];
+        let n = file.read_at(&mut b, at)?;
+        if n == 0 || b[0] == 0 {
+            file.write_all_at(&[0], at)?;
+        }
+        at += block;
+    }
+    file.sync_data()
+}
+
 /// Opens (or creates) the spool file at `path` (see the module docs for what is refused).
 fn open_spool_file(path: &Path) -> Result<File, SpoolError> {
     files::open_state_file(path).map_err(|e| match e {
@@ -598,10 +798,90 @@ mod tests {
         }
         let mut s = Spool::open(&path, 16).unwrap();
         assert_eq!(contents(&mut s), b"world");
+        assert_eq!(s.resize_dropped(), 0);
         drop(s);
-        // A different capacity starts afresh.
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn writing_zeroes_allocates_a_sparse_file_and_keeps_its_data() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = scratch("zeroes");
+        let path = dir.join("f");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(b"data", 300_000).unwrap();
+        let sparse = f.metadata().unwrap().blocks();
+        allocate_by_writing(&f, 1 << 20).unwrap();
+        let blocks = f.metadata().unwrap().blocks();
+        assert!(blocks * 512 >= 1 << 20, "{sparse} -> {blocks} blocks");
+        let mut b = [0u8; 4];
+        f.read_exact_at(&mut b, 300_000).unwrap();
+        assert_eq!(&b, b"data");
+        assert_eq!(f.metadata().unwrap().len(), 1 << 20);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_new_buffer_size_carries_over_what_fits_and_counts_the_rest() {
+        let dir = scratch("resize");
+        let path = dir.join("p.spool");
+        {
+            let mut s = Spool::open(&path, 16).unwrap();
+            s.push(b"0123456789abcdef");
+            s.discard(10);
+            s.push(b"ghijklmn"); // wraps: "abcdefghijklmn"
+        }
+        // Larger: everything, in order, and room for more.
+        let mut s = Spool::open(&path, 64).unwrap();
+        assert_eq!(contents(&mut s), b"abcdefghijklmn");
+        assert_eq!(s.resize_dropped(), 0);
+        assert_eq!(s.capacity(), 64);
+        s.push(b"o");
+        drop(s);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            (HEADER + 64) as u64
+        );
+        // Smaller: the newest bytes, the rest counted.
+        let mut s = Spool::open(&path, 4).unwrap();
+        assert_eq!(contents(&mut s), b"lmno");
+        assert_eq!(s.resize_dropped(), 11);
+        drop(s);
+        // And the result is a spool like any other.
+        let mut s = Spool::open(&path, 4).unwrap();
+        assert_eq!(contents(&mut s), b"lmno");
+        assert_eq!(s.resize_dropped(), 0);
+        drop(s);
+        assert!(!dir.join("p.spool.resize").exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_chain_being_taken_keeps_its_taken_bytes_across_a_resize() {
+        let dir = scratch("resize-chain");
+        let path = dir.join("p.spool");
+        let id = ChainId {
+            pos: 1,
+            head: 2,
+            len: 10,
+        };
+        {
+            let mut s = Spool::open(&path, 16).unwrap();
+            s.push(b"xyz");
+            s.begin_chain(id, 7);
+            s.chain_passed(2);
+            s.push(b"abc");
+        }
         let s = Spool::open(&path, 32).unwrap();
-        assert!(s.is_empty());
+        assert_eq!(s.chain_taken(id), Some(5));
+        assert_eq!(s.chain_sum(), 7);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

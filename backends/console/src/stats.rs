@@ -4,7 +4,7 @@
 //!
 //! `{"ports":[{"vm":..,"port":..,"to_host_bytes":..,"to_guest_bytes":..,"dropped_bytes":..,
 //! "bad_chains":..,"replayed_after_restart_bytes":..,"buffered_bytes":..,"attached":..,
-//! "reopens":..,"rotations":..}, ...],
+//! "reopens":..,"rotations":..,"rotation_failures":..}, ...],
 //! "process":{"signals":{"hup":..,"term":..,"int":..}}}`
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,8 +22,11 @@ pub struct PortStats {
     pub to_host_bytes: Counter,
     /// Bytes delivered into the guest.
     pub to_guest_bytes: Counter,
-    /// Console output dropped because the buffer was full (oldest first).
-    pub dropped_bytes: Counter,
+    /// Console output dropped because the buffer was full (oldest first), or kept by an
+    /// earlier run that did not fit a smaller buffer, or discarded by a log that could not be
+    /// rotated (shared with the endpoint's counters).
+    #[serde(serialize_with = "shared_counter")]
+    pub dropped_bytes: Arc<Counter>,
     /// Descriptor chains refused as malformed.
     pub bad_chains: Counter,
     /// Bytes this process sends again because the process before it died while writing
@@ -40,6 +43,10 @@ pub struct PortStats {
     pub endpoint: Arc<EndpointCounters>,
 }
 
+fn shared_counter<S: Serializer>(v: &Arc<Counter>, s: S) -> Result<S::Ok, S::Error> {
+    v.as_ref().serialize(s)
+}
+
 fn endpoint<S: Serializer>(v: &Arc<EndpointCounters>, s: S) -> Result<S::Ok, S::Error> {
     v.as_ref().serialize(s)
 }
@@ -52,6 +59,7 @@ impl PortStats {
     /// Counters at zero, beside the endpoint's own.
     pub fn new(endpoint: Arc<EndpointCounters>) -> PortStats {
         PortStats {
+            dropped_bytes: endpoint.dropped_bytes.clone(),
             endpoint,
             ..PortStats::default()
         }
@@ -125,7 +133,7 @@ mod tests {
         let json = doc.to_json();
         assert!(
             json.starts_with(
-                r#"{"ports":[{"vm":"a","port":"console","to_host_bytes":5,"to_guest_bytes":6,"dropped_bytes":7,"bad_chains":1,"replayed_after_restart_bytes":4,"buffered_bytes":9,"attached":1,"reopens":2,"rotations":3}],"process":{"signals":{"#
+                r#"{"ports":[{"vm":"a","port":"console","to_host_bytes":5,"to_guest_bytes":6,"dropped_bytes":7,"bad_chains":1,"replayed_after_restart_bytes":4,"buffered_bytes":9,"attached":1,"reopens":2,"rotations":3,"rotation_failures":0}],"process":{"signals":{"#
             ),
             "{json}"
         );

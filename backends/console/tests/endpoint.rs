@@ -705,3 +705,46 @@ fn serial_open_failure_names_the_device() {
         "{e}"
     );
 }
+
+#[test]
+fn another_users_symlink_at_a_pty_link_is_left_alone() {
+    let scratch = Scratch::new("pty-theirs");
+    let link = scratch.path("console");
+    std::os::unix::fs::symlink("/etc/hostname", &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+    let spec: EndpointSpec = format!("pty:{}", link.display()).parse().unwrap();
+    let e = Endpoint::open(&spec).err().unwrap().to_string();
+    assert!(e.contains("another user's symlink"), "{e}");
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        Path::new("/etc/hostname")
+    );
+}
+
+#[test]
+fn pty_settings_changed_by_a_program_are_put_back_to_raw_before_guest_output() {
+    let scratch = Scratch::new("pty-stty");
+    let link = scratch.path("console");
+    let mut ep = open(&format!("pty:{}", link.display()));
+    let program = open_slave(&link);
+    // What `stty -F LINK echo icanon icrnl onlcr` does.
+    // SAFETY: termios is plain data; tcgetattr fills it from an open terminal.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and pointer.
+    assert_eq!(unsafe { libc::tcgetattr(program.as_raw_fd(), &mut t) }, 0);
+    t.c_lflag |= libc::ECHO | libc::ICANON | libc::ISIG | libc::IEXTEN;
+    t.c_iflag |= libc::ICRNL;
+    t.c_oflag |= libc::OPOST | libc::ONLCR;
+    // SAFETY: valid fd and termios.
+    let rc = unsafe { libc::tcsetattr(program.as_raw_fd(), libc::TCSANOW, &t) };
+    assert_eq!(rc, 0);
+    write_all_output(&mut ep, &[IoSlice::new(b"guest says hi\r\n")]);
+    // Unchanged (no CR -> NL), and once the program has it the line discipline is done with
+    // it: nothing was echoed back towards the guest.
+    assert_eq!(read_exact_fd(program.as_fd(), 15), b"guest says hi\r\n");
+    let mut buf = [0u8; 64];
+    assert_eq!(ep.read_input(&mut buf).unwrap(), 0, "{:?}", &buf[..]);
+    // SAFETY: valid fd and pointer.
+    assert_eq!(unsafe { libc::tcgetattr(program.as_raw_fd(), &mut t) }, 0);
+    assert_eq!(t.c_lflag & (libc::ECHO | libc::ICANON), 0, "raw again");
+}

@@ -8,6 +8,7 @@ use std::str::FromStr;
 
 use devshare_common::config::parse_decimal;
 use devshare_common::daemon::Transport;
+use devshare_common::files::normalize;
 use devshare_common::listen::SocketOptions;
 use serde::Deserialize;
 
@@ -61,6 +62,14 @@ pub enum ConfigError {
         second: String,
         /// The shared MAC.
         mac: MacAddr,
+    },
+    /// A port's socket is the stats socket too.
+    #[error("port {port}'s socket {path} is the stats socket too; give each its own path")]
+    StatsSocket {
+        /// The port.
+        port: String,
+        /// The path.
+        path: PathBuf,
     },
     /// Two ports use the same socket path or the same name.
     #[error("two ports use the same {what} '{value}'")]
@@ -317,7 +326,7 @@ pub struct Config {
     pub mtu: u16,
     /// Unix socket serving JSON counters, if any.
     pub stats_socket: Option<PathBuf>,
-    /// Mode and group of every socket this process creates (ports and stats).
+    /// Mode and group of the port (vhost-user) sockets; the stats socket is always 0600.
     pub socket: SocketOptions,
 }
 
@@ -492,8 +501,16 @@ impl Config {
         }
         let mut sockets = HashSet::new();
         let mut names = HashSet::new();
+        let stats = self.stats_socket.as_deref().map(normalize);
         for (i, p) in self.ports.iter().enumerate() {
-            if !sockets.insert(p.transport.path().to_owned()) {
+            let socket = normalize(p.transport.path());
+            if stats.as_ref() == Some(&socket) {
+                return Err(ConfigError::StatsSocket {
+                    port: p.name.clone(),
+                    path: p.transport.path().to_owned(),
+                });
+            }
+            if !sockets.insert(socket) {
                 return Err(ConfigError::Duplicate {
                     what: "socket",
                     value: p.transport.path().display().to_string(),
@@ -758,6 +775,20 @@ mod tests {
             dup_sock.validate(),
             Err(ConfigError::Duplicate { .. })
         ));
+        // One path spelled two ways is one path.
+        let dup_sock = config(&[
+            "socket=/tmp/a,mac=52:54:00:00:00:01",
+            "socket=/tmp/./a,mac=52:54:00:00:00:02",
+        ]);
+        assert!(matches!(
+            dup_sock.validate(),
+            Err(ConfigError::Duplicate { .. })
+        ));
+        // A port socket at the stats socket.
+        let mut stats = config(&["socket=/tmp/s,mac=52:54:00:00:00:01"]);
+        stats.stats_socket = Some("/tmp/../tmp/s".into());
+        let e = stats.validate().unwrap_err();
+        assert!(matches!(e, ConfigError::StatsSocket { .. }), "{e}");
         let mut bad_mtu = config(&["socket=/a,mac=52:54:00:00:00:01"]);
         bad_mtu.mtu = 10;
         assert_eq!(bad_mtu.validate(), Err(ConfigError::Mtu(10)));

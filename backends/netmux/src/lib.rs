@@ -171,7 +171,9 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
     let fabric = Arc::new(Fabric::new(&config, uplink, host));
     if let Some(path) = &config.stats_socket {
         let f = fabric.clone();
-        devshare_common::stats::serve_json(path, &config.socket, move || {
+        // The counters are the operator's: 0600, whatever the port sockets are opened to.
+        let private = devshare_common::listen::SocketOptions::default();
+        devshare_common::stats::serve_json(path, &private, move || {
             let mut doc = serde_json::to_value(f.stats()).unwrap_or_default();
             if let Some(obj) = doc.as_object_mut() {
                 obj.insert(

@@ -36,7 +36,7 @@ A TOML file (--config) may hold the same settings:
   mode = \"bridge\"            # or \"private\"
   stats_socket = \"/run/netmux.stats\"
   socket_mode = \"0660\"       # default 0600: only this user may connect
-  socket_group = \"kvm\"       # the group QEMU or libvirt runs as
+  socket_group = \"kvm\"       # the group QEMU or libvirt runs as (must exist: getent group kvm)
   [[port]]
   name = \"vm1\"
   socket = \"/run/vm1.sock\"
@@ -45,7 +45,8 @@ A TOML file (--config) may hold the same settings:
   queues = 2                 # optional: queue pairs (QEMU queues=2)
   connect = false            # true: connect to a QEMU started with server=on
 
-Sockets are created 0600 (--socket-mode, --socket-group open them to QEMU's group). A socket
+Port sockets are created 0600 (--socket-mode, --socket-group open them to QEMU's group; the
+stats socket stays 0600). A socket
 another running process serves is never taken over, and a file that is not a socket is never
 removed. SIGTERM/SIGINT remove this process's sockets and exit 0; SIGHUP is logged and counted.
 
@@ -117,12 +118,12 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     stats_socket: Option<PathBuf>,
 
-    /// Permission bits (octal) of every socket this process creates [default: 0600]. E.g. 0660
-    /// with --socket-group to let QEMU or libvirt's group connect.
+    /// Permission bits (octal) of the port (vhost-user) sockets [default: 0600]. E.g. 0660
+    /// with --socket-group to let QEMU or libvirt's group connect. The stats socket stays 0600.
     #[arg(long, value_name = "MODE")]
     socket_mode: Option<String>,
 
-    /// Group (name or number) given to every socket this process creates.
+    /// Group (name or number; it must exist) given to the port sockets.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
 

@@ -10,19 +10,27 @@
 //! - **Reopen on SIGHUP**: after an external `mv PATH PATH.1`, SIGHUP makes new output go to
 //!   a fresh `PATH` ([`LogFile::reload`]).
 //! - **Never through a planted link**: files are opened with `O_NOFOLLOW` and created 0600
-//!   (`devshare_common::files::open_private`); a symlink at `PATH` is refused, and rotation
-//!   only renames names (a symlink at `PATH.N` is moved or dropped, never followed).
+//!   (`devshare_common::files::open_private`); a symlink at `PATH` is refused.
+//! - **Rotation moves only our own files**: every name it would move or replace (`PATH`,
+//!   `PATH.1` .. `PATH.keep`) must be absent or a regular file owned by this user (checked
+//!   without following links) before anything is moved. Anything else in the way (another
+//!   user's directory, file or symlink planted in a shared directory) is left alone: the log
+//!   is emptied instead to stay bounded, which is logged at a bounded rate, counted in
+//!   `rotation_failures`, and the bytes it held in the port's `dropped_bytes`.
 //! - A file that cannot be opened again (a link planted at `PATH`, a missing directory) is
 //!   retried at growing delays; meanwhile output waits in the port's buffer.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use devshare_common::files::open_private;
+use devshare_common::ratelimit::RateLimit;
+use devshare_common::warn_limited;
 
 use super::fd::write_all_vectored;
 use super::reopen::{Reopen, DEFAULT_INTERVAL};
@@ -44,6 +52,9 @@ pub(super) struct LogFile {
     retry: Option<Reopen>,
     /// A rotation failed and was logged; cleared by the next one that works.
     rotation_failed: bool,
+    /// Limits the lines about failed rotations: whoever can write to the log's directory
+    /// decides how often they happen.
+    rotation_log: RateLimit,
 }
 
 fn append_options() -> OpenOptions {
@@ -70,6 +81,7 @@ impl LogFile {
             counters,
             retry: None,
             rotation_failed: false,
+            rotation_log: RateLimit::standard(format!("log {}", path.display())),
         })
     }
 
@@ -200,15 +212,17 @@ impl LogFile {
             },
             Ok(()) => self.empty()?,
             Err(e) => {
-                if !self.rotation_failed {
-                    log::warn!(
-                        "log {}: cannot rotate ({e}); emptying the file instead to keep it bounded",
-                        self.path.display()
-                    );
-                    self.rotation_failed = true;
-                }
+                let discarded = self.size;
+                warn_limited!(
+                    self.rotation_log,
+                    "log {}: cannot rotate ({e}); emptying the file instead to keep it bounded \
+                     ({discarded} bytes dropped, counted in dropped_bytes)",
+                    self.path.display()
+                );
+                self.rotation_failed = true;
                 self.empty()?;
-                self.counters.rotations.inc();
+                self.counters.rotation_failures.inc();
+                self.counters.dropped_bytes.add(discarded);
                 return Ok(());
             }
         }
@@ -227,14 +241,18 @@ impl LogFile {
         Ok(())
     }
 
-    /// Moves every name one up; names that do not exist are skipped. `rename` never follows
-    /// a symlink, so a planted one is only moved (or, at `PATH.keep`, replaced).
+    /// Moves every name one up; names that do not exist are skipped. Every name involved is
+    /// checked first (see the module docs): if one is not ours, nothing is moved.
     fn shift_names(&self) -> io::Result<()> {
         let numbered = |i: u32| {
             let mut p = self.path.clone().into_os_string();
             p.push(format!(".{i}"));
             PathBuf::from(p)
         };
+        check_ours(&self.path)?;
+        for i in 1..=self.limits.keep {
+            check_ours(&numbered(i))?;
+        }
         let rename = |from: &Path, to: &Path| match std::fs::rename(from, to) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             r => r,
@@ -278,6 +296,34 @@ impl LogFile {
             }
         }
     }
+}
+
+/// Whether rotation may move or replace `path`: nothing there, or a regular file owned by
+/// this process's user (looked at without following a link).
+fn check_ours(path: &Path) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let ft = meta.file_type();
+    let what = if ft.is_dir() {
+        "a directory"
+    } else if ft.is_symlink() {
+        "a symlink"
+    } else if !ft.is_file() {
+        "not a regular file"
+    } else if meta.uid() != euid {
+        "another user's file"
+    } else {
+        return Ok(());
+    };
+    Err(io::Error::other(format!(
+        "{} is {what}, not a log file of ours; it is left alone",
+        path.display()
+    )))
 }
 
 /// Opens (or creates, 0600) the log at `path` for appending, never through a symlink; returns

@@ -19,6 +19,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use devshare_common::listen::{listen, SocketFile, SocketOptions};
+use devshare_common::log_limited_or_debug;
+use devshare_common::ratelimit::RateLimit;
+use log::Level;
 
 use super::fd::send_vectored;
 use super::fd::unread_bytes;
@@ -55,6 +58,9 @@ pub(super) struct Listener {
     paused_until: Option<Instant>,
     /// Client fds dropped but maybe still in the event loop's epoll set.
     retired: Vec<OwnedFd>,
+    /// Limits the lines about clients (connected, refused, detached): whoever may connect
+    /// decides how often they happen, and a loop of connect and close must not fill the log.
+    clients: RateLimit,
 }
 
 #[derive(Debug)]
@@ -117,12 +123,19 @@ impl Listener {
         };
         let unread = unread_bytes(c.fd.as_fd());
         if unread > 0 {
-            log::info!(
+            log_limited_or_debug!(
+                Level::Info,
+                self.clients,
                 "{what}: client {} detached ({why}); {unread} bytes it sent were never taken by the guest",
                 c.peer
             );
         } else {
-            log::info!("{what}: client {} detached ({why})", c.peer);
+            log_limited_or_debug!(
+                Level::Info,
+                self.clients,
+                "{what}: client {} detached ({why})",
+                c.peer
+            );
         }
         self.retired.push(c.fd);
         true
@@ -176,7 +189,12 @@ impl Side for Listener {
                 // block us.
                 let _ = send_vectored(client.as_fd(), &[IoSlice::new(BUSY_MESSAGE)]);
                 drop(client);
-                log::info!("{}: refused {peer}: port busy", self.describe());
+                log_limited_or_debug!(
+                    Level::Info,
+                    self.clients,
+                    "{}: refused {peer}: port busy",
+                    self.describe()
+                );
                 return Readiness::Refused;
             }
             // The current client finished sending; it may be gone without our knowing (TCP).
@@ -187,7 +205,12 @@ impl Side for Listener {
             peer,
             input: ClientInput::Open,
         });
-        log::info!("{}: client connected", self.describe());
+        log_limited_or_debug!(
+            Level::Info,
+            self.clients,
+            "{}: client connected",
+            self.describe()
+        );
         Readiness::Connected
     }
 
@@ -239,7 +262,9 @@ impl Side for Listener {
         let was_open = c.input == ClientInput::Open;
         c.input = ClientInput::Ended;
         if was_open {
-            log::info!(
+            log_limited_or_debug!(
+                Level::Info,
+                self.clients,
                 "{}: client shut down its sending side; it gets output until it closes",
                 self.what()
             );
@@ -269,7 +294,9 @@ impl Side for Listener {
         if let Some(c) = &mut self.client {
             if c.fd.as_raw_fd() == fd && c.input == ClientInput::Open {
                 c.input = ClientInput::Closing;
-                log::info!(
+                log_limited_or_debug!(
+                    Level::Info,
+                    self.clients,
                     "{what}: client {} shut down its sending side; it gets output until it closes",
                     c.peer
                 );
@@ -311,11 +338,13 @@ impl Listener {
                 source,
             }
         })?;
+        let clients = RateLimit::standard(format!("unix {}", path.display()));
         Ok(Listener {
             socket: ListenSocket::Unix(listener, file),
             client: None,
             paused_until: None,
             retired: Vec::new(),
+            clients,
         })
     }
 
@@ -330,11 +359,19 @@ impl Listener {
         let listener = TcpListener::bind(addr).map_err(listen_err)?;
         listener.set_nonblocking(true).map_err(listen_err)?;
         let bound = listener.local_addr().map_err(listen_err)?;
+        if !bound.ip().is_loopback() {
+            log::warn!(
+                "tcp {bound}: listening beyond this host; a tcp: endpoint has no access control, \
+                 so anyone who can reach {bound} gets this port (a guest console: its login); \
+                 bind 127.0.0.1, put a firewall in front, or use unix: with socket permissions"
+            );
+        }
         Ok(Listener {
             socket: ListenSocket::Tcp(listener, bound),
             client: None,
             paused_until: None,
             retired: Vec::new(),
+            clients: RateLimit::standard(format!("tcp {bound}")),
         })
     }
 }

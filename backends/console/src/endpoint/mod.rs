@@ -42,7 +42,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use devshare_common::listen::SocketOptions;
 use devshare_common::stats::Counter;
 pub use error::EndpointError;
 pub(crate) use fd::unread_bytes;
@@ -110,17 +109,17 @@ pub struct EndpointCounters {
     pub reopens: Counter,
     /// Times a log file was rotated because it reached its size limit.
     pub rotations: Counter,
+    /// Times a log file reached its size limit and could not be rotated (a name in the way
+    /// that is not our regular file, a rename that failed): it was emptied instead, and the
+    /// bytes it held are counted in the port's `dropped_bytes`.
+    pub rotation_failures: Counter,
+    /// The port's `dropped_bytes`, shared: what the endpoint itself discards is counted there.
+    #[serde(skip)]
+    pub dropped_bytes: Arc<Counter>,
 }
 
 fn gauge<S: Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(v.load(Ordering::Relaxed))
-}
-
-/// What every endpoint is opened with besides its spec.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct OpenOptions {
-    /// Mode and group of the Unix sockets it creates.
-    pub socket: SocketOptions,
 }
 
 /// A host-side endpoint bridged to one guest console port.
@@ -131,18 +130,16 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Opens the endpoint `spec` describes with default options (sockets 0600).
+    /// Opens the endpoint `spec` describes: creates the PTY, listens (a Unix socket with the
+    /// spec's own mode and group), opens the file or device. All fds are non-blocking and
+    /// close-on-exec.
     pub fn open(spec: &EndpointSpec) -> Result<Endpoint, EndpointError> {
-        Endpoint::open_with(spec, &OpenOptions::default())
-    }
-
-    /// Opens the endpoint `spec` describes: creates the PTY, listens, opens the file or
-    /// device. All fds are non-blocking and close-on-exec.
-    pub fn open_with(spec: &EndpointSpec, opts: &OpenOptions) -> Result<Endpoint, EndpointError> {
         let counters = Arc::new(EndpointCounters::default());
         let side: Box<dyn Side> = match spec {
             EndpointSpec::Pty { link } => Box::new(pty::Pty::open(link.as_deref())?),
-            EndpointSpec::Unix(path) => Box::new(listener::Listener::unix(path, &opts.socket)?),
+            EndpointSpec::Unix { path, socket } => {
+                Box::new(listener::Listener::unix(path, socket)?)
+            }
             EndpointSpec::Tcp(addr) => Box::new(listener::Listener::tcp(*addr)?),
             EndpointSpec::File {
                 path,

@@ -6,10 +6,13 @@ use std::fs::OpenOptions;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use std::time::Instant;
+
+use devshare_common::log_limited_or_debug;
+use devshare_common::ratelimit::RateLimit;
 
 use super::fd::{set_nonblocking, write_vectored};
 use super::reopen::{Reopen, DEFAULT_INTERVAL};
@@ -30,6 +33,9 @@ pub(super) struct Pty {
     retry: Option<Reopen>,
     /// Slave fds replaced but maybe still in the event loop's epoll set.
     retired: Vec<OwnedFd>,
+    /// Limits the lines about hang-ups and settings restored: whoever may open the terminal
+    /// decides how often they happen.
+    terminal_events: RateLimit,
 }
 
 impl Pty {
@@ -53,6 +59,7 @@ impl Pty {
         Ok(Pty {
             master,
             slave: Some(slave),
+            terminal_events: RateLimit::standard(format!("pty {}", slave_path.display())),
             slave_path,
             link,
             retry: None,
@@ -70,7 +77,9 @@ impl Pty {
             Ok(slave) => {
                 self.slave = Some(slave);
                 let again = self.retry.take().is_some();
-                log::info!(
+                log_limited_or_debug!(
+                    log::Level::Info,
+                    self.terminal_events,
                     "{}: {why}; opened again in raw mode{}",
                     self.describe(),
                     if again { " after failed attempts" } else { "" }
@@ -142,6 +151,27 @@ impl Side for Pty {
     }
 
     fn write(&mut self, bufs: &[IoSlice<'_>], _total: usize) -> Option<io::Result<usize>> {
+        // Guest output written here is the terminal's input: with echo (or canonical mode,
+        // signals, CR/NL translation) switched on by a program on the slave (`stty -F LINK
+        // echo icanon`), it would come back to the guest as input, or changed. The backend
+        // owns the line discipline: raw mode is checked (one ioctl) before every write and
+        // restored if someone changed it.
+        match restore_raw(self.master.as_fd()) {
+            Ok(false) => {}
+            Ok(true) => log_limited_or_debug!(
+                log::Level::Warn,
+                self.terminal_events,
+                "{}: someone changed the terminal's settings; raw mode restored (the backend \
+                 owns them: echo would send guest output back to the guest)",
+                self.describe()
+            ),
+            Err(e) => log_limited_or_debug!(
+                log::Level::Warn,
+                self.terminal_events,
+                "{}: cannot check the terminal's settings: {e}",
+                self.describe()
+            ),
+        }
         Some(write_vectored(self.master.as_fd(), bufs))
     }
 
@@ -267,6 +297,30 @@ fn open_pty_pair() -> io::Result<(OwnedFd, OwnedFd, PathBuf)> {
     Ok((master, OwnedFd::from(slave), slave_path))
 }
 
+/// Puts the terminal of `fd` (the master reaches the slave's settings) back in raw mode if it
+/// is not; returns whether it had to.
+fn restore_raw(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: termios is plain data; zeroed is a valid value and tcgetattr overwrites it.
+    let mut now: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `now` is a valid termios to write into; fd is open.
+    if unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut now) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut raw = now;
+    // SAFETY: cfmakeraw only edits the struct it is given.
+    unsafe { libc::cfmakeraw(&mut raw) };
+    if (raw.c_iflag, raw.c_oflag, raw.c_lflag, raw.c_cflag)
+        == (now.c_iflag, now.c_oflag, now.c_lflag, now.c_cflag)
+    {
+        return Ok(false);
+    }
+    // SAFETY: `raw` is a valid termios; fd is open.
+    if unsafe { libc::tcsetattr(fd.as_raw_fd(), libc::TCSANOW, &raw) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
 fn make_raw(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: termios is plain data; zeroed is a valid value and tcgetattr overwrites it.
     let mut t: libc::termios = unsafe { std::mem::zeroed() };
@@ -285,6 +339,12 @@ fn make_raw(fd: BorrowedFd<'_>) -> io::Result<()> {
 
 /// Points `link` at `target`, replacing a stale symlink but never another kind of file.
 fn make_link(link: &Path, target: &Path) -> io::Result<PtyLink> {
+    // Only a symlink of ours (one an earlier run left) is replaced: in a shared directory
+    // anything else at the name is another user's, and stays.
+    let ours = |meta: &std::fs::Metadata| {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        meta.file_type().is_symlink() && meta.uid() == unsafe { libc::geteuid() }
+    };
     if let Ok(meta) = std::fs::symlink_metadata(link) {
         if !meta.file_type().is_symlink() {
             return Err(io::Error::new(
@@ -292,12 +352,20 @@ fn make_link(link: &Path, target: &Path) -> io::Result<PtyLink> {
                 "exists and is not a symlink; not replacing it",
             ));
         }
+        if !ours(&meta) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "is another user's symlink; not replacing it",
+            ));
+        }
     }
     // Make the new link beside it and rename over: the old one is replaced atomically.
     let mut tmp = link.as_os_str().to_owned();
     tmp.push(format!(".new-{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
+    if std::fs::symlink_metadata(&tmp).is_ok_and(|m| ours(&m)) {
+        let _ = std::fs::remove_file(&tmp);
+    }
     std::os::unix::fs::symlink(target, &tmp)?;
     if let Err(e) = std::fs::rename(&tmp, link) {
         let _ = std::fs::remove_file(&tmp);

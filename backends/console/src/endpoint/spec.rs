@@ -3,7 +3,7 @@
 //! | spec | endpoint |
 //! |---|---|
 //! | `pty`, `pty:LINK` | new PTY pair, slave path logged; LINK becomes a symlink to the slave |
-//! | `unix:PATH` | Unix stream listener, one client at a time |
+//! | `unix:PATH[,mode=0600][,group=NAME]` | Unix stream listener, one client at a time; socket mode and group of its own (default 0600, the process's group) |
 //! | `tcp:PORT`, `tcp:ADDR:PORT` | TCP listener (default address 127.0.0.1), one client at a time |
 //! | `file:PATH[,timestamps][,max-size=SIZE][,keep=N]` | log of guest output, rotated at SIZE (default 2M; 0: never) keeping N old files (default 3) |
 //! | `serial:DEV[,baud=N][,data=5-8][,parity=none/odd/even][,stop=1/2][,flow=none/hw/sw][,reopen=DURATION]` | serial device, default 115200 8N1, no flow control, reopened 1s after it went away |
@@ -15,6 +15,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use devshare_common::config::{parse_decimal, parse_size};
+use devshare_common::listen::{parse_group, parse_mode, SocketOptions};
 
 use serialport::{DataBits, FlowControl, Parity, StopBits};
 
@@ -139,8 +140,15 @@ pub enum EndpointSpec {
         /// Symlink to create pointing at the slave.
         link: Option<PathBuf>,
     },
-    /// A Unix stream socket listener at this path.
-    Unix(PathBuf),
+    /// A Unix stream socket listener.
+    Unix {
+        /// Socket path.
+        path: PathBuf,
+        /// Who may connect: the endpoint's own `mode=` and `group=` (default 0600, the
+        /// process's group), never the front-end sockets' `--socket-mode`/`--socket-group`:
+        /// a console endpoint is a guest's console.
+        socket: SocketOptions,
+    },
     /// A TCP listener at this address.
     Tcp(SocketAddr),
     /// A log file of guest output, appended to and rotated by size.
@@ -180,7 +188,37 @@ impl FromStr for EndpointSpec {
                     link: Some(PathBuf::from(link)),
                 }),
             },
-            "unix" => Ok(EndpointSpec::Unix(PathBuf::from(required("socket path")?))),
+            "unix" => {
+                let rest = required("socket path")?;
+                let mut parts = rest.split(',');
+                let path = parts.next().unwrap_or_default();
+                if path.is_empty() {
+                    return Err(invalid("missing socket path after \"unix:\"".into()));
+                }
+                let mut socket = SocketOptions::default();
+                for option in parts {
+                    match option.split_once('=') {
+                        Some(("mode", v)) => {
+                            socket.mode = parse_mode(v).map_err(|e| invalid(e.to_string()))?
+                        }
+                        Some(("group", v)) => {
+                            socket.group = Some(parse_group(v).map_err(|e| invalid(e.to_string()))?)
+                        }
+                        _ => {
+                            return Err(invalid(format!(
+                                "unknown unix option {option:?} (known: mode=OCTAL, group=NAME)"
+                            )))
+                        }
+                    }
+                }
+                if let Some(w) = socket.world_access() {
+                    log::warn!("{spec}: {w}");
+                }
+                Ok(EndpointSpec::Unix {
+                    path: PathBuf::from(path),
+                    socket,
+                })
+            }
             "tcp" => {
                 let rest = required("port or address:port")?;
                 if let Some(port) = parse_decimal::<u16>(rest) {
@@ -343,7 +381,16 @@ impl fmt::Display for EndpointSpec {
         match self {
             EndpointSpec::Pty { link: None } => write!(f, "pty"),
             EndpointSpec::Pty { link: Some(link) } => write!(f, "pty:{}", link.display()),
-            EndpointSpec::Unix(path) => write!(f, "unix:{}", path.display()),
+            EndpointSpec::Unix { path, socket } => {
+                write!(f, "unix:{}", path.display())?;
+                if socket.mode != SocketOptions::default().mode {
+                    write!(f, ",mode={:04o}", socket.mode)?;
+                }
+                if let Some(g) = socket.group {
+                    write!(f, ",group={g}")?;
+                }
+                Ok(())
+            }
             EndpointSpec::Tcp(addr) => write!(f, "tcp:{addr}"),
             EndpointSpec::File {
                 path,
@@ -424,7 +471,10 @@ mod tests {
         );
         assert_eq!(
             ok("unix:/run/c.sock"),
-            EndpointSpec::Unix("/run/c.sock".into())
+            EndpointSpec::Unix {
+                path: "/run/c.sock".into(),
+                socket: SocketOptions::default()
+            }
         );
         assert_eq!(
             ok("tcp:4555"),
@@ -549,6 +599,24 @@ mod tests {
         assert!(err("serial:/dev/ttyS0,speed=9600").contains("unknown serial option \"speed\""));
         assert!(err("serial:/dev/ttyS0,9600").contains("\"9600\" is not key=value"));
         assert!(err("serial:/dev/ttyS0,baud=1,baud=2").contains("\"baud\" given twice"));
+        assert!(err("unix:/a.sock,mode=0").contains("owner"));
+        assert!(err("unix:/a.sock,mode=10777").contains("0777"));
+        assert!(err("unix:/a.sock,group=99999").contains("99999"));
+        assert!(err("unix:/a.sock,perm=0600").contains("unknown unix option"));
+    }
+
+    #[test]
+    fn unix_endpoints_have_their_own_mode_and_group() {
+        assert_eq!(
+            ok("unix:/run/a.sock,mode=0660,group=root"),
+            EndpointSpec::Unix {
+                path: "/run/a.sock".into(),
+                socket: SocketOptions {
+                    mode: 0o660,
+                    group: Some(0)
+                }
+            }
+        );
     }
 
     #[test]
@@ -557,6 +625,7 @@ mod tests {
             "pty",
             "pty:/tmp/l",
             "unix:/run/a.sock",
+            "unix:/run/a.sock,mode=0660,group=0",
             "tcp:127.0.0.1:99",
             "tcp:[::1]:99",
             "file:/a.log",

@@ -85,6 +85,10 @@ impl Port {
         let stats = Arc::new(PortStats::new(endpoint));
         stats.set_buffered(spool.len());
         let label = format!("{vm}/{name}");
+        let resize_dropped = spool.resize_dropped();
+        if resize_dropped > 0 {
+            stats.dropped_bytes.add(resize_dropped as u64);
+        }
         let leftover = spool.leftover();
         if leftover.front_replay > 0 {
             log::info!(

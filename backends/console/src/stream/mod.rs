@@ -6,6 +6,8 @@
 //! a file removed). A hang-up of QEMU's connection is taken in every state, also while its
 //! output is held back. How output is paced for a slow client is in `pump.rs`.
 
+use devshare_common::log_limited_or_debug;
+use devshare_common::ratelimit::RateLimit;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -71,8 +73,9 @@ pub struct StreamGuest {
     /// The client took nothing for too long: output is read again, keeping the newest bytes,
     /// until the client takes some.
     pub(crate) gave_up: bool,
-    /// Bounds the "second QEMU" warnings: any local client that may connect can repeat it.
-    refused_warnings: devshare_common::ratelimit::RateLimit,
+    /// Limits the lines about connections and stalls: whoever may reach the socket, or a
+    /// client that reads by fits and starts, decides how often they happen.
+    pub(crate) events: RateLimit,
 }
 
 impl StreamGuest {
@@ -104,12 +107,9 @@ impl StreamGuest {
             next_attempt: Instant::now(),
             waiting_logged: false,
             listen_paused_until: None,
-            refused_warnings: devshare_common::ratelimit::RateLimit::standard(format!(
-                "{}: refused connections",
-                path.display()
-            )),
             held_since: None,
             gave_up: false,
+            events: RateLimit::standard(path.display().to_string()),
         })
     }
 
@@ -184,8 +184,9 @@ impl StreamGuest {
                     }
                 };
                 if self.conn.is_some() {
-                    devshare_common::warn_limited!(
-                        self.refused_warnings,
+                    log_limited_or_debug!(
+                        log::Level::Warn,
+                        self.events,
                         "{}: a second QEMU connected; refused",
                         self.path.display()
                     );
@@ -286,7 +287,12 @@ impl StreamGuest {
 
     fn drop_conn(&mut self, why: &str) {
         if self.conn.take().is_some() {
-            log::info!("{}: QEMU went away ({why})", self.path.display());
+            log_limited_or_debug!(
+                log::Level::Info,
+                self.events,
+                "{}: QEMU went away ({why})",
+                self.path.display()
+            );
         }
         // Host input queued for a guest that is gone would arrive out of context later.
         self.to_guest.clear();

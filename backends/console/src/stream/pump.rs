@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::EventSet;
 
+use devshare_common::log_limited_or_debug;
+
 use super::{StreamEvent, StreamGuest};
 use crate::device::{Device, Guest};
 use crate::port::{Host, Port};
@@ -67,7 +69,9 @@ fn pace(s: &mut StreamGuest, port: &Port, now: Instant) -> Pace {
         Some(t) if now.duration_since(t) >= STALL_LIMIT => {
             s.held_since = None;
             s.gave_up = true;
-            log::info!(
+            log_limited_or_debug!(
+                log::Level::Info,
+                s.events,
                 "{}: the client took no output for {} ms; keeping the newest bytes until it does",
                 port.label,
                 STALL_LIMIT.as_millis()
@@ -92,10 +96,18 @@ impl Device {
         };
         match s.on_ready(fd, ev) {
             Ok(StreamEvent::Connected) => {
-                log::info!("{name}: QEMU connected (stream)");
+                log_limited_or_debug!(
+                    log::Level::Info,
+                    s.events,
+                    "{name}: QEMU connected (stream)"
+                );
                 self.stream_in();
             }
-            Ok(StreamEvent::Disconnected) => log::info!("{name}: QEMU disconnected (stream)"),
+            Ok(StreamEvent::Disconnected) => log_limited_or_debug!(
+                log::Level::Info,
+                s.events,
+                "{name}: QEMU disconnected (stream)"
+            ),
             Ok(StreamEvent::Output) => self.stream_out(false),
             Ok(StreamEvent::Drain) => self.stream_out(true),
             Ok(StreamEvent::Writable) => self.stream_in(),
