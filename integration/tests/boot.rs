@@ -93,8 +93,10 @@ fn virtio_serial_port_is_named_and_carries_bytes_both_ways() {
              virtio-port-links --wait org.test.0 60\n\
              echo \"link=$(readlink /dev/virtio-ports/org.test.0)\"\n\
              echo port-ready\n\
-             # The host sends 'ping' once it is connected; answer on the same port.\n\
-             req=$(head -c 4 /dev/virtio-ports/org.test.0)\n\
+             # The host sends 'ping' once it is connected; answer on the same port. Until\n\
+             # QEMU's socket has a client the port reads end-of-file: read again then.\n\
+             req=\n\
+             while [ -z \"$req\" ]; do req=$(head -c 4 /dev/virtio-ports/org.test.0) || true; [ -n \"$req\" ] || sleep 0.05; done\n\
              echo \"got=$req\"\n\
              printf 'pong-from-guest' >/dev/virtio-ports/org.test.0\n",
         )

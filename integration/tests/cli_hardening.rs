@@ -140,7 +140,14 @@ fn refused_second_stream_clients_are_logged_at_a_bounded_rate() {
         // Refused: closed by the backend (after it logged, or held back, the line).
         assert_eq!(second.read(&mut b).unwrap_or(0), 0);
     }
-    let logged = c.log_count("a second QEMU connected");
+    // At the levels an operator reads (warn): the held-back ones go to debug, which the
+    // harness turns on for other tests' readiness signals.
+    let logged = c
+        .process
+        .log()
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("a second QEMU connected"))
+        .count();
     assert!(
         (1..TRIES / 3).contains(&logged),
         "{logged} lines for {TRIES} refusals"
