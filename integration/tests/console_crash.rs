@@ -39,6 +39,17 @@ fn has_crash_points(test: &str) -> bool {
     cfg!(debug_assertions)
 }
 
+/// A backend started in a fresh scratch directory with `args`, set to die at crash point
+/// `point` (`NAME[:N]`), ready when `ready` exist.
+fn start_with_crash_point(scratch: &str, args: &[&str], ready: &[&str], point: &str) -> Console {
+    Console::start_in_with_env(
+        devshare_integration::qemu::ScratchDir::new(scratch).unwrap(),
+        args,
+        ready,
+        &[(CRASH_AT, point)],
+    )
+}
+
 fn unix_client(path: &Path) -> UnixStream {
     let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     s.set_read_timeout(Some(WAIT)).unwrap();
@@ -170,12 +181,7 @@ fn stream_output_taken_from_qemu_survives_a_crash_at_every_step() {
         ("stream-buffered", true),
         ("stream-peeked", false),
     ] {
-        let c = Console::start_in_with_env(
-            devshare_integration::qemu::ScratchDir::new("crash-stream-read").unwrap(),
-            STREAM_ARGS,
-            STREAM_READY,
-            &[(CRASH_AT, point)],
-        );
+        let c = start_with_crash_point("crash-stream-read", STREAM_ARGS, STREAM_READY, point);
         let client = unix_client(&c.path("c.sock"));
         c.wait_stat("s", "serial", "attached", 1);
         let data = pattern(3000, 11);
@@ -215,11 +221,11 @@ fn stream_a_crash_during_a_write_to_the_client_repeats_at_most_that_write_and_co
     ) {
         return;
     }
-    let c = Console::start_in_with_env(
-        devshare_integration::qemu::ScratchDir::new("crash-stream-write").unwrap(),
+    let c = start_with_crash_point(
+        "crash-stream-write",
         STREAM_ARGS,
         STREAM_READY,
-        &[(CRASH_AT, "host-write")],
+        "host-write",
     );
     let data = pattern(1 << 20, 12);
     let mut qemu = unix_client(&c.path("s.sock"));
@@ -279,6 +285,16 @@ fn all_used(g: &mut ConsoleGuest) -> bool {
     g.queue(txq).unwrap().in_flight() == 0
 }
 
+/// The front-end dials `c` again and resumes its rings; a new client reads the data port
+/// until every chain is used and nothing is buffered. Returns what it read.
+fn resume_and_read(c: &Console, g: &mut ConsoleGuest) -> Vec<u8> {
+    g.reconnect(c.path("v.sock")).unwrap();
+    let mut client = unix_client(&c.path("data.sock"));
+    read_until_settled(&mut client, &mut || {
+        all_used(g) && c.stat("v", "data", "buffered_bytes") == 0
+    })
+}
+
 fn guest(c: &Console) -> ConsoleGuest {
     let mut g = ConsoleGuest::connect(c.path("v.sock"), GuestOptions::default()).unwrap();
     g.bring_up_opening(2, &[0, 1]).unwrap();
@@ -297,11 +313,11 @@ fn virtio_a_crash_during_a_write_to_the_client_repeats_at_most_that_write_and_co
     ) {
         return;
     }
-    let c = Console::start_in_with_env(
-        devshare_integration::qemu::ScratchDir::new("crash-virtio-write").unwrap(),
+    let c = start_with_crash_point(
+        "crash-virtio-write",
         VIRTIO_ARGS,
         VIRTIO_READY,
-        &[(CRASH_AT, "host-write:3")],
+        "host-write:3",
     );
     let client = unix_client(&c.path("data.sock"));
     c.wait_stat("v", "data", "attached", 1);
@@ -311,11 +327,7 @@ fn virtio_a_crash_during_a_write_to_the_client_repeats_at_most_that_write_and_co
     post_chains(&mut g, &chunks);
     let c = after_crash(c, VIRTIO_ARGS, VIRTIO_READY);
     let before = read_to_end(client);
-    g.reconnect(c.path("v.sock")).unwrap();
-    let mut client = unix_client(&c.path("data.sock"));
-    let after = read_until_settled(&mut client, &mut || {
-        all_used(&mut g) && c.stat("v", "data", "buffered_bytes") == 0
-    });
+    let after = resume_and_read(&c, &mut g);
     let dup = repeated(&data, &before, &after);
     assert_eq!(
         dup,
@@ -338,11 +350,11 @@ fn virtio_a_crash_in_the_middle_of_a_large_chain_repeats_only_the_last_write() {
     ) {
         return;
     }
-    let c = Console::start_in_with_env(
-        devshare_integration::qemu::ScratchDir::new("crash-virtio-large").unwrap(),
+    let c = start_with_crash_point(
+        "crash-virtio-large",
         VIRTIO_ARGS,
         VIRTIO_READY,
-        &[(CRASH_AT, "host-write:2")],
+        "host-write:2",
     );
     let client = unix_client(&c.path("data.sock"));
     // Room for the whole chain in the client's socket: every write is taken whole.
@@ -369,11 +381,7 @@ fn virtio_a_crash_in_the_middle_of_a_large_chain_repeats_only_the_last_write() {
         2 * REPEAT_BOUND,
         "the first two writes were not taken whole"
     );
-    g.reconnect(c.path("v.sock")).unwrap();
-    let mut client = unix_client(&c.path("data.sock"));
-    let after = read_until_settled(&mut client, &mut || {
-        all_used(&mut g) && c.stat("v", "data", "buffered_bytes") == 0
-    });
+    let after = resume_and_read(&c, &mut g);
     let dup = repeated(&data, &before, &after);
     assert_eq!(dup, REPEAT_BOUND, "not just the last write was repeated");
     let counted = c.stat("v", "data", "replayed_after_restart_bytes") as usize;
@@ -390,22 +398,18 @@ fn virtio_a_buffered_chain_not_yet_used_is_not_taken_twice_after_a_crash() {
     if !has_crash_points("virtio_a_buffered_chain_not_yet_used_is_not_taken_twice_after_a_crash") {
         return;
     }
-    let c = Console::start_in_with_env(
-        devshare_integration::qemu::ScratchDir::new("crash-virtio-spool").unwrap(),
+    let c = start_with_crash_point(
+        "crash-virtio-spool",
         VIRTIO_ARGS,
         VIRTIO_READY,
-        &[(CRASH_AT, "chain-buffered:3")],
+        "chain-buffered:3",
     );
     let mut g = guest(&c);
     let data = pattern(6 * 4096, 14);
     let chunks: Vec<&[u8]> = data.chunks(4096).collect();
     post_chains(&mut g, &chunks);
     let c = after_crash(c, VIRTIO_ARGS, VIRTIO_READY);
-    g.reconnect(c.path("v.sock")).unwrap();
-    let mut client = unix_client(&c.path("data.sock"));
-    let got = read_until_settled(&mut client, &mut || {
-        all_used(&mut g) && c.stat("v", "data", "buffered_bytes") == 0
-    });
+    let got = resume_and_read(&c, &mut g);
     assert_eq!(repeated(&data, &[], &got), 0);
     assert_eq!(got.len(), data.len(), "{}", c.process.log());
     assert_eq!(c.stat("v", "data", "replayed_after_restart_bytes"), 0);
@@ -431,11 +435,7 @@ fn virtio_a_half_taken_chain_continues_where_it_stopped_after_a_kill() {
     let Console { dir, mut process } = c;
     process.kill();
     let c = Console::start_in(dir, &args, VIRTIO_READY);
-    g.reconnect(c.path("v.sock")).unwrap();
-    let mut client = unix_client(&c.path("data.sock"));
-    let got = read_until_settled(&mut client, &mut || {
-        all_used(&mut g) && c.stat("v", "data", "buffered_bytes") == 0
-    });
+    let got = resume_and_read(&c, &mut g);
     assert_eq!(
         got.len(),
         data.len(),
@@ -472,11 +472,7 @@ fn virtio_a_half_taken_chain_continues_where_it_stopped_after_a_front_end_restar
         }
         let placeholder = UnixStream::pair().unwrap().0;
         std::mem::replace(&mut g.conn, Connection::from_stream(placeholder)).disconnect();
-        g.reconnect(c.path("v.sock")).unwrap();
-        let mut client = unix_client(&c.path("data.sock"));
-        let got = read_until_settled(&mut client, &mut || {
-            all_used(&mut g) && c.stat("v", "data", "buffered_bytes") == 0
-        });
+        let got = resume_and_read(&c, &mut g);
         assert_eq!(
             got.len(),
             data.len(),
