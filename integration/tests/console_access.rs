@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use devshare_integration::console_backend::{spawn_with_env, WAIT};
+use devshare_integration::process::BackendProcess;
 use devshare_integration::qemu::ScratchDir;
 
 fn connect(path: &Path) -> UnixStream {
@@ -30,11 +31,11 @@ fn client_lines(log: &str) -> usize {
         .count()
 }
 
-#[test]
-fn clients_that_connect_and_close_in_a_loop_leave_a_bounded_log() {
-    let dir = ScratchDir::new("con-access-flood").unwrap();
+/// A backend with one stream VM (`v.sock`) whose serial port is a Unix endpoint (`c.sock`),
+/// logging at info level (what an operator sees), once both sockets exist.
+fn stream_vm(dir: &ScratchDir) -> BackendProcess {
     let mut p = spawn_with_env(
-        &dir,
+        dir,
         &[
             "--vm",
             "v={dir}/v.sock,stream",
@@ -44,9 +45,16 @@ fn clients_that_connect_and_close_in_a_loop_leave_a_bounded_log() {
         &[("RUST_LOG", "info")],
         "backend.log",
     );
-    let c = dir.path().join("c.sock");
     p.wait_for_path(&dir.path().join("v.sock"), WAIT).unwrap();
-    p.wait_for_path(&c, WAIT).unwrap();
+    p.wait_for_path(&dir.path().join("c.sock"), WAIT).unwrap();
+    p
+}
+
+#[test]
+fn clients_that_connect_and_close_in_a_loop_leave_a_bounded_log() {
+    let dir = ScratchDir::new("con-access-flood").unwrap();
+    let mut p = stream_vm(&dir);
+    let c = dir.path().join("c.sock");
     const CYCLES: usize = 300;
     for _ in 0..CYCLES {
         drop(UnixStream::connect(&c).unwrap());
@@ -78,20 +86,8 @@ fn clients_that_connect_and_close_in_a_loop_leave_a_bounded_log() {
 #[test]
 fn connections_to_a_stream_socket_in_a_loop_leave_a_bounded_log() {
     let dir = ScratchDir::new("con-access-qemu-flood").unwrap();
-    let mut p = spawn_with_env(
-        &dir,
-        &[
-            "--vm",
-            "v={dir}/v.sock,stream",
-            "-p",
-            "v/serial=unix:{dir}/c.sock",
-        ],
-        &[("RUST_LOG", "info")],
-        "backend.log",
-    );
+    let p = stream_vm(&dir);
     let v = dir.path().join("v.sock");
-    p.wait_for_path(&dir.path().join("c.sock"), WAIT).unwrap();
-    p.wait_for_path(&v, WAIT).unwrap();
     const CYCLES: usize = 300;
     for _ in 0..CYCLES {
         drop(UnixStream::connect(&v).unwrap());
