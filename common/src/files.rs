@@ -8,10 +8,11 @@
 //! - [`StateDirLock::acquire`] takes an exclusive `flock` on a directory, so two instances
 //!   pointed at one `--state-dir` cannot corrupt each other's files.
 //! - [`open_private`] opens or creates a file with `O_NOFOLLOW | O_CLOEXEC` and mode 0600, and
-//!   refuses anything but a regular file with a single link (a hard link planted in a shared
-//!   directory would otherwise turn an append into a write to any file).
+//!   refuses anything but a regular file with a single link owned by this user (a hard link or
+//!   another user's file planted in a shared directory would otherwise receive what is
+//!   written); an existing file of ours is made 0600.
 //! - [`open_state_file`] opens a file a backend keeps its state in (read and write, never
-//!   truncated): [`open_private`]'s checks, owned by this user, 0600 even if it was not, and
+//!   truncated): [`open_private`]'s checks, and
 //!   locked for as long as it is open, so no two users of one file exist at a time.
 
 use std::fs::{DirBuilder, File, OpenOptions};
@@ -203,19 +204,21 @@ pub fn pseudo_file_system(dir: &Path) -> Option<&'static str> {
         .map(|&(_, name)| name)
 }
 
-/// Opens `path` as `options` says (read, write, append, create, truncate...), adding
+/// Opens `path` as `options` says (read, write, append, create...), adding
 /// `O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK` (a FIFO planted at the path must not block the open)
 /// and mode 0600 for a file it creates. After opening, refuses anything but a regular file
-/// with exactly one link. `O_NONBLOCK` has no effect on regular files. A path whose directory
+/// with exactly one link owned by this process's effective user, and makes an existing file
+/// 0600 if it was wider. (Do not pass `truncate`: the open would cut another user's file
+/// before it is refused.) `O_NONBLOCK` has no effect on regular files. A path whose directory
 /// is on a kernel file system (proc, sysfs...: [`pseudo_file_system`]) is refused before
 /// anything is opened.
 ///
 /// `O_NOFOLLOW` covers the last component; the directories above are the caller's to trust
-/// (use [`ensure_private_dir`] on them). An existing file keeps its mode.
+/// (use [`ensure_private_dir`] on them).
 ///
 /// # Errors
-/// [`FileError::Unsafe`] for a symlink (ELOOP), a non-regular file or a hard-linked file;
-/// [`FileError::Io`] for anything else.
+/// [`FileError::Unsafe`] for a symlink (ELOOP), a non-regular file, a hard-linked file or
+/// another user's file; [`FileError::Io`] for anything else.
 pub fn open_private(path: &Path, options: &OpenOptions) -> Result<File, FileError> {
     // Before anything is opened: opening some kernel files has effects of its own.
     let parent = match path.parent() {
@@ -261,6 +264,28 @@ pub fn open_private(path: &Path, options: &OpenOptions) -> Result<File, FileErro
             reason: format!("has {} hard links", meta.nlink()),
         });
     }
+    // Another user's file (planted in a shared directory such as a 1777 one) would receive
+    // what this process writes, and its owner could read or truncate it.
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(FileError::Unsafe {
+            path: path.to_path_buf(),
+            reason: format!(
+                "belongs to uid {}, not to this process's user (uid {euid}), who would be \
+                 writing into it",
+                meta.uid()
+            ),
+        });
+    }
+    if meta.mode() & 0o7777 != PRIVATE_FILE_MODE {
+        log::info!(
+            "{}: mode {:o} made {PRIVATE_FILE_MODE:o}",
+            path.display(),
+            meta.mode() & 0o7777
+        );
+        file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
+            .map_err(io_err(path, "chmod"))?;
+    }
     Ok(file)
 }
 
@@ -273,9 +298,8 @@ fn parent_exists(path: &Path) -> bool {
 }
 
 /// Opens the state file at `path` for reading and writing, creating it (0600) if missing and
-/// never truncating it: [`open_private`]'s checks, then an exclusive `flock` (held until the
-/// file is closed), then the owner (this process's effective user, or it is refused) and the
-/// mode (made 0600 if it was wider, as an older version may have left it).
+/// never truncating it: [`open_private`]'s checks (owner and mode included), then an exclusive
+/// `flock` (held until the file is closed).
 ///
 /// # Errors
 /// What [`open_private`] refuses; [`FileError::InUse`] when the lock is held elsewhere (a
@@ -292,26 +316,6 @@ pub fn open_state_file(path: &Path) -> Result<File, FileError> {
             })
         }
         Err(e) => return Err(io_err(path, "lock")(e.into())),
-    }
-    let meta = file.metadata().map_err(io_err(path, "stat"))?;
-    let euid = nix::unistd::geteuid().as_raw();
-    if meta.uid() != euid {
-        return Err(FileError::Unsafe {
-            path: path.to_path_buf(),
-            reason: format!(
-                "belongs to uid {}, not to this process's user (uid {euid})",
-                meta.uid()
-            ),
-        });
-    }
-    if meta.mode() & 0o7777 != PRIVATE_FILE_MODE {
-        log::info!(
-            "{}: mode {:o} made {PRIVATE_FILE_MODE:o}",
-            path.display(),
-            meta.mode() & 0o7777
-        );
-        file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
-            .map_err(io_err(path, "chmod"))?;
     }
     Ok(file)
 }
@@ -572,6 +576,27 @@ mod tests {
         unsafe { libc::umask(old) };
         r.unwrap().write_all(b"x").unwrap();
         assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn another_users_file_is_refused_and_ours_made_0600() {
+        let _serial = crate::process_state_lock();
+        let d = scratch("owner");
+        let theirs = d.join("theirs");
+        std::fs::write(&theirs, b"").unwrap();
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let e = open_private(&theirs, &append()).unwrap_err();
+        assert!(
+            matches!(e, FileError::Unsafe { .. }) && e.to_string().contains("uid 65534"),
+            "{e}"
+        );
+        assert!(open_state_file(&theirs).is_err());
+        let ours = d.join("ours");
+        std::fs::write(&ours, b"").unwrap();
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o644)).unwrap();
+        open_private(&ours, &append()).unwrap();
+        assert_eq!(std::fs::metadata(&ours).unwrap().mode() & 0o7777, 0o600);
     }
 
     #[test]
