@@ -210,7 +210,7 @@ fn socket_modes_that_lock_the_owner_out_and_groups_that_do_not_exist_are_refused
 
 #[test]
 fn a_path_used_twice_is_refused_naming_both_uses_and_nothing_is_left_behind() {
-    let cases: [(&[&str], &str, &str); 6] = [
+    let cases: [(&[&str], &str, &str); 7] = [
         // A PTY link at the VM's own socket.
         (
             &["--vm", "a={dir}/a.sock", "-p", "a/console=pty:{dir}/a.sock"],
@@ -283,6 +283,21 @@ fn a_path_used_twice_is_refused_naming_both_uses_and_nothing_is_left_behind() {
             ],
             "a/console's file: log",
             "a/data's buffer file",
+        ),
+        // A log at the name a buffer file is resized through.
+        (
+            &[
+                "--vm",
+                "a={dir}/a.sock",
+                "-p",
+                "a/console=file:{dir}/st/a.data.spool.resize",
+                "-p",
+                "a/data=pty",
+                "--state-dir",
+                "{dir}/st",
+            ],
+            "a/console's file: log",
+            "a/data's buffer file resized",
         ),
     ];
     for (args, first, second) in cases {
