@@ -234,6 +234,7 @@ pub fn open_private(path: &Path, options: &OpenOptions) -> Result<File, FileErro
             ),
         });
     }
+    let existed = std::fs::symlink_metadata(path).is_ok();
     let mut options = options.clone();
     options
         .mode(PRIVATE_FILE_MODE)
@@ -286,7 +287,49 @@ pub fn open_private(path: &Path, options: &OpenOptions) -> Result<File, FileErro
         file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
             .map_err(io_err(path, "chmod"))?;
     }
+    if !existed {
+        note_created(path, &meta);
+    }
     Ok(file)
+}
+
+/// Files [`open_private`] created during start-up, with their device and inode, until
+/// [`start_up_done`]: what [`remove_created_files`] takes away again when start-up fails.
+static CREATED: std::sync::Mutex<Vec<(PathBuf, (u64, u64))>> = std::sync::Mutex::new(Vec::new());
+/// Cleared by [`start_up_done`]: from then on nothing is recorded (the list stays bounded).
+static RECORDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+fn created() -> std::sync::MutexGuard<'static, Vec<(PathBuf, (u64, u64))>> {
+    CREATED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn note_created(path: &Path, meta: &std::fs::Metadata) {
+    if RECORDING.load(std::sync::atomic::Ordering::SeqCst) {
+        created().push((path.to_path_buf(), (meta.dev(), meta.ino())));
+    }
+}
+
+/// Start-up succeeded: the files created so far stay, and no more are recorded.
+pub fn start_up_done() {
+    RECORDING.store(false, std::sync::atomic::Ordering::SeqCst);
+    created().clear();
+}
+
+/// Start-up failed: removes every file [`open_private`] created since the process started
+/// (logs, spools) whose path still names the file it created (same device and inode, looked
+/// at without following links), and returns those paths. Files that existed before are
+/// never removed.
+pub fn remove_created_files() -> Vec<PathBuf> {
+    std::mem::take(&mut *created())
+        .into_iter()
+        .filter(|(path, (dev, ino))| match std::fs::symlink_metadata(path) {
+            Ok(m) if m.is_file() && m.dev() == *dev && m.ino() == *ino => {
+                std::fs::remove_file(path).is_ok()
+            }
+            _ => false,
+        })
+        .map(|(path, _)| path)
+        .collect()
 }
 
 /// Whether the directory `path` would be created in exists.

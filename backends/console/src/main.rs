@@ -305,6 +305,8 @@ fn on_shutdown(groups: &[Arc<Group>]) {
 fn abandon(groups: &[Arc<Group>]) -> ExitCode {
     devshare_common::listen::remove_created_sockets();
     on_shutdown(groups);
+    // After the groups let go of them: logs and spools this start created (never older ones).
+    devshare_common::files::remove_created_files();
     ExitCode::FAILURE
 }
 
@@ -410,6 +412,10 @@ fn main() -> ExitCode {
         Ok(g) => g,
         Err(e) => {
             eprintln!("vhost-user-console: {e}");
+            // What the endpoints and spools built so far created (a log, a spool the file
+            // system had no room for) goes with them.
+            devshare_common::listen::remove_created_sockets();
+            devshare_common::files::remove_created_files();
             return ExitCode::FAILURE;
         }
     };
@@ -502,6 +508,7 @@ fn main() -> ExitCode {
             }
         }
     }
+    devshare_common::files::start_up_done();
     for t in threads {
         let _ = t.join();
     }
