@@ -169,8 +169,8 @@ impl StateDirLock {
 }
 
 /// Kernel file systems whose entries look like regular files, by `statfs` magic
-/// (linux/magic.h). devtmpfs reports tmpfs's magic; its entries are devices, refused as not
-/// regular files.
+/// (linux/magic.h). devtmpfs reports tmpfs's magic and is told apart by its mount
+/// ([`on_devtmpfs`]).
 const PSEUDO_FILE_SYSTEMS: &[(i64, &str)] = &[
     (0x9fa0, "proc"),
     (0x6265_6572, "sysfs"),
@@ -191,17 +191,48 @@ const PSEUDO_FILE_SYSTEMS: &[(i64, &str)] = &[
 ];
 
 /// The name of the kernel file system `dir` is on, if it is one (proc, sysfs, debugfs, tracefs,
-/// securityfs, cgroup, configfs, devpts, bpf, efivarfs, pstore, selinuxfs, fusectl, binfmt_misc,
-/// mqueue); `None` for a real one or when it cannot be told (the open that follows reports
+/// securityfs, cgroup, configfs, devpts, devtmpfs, bpf, efivarfs, pstore, selinuxfs, fusectl,
+/// binfmt_misc, mqueue); `None` for a real one or when it cannot be told (the open that follows reports
 /// that).
 pub fn pseudo_file_system(dir: &Path) -> Option<&'static str> {
     let st = nix::sys::statfs::statfs(dir).ok()?;
     #[allow(clippy::unnecessary_cast)] // the type of f_type differs between targets
     let magic = st.filesystem_type().0 as i64;
+    if magic == TMPFS_MAGIC && on_devtmpfs(dir) {
+        return Some("devtmpfs");
+    }
     PSEUDO_FILE_SYSTEMS
         .iter()
         .find(|&&(m, _)| m == magic)
         .map(|&(_, name)| name)
+}
+
+/// tmpfs's `statfs` magic, which devtmpfs (`/dev`) reports too.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Whether `dir` is on a devtmpfs mount: the device number of `dir` is that of a mount whose
+/// type is `devtmpfs` in `/proc/self/mountinfo` (where `statfs` cannot tell it from tmpfs).
+/// `false` when either cannot be read.
+fn on_devtmpfs(dir: &Path) -> bool {
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return false;
+    };
+    let dev = meta.dev();
+    // glibc's encoding of dev_t (gnu_dev_major / gnu_dev_minor).
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let want = format!("{major}:{minor}");
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    // "ID PARENT MAJOR:MINOR ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER"
+    mountinfo.lines().any(|line| {
+        let dev_field = line.split(' ').nth(2);
+        let fstype = line
+            .split_once(" - ")
+            .and_then(|(_, rest)| rest.split(' ').next());
+        dev_field == Some(want.as_str()) && fstype == Some("devtmpfs")
+    })
 }
 
 /// Opens `path` as `options` says (read, write, append, create...), adding
@@ -495,6 +526,28 @@ mod tests {
         }
         let e = ensure_private_dir(Path::new("/")).unwrap_err().to_string();
         assert!(e.contains("root directory"), "{e}");
+        // devtmpfs has tmpfs's magic: told apart by its mount, where this machine has one
+        // at /dev (read here by mount point, not by device number as the check does).
+        let dev_is_devtmpfs = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/dev") && l.contains(" - devtmpfs "));
+        if dev_is_devtmpfs {
+            let e = ensure_private_dir(Path::new("/dev"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("devtmpfs"), "{e}");
+            assert_eq!(pseudo_file_system(Path::new("/dev")), Some("devtmpfs"));
+            let e = open_private(
+                Path::new("/dev/devshare-test.log"),
+                OpenOptions::new().append(true).create(true),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("devtmpfs"), "{e}");
+            assert!(!Path::new("/dev/devshare-test.log").exists());
+        }
+        assert_eq!(pseudo_file_system(&std::env::temp_dir()), None);
         let e = ensure_private_dir(Path::new("/proc/self/"))
             .unwrap_err()
             .to_string();
