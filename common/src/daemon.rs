@@ -98,6 +98,9 @@ pub struct ServeOptions {
     /// GET_FEATURES at once; a client that connects and says nothing (or only part of a
     /// header) is disconnected after this, so it cannot keep the socket from the real QEMU.
     pub handshake_timeout: Duration,
+    /// Whether guest memory whose file can still shrink is refused (the default) or accepted
+    /// (`--allow-unsealed-memory`); see [`crate::mem_table`].
+    pub unsealed_memory: crate::mem_table::UnsealedMemory,
 }
 
 /// The default of [`ServeOptions::handshake_timeout`].
@@ -138,6 +141,7 @@ impl ServeOptions {
             stop: Arc::new(AtomicBool::new(false)),
             queue_num: None,
             worker_fds: Vec::new(),
+            unsealed_memory: crate::mem_table::UnsealedMemory::Refuse,
         }
     }
 }
@@ -449,10 +453,11 @@ where
     let to_daemon = {
         let (from, to) = (frontend.try_clone()?, inner.try_clone()?);
         let vm = name.to_string();
+        let unsealed = opts.unsealed_memory;
         thread::Builder::new()
             .name(crate::thread_name(&format!("{name}-relay")))
             .spawn(move || {
-                let r = relay::relay_frontend_messages(&vm, &from, &to);
+                let r = relay::relay_frontend_messages(&vm, &from, &to, unsealed);
                 let _ = to.shutdown(Shutdown::Both);
                 let _ = from.shutdown(Shutdown::Both);
                 r

@@ -8,10 +8,11 @@
 //! - [`StateDirLock::acquire`] takes an exclusive `flock` on a directory, so two instances
 //!   pointed at one `--state-dir` cannot corrupt each other's files.
 //! - [`open_private`] opens or creates a file with `O_NOFOLLOW | O_CLOEXEC` and mode 0600, and
-//!   refuses anything but a regular file with a single link (a hard link planted in a shared
-//!   directory would otherwise turn an append into a write to any file).
+//!   refuses anything but a regular file with a single link owned by this user (a hard link or
+//!   another user's file planted in a shared directory would otherwise receive what is
+//!   written); an existing file of ours is made 0600.
 //! - [`open_state_file`] opens a file a backend keeps its state in (read and write, never
-//!   truncated): [`open_private`]'s checks, owned by this user, 0600 even if it was not, and
+//!   truncated): [`open_private`]'s checks, and
 //!   locked for as long as it is open, so no two users of one file exist at a time.
 
 use std::fs::{DirBuilder, File, OpenOptions};
@@ -168,8 +169,8 @@ impl StateDirLock {
 }
 
 /// Kernel file systems whose entries look like regular files, by `statfs` magic
-/// (linux/magic.h). devtmpfs reports tmpfs's magic; its entries are devices, refused as not
-/// regular files.
+/// (linux/magic.h). devtmpfs reports tmpfs's magic and is told apart by its mount
+/// ([`on_devtmpfs`]).
 const PSEUDO_FILE_SYSTEMS: &[(i64, &str)] = &[
     (0x9fa0, "proc"),
     (0x6265_6572, "sysfs"),
@@ -190,32 +191,65 @@ const PSEUDO_FILE_SYSTEMS: &[(i64, &str)] = &[
 ];
 
 /// The name of the kernel file system `dir` is on, if it is one (proc, sysfs, debugfs, tracefs,
-/// securityfs, cgroup, configfs, devpts, bpf, efivarfs, pstore, selinuxfs, fusectl, binfmt_misc,
-/// mqueue); `None` for a real one or when it cannot be told (the open that follows reports
+/// securityfs, cgroup, configfs, devpts, devtmpfs, bpf, efivarfs, pstore, selinuxfs, fusectl,
+/// binfmt_misc, mqueue); `None` for a real one or when it cannot be told (the open that follows reports
 /// that).
 pub fn pseudo_file_system(dir: &Path) -> Option<&'static str> {
     let st = nix::sys::statfs::statfs(dir).ok()?;
     #[allow(clippy::unnecessary_cast)] // the type of f_type differs between targets
     let magic = st.filesystem_type().0 as i64;
+    if magic == TMPFS_MAGIC && on_devtmpfs(dir) {
+        return Some("devtmpfs");
+    }
     PSEUDO_FILE_SYSTEMS
         .iter()
         .find(|&&(m, _)| m == magic)
         .map(|&(_, name)| name)
 }
 
-/// Opens `path` as `options` says (read, write, append, create, truncate...), adding
+/// tmpfs's `statfs` magic, which devtmpfs (`/dev`) reports too.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Whether `dir` is on a devtmpfs mount: the device number of `dir` is that of a mount whose
+/// type is `devtmpfs` in `/proc/self/mountinfo` (where `statfs` cannot tell it from tmpfs).
+/// `false` when either cannot be read.
+fn on_devtmpfs(dir: &Path) -> bool {
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return false;
+    };
+    let dev = meta.dev();
+    // glibc's encoding of dev_t (gnu_dev_major / gnu_dev_minor).
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let want = format!("{major}:{minor}");
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    // "ID PARENT MAJOR:MINOR ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER"
+    mountinfo.lines().any(|line| {
+        let dev_field = line.split(' ').nth(2);
+        let fstype = line
+            .split_once(" - ")
+            .and_then(|(_, rest)| rest.split(' ').next());
+        dev_field == Some(want.as_str()) && fstype == Some("devtmpfs")
+    })
+}
+
+/// Opens `path` as `options` says (read, write, append, create...), adding
 /// `O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK` (a FIFO planted at the path must not block the open)
 /// and mode 0600 for a file it creates. After opening, refuses anything but a regular file
-/// with exactly one link. `O_NONBLOCK` has no effect on regular files. A path whose directory
+/// with exactly one link owned by this process's effective user, and makes an existing file
+/// 0600 if it was wider. (Do not pass `truncate`: the open would cut another user's file
+/// before it is refused.) `O_NONBLOCK` has no effect on regular files. A path whose directory
 /// is on a kernel file system (proc, sysfs...: [`pseudo_file_system`]) is refused before
 /// anything is opened.
 ///
 /// `O_NOFOLLOW` covers the last component; the directories above are the caller's to trust
-/// (use [`ensure_private_dir`] on them). An existing file keeps its mode.
+/// (use [`ensure_private_dir`] on them).
 ///
 /// # Errors
-/// [`FileError::Unsafe`] for a symlink (ELOOP), a non-regular file or a hard-linked file;
-/// [`FileError::Io`] for anything else.
+/// [`FileError::Unsafe`] for a symlink (ELOOP), a non-regular file, a hard-linked file or
+/// another user's file; [`FileError::Io`] for anything else.
 pub fn open_private(path: &Path, options: &OpenOptions) -> Result<File, FileError> {
     // Before anything is opened: opening some kernel files has effects of its own.
     let parent = match path.parent() {
@@ -231,6 +265,7 @@ pub fn open_private(path: &Path, options: &OpenOptions) -> Result<File, FileErro
             ),
         });
     }
+    let existed = std::fs::symlink_metadata(path).is_ok();
     let mut options = options.clone();
     options
         .mode(PRIVATE_FILE_MODE)
@@ -261,7 +296,71 @@ pub fn open_private(path: &Path, options: &OpenOptions) -> Result<File, FileErro
             reason: format!("has {} hard links", meta.nlink()),
         });
     }
+    // Another user's file (planted in a shared directory such as a 1777 one) would receive
+    // what this process writes, and its owner could read or truncate it.
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(FileError::Unsafe {
+            path: path.to_path_buf(),
+            reason: format!(
+                "belongs to uid {}, not to this process's user (uid {euid}), who would be \
+                 writing into it",
+                meta.uid()
+            ),
+        });
+    }
+    if meta.mode() & 0o7777 != PRIVATE_FILE_MODE {
+        log::info!(
+            "{}: mode {:o} made {PRIVATE_FILE_MODE:o}",
+            path.display(),
+            meta.mode() & 0o7777
+        );
+        file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
+            .map_err(io_err(path, "chmod"))?;
+    }
+    if !existed {
+        note_created(path, &meta);
+    }
     Ok(file)
+}
+
+/// Files [`open_private`] created during start-up, with their device and inode, until
+/// [`start_up_done`]: what [`remove_created_files`] takes away again when start-up fails.
+static CREATED: std::sync::Mutex<Vec<(PathBuf, (u64, u64))>> = std::sync::Mutex::new(Vec::new());
+/// Cleared by [`start_up_done`]: from then on nothing is recorded (the list stays bounded).
+static RECORDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+fn created() -> std::sync::MutexGuard<'static, Vec<(PathBuf, (u64, u64))>> {
+    CREATED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn note_created(path: &Path, meta: &std::fs::Metadata) {
+    if RECORDING.load(std::sync::atomic::Ordering::SeqCst) {
+        created().push((path.to_path_buf(), (meta.dev(), meta.ino())));
+    }
+}
+
+/// Start-up succeeded: the files created so far stay, and no more are recorded.
+pub fn start_up_done() {
+    RECORDING.store(false, std::sync::atomic::Ordering::SeqCst);
+    created().clear();
+}
+
+/// Start-up failed: removes every file [`open_private`] created since the process started
+/// (logs, spools) whose path still names the file it created (same device and inode, looked
+/// at without following links), and returns those paths. Files that existed before are
+/// never removed.
+pub fn remove_created_files() -> Vec<PathBuf> {
+    std::mem::take(&mut *created())
+        .into_iter()
+        .filter(|(path, (dev, ino))| match std::fs::symlink_metadata(path) {
+            Ok(m) if m.is_file() && m.dev() == *dev && m.ino() == *ino => {
+                std::fs::remove_file(path).is_ok()
+            }
+            _ => false,
+        })
+        .map(|(path, _)| path)
+        .collect()
 }
 
 /// Whether the directory `path` would be created in exists.
@@ -273,9 +372,8 @@ fn parent_exists(path: &Path) -> bool {
 }
 
 /// Opens the state file at `path` for reading and writing, creating it (0600) if missing and
-/// never truncating it: [`open_private`]'s checks, then an exclusive `flock` (held until the
-/// file is closed), then the owner (this process's effective user, or it is refused) and the
-/// mode (made 0600 if it was wider, as an older version may have left it).
+/// never truncating it: [`open_private`]'s checks (owner and mode included), then an exclusive
+/// `flock` (held until the file is closed).
 ///
 /// # Errors
 /// What [`open_private`] refuses; [`FileError::InUse`] when the lock is held elsewhere (a
@@ -292,26 +390,6 @@ pub fn open_state_file(path: &Path) -> Result<File, FileError> {
             })
         }
         Err(e) => return Err(io_err(path, "lock")(e.into())),
-    }
-    let meta = file.metadata().map_err(io_err(path, "stat"))?;
-    let euid = nix::unistd::geteuid().as_raw();
-    if meta.uid() != euid {
-        return Err(FileError::Unsafe {
-            path: path.to_path_buf(),
-            reason: format!(
-                "belongs to uid {}, not to this process's user (uid {euid})",
-                meta.uid()
-            ),
-        });
-    }
-    if meta.mode() & 0o7777 != PRIVATE_FILE_MODE {
-        log::info!(
-            "{}: mode {:o} made {PRIVATE_FILE_MODE:o}",
-            path.display(),
-            meta.mode() & 0o7777
-        );
-        file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
-            .map_err(io_err(path, "chmod"))?;
     }
     Ok(file)
 }
@@ -448,6 +526,28 @@ mod tests {
         }
         let e = ensure_private_dir(Path::new("/")).unwrap_err().to_string();
         assert!(e.contains("root directory"), "{e}");
+        // devtmpfs has tmpfs's magic: told apart by its mount, where this machine has one
+        // at /dev (read here by mount point, not by device number as the check does).
+        let dev_is_devtmpfs = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/dev") && l.contains(" - devtmpfs "));
+        if dev_is_devtmpfs {
+            let e = ensure_private_dir(Path::new("/dev"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("devtmpfs"), "{e}");
+            assert_eq!(pseudo_file_system(Path::new("/dev")), Some("devtmpfs"));
+            let e = open_private(
+                Path::new("/dev/devshare-test.log"),
+                OpenOptions::new().append(true).create(true),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("devtmpfs"), "{e}");
+            assert!(!Path::new("/dev/devshare-test.log").exists());
+        }
+        assert_eq!(pseudo_file_system(&std::env::temp_dir()), None);
         let e = ensure_private_dir(Path::new("/proc/self/"))
             .unwrap_err()
             .to_string();
@@ -572,6 +672,27 @@ mod tests {
         unsafe { libc::umask(old) };
         r.unwrap().write_all(b"x").unwrap();
         assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn another_users_file_is_refused_and_ours_made_0600() {
+        let _serial = crate::process_state_lock();
+        let d = scratch("owner");
+        let theirs = d.join("theirs");
+        std::fs::write(&theirs, b"").unwrap();
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let e = open_private(&theirs, &append()).unwrap_err();
+        assert!(
+            matches!(e, FileError::Unsafe { .. }) && e.to_string().contains("uid 65534"),
+            "{e}"
+        );
+        assert!(open_state_file(&theirs).is_err());
+        let ours = d.join("ours");
+        std::fs::write(&ours, b"").unwrap();
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o644)).unwrap();
+        open_private(&ours, &append()).unwrap();
+        assert_eq!(std::fs::metadata(&ours).unwrap().mode() & 0o7777, 0o600);
     }
 
     #[test]

@@ -18,7 +18,12 @@
 //! - anything else (a DAX character device, a block device), where `st_size` does not say how
 //!   much can be mapped: accepted as it is, as QEMU legitimately sends such fds.
 //!
-//! A file shrunk after the check still raises SIGBUS on access; see [`shrink_sealed`].
+//! A file shrunk after the check would still raise SIGBUS on access, so a regular file that
+//! can still shrink is refused too (see [`shrink_sealed`]): a memfd without `F_SEAL_SHRINK`
+//! (QEMU's `memory-backend-memfd` with `seal=off`) and any file that cannot be sealed (a file
+//! on tmpfs, `/dev/shm` or hugetlbfs: QEMU's `memory-backend-file`). The operator can accept
+//! those with [`UnsealedMemory::Allow`] (`--allow-unsealed-memory`), at the risk that a
+//! front-end which shrinks its file crashes the process.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
@@ -44,6 +49,17 @@ pub struct Region {
     pub mmap_offset: u64,
 }
 
+/// What to do with a region whose file can still shrink.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnsealedMemory {
+    /// Refuse it (the default): a front-end could truncate the file and crash the process.
+    #[default]
+    Refuse,
+    /// Accept it (`--allow-unsealed-memory`): for `memory-backend-file` guests whose
+    /// front-ends are trusted not to shrink the file.
+    Allow,
+}
+
 /// Why a memory table was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MemTableError {
@@ -60,6 +76,15 @@ pub enum MemTableError {
         region: Region,
         /// Size of the backing file in bytes.
         file_size: u64,
+    },
+    /// The backing file can still shrink (not sealed with `F_SEAL_SHRINK`): a front-end that
+    /// truncates it would make the next access raise SIGBUS.
+    #[error("memory region {index} (guest address {:#x}, {:#x} bytes) is backed by a file that can still shrink (a memfd without F_SEAL_SHRINK, or a file on tmpfs or hugetlbfs), so its front-end could truncate it and crash this process with every VM it serves; give QEMU -object memory-backend-memfd,...,share=on (sealed by default, seal=on), or start this backend with --allow-unsealed-memory to accept the risk", region.guest_phys_addr, region.memory_size)]
+    Unsealed {
+        /// Index of the region in the message.
+        index: usize,
+        /// The region.
+        region: Region,
     },
     /// The backing file could not be examined.
     #[error("memory region {index}: cannot fstat its file: {errno}")]
@@ -118,11 +143,17 @@ pub fn regions(request: u32, body: &[u8]) -> Result<Option<Vec<Region>>, MemTabl
 }
 
 /// Checks every region of a memory-table message against its file descriptor (one per region,
-/// in order), as described in the module documentation. Other requests pass unchecked.
+/// in order), as described in the module documentation; `unsealed` says whether a file that
+/// can still shrink is refused. Other requests pass unchecked.
 ///
 /// # Errors
 /// [`MemTableError`] naming the first bad region.
-pub fn check_message(request: u32, body: &[u8], fds: &[OwnedFd]) -> Result<(), MemTableError> {
+pub fn check_message(
+    request: u32,
+    body: &[u8],
+    fds: &[OwnedFd],
+    unsealed: UnsealedMemory,
+) -> Result<(), MemTableError> {
     let Some(regions) = regions(request, body)? else {
         return Ok(());
     };
@@ -134,12 +165,17 @@ pub fn check_message(request: u32, body: &[u8], fds: &[OwnedFd]) -> Result<(), M
         )));
     }
     for (index, (region, fd)) in regions.iter().zip(fds).enumerate() {
-        check_region(index, region, fd)?;
+        check_region(index, region, fd, unsealed)?;
     }
     Ok(())
 }
 
-fn check_region(index: usize, region: &Region, fd: &OwnedFd) -> Result<(), MemTableError> {
+fn check_region(
+    index: usize,
+    region: &Region,
+    fd: &OwnedFd,
+    unsealed: UnsealedMemory,
+) -> Result<(), MemTableError> {
     // SAFETY: `stat` is plain data; zeroed is valid and fstat overwrites it.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is open for the call and `st` is a valid out pointer.
@@ -154,13 +190,22 @@ fn check_region(index: usize, region: &Region, fd: &OwnedFd) -> Result<(), MemTa
     }
     let file_size = st.st_size.max(0) as u64;
     match region.mmap_offset.checked_add(region.memory_size) {
-        Some(end) if end <= file_size => Ok(()),
-        _ => Err(MemTableError::PastEndOfFile {
+        Some(end) if end <= file_size => {}
+        _ => {
+            return Err(MemTableError::PastEndOfFile {
+                index,
+                region: *region,
+                file_size,
+            })
+        }
+    }
+    if unsealed == UnsealedMemory::Refuse && !shrink_sealed(fd) {
+        return Err(MemTableError::Unsealed {
             index,
             region: *region,
-            file_size,
-        }),
+        });
     }
+    Ok(())
 }
 
 /// Whether the file behind `fd` can no longer shrink: a memfd sealed with `F_SEAL_SHRINK`
@@ -170,7 +215,8 @@ fn check_region(index: usize, region: &Region, fd: &OwnedFd) -> Result<(), MemTa
 /// and turning it into a refused connection would mean unwinding out of arbitrary Rust code in
 /// a signal handler, which Rust cannot do soundly, and a backend cannot add the seal itself
 /// (QEMU's memfds either carry it already or were created without `MFD_ALLOW_SEALING`). So
-/// this is only reported, once per connection, for the operator.
+/// [`check_message`] refuses such a file unless the operator allows it.
+/// A file that does not support seals at all (`F_GET_SEALS` fails) counts as not sealed.
 pub fn shrink_sealed(fd: impl AsFd) -> bool {
     let f = fd.as_fd();
     // SAFETY: F_GET_SEALS takes no argument; `f` is open for the call.
@@ -183,6 +229,8 @@ mod tests {
     use super::*;
     use std::fs::File;
     use std::os::fd::FromRawFd;
+
+    const A: UnsealedMemory = UnsealedMemory::Refuse;
 
     fn memfd(size: u64, seal: bool) -> OwnedFd {
         let flags = libc::MFD_CLOEXEC | if seal { libc::MFD_ALLOW_SEALING } else { 0 };
@@ -214,35 +262,35 @@ mod tests {
 
     #[test]
     fn regions_within_their_files_pass() {
-        let fds = vec![memfd(1 << 20, false), memfd(2 << 20, false)];
+        let fds = vec![memfd(1 << 20, true), memfd(2 << 20, true)];
         let body = table(&[(0, 1 << 20, 0), (1 << 32, 1 << 20, 1 << 20)]);
-        check_message(REQ_SET_MEM_TABLE, &body, &fds).unwrap();
+        check_message(REQ_SET_MEM_TABLE, &body, &fds, A).unwrap();
     }
 
     #[test]
     fn oversized_region_or_offset_past_the_end_is_refused_by_index() {
-        let fds = vec![memfd(1 << 20, false), memfd(1 << 20, false)];
+        let fds = vec![memfd(1 << 20, true), memfd(1 << 20, true)];
         let body = table(&[(0, 1 << 20, 0), (1 << 32, 2 << 20, 0)]);
-        let e = check_message(REQ_SET_MEM_TABLE, &body, &fds).unwrap_err();
+        let e = check_message(REQ_SET_MEM_TABLE, &body, &fds, A).unwrap_err();
         assert!(
             matches!(e, MemTableError::PastEndOfFile { index: 1, file_size, .. } if file_size == 1 << 20)
         );
         assert!(e.to_string().contains("memory region 1"), "{e}");
 
-        let fds = vec![memfd(1 << 20, false)];
+        let fds = vec![memfd(1 << 20, true)];
         let body = table(&[(0, 4096, 1 << 20)]);
-        assert!(check_message(REQ_SET_MEM_TABLE, &body, &fds).is_err());
+        assert!(check_message(REQ_SET_MEM_TABLE, &body, &fds, A).is_err());
 
         let body = table(&[(0, 4096, u64::MAX - 100)]);
-        assert!(check_message(REQ_SET_MEM_TABLE, &body, &fds).is_err());
+        assert!(check_message(REQ_SET_MEM_TABLE, &body, &fds, A).is_err());
     }
 
     #[test]
     fn add_mem_reg_is_checked_too() {
-        let fds = vec![memfd(1 << 20, false)];
+        let fds = vec![memfd(1 << 20, true)];
         let mut body = vec![0u8; 8];
         body.extend_from_slice(&table(&[(0, 2 << 20, 0)])[8..]);
-        assert!(check_message(REQ_ADD_MEM_REG, &body, &fds).is_err());
+        assert!(check_message(REQ_ADD_MEM_REG, &body, &fds, A).is_err());
     }
 
     #[test]
@@ -252,8 +300,8 @@ mod tests {
             body.extend_from_slice(&(8192u64).to_le_bytes());
             body.extend_from_slice(&0u64.to_le_bytes());
             body.extend_from_slice(&[1, 0, 0, 1]);
-            check_message(req, &body, &[memfd(8192, false)]).unwrap();
-            assert!(check_message(req, &body, &[memfd(4096, false)]).is_err());
+            check_message(req, &body, &[memfd(8192, true)], A).unwrap();
+            assert!(check_message(req, &body, &[memfd(4096, true)], A).is_err());
         }
     }
 
@@ -263,12 +311,12 @@ mod tests {
         let mut body = table(&[(0, 4096, 0)]);
         body[0] = 2; // announces two regions, holds one
         assert!(matches!(
-            check_message(REQ_SET_MEM_TABLE, &body, &fds),
+            check_message(REQ_SET_MEM_TABLE, &body, &fds, A),
             Err(MemTableError::Malformed(_))
         ));
         let body = table(&[(0, 4096, 0)]);
         assert!(matches!(
-            check_message(REQ_SET_MEM_TABLE, &body, &[]),
+            check_message(REQ_SET_MEM_TABLE, &body, &[], A),
             Err(MemTableError::Malformed(_))
         ));
     }
@@ -278,12 +326,52 @@ mod tests {
         // A character device has st_size 0 but may be mappable (DAX): not refused here.
         let dev: OwnedFd = File::open("/dev/zero").unwrap().into();
         let body = table(&[(0, 1 << 20, 0)]);
-        check_message(REQ_SET_MEM_TABLE, &body, &[dev]).unwrap();
+        check_message(REQ_SET_MEM_TABLE, &body, &[dev], A).unwrap();
     }
 
     #[test]
     fn other_requests_pass() {
-        check_message(1, &[], &[]).unwrap();
+        check_message(1, &[], &[], A).unwrap();
+    }
+
+    #[test]
+    fn files_that_can_shrink_are_refused_unless_allowed() {
+        let body = table(&[(0, 4096, 0)]);
+        let e = check_message(REQ_SET_MEM_TABLE, &body, &[memfd(4096, false)], A).unwrap_err();
+        assert!(matches!(e, MemTableError::Unsealed { index: 0, .. }), "{e}");
+        assert!(e.to_string().contains("memory-backend-memfd"), "{e}");
+        assert!(e.to_string().contains("--allow-unsealed-memory"), "{e}");
+        // A file on tmpfs cannot be sealed at all.
+        let dir = std::env::temp_dir().join(format!("devshare-memtable-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = File::create(dir.join("ram")).unwrap();
+        f.set_len(4096).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let fds = [OwnedFd::from(f)];
+        assert!(check_message(REQ_SET_MEM_TABLE, &body, &fds, A).is_err());
+        check_message(REQ_SET_MEM_TABLE, &body, &fds, UnsealedMemory::Allow).unwrap();
+        check_message(
+            REQ_SET_MEM_TABLE,
+            &body,
+            &[memfd(4096, false)],
+            UnsealedMemory::Allow,
+        )
+        .unwrap();
+        // The log and in-flight areas too.
+        let mut area = Vec::new();
+        area.extend_from_slice(&4096u64.to_le_bytes());
+        area.extend_from_slice(&0u64.to_le_bytes());
+        for req in [REQ_SET_LOG_BASE, REQ_SET_INFLIGHT_FD, REQ_ADD_MEM_REG] {
+            let b = if req == REQ_ADD_MEM_REG {
+                let mut b = vec![0u8; 8];
+                b.extend_from_slice(&body[8..]);
+                b
+            } else {
+                area.clone()
+            };
+            assert!(check_message(req, &b, &[memfd(4096, false)], A).is_err());
+            check_message(req, &b, &[memfd(4096, true)], A).unwrap();
+        }
     }
 
     #[test]

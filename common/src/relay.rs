@@ -9,8 +9,8 @@
 //! descriptors included, passes unchanged. Only control messages take this path, never data.
 //!
 //! Seeing every message with its descriptors, the relay is also where a memory table that
-//! would crash the process (a region past the end of its file: SIGBUS on first access) is
-//! refused, before the library maps it ([`crate::mem_table`]). Only that connection ends.
+//! would crash the process (a region past the end of its file, or a file that can still
+//! shrink: SIGBUS on first access) is refused, before the library maps it ([`crate::mem_table`]). Only that connection ends.
 //!
 //! Replies go back through `relay_backend_replies`, which can put a device's own answer to
 //! GET_QUEUE_NUM in place of the library's (the number of virtqueues): virtio-net counts
@@ -91,7 +91,8 @@ pub enum RelayError {
 }
 
 /// Forwards front-end messages to the library, inserting the feature bit fix-up and checking
-/// memory tables against their files ([`crate::mem_table`]). Returns `Ok` when the front-end
+/// memory tables against their files ([`crate::mem_table`]; `unsealed` says whether a file
+/// that can still shrink is refused). Returns `Ok` when the front-end
 /// hangs up, [`RelayError::Refused`] when it sent a table that would crash the process.
 /// Public for the fuzz target (`fuzz/fuzz_targets/relay.rs`); backends reach it through
 /// [`crate::daemon::serve`].
@@ -99,6 +100,7 @@ pub fn relay_frontend_messages(
     name: &str,
     from: &UnixStream,
     to: &UnixStream,
+    unsealed: mem_table::UnsealedMemory,
 ) -> Result<(), RelayError> {
     let mut features_seen = false;
     let mut shrink_noted = false;
@@ -118,7 +120,7 @@ pub fn relay_frontend_messages(
             });
         }
         (&*from).read_exact(&mut body[..size])?;
-        if let Err(e) = mem_table::check_message(request, &body[..size], &fds) {
+        if let Err(e) = mem_table::check_message(request, &body[..size], &fds, unsealed) {
             return Err(RelayError::Refused {
                 what: match request {
                     mem_table::REQ_ADD_MEM_REG => "ADD_MEM_REG",
@@ -134,10 +136,11 @@ pub fn relay_frontend_messages(
             && fds.iter().any(|f| !mem_table::shrink_sealed(f))
         {
             shrink_noted = true;
-            log::info!(
+            // Only reached with --allow-unsealed-memory: the operator took the risk.
+            log::warn!(
                 "{name}: guest memory is not sealed against shrinking (memfd seal=off or a \
-                 file backend): a front-end that truncates it while mapped would crash this \
-                 process"
+                 file backend), accepted by --allow-unsealed-memory: a front-end that \
+                 truncates it while mapped would crash this process"
             );
         }
         if request == REQ_SET_FEATURES {
@@ -325,7 +328,7 @@ mod tests {
         hdr[4] = FLAG_VERSION_1 as u8;
         send_with_fds(&frontend, &hdr, fds).unwrap();
         drop(frontend);
-        let r = relay_frontend_messages("test", &from, &to);
+        let r = relay_frontend_messages("test", &from, &to, mem_table::UnsealedMemory::Refuse);
         drop(to);
         let mut buf = [0u8; HDR_SIZE];
         let got = match recv_with_fds(&library, &mut buf) {

@@ -275,6 +275,7 @@ fn netmux_config(file: netmux::ConfigFile) -> Result<netmux::Config, String> {
         mtu,
         stats_socket: file.stats_socket,
         socket,
+        unsealed_memory: Default::default(),
     }
     .validate()
     .map_err(|x| e(&x))

@@ -590,6 +590,7 @@ pub fn run(input: &Input) {
         mtu: 1500,
         stats_socket: None,
         socket: SocketOptions::default(),
+        unsealed_memory: Default::default(),
     };
     let uplink = Arc::new(Recorder {
         name: "uplink",

@@ -206,7 +206,7 @@ fn socket_modes_that_lock_the_owner_out_and_groups_that_do_not_exist_are_refused
 
 #[test]
 fn a_path_used_twice_is_refused_naming_both_uses_and_nothing_is_left_behind() {
-    let cases: [(&[&str], &str, &str); 6] = [
+    let cases: [(&[&str], &str, &str); 7] = [
         // A PTY link at the VM's own socket.
         (
             &["--vm", "a={dir}/a.sock", "-p", "a/console=pty:{dir}/a.sock"],
@@ -280,6 +280,21 @@ fn a_path_used_twice_is_refused_naming_both_uses_and_nothing_is_left_behind() {
             "a/console's file: log",
             "a/data's buffer file",
         ),
+        // A log at the name a buffer file is resized through.
+        (
+            &[
+                "--vm",
+                "a={dir}/a.sock",
+                "-p",
+                "a/console=file:{dir}/st/a.data.spool.resize",
+                "-p",
+                "a/data=pty",
+                "--state-dir",
+                "{dir}/st",
+            ],
+            "a/console's file: log",
+            "a/data's buffer file resized",
+        ),
     ];
     for (args, first, second) in cases {
         let dir = ScratchDir::new("con-access-twice").unwrap();
@@ -341,5 +356,65 @@ fn a_start_that_fails_midway_removes_what_it_created() {
                 p.log()
             );
         }
+    }
+}
+
+#[test]
+fn a_failed_start_removes_the_logs_and_buffer_files_it_created_and_only_those() {
+    // Late (the stats socket's directory is missing) and during the endpoints' set-up (a
+    // unix: endpoint in a missing directory, after the logs were opened).
+    for late in [
+        [
+            "--stats-socket",
+            "{dir}/nodir/stats.sock",
+            "-p",
+            "z/serial=unix:{dir}/z.sock",
+        ],
+        [
+            "--stats-socket",
+            "{dir}/stats.sock",
+            "-p",
+            "z/serial=unix:{dir}/nodir/z.sock",
+        ],
+    ] {
+        let dir = ScratchDir::new("con-access-files").unwrap();
+        std::fs::write(dir.path().join("old.log"), b"kept\n").unwrap();
+        let mut args = vec![
+            "--state-dir",
+            "{dir}/st",
+            "--vm",
+            "a={dir}/a.sock,stream",
+            "-p",
+            "a/serial=file:{dir}/new.log",
+            "--vm",
+            "b={dir}/b.sock,stream",
+            "-p",
+            "b/serial=file:{dir}/old.log",
+            "--vm",
+            "z={dir}/z-vm.sock,stream",
+        ];
+        args.extend(late);
+        let mut p = spawn_with_env(&dir, &args, &[], "backend.log");
+        let status = p.wait_exit(WAIT).unwrap();
+        assert!(!status.success(), "{}", p.log());
+        assert!(p.log().contains("nodir"), "{}", p.log());
+        assert!(
+            std::fs::symlink_metadata(dir.path().join("new.log")).is_err(),
+            "{late:?}: the log it created was left behind; log:\n{}",
+            p.log()
+        );
+        let spools: Vec<_> = std::fs::read_dir(dir.path().join("st"))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .filter(|n| n.contains("spool"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(spools.is_empty(), "{late:?}: buffer files left: {spools:?}");
+        assert_eq!(
+            std::fs::read(dir.path().join("old.log")).unwrap(),
+            b"kept\n",
+            "a file that was there before was touched"
+        );
     }
 }

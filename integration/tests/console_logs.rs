@@ -334,3 +334,82 @@ fn a_directory_planted_at_a_rotated_name_is_never_moved_and_the_failure_is_count
         .log()
         .contains("is a directory, not a log file of ours"));
 }
+
+/// Another user's file at the log's path (planted in a shared directory, or put there after
+/// a logrotate) would receive the guest's output and could be read or cut by its owner: it
+/// is refused at start with the path and the owner named, and on SIGHUP output waits in the
+/// port's buffer until the file is gone. An existing file of ours is made 0600.
+#[test]
+fn another_users_file_at_the_log_path_is_refused_at_start_and_on_sighup() {
+    const NOBODY: u32 = 65534;
+    let plant = |path: &Path| {
+        std::fs::write(path, b"").unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).unwrap();
+    };
+
+    // At start.
+    let dir = ScratchDir::new("log-theirs-start").unwrap();
+    let log = dir.path().join("guest.log");
+    plant(&log);
+    let mut p = spawn(
+        &dir,
+        &[
+            "--vm",
+            "s={dir}/s.sock,stream",
+            "-p",
+            "s/serial=file:{dir}/guest.log",
+        ],
+        "backend.log",
+    );
+    let status = p.wait_exit(WAIT).unwrap();
+    assert!(!status.success());
+    let out = p.log();
+    assert!(
+        out.contains(&log.display().to_string()) && out.contains("belongs to uid 65534"),
+        "{out}"
+    );
+    assert_eq!(read(&log), b"");
+
+    // On SIGHUP, after a rotation left the name free for someone else.
+    let dir = ScratchDir::new("log-theirs-hup").unwrap();
+    let log = dir.path().join("guest.log");
+    std::fs::write(&log, b"").unwrap();
+    std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let c = Console::start_in(
+        dir,
+        &[
+            "--vm",
+            "s={dir}/s.sock,stream",
+            "-p",
+            "s/serial=file:{dir}/guest.log",
+        ],
+        &["s.sock"],
+    );
+    assert_eq!(
+        std::fs::metadata(&log).unwrap().mode() & 0o7777,
+        0o600,
+        "an existing log of ours was left readable by others"
+    );
+    let mut qemu = unix_client(&c.path("s.sock"));
+    qemu.write_all(b"before\n").unwrap();
+    c.wait_stat("s", "serial", "to_host_bytes", 7);
+    std::fs::rename(&log, c.path("guest.log.1")).unwrap();
+    plant(&log);
+    c.process.signal(libc::SIGHUP).unwrap();
+    c.wait_stat("s", "serial", "attached", 0);
+    c.wait_log("belongs to uid 65534");
+    qemu.write_all(b"secret\n").unwrap();
+    c.wait_stat("s", "serial", "buffered_bytes", 7);
+    assert_eq!(
+        read(&log),
+        b"",
+        "guest output went into another user's file"
+    );
+    std::fs::remove_file(&log).unwrap();
+    c.wait_stat("s", "serial", "attached", 1);
+    c.wait_stat("s", "serial", "buffered_bytes", 0);
+    assert_eq!(read(&log), b"secret\n");
+    let ours = std::fs::metadata(c.path("s.sock")).unwrap().uid();
+    assert_eq!(std::fs::metadata(&log).unwrap().uid(), ours);
+}

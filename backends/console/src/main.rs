@@ -11,6 +11,7 @@ use devshare_common::config::{load_toml, parse_guest_memory, parse_size, qemu_si
 use devshare_common::daemon::{serve, FrontendSocket, ServeOptions, Transport};
 use devshare_common::files::{ensure_private_dir, StateDirLock};
 use devshare_common::listen::SocketOptions;
+use devshare_common::mem_table::UnsealedMemory;
 use devshare_common::pit::LostTickPolicy;
 use devshare_common::qemu::QemuVersion;
 use devshare_common::signals::{install_signal_handlers, ProcessStats, SignalActions};
@@ -118,6 +119,14 @@ struct Args {
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
 
+    /// Accept guest memory whose file can still shrink: a memfd without F_SEAL_SHRINK (QEMU's
+    /// memory-backend-memfd with seal=off) or a file on tmpfs or hugetlbfs (memory-backend-file).
+    /// Refused by default, because a front-end that shrinks such a file while it is mapped
+    /// crashes this process (SIGBUS) and with it every guest it serves. QEMU's
+    /// `-object memory-backend-memfd,...,share=on` is sealed and needs no flag.
+    #[arg(long)]
+    allow_unsealed_memory: bool,
+
     /// Print the QEMU options for each VM and exit.
     #[arg(long)]
     print_qemu_args: bool,
@@ -146,6 +155,7 @@ struct Args {
 struct ProcessConfig {
     socket: SocketOptions,
     stats_socket: Option<PathBuf>,
+    unsealed_memory: UnsealedMemory,
 }
 
 impl TryFrom<&Args> for ProcessConfig {
@@ -173,6 +183,11 @@ impl TryFrom<&Args> for ProcessConfig {
                 .stats_socket
                 .clone()
                 .or_else(|| file.as_ref().and_then(|f| f.stats_socket.clone())),
+            unsealed_memory: if args.allow_unsealed_memory {
+                UnsealedMemory::Allow
+            } else {
+                UnsealedMemory::Refuse
+            },
         })
     }
 }
@@ -290,6 +305,8 @@ fn on_shutdown(groups: &[Arc<Group>]) {
 fn abandon(groups: &[Arc<Group>]) -> ExitCode {
     devshare_common::listen::remove_created_sockets();
     on_shutdown(groups);
+    // After the groups let go of them: logs and spools this start created (never older ones).
+    devshare_common::files::remove_created_files();
     ExitCode::FAILURE
 }
 
@@ -395,6 +412,10 @@ fn main() -> ExitCode {
         Ok(g) => g,
         Err(e) => {
             eprintln!("vhost-user-console: {e}");
+            // What the endpoints and spools built so far created (a log, a spool the file
+            // system had no room for) goes with them.
+            devshare_common::listen::remove_created_sockets();
+            devshare_common::files::remove_created_files();
             return ExitCode::FAILURE;
         }
     };
@@ -464,6 +485,7 @@ fn main() -> ExitCode {
         .filter(|(vm, _)| vm.kind == DeviceKind::Virtio);
     for ((vm, vmref), (transport, socket)) in virtio.zip(sockets) {
         let mut opts = ServeOptions::new(vm.name.clone(), transport);
+        opts.unsealed_memory = process.unsealed_memory;
         // The VM's reactor joins its worker's epoll set while a front-end is connected.
         let queues =
             vhost_user_console::virtio_console::queue_count(vm.ports.len(), vm.multiport());
@@ -486,6 +508,7 @@ fn main() -> ExitCode {
             }
         }
     }
+    devshare_common::files::start_up_done();
     for t in threads {
         let _ = t.join();
     }

@@ -30,7 +30,8 @@ pub struct PathClash {
 
 /// Checks that every path `cfg` (and the stats socket, if any) will create is distinct: the
 /// stats socket, the `--vm` sockets, `unix:` endpoint sockets, PTY links, `file:` logs with
-/// their rotated names, and the buffer files in the state directory.
+/// their rotated names, and the buffer files in the state directory with the names they are
+/// resized through (`NAME.spool.resize`).
 pub fn check_distinct(cfg: &Config, stats_socket: Option<&Path>) -> Result<(), PathClash> {
     let mut seen: HashMap<PathBuf, String> = HashMap::new();
     let mut claim = |path: &Path, what: String| match seen.entry(normalize(path)) {
@@ -61,6 +62,16 @@ pub fn check_distinct(cfg: &Config, stats_socket: Option<&Path>) -> Result<(), P
             if let Some(dir) = &cfg.state_dir {
                 let spool = dir.join(format!("{}.{}.spool", vm.name, p.name));
                 claim(&spool, format!("{port}'s buffer file"))?;
+                // Where a new --buffer-size rebuilds it (spool::file).
+                let mut resize = spool.into_os_string();
+                resize.push(".resize");
+                claim(
+                    Path::new(&resize),
+                    format!(
+                        "{port}'s buffer file resized ({})",
+                        Path::new(&resize).display()
+                    ),
+                )?;
             }
             let Target::Endpoint(spec) = &p.target else {
                 continue;

@@ -328,6 +328,9 @@ pub struct Config {
     pub stats_socket: Option<PathBuf>,
     /// Mode and group of the port (vhost-user) sockets; the stats socket is always 0600.
     pub socket: SocketOptions,
+    /// Whether guest memory whose file can still shrink is refused (the default) or accepted
+    /// (`--allow-unsealed-memory`).
+    pub unsealed_memory: devshare_common::mem_table::UnsealedMemory,
 }
 
 /// A `[[port]]` table of the TOML file.
@@ -748,6 +751,7 @@ mod tests {
             mtu: 1500,
             stats_socket: None,
             socket: SocketOptions::default(),
+            unsealed_memory: Default::default(),
         }
     }
 

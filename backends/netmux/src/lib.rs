@@ -219,6 +219,7 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
         // QEMU's vhost-user-net counts queue pairs here, and refuses a netdev asking for
         // more with an error that says so.
         opts.queue_num = Some(u64::from(pc.queue_pairs));
+        opts.unsealed_memory = config.unsealed_memory;
         let handle = thread::Builder::new()
             .name(devshare_common::thread_name(&format!("port-{}", pc.name)))
             .spawn(move || serve_port(&f, i, &opts, &socket))

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use devshare_common::config::{load_toml, parse_guest_memory, warn_deprecated};
 use devshare_common::listen::SocketOptions;
+use devshare_common::mem_table::UnsealedMemory;
 use devshare_common::pit::LostTickPolicy;
 use devshare_common::qemu::QemuVersion;
 use devshare_common::signals::{install_signal_handlers, SignalActions};
@@ -127,6 +128,14 @@ struct RunArgs {
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
 
+    /// Accept guest memory whose file can still shrink: a memfd without F_SEAL_SHRINK (QEMU's
+    /// memory-backend-memfd with seal=off) or a file on tmpfs or hugetlbfs (memory-backend-file).
+    /// Refused by default, because a front-end that shrinks such a file while it is mapped
+    /// crashes this process (SIGBUS) and with it every guest it serves. QEMU's
+    /// `-object memory-backend-memfd,...,share=on` is sealed and needs no flag.
+    #[arg(long)]
+    allow_unsealed_memory: bool,
+
     /// Print the QEMU options for each port and exit.
     #[arg(long)]
     print_qemu_args: bool,
@@ -215,6 +224,11 @@ impl TryFrom<&RunArgs> for Config {
             mtu,
             stats_socket: a.stats_socket.clone().or(file.stats_socket),
             socket,
+            unsealed_memory: if a.allow_unsealed_memory {
+                UnsealedMemory::Allow
+            } else {
+                UnsealedMemory::Refuse
+            },
         }
         .validate()
     }

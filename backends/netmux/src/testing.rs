@@ -57,6 +57,7 @@ pub fn config(vlans: &[Option<u16>], mode: Mode) -> Config {
         mtu: 1500,
         stats_socket: None,
         socket: Default::default(),
+        unsealed_memory: Default::default(),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::ffi::CStr;
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::{Arc, Mutex};
 
 use vhost::VhostUserMemoryRegionInfo;
@@ -49,7 +49,9 @@ impl GuestBuffer {
 }
 
 /// Guest RAM as a VMM would set it up for vhost-user: one memfd per region, mapped shared here
-/// and handed to the backend with SET_MEM_TABLE.
+/// and handed to the backend with SET_MEM_TABLE. Sealed against shrinking and growing, as QEMU's
+/// `memory-backend-memfd` is (`seal=on`, its default): the backends refuse memory that a
+/// front-end could still shrink under them.
 ///
 /// Cloning is cheap (the mappings are shared); all clones allocate from the same bump allocator.
 #[derive(Clone)]
@@ -72,6 +74,17 @@ impl GuestRam {
     /// Several regions, each `(guest-physical base, size)`, like QEMU's split around the PCI
     /// hole. Sizes are rounded up to whole pages; regions must not overlap.
     pub fn with_regions(layout: &[(u64, u64)]) -> Result<GuestRam, Error> {
+        GuestRam::build(layout, true)
+    }
+
+    /// One region of `size` bytes at guest address 0 in a memfd that is NOT sealed against
+    /// shrinking (QEMU's `memory-backend-memfd,seal=off`): the backends refuse it unless
+    /// started with `--allow-unsealed-memory`.
+    pub fn unsealed(size: u64) -> Result<GuestRam, Error> {
+        GuestRam::build(&[(0, size)], false)
+    }
+
+    fn build(layout: &[(u64, u64)], seal: bool) -> Result<GuestRam, Error> {
         let mut regions = Vec::with_capacity(layout.len());
         for &(base, size) in layout {
             if size == 0 {
@@ -80,7 +93,7 @@ impl GuestRam {
                 )));
             }
             let size = size.div_ceil(4096) * 4096;
-            let file = memfd(size)?;
+            let file = memfd(size, seal)?;
             let len = usize::try_from(size)
                 .map_err(|_| Error::MemoryLayout(format!("region size {size:#x} too large")))?;
             let mmap = MmapRegion::from_file(FileOffset::new(file, 0), len)
@@ -227,16 +240,30 @@ impl GuestRam {
     }
 }
 
-fn memfd(size: u64) -> Result<File, Error> {
+fn memfd(size: u64, seal: bool) -> Result<File, Error> {
     const NAME: &CStr = c"devshare-guest-ram";
+    let flags = libc::MFD_CLOEXEC | if seal { libc::MFD_ALLOW_SEALING } else { 0 };
     // SAFETY: NAME is a valid NUL-terminated string and the flags are valid; the call has no
     // other memory effects.
-    let fd = unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(NAME.as_ptr(), flags) };
     if fd < 0 {
         return Err(Error::MemoryCreate(std::io::Error::last_os_error()));
     }
     // SAFETY: memfd_create just returned this fd and nothing else owns it.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(Error::MemoryCreate)?;
+    if seal {
+        // SAFETY: F_ADD_SEALS takes an int of seal bits; `file` is open for the call.
+        let r = unsafe {
+            libc::fcntl(
+                file.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            )
+        };
+        if r < 0 {
+            return Err(Error::MemoryCreate(std::io::Error::last_os_error()));
+        }
+    }
     Ok(file)
 }

@@ -155,6 +155,17 @@ impl Spool {
             source,
         };
         let map_len = (HEADER + capacity) as u64;
+        // Only an empty file or one a resize left behind (stamped, or sized and still zero)
+        // is ours to cut: anything else at that name is someone's data.
+        let tmp_len = file.metadata().map_err(tmp_err)?.len();
+        let mut magic = [0u8; 8];
+        let stamp = match file.read_exact_at(&mut magic, 0) {
+            Ok(()) => u64::from_ne_bytes(magic),
+            Err(_) => 0,
+        };
+        if tmp_len != 0 && stamp != MAGIC && !(stamp == 0 && tmp_len == map_len) {
+            return Err(SpoolError::NotASpool { path: tmp });
+        }
         file.set_len(0).map_err(tmp_err)?;
         file.set_len(map_len).map_err(tmp_err)?;
         if let Err(e) = allocate(&file, map_len) {
@@ -418,6 +429,25 @@ mod tests {
             std::fs::read(&path).unwrap(),
             b"someone's notes, not a spool"
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_spool_at_the_resize_name_is_never_truncated() {
+        let dir = scratch("foreign-resize");
+        let path = dir.join("p.spool");
+        drop(Spool::open(&path, 16).unwrap());
+        let resize = dir.join("p.spool.resize");
+        std::fs::write(&resize, b"a log, not a spool").unwrap();
+        let e = Spool::open(&path, 32).err().unwrap();
+        assert!(matches!(e, SpoolError::NotASpool { .. }), "{e}");
+        assert!(e.to_string().contains("p.spool.resize"), "{e}");
+        assert_eq!(std::fs::read(&resize).unwrap(), b"a log, not a spool");
+        // A resize left behind by a crash (stamped) is ours and rebuilt.
+        std::fs::remove_file(&resize).unwrap();
+        std::fs::copy(&path, &resize).unwrap();
+        drop(Spool::open(&path, 32).unwrap());
+        assert!(!resize.exists());
         std::fs::remove_dir_all(dir).unwrap();
     }
 
