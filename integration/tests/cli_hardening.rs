@@ -962,3 +962,86 @@ fn a_second_sigterm_during_start_up_exits_at_once() {
 fn child_running(child: &Child) -> bool {
     !gone(&child.id().to_string())
 }
+
+/// A child killed and reaped when dropped, also when the test fails.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `sleep` with `argv0` as its argv[0] (what any local user can do), and waits until
+/// its command line shows it.
+fn disguised_sleep(argv0: &str) -> Reaped {
+    use std::os::unix::process::CommandExt;
+    let child = Reaped(
+        Command::new("sleep")
+            .arg0(argv0)
+            .arg("1000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let path = format!("/proc/{}/cmdline", child.0.id());
+    while !std::fs::read(&path).unwrap().starts_with(argv0.as_bytes()) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+/// A process named with terminal escape sequences: neither `inspect` (listing it as a QEMU)
+/// nor `inspect --pid` (refusing it) writes a control character to the terminal.
+#[test]
+fn inspect_escapes_what_other_users_put_in_command_lines() {
+    let qemu = disguised_sleep("/x/qemu-system-x86_64\x1b]0;owned\x07\x1b[2J");
+    let other = disguised_sleep("evil\x1b[2J\r\nroot# ");
+    let runs = [
+        vec!["inspect".to_string()],
+        vec!["inspect".into(), "--pid".into(), qemu.0.id().to_string()],
+        vec!["inspect".into(), "--pid".into(), other.0.id().to_string()],
+    ];
+    for args in runs {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = finish(
+            spawn("kvm-pit-policy", &args),
+            Duration::from_secs(60),
+            "inspect",
+        );
+        let both = format!("{}{}", out.stdout, out.stderr);
+        assert!(both.contains("\\u{1b}[2J"), "{args:?}: {both:?}");
+        assert!(
+            !both.contains(['\x1b', '\x07', '\r']),
+            "{args:?} printed control characters: {both:?}"
+        );
+    }
+    drop((qemu, other));
+}
+
+/// `stats --socket S` prints only JSON: a socket that answers with escape sequences is
+/// refused with a clear error, nothing of its answer printed.
+#[test]
+fn stats_refuses_an_answer_that_is_not_json() {
+    use std::io::Write;
+    let d = scratch("stats-escape");
+    let path = d.join("s.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let _ = s.write_all(b"\x1b]0;owned\x07\x1b[2Jhello\n");
+        }
+    });
+    let p = path.display().to_string();
+    let out = finish(
+        spawn("vhost-user-netmux", &["stats", "--socket", &p]),
+        Duration::from_secs(60),
+        "netmux stats",
+    );
+    assert!(!out.status.success(), "{:?}", out.status);
+    assert!(out.stderr.contains("not JSON"), "{}", out.stderr);
+    let both = format!("{}{}", out.stdout, out.stderr);
+    assert!(!both.contains(['\x1b', '\x07']), "{both:?}");
+}
