@@ -76,7 +76,8 @@ enum Command {
 #[derive(Args, Debug)]
 struct RunArgs {
     /// TOML configuration file; ports given with --port are added to its [[port]] tables and
-    /// other options given here override it.
+    /// other options given here override it. A regular file: pipes and FIFOs
+    /// (`--config <(generate)`) are refused.
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
 
