@@ -20,3 +20,34 @@ pub fn print(text: &str) -> io::Result<()> {
         r => r,
     }
 }
+
+/// `text` with every control character (escape sequences, carriage returns, newlines, DEL,
+/// C1 controls) written as a Rust escape (`\u{1b}`, `\r`, `\n`), so that text from another
+/// process or from the system (a command line, a process name, a socket's reply, a name in
+/// an error) cannot drive the operator's terminal or forge lines. Other characters, quotes
+/// and backslashes included, are kept as they are.
+pub fn escape_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_text;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(
+            escape_text("qemu-system-\u{1b}[2J\r\nroot\u{7f}\u{9b}"),
+            "qemu-system-\\u{1b}[2J\\r\\nroot\\u{7f}\\u{9b}"
+        );
+        assert_eq!(escape_text("vm \"a\\b\" é"), "vm \"a\\b\" é");
+    }
+}

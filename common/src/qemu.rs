@@ -37,10 +37,17 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::str::FromStr;
+use std::time::{Duration, Instant};
 
 /// What `qemu-system-* --version` prints before the version number; the same literal is
 /// compiled into the binary.
 pub const VERSION_BANNER: &str = "QEMU emulator version ";
+
+/// How much of `--version`'s output is read: QEMU prints two short lines.
+pub const VERSION_OUTPUT_LIMIT: usize = 4096;
+
+/// How long `--version` may take before it is killed.
+pub const VERSION_TIME_LIMIT: Duration = Duration::from_secs(5);
 
 /// A QEMU release, `major.minor.micro` (Debian's package suffixes are not part of it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -66,6 +73,14 @@ pub enum QemuVersionError {
         path: PathBuf,
         /// The underlying error.
         source: io::Error,
+    },
+    /// The binary did not finish within the time limit; it was killed.
+    #[error("{path} --version did not finish within {seconds} s (killed)")]
+    TimedOut {
+        /// The QEMU binary (or launcher script).
+        path: PathBuf,
+        /// The time limit.
+        seconds: u64,
     },
     /// The binary ran but printed no `QEMU emulator version X.Y.Z` line.
     #[error("{path} --version printed no \"QEMU emulator version\" line: {output}")]
@@ -113,22 +128,58 @@ impl QemuVersion {
 
     /// Runs `path --version` (a QEMU binary or a launcher script that passes its arguments on)
     /// and reads the version it prints.
+    ///
+    /// The binary is the operator's, but it may be anything: it runs in its own process
+    /// group with stdin and stderr on `/dev/null`, at most [`VERSION_OUTPUT_LIMIT`] bytes of
+    /// its stdout are read, and it has [`VERSION_TIME_LIMIT`] to finish; then the whole group
+    /// is killed and reaped, so a binary that floods or hangs neither grows nor blocks the
+    /// backend.
+    ///
+    /// # Errors
+    /// [`QemuVersionError::Run`] when it cannot be started, [`QemuVersionError::TimedOut`]
+    /// when it does not finish in time, [`QemuVersionError::NoVersion`] when it prints no
+    /// version line.
     pub fn of_binary(path: &Path) -> Result<QemuVersion, QemuVersionError> {
-        let out = Command::new(path)
+        use std::os::unix::process::CommandExt;
+        let run_error = |source| QemuVersionError::Run {
+            path: path.to_owned(),
+            source,
+        };
+        let mut child = Command::new(path)
             .arg("--version")
             .stdin(Stdio::null())
-            .output()
-            .map_err(|source| QemuVersionError::Run {
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(run_error)?;
+        let stdout = child.stdout.take();
+        let read = stdout.map(|out| read_bounded(out, VERSION_OUTPUT_LIMIT, VERSION_TIME_LIMIT));
+        // Whatever it did, nothing of its group outlives this call.
+        kill_group(&mut child);
+        let status = child.wait().map_err(run_error)?;
+        let (bytes, finished) = match read {
+            Some(r) => r.map_err(run_error)?,
+            None => (Vec::new(), true),
+        };
+        if !finished {
+            return Err(QemuVersionError::TimedOut {
                 path: path.to_owned(),
-                source,
-            })?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
+                seconds: VERSION_TIME_LIMIT.as_secs(),
+            });
+        }
+        let stdout = String::from_utf8_lossy(&bytes);
         QemuVersion::from_version_output(&stdout).ok_or_else(|| {
-            let both = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-            let first = both.lines().map(str::trim).find(|l| !l.is_empty());
-            let mut output: String = first.unwrap_or("nothing").chars().take(200).collect();
-            if !out.status.success() {
-                output.push_str(&format!(" ({})", out.status));
+            let first = stdout.lines().map(str::trim).find(|l| !l.is_empty());
+            let mut output = crate::output::escape_text(
+                &first
+                    .unwrap_or("nothing")
+                    .chars()
+                    .take(200)
+                    .collect::<String>(),
+            );
+            if !status.success() {
+                output.push_str(&format!(" ({status})"));
             }
             QemuVersionError::NoVersion {
                 path: path.to_owned(),
@@ -274,6 +325,64 @@ pub fn option_line(option: &str, value: &str) -> String {
         Ok(q) => format!("{option} {q}"),
         Err(_) => format!("{option} {value}"),
     }
+}
+
+/// Reads `out` until end of file, `limit` bytes or `time` has passed. Returns what was read
+/// and whether the output ended (end of file or the limit) in time.
+fn read_bounded(
+    mut out: std::process::ChildStdout,
+    limit: usize,
+    time: Duration,
+) -> io::Result<(Vec<u8>, bool)> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + time;
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 1024];
+    while bytes.len() < limit {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        if ms == 0 {
+            return Ok((bytes, false));
+        }
+        let mut fd = libc::pollfd {
+            fd: out.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `fd` is one valid pollfd for a descriptor `out` owns for this whole call.
+        let rc = unsafe { libc::poll(&mut fd, 1, i32::from(ms)) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if rc == 0 {
+            continue;
+        }
+        let want = (limit - bytes.len()).min(buf.len());
+        match out.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((bytes, true))
+}
+
+/// Kills the child's whole process group (it was started as its leader), so helpers a
+/// launcher script started go too.
+fn kill_group(child: &mut std::process::Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // The group may be gone already (ESRCH): nothing left to kill.
+        // SAFETY: killpg only sends a signal; the group is the child's own (process_group(0)),
+        // and the child is not reaped yet, so its id cannot name another group.
+        let _ = unsafe { libc::killpg(pid, libc::SIGKILL) };
+    }
+    let _ = child.kill();
 }
 
 #[cfg(test)]

@@ -115,16 +115,20 @@ pub struct PendingSignals {
 /// SIGTERM would leave the sockets created so far behind) and handled as the module says
 /// once [`PendingSignals::start`] runs. Call it first thing in `main`, before the config is
 /// read and anything is created; call `start` once start-up is done, so a SIGTERM during
-/// start-up removes every socket start-up created and runs the binary's `on_shutdown`.
+/// start-up removes every socket start-up created and runs the binary's `on_shutdown`. A
+/// second SIGTERM or SIGINT while the first is held ends the process at once with status 1.
 ///
 /// # Errors
 /// [`SignalError::Register`] when the handlers cannot be installed.
 pub fn install_signal_handlers() -> Result<PendingSignals, SignalError> {
     let shutting_down = Arc::new(AtomicBool::new(false));
     for sig in [SIGTERM, SIGINT] {
-        // Armed only once shutdown began: the second signal then exits at once.
+        // Armed by the first SIGTERM or SIGINT itself (the handlers run in the order they
+        // were registered): the second then exits at once, also while the first is still
+        // held because start-up has not finished.
         signal_hook::flag::register_conditional_shutdown(sig, 1, shutting_down.clone())
             .map_err(SignalError::Register)?;
+        signal_hook::flag::register(sig, shutting_down.clone()).map_err(SignalError::Register)?;
     }
     let signals = Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(SignalError::Register)?;
     // Handled from here on, so take them even if the parent started us with them blocked (a

@@ -778,3 +778,270 @@ fn sigint_ends_a_waiting_stats_query() {
     assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
     assert!(!out.stderr.contains("no complete answer"), "{}", out.stderr);
 }
+
+/// A fake `--qemu` script in `d` whose body is `body` (a shell script).
+fn fake_qemu(d: &std::path::Path, name: &str, body: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let p = d.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p.display().to_string()
+}
+
+/// The three commands that run `--qemu PATH --version`, each with `qemu` as PATH.
+fn qemu_asking_commands(d: &std::path::Path, qemu: &str) -> Vec<(&'static str, Vec<String>)> {
+    let config = d.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[vm]]\nname = \"v\"\nsocket = \"{}\"\nkind = \"stream\"\nport = [ {{ name = \"p\", endpoint = \"pty\" }} ]\n",
+            d.join("s.sock").display()
+        ),
+    )
+    .unwrap();
+    let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut netmux = own(NETMUX_PRINT);
+    netmux.extend(own(&["--qemu", qemu]));
+    vec![
+        (
+            "vhost-user-console",
+            own(&[
+                "--config",
+                &config.display().to_string(),
+                "--print-qemu-args",
+                "--qemu",
+                qemu,
+            ]),
+        ),
+        ("vhost-user-netmux", netmux),
+        (
+            "kvm-pit-policy",
+            own(&["qemu-args", "--policy", "delay", "--qemu", qemu]),
+        ),
+    ]
+}
+
+/// Resident memory of `pid` in KiB, or `None` once it is gone.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A `--qemu` that floods its stdout: the backend reads a bounded prefix (its memory stays
+/// small; 9.6 GB before the bound) and finishes with the version it found.
+#[test]
+fn a_flooding_qemu_binary_is_read_only_in_part() {
+    let d = scratch("qemu-flood");
+    let qemu = fake_qemu(&d, "flood", "exec yes 'QEMU emulator version 11.1.0'");
+    for (bin, args) in qemu_asking_commands(&d, &qemu) {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = spawn(bin, &args);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            let rss = rss_kib(child.id()).unwrap_or(0);
+            if rss > 200 * 1024 || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{bin}: still reading a flooding --qemu (RSS {rss} KiB)");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = finish(child, Duration::from_secs(1), bin);
+        assert!(out.status.success(), "{bin}: {}", out.stderr);
+    }
+}
+
+/// Whether `pid` is gone (or only a zombie waiting for its reaper).
+fn gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// A `--qemu` that never finishes (and leaves a helper of its own running): the backend gives
+/// it a time limit, says so, and kills its whole process group.
+#[test]
+fn a_hanging_qemu_binary_is_timed_out_and_killed_with_its_helpers() {
+    let d = scratch("qemu-hang");
+    let pids = d.join("pids");
+    let qemu = fake_qemu(
+        &d,
+        "hang",
+        &format!("sleep 1000 &\necho $! >> {}\nwait", pids.display()),
+    );
+    for (bin, args) in qemu_asking_commands(&d, &qemu) {
+        let _ = std::fs::remove_file(&pids);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = finish(spawn(bin, &args), Duration::from_secs(60), bin);
+        assert!(!out.status.success(), "{bin}");
+        assert!(
+            out.stderr.contains("did not finish within 5 s"),
+            "{bin}: {}",
+            out.stderr
+        );
+        let helper = std::fs::read_to_string(&pids).unwrap();
+        let helper = helper.trim();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !gone(helper) {
+            assert!(
+                Instant::now() < deadline,
+                "{bin}: helper {helper} still runs"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A second SIGTERM while start-up waits (here on a slow `--qemu --version`) ends the process
+/// at once with status 1, as the README says, rather than after the wait.
+#[test]
+fn a_second_sigterm_during_start_up_exits_at_once() {
+    let d = scratch("qemu-term2");
+    let ready = d.join("ready");
+    let qemu = fake_qemu(
+        &d,
+        "slow",
+        &format!("echo $$ > {}\nexec sleep 1000", ready.display()),
+    );
+    for (bin, args) in qemu_asking_commands(&d, &qemu) {
+        let _ = std::fs::remove_file(&ready);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = spawn(bin, &args);
+        while !ready.exists() {
+            assert!(child_running(&child), "{bin} exited before asking --qemu");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Two signals sent back to back may merge into one pending signal: send until the
+        // process is gone; every one after the first must end it.
+        let pid = child.id();
+        let out = {
+            let mut child = child;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("{bin}: SIGTERMs did not end start-up");
+                }
+                // SAFETY: kill has no memory effects; the pid is our child, not yet reaped.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            finish(child, Duration::from_secs(1), bin)
+        };
+        // kvm-pit-policy's qemu-args handles no signals: SIGTERM's default ends it at once.
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            out.status.code() == Some(1) || out.status.signal() == Some(libc::SIGTERM),
+            "{bin}: {:?} {}",
+            out.status,
+            out.stderr
+        );
+        assert!(
+            !out.stderr.contains("did not finish"),
+            "{bin} waited for the time limit: {}",
+            out.stderr
+        );
+        // An exit at once leaves the slow binary behind (it is in a process group of its
+        // own); end it here.
+        let slow: i32 = std::fs::read_to_string(&ready)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: kill has no memory effects; the pid is the fake binary this test wrote.
+        unsafe { libc::kill(slow, libc::SIGKILL) };
+    }
+}
+
+fn child_running(child: &Child) -> bool {
+    !gone(&child.id().to_string())
+}
+
+/// A child killed and reaped when dropped, also when the test fails.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `sleep` with `argv0` as its argv[0] (what any local user can do), and waits until
+/// its command line shows it.
+fn disguised_sleep(argv0: &str) -> Reaped {
+    use std::os::unix::process::CommandExt;
+    let child = Reaped(
+        Command::new("sleep")
+            .arg0(argv0)
+            .arg("1000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let path = format!("/proc/{}/cmdline", child.0.id());
+    while !std::fs::read(&path).unwrap().starts_with(argv0.as_bytes()) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+/// A process named with terminal escape sequences: neither `inspect` (listing it as a QEMU)
+/// nor `inspect --pid` (refusing it) writes a control character to the terminal.
+#[test]
+fn inspect_escapes_what_other_users_put_in_command_lines() {
+    let qemu = disguised_sleep("/x/qemu-system-x86_64\x1b]0;owned\x07\x1b[2J");
+    let other = disguised_sleep("evil\x1b[2J\r\nroot# ");
+    let runs = [
+        vec!["inspect".to_string()],
+        vec!["inspect".into(), "--pid".into(), qemu.0.id().to_string()],
+        vec!["inspect".into(), "--pid".into(), other.0.id().to_string()],
+    ];
+    for args in runs {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = finish(
+            spawn("kvm-pit-policy", &args),
+            Duration::from_secs(60),
+            "inspect",
+        );
+        let both = format!("{}{}", out.stdout, out.stderr);
+        assert!(both.contains("\\u{1b}[2J"), "{args:?}: {both:?}");
+        assert!(
+            !both.contains(['\x1b', '\x07', '\r']),
+            "{args:?} printed control characters: {both:?}"
+        );
+    }
+    drop((qemu, other));
+}
+
+/// `stats --socket S` prints only JSON: a socket that answers with escape sequences is
+/// refused with a clear error, nothing of its answer printed.
+#[test]
+fn stats_refuses_an_answer_that_is_not_json() {
+    use std::io::Write;
+    let d = scratch("stats-escape");
+    let path = d.join("s.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let _ = s.write_all(b"\x1b]0;owned\x07\x1b[2Jhello\n");
+        }
+    });
+    let p = path.display().to_string();
+    let out = finish(
+        spawn("vhost-user-netmux", &["stats", "--socket", &p]),
+        Duration::from_secs(60),
+        "netmux stats",
+    );
+    assert!(!out.status.success(), "{:?}", out.status);
+    assert!(out.stderr.contains("not JSON"), "{}", out.stderr);
+    let both = format!("{}{}", out.stdout, out.stderr);
+    assert!(!both.contains(['\x1b', '\x07']), "{both:?}");
+}

@@ -29,7 +29,8 @@ ENDPOINTS (what a port is bridged to):
   pty[:LINK]                      new PTY; its path is logged, LINK becomes a symlink to it
   unix:PATH[,mode=0600][,group=G] Unix socket listener (one client at a time); only the
                                   owner may connect unless mode=/group= say otherwise
-  tcp:[ADDR:]PORT                 TCP listener, 127.0.0.1 unless ADDR is given; NO ACCESS
+  tcp:[ADDR:]PORT                 TCP listener, 127.0.0.1 unless ADDR (a numeric IPv4 or
+                                  IPv6 address, not a host name) is given; NO ACCESS
                                   CONTROL: any local user (any host, with ADDR 0.0.0.0) who
                                   connects first gets the port; prefer unix: for consoles
   file:PATH[,timestamps][,max-size=SIZE][,keep=N]
@@ -75,7 +76,8 @@ SIGNALS:
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None, after_help = AFTER_HELP)]
 struct Args {
-    /// TOML configuration file (see README); command-line VMs and ports are added to it.
+    /// TOML configuration file (see README); command-line VMs and ports are added to it. A
+    /// regular file: pipes and FIFOs (`--config <(generate)`) are refused.
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
 

@@ -29,7 +29,7 @@ pub enum ConfigError {
     /// An interface name (of the uplink or the host port) is one the kernel would refuse.
     #[error(
         "{option}: {name:?} is not an interface name: {reason} (Linux interface names are 1 to \
-         15 bytes, not '.' or '..', without '/', ':' or whitespace)"
+         15 bytes, not '.' or '..', without '/', ':', '%' or whitespace)"
     )]
     IfName {
         /// The option that named it: "uplink" or "host port".
@@ -197,7 +197,7 @@ pub enum UplinkSpec {
 const IFNAME_MAX: usize = 15;
 
 /// Checks an interface name by the kernel's rules (`dev_valid_name`): 1 to 15 bytes, not "."
-/// or "..", no '/', ':' or whitespace (and no NUL, which a C string cannot carry). A name the
+/// or "..", no '/', ':', '%' (a template to the kernel) or whitespace (and no NUL, which a C string cannot carry). A name the
 /// kernel would refuse fails here, naming `option`, before anything is opened.
 fn check_ifname(option: &'static str, name: &str) -> Result<(), ConfigError> {
     let reason = if name.is_empty() {
@@ -208,6 +208,10 @@ fn check_ifname(option: &'static str, name: &str) -> Result<(), ConfigError> {
         "'.' and '..' name directories under /sys/class/net"
     } else if name.contains(['/', ':']) {
         "it contains '/' or ':'"
+    } else if name.contains('%') {
+        // The kernel takes a name with '%' as a template ("up%d" creates "up0"), so the
+        // interface would not have the name given.
+        "it contains '%', which the kernel replaces by a number"
     } else if name.contains(|c: char| c.is_ascii_whitespace() || c == '\x0b' || c == '\0') {
         "it contains whitespace or NUL"
     } else {
@@ -592,6 +596,17 @@ mod tests {
         }
         let dashed: MacAddr = "52-54-00-ab-0c-ff".parse().unwrap();
         assert_eq!(dashed, m);
+    }
+
+    /// `up%d` would make the kernel create `up0`: refused for both interfaces.
+    #[test]
+    fn interface_name_templates_are_refused() {
+        for bad in ["up%d", "%d", "hp%"] {
+            let e = format!("tap:{bad}").parse::<UplinkSpec>().unwrap_err();
+            assert!(e.to_string().contains("'%'"), "uplink {bad:?}: {e}");
+            let e = HostPortConfig::new(bad, None).unwrap_err();
+            assert!(e.to_string().contains("'%'"), "host port {bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -77,7 +77,8 @@ enum Command {
 #[derive(Args, Debug)]
 struct RunArgs {
     /// TOML configuration file; ports given with --port are added to its [[port]] tables and
-    /// other options given here override it.
+    /// other options given here override it. A regular file: pipes and FIFOs
+    /// (`--config <(generate)`) are refused.
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -263,9 +264,21 @@ fn main() -> ExitCode {
         }
         return match devshare_common::stats::query(socket) {
             Ok(doc) => {
-                let pretty = serde_json::from_str::<serde_json::Value>(&doc)
+                // Whatever listens on the socket wrote this: only JSON is printed (pretty, so
+                // with every control character escaped), anything else is refused.
+                let pretty = match serde_json::from_str::<serde_json::Value>(&doc)
                     .and_then(|v| serde_json::to_string_pretty(&v))
-                    .unwrap_or(doc);
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!(
+                            "cannot read stats from {}: the answer is not JSON ({e}); is this \
+                             a vhost-user-netmux stats socket?",
+                            socket.display()
+                        );
+                        return ExitCode::FAILURE;
+                    }
+                };
                 match devshare_common::output::print(&format!("{pretty}\n")) {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {

@@ -78,8 +78,13 @@ pub struct QemuPit {
 }
 
 impl QemuPit {
-    /// One line for humans.
+    /// One line for humans, control characters escaped (the binary's name and the reasons
+    /// come from a command line any local user writes).
     pub fn summary(&self) -> String {
+        devshare_common::output::escape_text(&self.summary_raw())
+    }
+
+    fn summary_raw(&self) -> String {
         let name = self.binary.rsplit('/').next().unwrap_or(&self.binary);
         let version = match &self.qemu_version {
             Some(v) => format!(" {v}"),
@@ -261,6 +266,8 @@ pub fn inspect_pid_in(proc_root: &Path, pid: u32) -> Result<QemuPit, InspectErro
             cmdline.truncate(cut);
             cmdline.push_str("...");
         }
+        // Any local user writes a command line: no control character reaches a terminal.
+        let cmdline = devshare_common::output::escape_text(&cmdline);
         return Err(InspectError::NotQemu { pid, cmdline });
     };
     let evidence = KernelEvidence {

@@ -269,6 +269,7 @@ fn inspect_command(pids: &[u32], json: bool) -> ExitCode {
         for r in &reports {
             text.push_str(&format!("{}\n", r.summary()));
             for note in &r.reading.notes {
+                let note = devshare_common::output::escape_text(note);
                 text.push_str(&format!("    note: {note}\n"));
             }
         }
