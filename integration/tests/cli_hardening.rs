@@ -440,17 +440,28 @@ fn sighup_during_start_up_is_handled_and_does_not_kill_a_backend() {
                 );
                 std::thread::sleep(Duration::from_millis(5));
             }
-            kill(&child, libc::SIGTERM);
-            let out = finish(child, Duration::from_secs(60), bin);
-            assert_eq!(out.status.code(), Some(0), "{bin} round {round}");
-            assert!(
-                leftovers(&d).is_empty(),
-                "{bin} round {round}: {:?}",
-                leftovers(&d)
-            );
-            std::fs::remove_dir(&d).unwrap();
+            terminate_cleanly(child, &d, bin, round);
         }
     }
+}
+
+/// SIGTERM to `child` (started by `start_backend` in `d`): it exits with status 0, leaving
+/// nothing in `d`, which is then removed.
+fn terminate_cleanly(child: Child, d: &std::path::Path, bin: &str, round: usize) {
+    kill(&child, libc::SIGTERM);
+    let out = finish(child, Duration::from_secs(60), bin);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{bin} round {round}: {:?}",
+        out.status
+    );
+    assert!(
+        leftovers(d).is_empty(),
+        "{bin} round {round}: {:?}",
+        leftovers(d)
+    );
+    std::fs::remove_dir(d).unwrap();
 }
 
 /// SIGTERM sent the moment the process exists: a clean exit (status 0) that leaves none of
@@ -462,20 +473,7 @@ fn sigterm_during_start_up_leaves_no_socket_behind() {
         for round in 0..SIGNAL_ROUNDS {
             let d = scratch(&format!("term-{round}"));
             let child = start_backend(bin, &d, &tap);
-            kill(&child, libc::SIGTERM);
-            let out = finish(child, Duration::from_secs(60), bin);
-            assert_eq!(
-                out.status.code(),
-                Some(0),
-                "{bin} round {round}: {:?}",
-                out.status
-            );
-            assert!(
-                leftovers(&d).is_empty(),
-                "{bin} round {round}: {:?}",
-                leftovers(&d)
-            );
-            std::fs::remove_dir(&d).unwrap();
+            terminate_cleanly(child, &d, bin, round);
         }
     }
 }
