@@ -394,23 +394,15 @@ pub fn open_state_file(path: &Path) -> Result<File, FileError> {
     Ok(file)
 }
 
-/// Writes `bytes` to `path` as a new file with `mode` (a report, a plot: output a user asked
-/// for, not state), replacing what is there without ever writing through it: the bytes go to
-/// a fresh temporary file in the same directory (`O_CREAT | O_EXCL | O_NOFOLLOW`), which is then
-/// renamed over `path`. A rename replaces the directory entry itself, so a symlink swapped in
-/// at `path` meanwhile is replaced, never followed, and no other file is truncated in place.
-///
-/// An existing `path` that is a symlink or not a regular file is refused up front (a user who
-/// points `--plot` at a link or a device most likely made a mistake).
+/// Whether [`replace_file`] could put a file at `path`, checked before the work that makes
+/// its bytes (a measurement that takes a while should not end in "cannot write"): `path`
+/// names a file, its directory exists and is a directory, and what is at `path`, if
+/// anything, is a regular file, not a symlink.
 ///
 /// # Errors
-/// [`FileError::Unsafe`] for a symlink or non-regular file at `path`; [`FileError::Io`] when the
-/// temporary file cannot be created, written or renamed (it is removed then).
-pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError> {
-    use std::io::Write;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static SEQUENCE: AtomicU32 = AtomicU32::new(0);
-
+/// [`FileError::Unsafe`] for a symlink or non-regular file at `path` or a path that names no
+/// file; [`FileError::Io`] when the directory is missing or not a directory.
+pub fn check_replaceable(path: &Path) -> Result<(), FileError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_symlink() => {
             return Err(FileError::Unsafe {
@@ -428,6 +420,54 @@ pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileErro
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(path, "stat")(e)),
     }
+    if path.file_name().is_none() {
+        return Err(FileError::Unsafe {
+            path: path.to_path_buf(),
+            reason: "names no file".into(),
+        });
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(FileError::Io {
+            path: dir.to_path_buf(),
+            op: "use as the directory of a new file (it is not a directory)",
+            source: io::Error::from_raw_os_error(libc::ENOTDIR),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(FileError::Io {
+            path: dir.to_path_buf(),
+            op: "create a file in the directory (it does not exist)",
+            source: e,
+        }),
+        Err(e) => Err(FileError::Io {
+            path: dir.to_path_buf(),
+            op: "use as the directory of a new file",
+            source: e,
+        }),
+    }
+}
+
+/// Writes `bytes` to `path` as a new file with `mode` (a report, a plot: output a user asked
+/// for, not state), replacing what is there without ever writing through it: the bytes go to
+/// a fresh temporary file in the same directory (`O_CREAT | O_EXCL | O_NOFOLLOW`), which is then
+/// renamed over `path`. A rename replaces the directory entry itself, so a symlink swapped in
+/// at `path` meanwhile is replaced, never followed, and no other file is truncated in place.
+///
+/// An existing `path` that is a symlink or not a regular file is refused up front (a user who
+/// points `--plot` at a link or a device most likely made a mistake).
+///
+/// # Errors
+/// [`FileError::Unsafe`] for a symlink or non-regular file at `path`; [`FileError::Io`] when the
+/// temporary file cannot be created, written or renamed (it is removed then).
+pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError> {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+
+    check_replaceable(path)?;
     let name = path.file_name().ok_or_else(|| FileError::Unsafe {
         path: path.to_path_buf(),
         reason: "names no file".into(),
@@ -822,5 +862,13 @@ mod tests {
         let e = replace_file(&d.join("missing/plot.png"), b"x", 0o644).unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
         assert!(e.to_string().contains("does not exist"), "{e}");
+        // The same answers before anything is written, for checking ahead of long work.
+        assert!(check_replaceable(&d.join("missing/plot.png")).is_err());
+        assert!(matches!(
+            check_replaceable(&d),
+            Err(FileError::Unsafe { .. })
+        ));
+        assert!(check_replaceable(&d.join("not-yet.png")).is_ok());
+        assert!(!d.join("not-yet.png").exists());
     }
 }

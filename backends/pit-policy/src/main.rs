@@ -289,6 +289,13 @@ fn lab_command(
     json: bool,
     plot: Option<PathBuf>,
 ) -> ExitCode {
+    // Before the measurement, not after it: a path that cannot take the plot is an error now.
+    if let Some(path) = &plot {
+        if let Err(e) = devshare_common::files::check_replaceable(path) {
+            eprintln!("kvm-pit-policy: cannot write the plot: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let report = match run_lab(config, pattern, policies) {
         Ok(r) => r,
         Err(e) => {

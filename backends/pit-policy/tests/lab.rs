@@ -101,6 +101,26 @@ fn reinject_control_before_the_pit_exists_is_a_clear_error() {
     vm.set_policy(LostTickPolicy::Delay).expect("reinject on");
 }
 
+/// A `--plot` path that cannot take the plot (its directory is missing) is refused before the
+/// lab runs: no report, no time spent measuring.
+#[test]
+fn a_plot_path_that_cannot_be_written_is_refused_before_the_lab_runs() {
+    let dir = std::env::temp_dir().join(format!("pit-lab-noplot-{}", std::process::id()));
+    let out = tool()
+        .args(["lab", "--duration", "600ms", "--settle", "200ms", "--plot"])
+        .arg(dir.join("missing/ticks.png"))
+        .output()
+        .expect("run kvm-pit-policy lab");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "the lab ran first: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 #[test]
 fn lab_command_prints_json_and_draws_the_plot() {
     if !kvm_or_skip("lab_command_prints_json_and_draws_the_plot") {
