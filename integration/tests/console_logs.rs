@@ -62,6 +62,28 @@ fn all_files(path: &Path, keep: u32) -> Vec<u8> {
     out
 }
 
+/// A stream VM whose serial port logs to `guest.log` in `dir` (at `log`) does not start, and
+/// its error names `log` and says `why`.
+fn refused_at_start(dir: &ScratchDir, log: &std::path::Path, why: &str) {
+    let mut p = spawn(
+        dir,
+        &[
+            "--vm",
+            "s={dir}/s.sock,stream",
+            "-p",
+            "s/serial=file:{dir}/guest.log",
+        ],
+        "backend.log",
+    );
+    let status = p.wait_exit(WAIT).unwrap();
+    assert!(!status.success());
+    let out = p.log();
+    assert!(
+        out.contains(&log.display().to_string()) && out.contains(why),
+        "{out}"
+    );
+}
+
 #[test]
 fn logs_are_bounded_and_rotate_by_size_keeping_n_files() {
     let c = Console::start(
@@ -183,23 +205,7 @@ fn planted_symlinks_at_the_log_or_its_rotated_names_are_never_written_through() 
     let dir = ScratchDir::new("log-symlink-start").unwrap();
     let log = dir.path().join("guest.log");
     std::os::unix::fs::symlink(&victim, &log).unwrap();
-    let mut p = spawn(
-        &dir,
-        &[
-            "--vm",
-            "s={dir}/s.sock,stream",
-            "-p",
-            "s/serial=file:{dir}/guest.log",
-        ],
-        "backend.log",
-    );
-    let status = p.wait_exit(WAIT).unwrap();
-    assert!(!status.success());
-    let out = p.log();
-    assert!(
-        out.contains(&log.display().to_string()) && out.contains("is a symlink"),
-        "{out}"
-    );
+    refused_at_start(&dir, &log, "is a symlink");
     assert_eq!(read(&victim), b"precious\n");
 }
 
@@ -352,23 +358,7 @@ fn another_users_file_at_the_log_path_is_refused_at_start_and_on_sighup() {
     let dir = ScratchDir::new("log-theirs-start").unwrap();
     let log = dir.path().join("guest.log");
     plant(&log);
-    let mut p = spawn(
-        &dir,
-        &[
-            "--vm",
-            "s={dir}/s.sock,stream",
-            "-p",
-            "s/serial=file:{dir}/guest.log",
-        ],
-        "backend.log",
-    );
-    let status = p.wait_exit(WAIT).unwrap();
-    assert!(!status.success());
-    let out = p.log();
-    assert!(
-        out.contains(&log.display().to_string()) && out.contains("belongs to uid 65534"),
-        "{out}"
-    );
+    refused_at_start(&dir, &log, "belongs to uid 65534");
     assert_eq!(read(&log), b"");
 
     // On SIGHUP, after a rotation left the name free for someone else.
