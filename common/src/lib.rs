@@ -1,6 +1,6 @@
 //! Shared pieces of the devshare vhost-user backends: daemon lifecycle ([`daemon`]), the
 //! front-end message relay ([`relay`]) and its memory-table check ([`mem_table`]),
-//! split-ring access ([`ring`]) and descriptor-chain access ([`chain`]), configuration
+//! split-ring access ([`ring`], on the vrings of [`vring`]) and descriptor-chain access ([`chain`]), configuration
 //! ([`config`]), counters ([`stats`]), rate-limited logging of guest-caused events
 //! ([`ratelimit`]), listening sockets ([`listen`]), signals ([`signals`]), private files
 //! ([`files`]) and the QEMU options that differ between QEMU versions ([`qemu`]).
@@ -21,6 +21,7 @@ pub mod relay;
 pub mod ring;
 pub mod signals;
 pub mod stats;
+pub mod vring;
 mod worker_exit;
 
 /// The `log` crate, for [`warn_limited!`] in crates that name it differently or not at all.

@@ -26,7 +26,7 @@
 
 use std::cell::Cell;
 use std::num::Wrapping;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 
 use crate::chain::{ChainError, GuestBuffers, Memory, Region};
 use virtio_queue::{Queue, QueueT};
@@ -116,13 +116,52 @@ pub struct Ring<'m> {
     published_used: Wrapping<u16>,
     /// The used index when the guest was last considered for an interrupt.
     signalled_used: Wrapping<u16>,
+    /// Whether `signalled_used` at open was decided by this process in this ring's life.
+    signalled: &'m Signalled,
     /// Descriptors read by walks since the ring was opened, for work budgets.
     descriptors_read: Cell<usize>,
 }
 
+/// One ring's interrupt record across batches: whether the used index the guest was last
+/// considered at (where each batch starts) is one this process decided on. Not after the ring
+/// (re)started: see [`crate::vring`], which forgets it then. While it is not known, the next
+/// decision that has something published interrupts whatever used_event says (Linux's vhost
+/// `signalled_used_valid`), and from then on it is known.
+#[derive(Debug, Default)]
+pub struct Signalled {
+    known: AtomicBool,
+}
+
+impl Signalled {
+    /// Forgets: the next interrupt decision on the ring says yes.
+    pub fn forget(&self) {
+        self.known.store(false, Ordering::Release);
+    }
+
+    /// Trusts the ring's current used index (tests, and rings this process interrupted for).
+    pub fn set_known(&self) {
+        self.known.store(true, Ordering::Release);
+    }
+
+    /// Whether the ring's last interrupt decision was this process's.
+    pub fn is_known(&self) -> bool {
+        self.known.load(Ordering::Acquire)
+    }
+
+    /// Marks it known; returns whether it was.
+    fn take(&self) -> bool {
+        self.known.swap(true, Ordering::AcqRel)
+    }
+}
+
 impl<'m> Ring<'m> {
-    /// Maps `queue`'s rings in `mem` and starts from its indices.
-    pub fn open(queue: &Queue, mem: &'m Memory) -> Result<Ring<'m>, RingError> {
+    /// Maps `queue`'s rings in `mem` and starts from its indices; `signalled` is the ring's
+    /// record (the vring's [`crate::vring::Vring::signalled`]).
+    pub fn open(
+        queue: &Queue,
+        mem: &'m Memory,
+        signalled: &'m Signalled,
+    ) -> Result<Ring<'m>, RingError> {
         let size = queue.size();
         if !queue.ready() || size == 0 {
             return Err(RingError::NotReady);
@@ -150,6 +189,7 @@ impl<'m> Ring<'m> {
             next_used,
             published_used: next_used,
             signalled_used: next_used,
+            signalled,
             descriptors_read: Cell::new(0),
         })
     }
@@ -374,12 +414,16 @@ impl<'m> Ring<'m> {
 
     /// Whether the guest wants an interrupt for what was published since the last time this
     /// was asked: with EVENT_IDX when its used_event index was passed, otherwise unless it set
-    /// NO_INTERRUPT. On an unreadable field, yes.
+    /// NO_INTERRUPT. On an unreadable field, yes; and yes the first time after the ring
+    /// started ([`Signalled`]).
     pub fn needs_interrupt(&mut self) -> bool {
         let (old, new) = (self.signalled_used, self.published_used);
         self.signalled_used = new;
         if old == new {
             return false;
+        }
+        if !self.signalled.take() {
+            return true;
         }
         // The used index store must be visible before the guest's request is read, or both
         // sides could each decide the other will act (the guest re-arms, then checks used).
@@ -528,6 +572,12 @@ fn area(mem: &Memory, addr: u64, len: usize, align: usize) -> Option<Area> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The record of a ring whose last decision was ours (the state in the middle of a ring's
+    /// life, where most tests are).
+    static KNOWN: Signalled = Signalled {
+        known: AtomicBool::new(true),
+    };
     use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestMemoryMmap;
@@ -569,7 +619,7 @@ mod tests {
         ];
         mq.add_desc_chains(&descs, 0).unwrap();
         let mut q: Queue = queue(&mq);
-        let mut ring = Ring::open(&q, &mem).unwrap();
+        let mut ring = Ring::open(&q, &mem, &KNOWN).unwrap();
         let h0 = ring.pop().unwrap().unwrap();
         let b0 = ring.chain(h0).unwrap();
         assert_eq!((b0.readable_len(), b0.writable_len()), (300, 0));
@@ -599,7 +649,7 @@ mod tests {
         mq.add_desc_chains(&[desc(0x8000, 64, DESC_F_WRITE, 0)], 0)
             .unwrap();
         let mut q: Queue = queue(&mq);
-        let mut ring = Ring::open(&q, &mem).unwrap();
+        let mut ring = Ring::open(&q, &mem, &KNOWN).unwrap();
         let start = ring.next_avail();
         assert_eq!(ring.pop().unwrap(), Some(0));
         ring.rewind(start);
@@ -622,7 +672,7 @@ mod tests {
             mq.desc_table().store(i as u16, *d).unwrap();
         }
         let q: Queue = queue(&mq);
-        let ring = Ring::open(&q, &mem).unwrap();
+        let ring = Ring::open(&q, &mem, &KNOWN).unwrap();
         assert_eq!(ring.chain(0).err(), Some(ChainError::Broken { head: 0 }));
         assert_eq!(ring.chain(2).err(), Some(ChainError::Broken { head: 2 }));
         assert_eq!(ring.chain(4).err(), Some(ChainError::Broken { head: 4 }));
@@ -649,7 +699,7 @@ mod tests {
             mq.desc_table().store(i as u16, *d).unwrap();
         }
         let q: Queue = queue(&mq);
-        let ring = Ring::open(&q, &mem).unwrap();
+        let ring = Ring::open(&q, &mem, &KNOWN).unwrap();
         assert!(matches!(
             ring.chain(0),
             Err(ChainError::OutsideMemory { head: 0, .. })
@@ -674,7 +724,7 @@ mod tests {
             mq.desc_table().store(i as u16, *d).unwrap();
         }
         let q: Queue = queue(&mq);
-        let ring = Ring::open(&q, &mem).unwrap();
+        let ring = Ring::open(&q, &mem, &KNOWN).unwrap();
         let r = ring.chain(0);
         assert!(
             r.is_err(),
@@ -707,7 +757,7 @@ mod tests {
             mq.desc_table().store(i as u16, *d).unwrap();
         }
         let q: Queue = queue(&mq);
-        let ring = Ring::open(&q, &mem).unwrap();
+        let ring = Ring::open(&q, &mem, &KNOWN).unwrap();
         let b = ring.chain(0).unwrap();
         assert_eq!((b.readable_len(), b.writable_len()), (12, 1500));
         // Nested indirect, a table length not a multiple of 16, a table outside memory.
@@ -739,7 +789,7 @@ mod tests {
             mq.desc_table().store(i as u16, *d).unwrap();
         }
         let q: Queue = queue(&mq);
-        let ring = Ring::open(&q, &mem).unwrap();
+        let ring = Ring::open(&q, &mem, &KNOWN).unwrap();
         assert_eq!(ring.chain(0).unwrap().readable_len(), 32);
         assert_eq!(
             ring.chain(1).err(),
@@ -756,7 +806,7 @@ mod tests {
             .store(0, desc(0x8000, 0, DESC_F_WRITE, 0))
             .unwrap();
         let q: Queue = queue(&mq);
-        let ring = Ring::open(&q, &mem).unwrap();
+        let ring = Ring::open(&q, &mem, &KNOWN).unwrap();
         assert_eq!(
             ring.chain(0).err(),
             Some(ChainError::ZeroLength {
@@ -775,7 +825,7 @@ mod tests {
             .collect();
         mq.add_desc_chains(&descs, 0).unwrap();
         let q: Queue = queue(&mq);
-        let mut ring = Ring::open(&q, &mem).unwrap();
+        let mut ring = Ring::open(&q, &mem, &KNOWN).unwrap();
         assert_eq!(ring.pending().unwrap(), 3);
         assert_eq!(ring.skip(2).unwrap(), 2);
         assert_eq!(ring.pending().unwrap(), 1);
@@ -792,11 +842,14 @@ mod tests {
         let mut q: Queue = queue(&mq);
         q.set_used_ring_address(Some(0xf_fffc), Some(0));
         assert_eq!(
-            Ring::open(&q, &mem).err(),
+            Ring::open(&q, &mem, &KNOWN).err(),
             Some(RingError::OutsideMemory("used ring"))
         );
         q.set_ready(false);
-        assert_eq!(Ring::open(&q, &mem).err(), Some(RingError::NotReady));
+        assert_eq!(
+            Ring::open(&q, &mem, &KNOWN).err(),
+            Some(RingError::NotReady)
+        );
     }
 
     #[test]
@@ -805,7 +858,7 @@ mod tests {
         let mq = MockSplitQueue::new(&mem, 4);
         let q: Queue = queue(&mq);
         put_u16(&mem, mq.avail_addr().unchecked_add(2), 5);
-        let mut ring = Ring::open(&q, &mem).unwrap();
+        let mut ring = Ring::open(&q, &mem, &KNOWN).unwrap();
         assert!(matches!(
             ring.pop(),
             Err(RingError::AvailIndex { avail: 5, .. })
@@ -824,7 +877,7 @@ mod tests {
         q.set_event_idx(true);
         // used_event = 2: the guest wants an interrupt once the used index passes 2.
         put_u16(&mem, mq.avail_addr().unchecked_add(4 + 2 * 16), 2);
-        let mut ring = Ring::open(&q, &mem).unwrap();
+        let mut ring = Ring::open(&q, &mem, &KNOWN).unwrap();
         for _ in 0..2 {
             let h = ring.pop().unwrap().unwrap();
             ring.push_used(h, 64);
@@ -851,7 +904,7 @@ mod tests {
             .unwrap();
         let q: Queue = queue(&mq);
         put_u16(&mem, mq.avail_addr(), AVAIL_F_NO_INTERRUPT);
-        let mut ring = Ring::open(&q, &mem).unwrap();
+        let mut ring = Ring::open(&q, &mem, &KNOWN).unwrap();
         let h = ring.pop().unwrap().unwrap();
         ring.push_used(h, 64);
         ring.publish_used();
@@ -865,5 +918,69 @@ mod tests {
         ring.push_used(h, 64);
         ring.publish_used();
         assert!(ring.needs_interrupt());
+    }
+
+    /// A backend killed between publishing used entries and interrupting leaves the guest
+    /// waiting with used_event already passed: the next process's first entry must interrupt
+    /// anyway, or no later entry ever does (each one only "passes" used_event if it lies
+    /// between the old and the new used index).
+    #[test]
+    fn the_first_decision_after_a_ring_start_interrupts_past_used_event() {
+        let mem = memory();
+        let mq = MockSplitQueue::new(&mem, 16);
+        let descs: Vec<_> = (0..4)
+            .map(|i| desc(0x8000 + 0x100 * i, 64, DESC_F_WRITE, 0))
+            .collect();
+        mq.add_desc_chains(&descs, 0).unwrap();
+        let mut q: Queue = queue(&mq);
+        q.set_event_idx(true);
+        // used_event = 0: the guest asked to hear of the first entry. The dead process used
+        // chain 0 (used index 1) and never interrupted.
+        put_u16(&mem, mq.avail_addr().unchecked_add(4 + 2 * 16), 0);
+        put_u16(&mem, USED.unchecked_add(2), 1);
+        q.set_next_avail(1);
+        q.set_next_used(1);
+        for (known, expect) in [(true, false), (false, true)] {
+            let signalled = Signalled::default();
+            if known {
+                signalled.set_known();
+            }
+            let mut ring = Ring::open(&q, &mem, &signalled).unwrap();
+            let h = ring.pop().unwrap().unwrap();
+            ring.push_used(h, 64);
+            ring.publish_used();
+            assert_eq!(ring.needs_interrupt(), expect, "record known: {known}");
+            assert!(signalled.is_known());
+            // Once decided, the usual rule again: nothing passes used_event 0 now.
+            let h = ring.pop().unwrap().unwrap();
+            ring.push_used(h, 64);
+            ring.publish_used();
+            assert!(!ring.needs_interrupt());
+            put_u16(&mem, USED.unchecked_add(2), 1);
+        }
+    }
+
+    /// A batch that publishes nothing decides nothing: the record stays forgotten for the
+    /// batch that does.
+    #[test]
+    fn an_empty_batch_keeps_the_record_forgotten() {
+        let mem = memory();
+        let mq = MockSplitQueue::new(&mem, 16);
+        mq.add_desc_chains(&[desc(0x8000, 64, DESC_F_WRITE, 0)], 0)
+            .unwrap();
+        let mut q: Queue = queue(&mq);
+        q.set_event_idx(true);
+        put_u16(&mem, mq.avail_addr().unchecked_add(4 + 2 * 16), 7);
+        let signalled = Signalled::default();
+        let mut ring = Ring::open(&q, &mem, &signalled).unwrap();
+        assert!(!ring.needs_interrupt());
+        assert!(!signalled.is_known());
+        ring.finish(&mut q);
+        let mut ring = Ring::open(&q, &mem, &signalled).unwrap();
+        let h = ring.pop().unwrap().unwrap();
+        ring.push_used(h, 64);
+        ring.publish_used();
+        assert!(ring.needs_interrupt());
+        ring.finish(&mut q);
     }
 }

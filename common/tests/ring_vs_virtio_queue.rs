@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 
 use devshare_common::chain::{ChainError, Memory, MAX_CHAIN_BYTES};
-use devshare_common::ring::{Buffer, Ring};
+use devshare_common::ring::{Buffer, Ring, Signalled};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use virtio_queue::desc::split::Descriptor;
@@ -359,7 +359,8 @@ fn ring_walk_matches_virtio_queue_on_random_rings() {
         write_descs(&mem, DESC_TABLE, &descs);
 
         let q = queue(&mem, size, 0);
-        let ring = Ring::open(&q, &mem).unwrap();
+        let signalled = Signalled::default();
+        let ring = Ring::open(&q, &mem, &signalled).unwrap();
         // Every head of small rings; a sample (and the start of every proper chain is
         // likely among them) of large ones; and heads past the table.
         let heads: Vec<u16> = if size <= 16 {

@@ -19,10 +19,11 @@ use std::sync::OnceLock;
 
 use devshare_common::chain::Memory;
 use devshare_common::listen::SocketOptions;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use vhost_user_console::config::{Config, DeviceKind, PortConfig, SocketMode, Target, VmConfig};
 use vhost_user_console::endpoint::EndpointSpec;
 use vhost_user_console::group;
+use vhost_user_console::queue::Vring;
 use vhost_user_console::virtio_console as vc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 
@@ -371,10 +372,10 @@ pub fn run(input: &Input) {
         let atomic = GuestMemoryAtomic::new(mem.clone());
         let multiport = input.features & vc::F_MULTIPORT != 0;
         let nq = vc::queue_count(nports, true);
-        let vrings: Vec<VringRwLock> = (0..nq)
+        let vrings: Vec<Vring> = (0..nq)
             .map(|q| {
                 let dq = DriverQueue::new(q);
-                let v = match VringRwLock::new(atomic.clone(), QSIZE) {
+                let v = match Vring::new(atomic.clone(), QSIZE) {
                     Ok(v) => v,
                     Err(e) => panic!("cannot make a vring: {e}"),
                 };

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use devshare_common::chain::{Memory, MemoryAtomic};
 use devshare_common::daemon::Transport;
 use devshare_common::listen::SocketOptions;
+use devshare_common::ring::Signalled;
 use vhost_user_backend::VringT;
 use vhost_user_netmux::config::{Config, MacAddr, Mode, PortConfig, UplinkSpec};
 use vhost_user_netmux::fabric::{Fabric, TxEnd, TxQueue};
@@ -341,6 +342,8 @@ struct Guest {
     features: u64,
     hdr_len: usize,
     tx: Tx,
+    /// The TX ring's interrupt record.
+    tx_signalled: Signalled,
     tx_ring: DriverRing,
     rx_ring: DriverRing,
     rx_buf: u64,
@@ -669,6 +672,7 @@ pub fn run(input: &Input) {
                 features,
                 hdr_len,
                 tx: Tx { queue },
+                tx_signalled: Signalled::default(),
                 tx_ring,
                 rx_ring,
                 rx_buf: base + RX_BUFFERS,
@@ -823,7 +827,7 @@ fn pass(
     let mut passes = 0;
     loop {
         let g = &mut guests[from];
-        let end = fabric.transmit(from, 0, g.hdr_len, mem, &mut g.tx);
+        let end = fabric.transmit(from, 0, g.hdr_len, mem, &g.tx_signalled, &mut g.tx);
         passes += 1;
         if end == TxEnd::Idle {
             break;

@@ -24,7 +24,7 @@ use std::num::Wrapping;
 use std::sync::OnceLock;
 
 use devshare_common::chain::{GuestBuffers, MAX_CHAIN_BYTES, MAX_CHAIN_SEGMENTS};
-use devshare_common::ring::Ring;
+use devshare_common::ring::{Ring, Signalled};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -303,6 +303,9 @@ struct Model {
     next_used: Wrapping<u16>,
     published: Wrapping<u16>,
     signalled: Wrapping<u16>,
+    /// Whether the ring's interrupt record is known (false at a ring start: the first
+    /// decision with something published says yes).
+    known: bool,
     batch_start: u16,
     last_head: Option<u16>,
 }
@@ -371,10 +374,12 @@ pub fn run(input: &Input) {
     queue.set_next_avail(input.next_avail);
     queue.set_next_used(input.next_used);
 
+    // The record of a ring that just started.
+    let signalled = Signalled::default();
     let ring_fits = g.contains(desc_table, 16 * n)
         && g.contains(avail, 6 + 2 * n)
         && g.contains(used, 6 + 8 * n);
-    let mut ring = match Ring::open(&queue, mem) {
+    let mut ring = match Ring::open(&queue, mem, &signalled) {
         Ok(r) => r,
         Err(e) => {
             assert!(!ring_fits, "a ring inside guest memory was refused: {e}");
@@ -392,6 +397,7 @@ pub fn run(input: &Input) {
         next_used: Wrapping(input.next_used),
         published: Wrapping(input.next_used),
         signalled: Wrapping(input.next_used),
+        known: false,
         batch_start: input.next_avail,
         last_head: None,
     };
@@ -536,6 +542,8 @@ pub fn run(input: &Input) {
                 let (old, new) = (m.signalled, m.published);
                 let expect = if old == new {
                     false
+                } else if !m.known {
+                    true
                 } else if input.event_idx {
                     let event = Wrapping(read_u16(avail + 4 + 2 * n));
                     new - event - Wrapping(1) < new - old
@@ -543,6 +551,11 @@ pub fn run(input: &Input) {
                     read_u16(avail) & 1 == 0
                 };
                 assert_eq!(ring.needs_interrupt(), expect, "needs_interrupt");
+                assert!(
+                    signalled.is_known() || old == new,
+                    "record after a decision"
+                );
+                m.known |= old != new;
                 m.signalled = new;
             }
             Op::EnableKicks => {
@@ -635,7 +648,7 @@ pub fn run(input: &Input) {
                     (queue.next_avail(), queue.next_used()),
                     (m.next_avail.0, m.next_used.0)
                 );
-                ring = match Ring::open(&queue, mem) {
+                ring = match Ring::open(&queue, mem, &signalled) {
                     Ok(r) => r,
                     Err(e) => panic!("the same ring could not be opened again: {e}"),
                 };

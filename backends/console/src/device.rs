@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use devshare_common::chain::Memory;
 use devshare_common::ratelimit::RateLimit;
 use devshare_common::ring::RingError;
-use vhost_user_backend::VringRwLock;
 use vm_memory::GuestMemoryAtomic;
 
 use crate::config::{Config, DeviceKind, Target, VmConfig};
@@ -15,7 +14,7 @@ use crate::control::ControlChannel;
 use crate::endpoint::{Endpoint, EndpointError};
 use crate::event_loop::TICK_ALWAYS;
 use crate::port::{Host, Port};
-use crate::queue::{self, pin, Batch, Budget, GuestRings, Pass};
+use crate::queue::{self, pin, Batch, Budget, GuestRings, Pass, Vring};
 use crate::reactor::{Interest, Reactor};
 use crate::spool::{Spool, SpoolError};
 use crate::stream::{StreamError, StreamGuest};
@@ -300,7 +299,7 @@ impl Device {
     }
 
     /// The vrings, known from the first event on them.
-    pub fn set_vrings(&mut self, vrings: &[VringRwLock]) {
+    pub fn set_vrings(&mut self, vrings: &[Vring]) {
         if let Some(c) = self.conn() {
             if c.rings.vrings.is_none() {
                 c.rings.vrings = Some(vrings.to_vec());

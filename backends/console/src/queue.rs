@@ -23,12 +23,15 @@ use devshare_common::ratelimit::RateLimit;
 use devshare_common::ring::{Ring, RingError};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 
+/// The vring type of the console: vhost-user-backend's, with the ring's interrupt record.
+pub type Vring = devshare_common::vring::Vring<VringRwLock<MemoryAtomic>>;
+
 /// The guest side of a live vhost-user connection: its vrings (known from the first event on
 /// them) and its memory (from the last memory table).
 #[derive(Default)]
 pub struct GuestRings {
     /// Every vring of the device, in queue order.
-    pub vrings: Option<Vec<VringRwLock>>,
+    pub vrings: Option<Vec<Vring>>,
     /// Guest memory.
     pub mem: Option<MemoryAtomic>,
     /// Queues found unusable (a bit per queue), so that is logged once, not on every kick.
@@ -37,7 +40,7 @@ pub struct GuestRings {
 
 impl GuestRings {
     /// Queue `q`'s vring and the memory to map it in, if both are known.
-    pub fn get(&self, q: usize) -> Option<(VringRwLock, MemoryAtomic)> {
+    pub fn get(&self, q: usize) -> Option<(Vring, MemoryAtomic)> {
         let vr = self.vrings.as_ref()?.get(q)?.clone();
         Some((vr, self.mem.clone()?))
     }
@@ -163,7 +166,7 @@ pub enum Pass {
 /// Kicks `vring` as the guest would: the worker serving it comes back to it after the other
 /// events that are ready. For a pass that stopped at its [`Budget`]; call it after the
 /// ring's [`Batch`] is finished (the batch holds the vring's lock).
-pub fn kick(vring: &VringRwLock) {
+pub fn kick(vring: &Vring) {
     let state = vring.get_ref();
     let Some(kick) = state.get_kick() else {
         return;
@@ -188,9 +191,12 @@ pub struct Batch<'v, 'm> {
 
 impl<'v, 'm> Batch<'v, 'm> {
     /// Opens `vring` for a batch, its rings mapped in `mem`.
-    pub fn open(vring: &'v VringRwLock, mem: &'m Memory) -> Result<Batch<'v, 'm>, RingError> {
+    pub fn open(vring: &'v Vring, mem: &'m Memory) -> Result<Batch<'v, 'm>, RingError>
+    where
+        'v: 'm,
+    {
         let state = vring.get_mut();
-        let ring = Ring::open(state.get_queue(), mem)?;
+        let ring = Ring::open(state.get_queue(), mem, vring.signalled())?;
         Ok(Batch {
             state,
             ring,

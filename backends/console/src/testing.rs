@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, MutexGuard};
 
 use devshare_common::chain::Memory;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::QueueT;
@@ -19,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{Config, ConfigFile};
 use crate::group::{self, Group, Vms};
+use crate::queue::Vring;
 use crate::virtio_console as vc;
 
 /// Entries per test queue.
@@ -34,7 +35,7 @@ pub struct Rig {
     pub group: Arc<Group>,
     /// Guest memory (leaked: the mock queues borrow it for the whole test).
     pub mem: &'static Memory,
-    vrings: Vec<VringRwLock>,
+    vrings: Vec<Vring>,
     /// The read side of each queue's kick eventfd: the device kicks its own queues when an
     /// event's work budget ran out.
     kicks: Vec<File>,
@@ -83,11 +84,11 @@ impl Rig {
         let mocks: Vec<_> = (0..nq)
             .map(|q| MockSplitQueue::create(mem, GuestAddress(queue_base(q)), QSIZE))
             .collect();
-        let vrings: Vec<VringRwLock> = mocks
+        let vrings: Vec<Vring> = mocks
             .iter()
             .enumerate()
             .map(|(q, mq)| {
-                let v = VringRwLock::new(atomic.clone(), QSIZE).unwrap();
+                let v = Vring::new(atomic.clone(), QSIZE).unwrap();
                 v.set_queue_size(QSIZE);
                 v.set_queue_info(mq.desc_table_addr().0, mq.avail_addr().0, used_addr(q).0)
                     .unwrap();

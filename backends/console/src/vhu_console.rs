@@ -7,7 +7,7 @@ use std::sync::Arc;
 use devshare_common::chain::Memory;
 use devshare_common::daemon::connection_start_event;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::GuestMemoryAtomic;
@@ -17,6 +17,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::group::VmRef;
+use crate::queue::Vring;
 use crate::virtio_console as vc;
 
 /// The `device_event` of the VM's reactor in its worker's epoll set, for a device with
@@ -80,7 +81,7 @@ impl VhuConsole {
 
 impl VhostUserBackend for VhuConsole {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         self.0.queues
@@ -156,7 +157,7 @@ impl VhostUserBackend for VhuConsole {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
         if !evset.contains(EventSet::IN) {

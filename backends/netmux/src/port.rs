@@ -26,7 +26,7 @@ use crate::virtio_net::{
 };
 
 /// The vring type every port uses.
-pub type Vring = VringMutex<MemoryAtomic>;
+pub type Vring = devshare_common::vring::Vring<VringMutex<MemoryAtomic>>;
 
 /// Most RX buffers one frame may be spread over (a 64 KiB frame in 1 KiB buffers needs 65).
 const MAX_RX_CHAINS: usize = 256;
@@ -216,7 +216,7 @@ impl Port {
             return drop_all(RxDrop::Down);
         }
         let mem = rx.mem.memory();
-        let mut ring = match Ring::open(state.get_queue(), &mem) {
+        let mut ring = match Ring::open(state.get_queue(), &mem, rx.vrings[q].signalled()) {
             Ok(r) => r,
             Err(e) => {
                 warn_limited!(

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use devshare_common::chain::{Memory, MemoryAtomic};
 use devshare_common::daemon::Transport;
+use devshare_common::ring::Signalled;
 use vhost_user_backend::VringT;
 use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -165,6 +166,8 @@ impl TxQueue for TestTx {
 pub struct Guest<'m> {
     mem: &'m Memory,
     pub tx: TestTx,
+    /// The TX ring's interrupt record.
+    pub tx_signalled: Signalled,
     tx_mock: MockSplitQueue<'m, Memory>,
     tx_next: u16,
     rx_mock: MockSplitQueue<'m, Memory>,
@@ -198,6 +201,7 @@ impl<'m> Guest<'m> {
                 queue,
                 interrupts: 0,
             },
+            tx_signalled: Signalled::default(),
             tx_mock,
             tx_next: 0,
             rx_mock,
@@ -311,7 +315,7 @@ fn rebase(descs: &[RawDescriptor], at: u16) -> Vec<RawDescriptor> {
 /// Runs TX passes for `port` until one ends idle; returns how many passes it took.
 pub fn drain(fabric: &Fabric, port: usize, mem: &Memory, g: &mut Guest<'_>) -> usize {
     let mut passes = 1;
-    while fabric.transmit(port, 0, HDR, mem, &mut g.tx) == TxEnd::Yielded {
+    while fabric.transmit(port, 0, HDR, mem, &g.tx_signalled, &mut g.tx) == TxEnd::Yielded {
         passes += 1;
         assert!(passes < 10_000, "the TX ring never drains");
     }

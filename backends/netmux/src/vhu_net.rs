@@ -135,9 +135,14 @@ impl NetBackend {
         let mem = atomic.memory();
         let hdr_len = Negotiated(self.0.features.load(Ordering::Acquire)).hdr_len();
         let mut state = vring.get_mut();
-        self.0
-            .fabric
-            .transmit(self.0.index, pair, hdr_len, &mem, &mut *state)
+        self.0.fabric.transmit(
+            self.0.index,
+            pair,
+            hdr_len,
+            &mem,
+            vring.signalled(),
+            &mut *state,
+        )
     }
 }
 

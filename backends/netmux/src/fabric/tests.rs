@@ -326,7 +326,10 @@ fn a_tx_pass_yields_after_its_budget() {
         }
         g.tx_chains(&[desc(at, 16 * u32::from(QSIZE), INDIRECT, 0)]);
     }
-    assert_eq!(f.transmit(0, 0, HDR, &mem, &mut g.tx), TxEnd::Yielded);
+    assert_eq!(
+        f.transmit(0, 0, HDR, &mem, &g.tx_signalled, &mut g.tx),
+        TxEnd::Yielded
+    );
     let first_pass = g.tx_used();
     assert!(
         first_pass > 0 && first_pass < CHAINS,

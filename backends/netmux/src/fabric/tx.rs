@@ -9,7 +9,7 @@
 //! the caller kicks the queue itself, so nothing is lost).
 
 use devshare_common::chain::{GuestBuffers, Memory};
-use devshare_common::ring::Ring;
+use devshare_common::ring::{Ring, Signalled};
 use devshare_common::warn_limited;
 use virtio_queue::Queue;
 
@@ -89,7 +89,8 @@ type LocalBatch<'a, 'm> = Vec<(usize, Frame<'a, 'm>)>;
 impl Fabric {
     /// One TX pass over guest port `from`'s TX queue of pair `pair`: takes the frames the guest
     /// queued (each starting with a virtio-net header of `hdr_len` bytes) from `queue`, whose
-    /// rings are in `mem`, switches and delivers them, and returns the chains used. Bad input
+    /// rings are in `mem` and whose interrupt record is `signalled`, switches and delivers
+    /// them, and returns the chains used. Bad input
     /// (malformed chains or frames, forged or tagged frames...) is dropped, counted on the port
     /// and logged at a bounded rate.
     pub fn transmit(
@@ -98,13 +99,14 @@ impl Fabric {
         pair: usize,
         hdr_len: usize,
         mem: &Memory,
+        signalled: &Signalled,
         queue: &mut impl TxQueue,
     ) -> TxEnd {
         let Some(port) = self.ports.get(from) else {
             return TxEnd::Idle;
         };
         let name = &port.config.name;
-        let mut ring = match Ring::open(queue.queue_mut(), mem) {
+        let mut ring = match Ring::open(queue.queue_mut(), mem, signalled) {
             Ok(r) => r,
             Err(e) => {
                 port.counters.drops.bad_chain.inc();

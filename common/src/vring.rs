@@ -1,0 +1,199 @@
+//! The vring type of every backend: one of vhost-user-backend's vrings plus the ring code's
+//! memory of one ring's life ([`Signalled`]), forgotten whenever the front-end (re)starts the
+//! ring.
+//!
+//! The ring code decides at the end of each batch whether the guest wants an interrupt
+//! (EVENT_IDX: has the used index passed the guest's used_event since the last decision?).
+//! That is only right if the last decision was ours. After a ring starts it may not have been:
+//! a backend process that was killed between publishing used entries and interrupting left a
+//! guest waiting for an interrupt with its used_event already passed, and no later entry
+//! "passes" it again. So the first decision after a start interrupts unconditionally, as
+//! Linux's vhost does (`signalled_used_valid`) and QEMU's virtio after a vhost stop.
+//!
+//! A ring starts with SET_VRING_BASE, SET_VRING_ADDR and the kick/call descriptors that make
+//! vhost-user-backend mark its queue ready (vhost-user spec, "Starting and stopping rings");
+//! each of those setters here forgets the record. A new connection builds new vrings, whose
+//! records start forgotten.
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use vhost_user_backend::{VringStateGuard, VringStateMutGuard, VringT};
+use virtio_queue::Error as VirtQueError;
+
+use crate::chain::MemoryAtomic;
+use crate::ring::Signalled;
+
+/// A vring (`V`: `VringRwLock` or `VringMutex` over [`MemoryAtomic`]) with its [`Signalled`]
+/// record. Clones share both, like the library's vrings.
+#[derive(Clone)]
+pub struct Vring<V> {
+    inner: V,
+    signalled: Arc<Signalled>,
+}
+
+impl<V> Vring<V> {
+    /// The interrupt record of this ring's current life, for [`crate::ring::Ring::open`].
+    pub fn signalled(&self) -> &Signalled {
+        &self.signalled
+    }
+}
+
+impl<'a, V: VringStateGuard<'a, MemoryAtomic>> VringStateGuard<'a, MemoryAtomic> for Vring<V> {
+    type G = V::G;
+}
+
+impl<'a, V: VringStateMutGuard<'a, MemoryAtomic>> VringStateMutGuard<'a, MemoryAtomic>
+    for Vring<V>
+{
+    type G = V::G;
+}
+
+impl<V: VringT<MemoryAtomic>> VringT<MemoryAtomic> for Vring<V> {
+    fn new(mem: MemoryAtomic, max_queue_size: u16) -> Result<Self, VirtQueError> {
+        Ok(Vring {
+            inner: V::new(mem, max_queue_size)?,
+            signalled: Arc::new(Signalled::default()),
+        })
+    }
+
+    fn get_ref(&self) -> <Self as VringStateGuard<'_, MemoryAtomic>>::G {
+        self.inner.get_ref()
+    }
+
+    fn get_mut(&self) -> <Self as VringStateMutGuard<'_, MemoryAtomic>>::G {
+        self.inner.get_mut()
+    }
+
+    fn add_used(&self, desc_index: u16, len: u32) -> Result<(), VirtQueError> {
+        self.inner.add_used(desc_index, len)
+    }
+
+    fn signal_used_queue(&self) -> io::Result<()> {
+        self.inner.signal_used_queue()
+    }
+
+    fn enable_notification(&self) -> Result<bool, VirtQueError> {
+        self.inner.enable_notification()
+    }
+
+    fn disable_notification(&self) -> Result<(), VirtQueError> {
+        self.inner.disable_notification()
+    }
+
+    fn needs_notification(&self) -> Result<bool, VirtQueError> {
+        self.inner.needs_notification()
+    }
+
+    fn set_enabled(&self, enabled: bool) {
+        self.inner.set_enabled(enabled)
+    }
+
+    fn set_queue_info(
+        &self,
+        desc_table: u64,
+        avail_ring: u64,
+        used_ring: u64,
+    ) -> Result<(), VirtQueError> {
+        self.signalled.forget();
+        self.inner.set_queue_info(desc_table, avail_ring, used_ring)
+    }
+
+    fn queue_next_avail(&self) -> u16 {
+        self.inner.queue_next_avail()
+    }
+
+    fn set_queue_next_avail(&self, base: u16) {
+        self.signalled.forget();
+        self.inner.set_queue_next_avail(base)
+    }
+
+    fn set_queue_next_used(&self, idx: u16) {
+        self.signalled.forget();
+        self.inner.set_queue_next_used(idx)
+    }
+
+    fn queue_used_idx(&self) -> Result<u16, VirtQueError> {
+        self.inner.queue_used_idx()
+    }
+
+    fn set_queue_size(&self, num: u16) {
+        self.inner.set_queue_size(num)
+    }
+
+    fn set_queue_event_idx(&self, enabled: bool) {
+        self.inner.set_queue_event_idx(enabled)
+    }
+
+    fn set_queue_ready(&self, ready: bool) {
+        self.signalled.forget();
+        self.inner.set_queue_ready(ready)
+    }
+
+    fn set_kick(&self, file: Option<File>) {
+        self.inner.set_kick(file)
+    }
+
+    fn read_kick(&self) -> io::Result<bool> {
+        self.inner.read_kick()
+    }
+
+    fn set_call(&self, file: Option<File>) {
+        // Interrupts for what was published before went to the old descriptor, if anywhere.
+        self.signalled.forget();
+        self.inner.set_call(file)
+    }
+
+    fn set_err(&self, file: Option<File>) {
+        self.inner.set_err(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::Memory;
+    use vhost_user_backend::VringRwLock;
+    use vm_memory::{GuestAddress, GuestMemoryAtomic};
+
+    type TestVring = Vring<VringRwLock<MemoryAtomic>>;
+    /// A front-end message's effect on a vring, by name.
+    type Setter<'a> = (&'a str, &'a dyn Fn(&TestVring));
+
+    fn vring() -> TestVring {
+        let mem = Memory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        Vring::new(GuestMemoryAtomic::new(mem), 16).unwrap()
+    }
+
+    /// Every setter with which the front-end (re)starts a ring forgets the record; the others
+    /// (kicks, enabling, used entries) keep it.
+    #[test]
+    fn a_ring_start_forgets_what_was_signalled() {
+        let v = vring();
+        assert!(!v.signalled().is_known(), "a new ring knows nothing");
+        let restarts: [Setter; 5] = [
+            ("SET_VRING_BASE", &|v| v.set_queue_next_avail(3)),
+            ("SET_VRING_ADDR (used index)", &|v| v.set_queue_next_used(3)),
+            ("SET_VRING_ADDR", &|v| {
+                v.set_queue_info(0x1000, 0x2000, 0x3000).unwrap()
+            }),
+            ("ring ready", &|v| v.set_queue_ready(true)),
+            ("SET_VRING_CALL", &|v| v.set_call(None)),
+        ];
+        for (what, restart) in restarts {
+            v.signalled().set_known();
+            restart(&v);
+            assert!(!v.signalled().is_known(), "{what} kept the record");
+        }
+        v.signalled().set_known();
+        v.set_enabled(true);
+        v.set_queue_event_idx(true);
+        v.set_kick(None);
+        assert!(v.signalled().is_known());
+        // Clones are the same ring.
+        let c = v.clone();
+        c.set_queue_next_avail(0);
+        assert!(!v.signalled().is_known());
+    }
+}
