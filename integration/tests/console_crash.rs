@@ -484,3 +484,45 @@ fn virtio_a_half_taken_chain_continues_where_it_stopped_after_a_front_end_restar
         assert_eq!(c.stat("v", "data", "replayed_after_restart_bytes"), 0);
     }
 }
+
+/// A back-end that dies between putting bytes in the guest's receive ring and interrupting it
+/// leaves the guest waiting for that interrupt with its used_event already passed. Whoever
+/// serves the ring next must interrupt at its first bytes for that ring whatever used_event
+/// says, as Linux's vhost does after a ring starts; before, no later chain ever interrupted the
+/// guest for that port again. Here the interrupt comes and the guest misses it, which leaves
+/// the same state, and the front-end comes back on a new connection, whose rings start anew
+/// as a new process's would.
+#[test]
+fn virtio_on_a_new_connection_the_first_bytes_interrupt_a_guest_that_missed_one() {
+    let c = Console::start("missed-interrupt", VIRTIO_ARGS, VIRTIO_READY);
+    let mut g = guest(&c);
+    let (rxq, _) = port_queues(DATA_PORT);
+    g.post_rx(DATA_PORT, 8, 64, 1).unwrap();
+    // used_event = 0: the guest wants to hear of the first chain.
+    g.queue(rxq).unwrap().enable_calls();
+    let mut client = unix_client(&c.path("data.sock"));
+    client.write_all(b"first").unwrap();
+    assert!(
+        g.queue(rxq).unwrap().wait_call(WAIT).unwrap(),
+        "no interrupt for the first bytes"
+    );
+
+    let placeholder = UnixStream::pair().unwrap().0;
+    std::mem::replace(&mut g.conn, Connection::from_stream(placeholder)).disconnect();
+    c.wait_log("front-end disconnected");
+    g.reconnect(c.path("v.sock")).unwrap();
+    // To the backend a new connection is a new device: the driver brings it up again.
+    g.bring_up_opening(2, &[0, 1]).unwrap();
+    client.write_all(b"second").unwrap();
+    let q = g.queue(rxq).unwrap();
+    assert!(
+        q.wait_call(WAIT).unwrap(),
+        "the backend filled a chain (used index {}) and never interrupted\n{}",
+        q.used_idx(),
+        c.port_stats("v", "data")
+    );
+    assert_eq!(
+        g.recv_exact(DATA_PORT, 11, WAIT).unwrap(),
+        b"firstsecond".to_vec()
+    );
+}

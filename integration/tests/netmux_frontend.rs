@@ -13,6 +13,7 @@ use devshare_integration::frontend::{
 };
 use netmux_common::*;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// Upper bound of every wait for a readiness signal (a used buffer, a counter): only a
 /// failure ever waits this long, so it is generous for a busy machine.
@@ -33,20 +34,40 @@ fn mac_bytes(i: usize) -> [u8; 6] {
 
 impl HarnessGuest {
     fn attach(nm: &Netmux, i: usize) -> HarnessGuest {
+        Self::attach_with(nm, i, 0)
+    }
+
+    /// Like [`HarnessGuest::attach`], the driver also accepting the virtio features `extra`.
+    fn attach_with(nm: &Netmux, i: usize, extra: u64) -> HarnessGuest {
         let conn = Connection::connect(Netmux::socket(nm.dir.path(), i)).unwrap();
-        HarnessGuest::setup(conn)
+        HarnessGuest::setup_with(conn, extra)
     }
 
     /// Drives an established connection like a guest driver of port `i` would.
-    fn setup(mut conn: Connection) -> HarnessGuest {
+    fn setup(conn: Connection) -> HarnessGuest {
+        Self::setup_with(conn, 0)
+    }
+
+    fn setup_with(mut conn: Connection, extra: u64) -> HarnessGuest {
         let ram = GuestRam::new(16 << 20).unwrap();
+        Self::negotiate(&mut conn, &ram, extra);
+        // REPLY_ACK: each message below is answered once the device has handled it, so when
+        // these return both rings run and frames for this guest land.
+        let rx = conn.start_queue(&ram, 0, 256).unwrap();
+        let tx = conn.start_queue(&ram, 1, 256).unwrap();
+        HarnessGuest { ram, conn, rx, tx }
+    }
+
+    /// What QEMU sends a new connection before the rings: features and the memory table.
+    fn negotiate(conn: &mut Connection, ram: &GuestRam, extra: u64) {
         // What QEMU asks for; the device offers only what it uses.
         conn.device_counts_queue_pairs();
         let agreed = conn
             .handshake(
                 1 << VIRTIO_F_VERSION_1
                     | 1 << VIRTIO_NET_F_MRG_RXBUF
-                    | VHOST_USER_F_PROTOCOL_FEATURES,
+                    | VHOST_USER_F_PROTOCOL_FEATURES
+                    | extra,
                 VhostUserProtocolFeatures::CONFIG
                     | VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::REPLY_ACK,
@@ -59,12 +80,23 @@ impl HarnessGuest {
         );
         // GET_QUEUE_NUM counts queue pairs, as QEMU's vhost-user-net reads it.
         assert_eq!(agreed.queue_num, Some(1));
-        conn.set_mem_table(&ram).unwrap();
-        // REPLY_ACK: each message below is answered once the device has handled it, so when
-        // these return both rings run and frames for this guest land.
-        let rx = conn.start_queue(&ram, 0, 256).unwrap();
-        let tx = conn.start_queue(&ram, 1, 256).unwrap();
-        HarnessGuest { ram, conn, rx, tx }
+        assert_eq!(
+            agreed.acked_features & extra,
+            extra,
+            "the device refused {extra:#x}"
+        );
+        conn.set_mem_table(ram).unwrap();
+    }
+
+    /// What QEMU does when its back-end came back after it vanished: a new connection to port
+    /// `i` (features `extra` as before), and the rings handed over where the guest left them
+    /// (from their used index: the dead back-end answered no GET_VRING_BASE).
+    fn reconnect(&mut self, nm: &Netmux, i: usize, extra: u64) {
+        let mut conn = Connection::connect(Netmux::socket(nm.dir.path(), i)).unwrap();
+        Self::negotiate(&mut conn, &self.ram, extra);
+        conn.attach_queue(&mut self.rx).unwrap();
+        conn.attach_queue(&mut self.tx).unwrap();
+        self.conn = conn;
     }
 
     /// Posts `n` receive buffers of 2 KiB.
@@ -345,6 +377,50 @@ fn client_mode_dials_a_listening_front_end_and_redials_after_it_restarts() {
         let _ = std::fs::remove_file(&path);
     }
     assert!(nm.port_counter(1, "connects") >= 2, "{}", nm.stats());
+}
+
+/// A back-end killed after it published a frame in a guest's RX ring but before it interrupted
+/// leaves the guest waiting for that interrupt with its used_event already passed. The next
+/// process interrupts at its first frame for that ring whatever used_event says (as Linux's
+/// vhost does after a ring starts); before, no later frame ever interrupted that guest and its
+/// network stayed dead after the restart (a real-QEMU restart test saw it under load).
+#[test]
+fn after_a_restart_the_first_frame_interrupts_a_guest_that_missed_one() {
+    let ns = NetNs::new();
+    let ports: Vec<PortSpec> = (0..2).map(PortSpec::new).collect();
+    let mut nm = Netmux::start("netmux-missed-irq", &ns.host_if, &ports, &[]);
+    let event_idx = 1 << VIRTIO_RING_F_EVENT_IDX;
+    let mut a = HarnessGuest::attach_with(&nm, 0, event_idx);
+    let mut b = HarnessGuest::attach(&nm, 1);
+    a.post_rx(8);
+    // used_event = 0: the guest wants to hear of the first frame.
+    a.rx.enable_calls();
+    b.send(&frame(mac_bytes(0), mac_bytes(1), 0, 70));
+    // The interrupt comes, and is lost with the back-end: the frame stays unread and the
+    // guest's used_event stays behind it, as if the process had died before interrupting.
+    assert!(
+        a.rx.wait_call(WAIT).unwrap(),
+        "no interrupt for the first frame"
+    );
+    assert_ne!(a.rx.used_idx(), 0);
+
+    nm.restart();
+    a.reconnect(&nm, 0, event_idx);
+    b = HarnessGuest::attach(&nm, 1);
+    b.send(&frame(mac_bytes(0), mac_bytes(1), 1, 70));
+    assert!(
+        a.rx.wait_call(WAIT).unwrap(),
+        "the restarted back-end published a frame (used index {}) and never interrupted\n{}",
+        a.rx.used_idx(),
+        nm.stats()
+    );
+    let seqs: Vec<u32> = a
+        .drain_rx()
+        .iter()
+        .filter(|f| f.len() == HDR + 70)
+        .map(|f| u32::from_be_bytes(f[HDR + 14..HDR + 18].try_into().unwrap()))
+        .collect();
+    assert_eq!(seqs, [0, 1]);
 }
 
 /// A port whose RX ring is empty costs drops on that port only: the sender's frames are all

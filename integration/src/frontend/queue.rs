@@ -617,30 +617,38 @@ impl DriverQueue {
         }
     }
 
-    fn wait_call(&self, timeout: Duration) -> Result<(), Error> {
-        let mut pfd = libc::pollfd {
-            fd: self.call.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(timeout.as_millis().max(1)).unwrap_or(i32::MAX);
-        // SAFETY: pfd is a valid pollfd array of length 1 that outlives the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                return Ok(());
+    /// Waits up to `timeout` for a call (an interrupt) from the device and takes it; false if
+    /// none came. Used buffers are left where they are: a driver that misses an interrupt.
+    pub fn wait_call(&self, timeout: Duration) -> Result<bool, Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            // SAFETY: pfd is a valid pollfd array of length 1 that outlives the call.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted && !left.is_zero() {
+                    continue;
+                }
+                return Err(Error::Wait {
+                    queue: self.index,
+                    source: e,
+                });
             }
-            return Err(Error::Wait {
-                queue: self.index,
-                source: e,
-            });
-        }
-        if r > 0 {
             // Non-blocking: a spurious wakeup just finds it empty.
-            let _ = self.call.read();
+            if r > 0 && self.call.read().is_ok() {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
         }
-        Ok(())
     }
 
     fn recycle(&mut self, head: u16) {

@@ -328,18 +328,24 @@ impl Netmux {
 
     /// The counters, as JSON, read through the `stats` subcommand.
     pub fn stats(&self) -> serde_json::Value {
+        self.try_stats().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The stats document, or why it could not be had (for failure reports).
+    pub fn try_stats(&self) -> Result<serde_json::Value, String> {
         let bin = devshare_integration::workspace::binary("vhost-user-netmux").unwrap();
         let out = Command::new(bin)
             .args(["stats", "--socket"])
             .arg(self.stats_path())
             .output()
-            .expect("run stats");
-        assert!(
-            out.status.success(),
-            "stats failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("stats JSON")
+            .map_err(|e| format!("run stats: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "stats failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("stats JSON: {e}"))
     }
 
     /// Counter `key` (e.g. `rx_packets` or `drops/spoofed`) of port `g<i>`.
@@ -445,11 +451,16 @@ pub fn guest_builder_with(
     b
 }
 
-/// Waits for a console line with `pattern` and returns it, failing with the netmux log.
+/// Waits for a console line with `pattern` and returns it, failing with the netmux log and
+/// counters.
 pub fn expect_line(g: &mut Guest, nm: &Netmux, pattern: &str, timeout: Duration) -> String {
     match g.wait_for_line(pattern, timeout) {
         Ok(l) => l,
-        Err(e) => panic!("{e}\n--- netmux log ---\n{}", nm.log()),
+        Err(e) => panic!(
+            "{e}\n--- netmux log ---\n{}\n--- netmux stats ---\n{}",
+            nm.log(),
+            nm.try_stats().map_or_else(|e| e, |v| v.to_string())
+        ),
     }
 }
 
