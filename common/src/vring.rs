@@ -12,8 +12,9 @@
 //!
 //! A ring starts with SET_VRING_BASE, SET_VRING_ADDR and the kick/call descriptors that make
 //! vhost-user-backend mark its queue ready (vhost-user spec, "Starting and stopping rings");
-//! each of those setters here forgets the record. A new connection builds new vrings, whose
-//! records start forgotten.
+//! each of those setters here forgets the record, once the setter is done (it waits for a batch
+//! in flight, whose decision is about the ring as it was). A new connection builds new vrings,
+//! whose records start forgotten.
 
 use std::fs::File;
 use std::io;
@@ -37,6 +38,17 @@ impl<V> Vring<V> {
     /// The interrupt record of this ring's current life, for [`crate::ring::Ring::open`].
     pub fn signalled(&self) -> &Signalled {
         &self.signalled
+    }
+
+    /// Applies `restart`, a front-end message that (re)starts the ring, then forgets the
+    /// record. In that order: the message waits for the vring's lock, which a batch in flight
+    /// holds until it has decided on its interrupt, and that decision (sent to the old call
+    /// descriptor, or made from the old indices) must not use up the forgetting meant for the
+    /// ring as the message leaves it.
+    fn restart<R>(&self, restart: impl FnOnce(&V) -> R) -> R {
+        let r = restart(&self.inner);
+        self.signalled.forget();
+        r
     }
 }
 
@@ -96,8 +108,7 @@ impl<V: VringT<MemoryAtomic>> VringT<MemoryAtomic> for Vring<V> {
         avail_ring: u64,
         used_ring: u64,
     ) -> Result<(), VirtQueError> {
-        self.signalled.forget();
-        self.inner.set_queue_info(desc_table, avail_ring, used_ring)
+        self.restart(|v| v.set_queue_info(desc_table, avail_ring, used_ring))
     }
 
     fn queue_next_avail(&self) -> u16 {
@@ -105,13 +116,11 @@ impl<V: VringT<MemoryAtomic>> VringT<MemoryAtomic> for Vring<V> {
     }
 
     fn set_queue_next_avail(&self, base: u16) {
-        self.signalled.forget();
-        self.inner.set_queue_next_avail(base)
+        self.restart(|v| v.set_queue_next_avail(base))
     }
 
     fn set_queue_next_used(&self, idx: u16) {
-        self.signalled.forget();
-        self.inner.set_queue_next_used(idx)
+        self.restart(|v| v.set_queue_next_used(idx))
     }
 
     fn queue_used_idx(&self) -> Result<u16, VirtQueError> {
@@ -127,8 +136,7 @@ impl<V: VringT<MemoryAtomic>> VringT<MemoryAtomic> for Vring<V> {
     }
 
     fn set_queue_ready(&self, ready: bool) {
-        self.signalled.forget();
-        self.inner.set_queue_ready(ready)
+        self.restart(|v| v.set_queue_ready(ready))
     }
 
     fn set_kick(&self, file: Option<File>) {
@@ -141,8 +149,7 @@ impl<V: VringT<MemoryAtomic>> VringT<MemoryAtomic> for Vring<V> {
 
     fn set_call(&self, file: Option<File>) {
         // Interrupts for what was published before went to the old descriptor, if anywhere.
-        self.signalled.forget();
-        self.inner.set_call(file)
+        self.restart(|v| v.set_call(file))
     }
 
     fn set_err(&self, file: Option<File>) {
@@ -195,5 +202,25 @@ mod tests {
         let c = v.clone();
         c.set_queue_next_avail(0);
         assert!(!v.signalled().is_known());
+    }
+
+    /// A front-end message waits for the vring's lock while a batch holds it, and that batch
+    /// decides on its interrupt from the ring as it was (its interrupt goes to the old call
+    /// descriptor). Its decision must not use up the forgetting the message brings, or the
+    /// ring as the message leaves it is never interrupted unconditionally: the message's effect
+    /// comes first, then the forgetting.
+    #[test]
+    fn a_decision_made_while_a_restart_waits_for_the_lock_does_not_use_it_up() {
+        let v = vring();
+        v.signalled().set_known();
+        v.restart(|inner| {
+            // The batch in flight decides (the record's take) before the setter gets the lock.
+            v.signalled().set_known();
+            inner.set_call(None);
+        });
+        assert!(
+            !v.signalled().is_known(),
+            "a batch that decided for the old call descriptor used up the restart"
+        );
     }
 }
