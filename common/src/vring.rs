@@ -14,7 +14,9 @@
 //! vhost-user-backend mark its queue ready (vhost-user spec, "Starting and stopping rings");
 //! each of those setters here forgets the record, once the setter is done (it waits for a batch
 //! in flight, whose decision is about the ring as it was). A new connection builds new vrings,
-//! whose records start forgotten.
+//! whose records start forgotten. A ring that is running after such a message is also
+//! interrupted at once, for the guest that waits on entries already published when nothing
+//! new will come to be decided on.
 
 use std::fs::File;
 use std::io;
@@ -22,6 +24,7 @@ use std::sync::Arc;
 
 use vhost_user_backend::{VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::Error as VirtQueError;
+use virtio_queue::QueueT;
 
 use crate::chain::MemoryAtomic;
 use crate::ring::Signalled;
@@ -39,15 +42,29 @@ impl<V> Vring<V> {
     pub fn signalled(&self) -> &Signalled {
         &self.signalled
     }
+}
 
+impl<V: VringT<MemoryAtomic>> Vring<V> {
     /// Applies `restart`, a front-end message that (re)starts the ring, then forgets the
     /// record. In that order: the message waits for the vring's lock, which a batch in flight
     /// holds until it has decided on its interrupt, and that decision (sent to the old call
     /// descriptor, or made from the old indices) must not use up the forgetting meant for the
     /// ring as the message leaves it.
+    ///
+    /// Then, if the ring now runs and has a call descriptor, interrupts the guest once: the
+    /// last owner may have published entries it never told the guest of, and nothing new may
+    /// ever come to pass used_event (a TX ring it drained: the guest sleeps until its chains
+    /// come back). A driver must handle spurious interrupts (virtio 1.2, 2.7.7, split rings),
+    /// and a front-end gets at most one per message it sends.
     fn restart<R>(&self, restart: impl FnOnce(&V) -> R) -> R {
         let r = restart(&self.inner);
         self.signalled.forget();
+        let state = self.inner.get_ref();
+        if state.get_queue().ready() {
+            if let Err(e) = state.signal_used_queue() {
+                log::debug!("cannot interrupt a ring that starts: {e}");
+            }
+        }
         r
     }
 }
@@ -202,6 +219,34 @@ mod tests {
         let c = v.clone();
         c.set_queue_next_avail(0);
         assert!(!v.signalled().is_known());
+    }
+
+    /// A ring that starts (made ready, or given a call descriptor while it runs) interrupts
+    /// the guest once; a ring that does not run is left alone.
+    #[test]
+    fn a_ring_that_starts_interrupts_once() {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+        let v = vring();
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        let fd = call.try_clone().unwrap().into_raw_fd();
+        // SAFETY: `fd` is a descriptor of our own eventfd that nothing else owns now
+        // (into_raw_fd gave it up); the File takes it over and closes it once.
+        let file = unsafe { File::from_raw_fd(fd) };
+        v.set_call(Some(file));
+        assert!(
+            call.read().is_err(),
+            "a ring that does not run was interrupted"
+        );
+        v.set_queue_ready(true);
+        assert_eq!(
+            call.read().unwrap(),
+            1,
+            "one interrupt when the ring started"
+        );
+        v.set_queue_ready(false);
+        assert!(call.read().is_err(), "a ring that stops was interrupted");
     }
 
     /// A front-end message waits for the vring's lock while a batch holds it, and that batch
