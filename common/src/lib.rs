@@ -1,9 +1,10 @@
 //! Shared pieces of the devshare vhost-user backends: daemon lifecycle ([`daemon`]), the
 //! front-end message relay ([`relay`]) and its memory-table check ([`mem_table`]),
-//! split-ring access ([`ring`], on the vrings of [`vring`]) and descriptor-chain access ([`chain`]), configuration
-//! ([`config`]), counters ([`stats`]), rate-limited logging of guest-caused events
-//! ([`ratelimit`]), listening sockets ([`listen`]), signals ([`signals`]), private files
-//! ([`files`]) and the QEMU options that differ between QEMU versions ([`qemu`]).
+//! split-ring access ([`ring`], on the vrings of [`vring`]) and descriptor-chain access
+//! ([`chain`]), configuration ([`config`]), counters ([`stats`]), rate-limited logging of
+//! guest-caused events ([`ratelimit`]), listening sockets ([`listen`]), signals
+//! ([`signals`]), private files ([`files`]) and the QEMU options that differ between QEMU
+//! versions ([`qemu`]).
 
 pub mod chain;
 pub mod config;

@@ -138,7 +138,8 @@ impl Signalled {
         self.known.store(false, Ordering::Release);
     }
 
-    /// Trusts the ring's current used index (tests, and rings this process interrupted for).
+    /// Trusts the ring's current used index: the state of a ring in the middle of its life
+    /// (for tests and fuzzing; the ring code itself sets it by deciding).
     pub fn set_known(&self) {
         self.known.store(true, Ordering::Release);
     }
@@ -572,15 +573,15 @@ fn area(mem: &Memory, addr: u64, len: usize, align: usize) -> Option<Area> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The record of a ring whose last decision was ours (the state in the middle of a ring's
-    /// life, where most tests are).
-    static KNOWN: Signalled = Signalled {
-        known: AtomicBool::new(true),
-    };
     use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestMemoryMmap;
+
+    /// The record of a ring whose last decision was ours (the state in the middle of a ring's
+    /// life, where most tests are). Shared by tests running in parallel: never forgotten.
+    static KNOWN: Signalled = Signalled {
+        known: AtomicBool::new(true),
+    };
 
     fn memory() -> Memory {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()

@@ -12,8 +12,11 @@
 //!
 //! A ring starts with SET_VRING_BASE, SET_VRING_ADDR and the kick/call descriptors that make
 //! vhost-user-backend mark its queue ready (vhost-user spec, "Starting and stopping rings");
-//! each of those setters here forgets the record. A new connection builds new vrings, whose
-//! records start forgotten.
+//! each of those setters here forgets the record, once the setter is done (it waits for a batch
+//! in flight, whose decision is about the ring as it was). A new connection builds new vrings,
+//! whose records start forgotten. A ring that is running after such a message is also
+//! interrupted at once, for the guest that waits on entries already published when nothing
+//! new will come to be decided on.
 
 use std::fs::File;
 use std::io;
@@ -21,6 +24,7 @@ use std::sync::Arc;
 
 use vhost_user_backend::{VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::Error as VirtQueError;
+use virtio_queue::QueueT;
 
 use crate::chain::MemoryAtomic;
 use crate::ring::Signalled;
@@ -37,6 +41,31 @@ impl<V> Vring<V> {
     /// The interrupt record of this ring's current life, for [`crate::ring::Ring::open`].
     pub fn signalled(&self) -> &Signalled {
         &self.signalled
+    }
+}
+
+impl<V: VringT<MemoryAtomic>> Vring<V> {
+    /// Applies `restart`, a front-end message that (re)starts the ring, then forgets the
+    /// record. In that order: the message waits for the vring's lock, which a batch in flight
+    /// holds until it has decided on its interrupt, and that decision (sent to the old call
+    /// descriptor, or made from the old indices) must not use up the forgetting meant for the
+    /// ring as the message leaves it.
+    ///
+    /// Then, if the ring now runs and has a call descriptor, interrupts the guest once: the
+    /// last owner may have published entries it never told the guest of, and nothing new may
+    /// ever come to pass used_event (a TX ring it drained: the guest sleeps until its chains
+    /// come back). A driver must handle spurious interrupts (virtio 1.2, 2.7.7, split rings),
+    /// and a front-end gets at most one per message it sends.
+    fn restart<R>(&self, restart: impl FnOnce(&V) -> R) -> R {
+        let r = restart(&self.inner);
+        self.signalled.forget();
+        let state = self.inner.get_ref();
+        if state.get_queue().ready() {
+            if let Err(e) = state.signal_used_queue() {
+                log::debug!("cannot interrupt a ring that starts: {e}");
+            }
+        }
+        r
     }
 }
 
@@ -96,8 +125,7 @@ impl<V: VringT<MemoryAtomic>> VringT<MemoryAtomic> for Vring<V> {
         avail_ring: u64,
         used_ring: u64,
     ) -> Result<(), VirtQueError> {
-        self.signalled.forget();
-        self.inner.set_queue_info(desc_table, avail_ring, used_ring)
+        self.restart(|v| v.set_queue_info(desc_table, avail_ring, used_ring))
     }
 
     fn queue_next_avail(&self) -> u16 {
@@ -105,13 +133,11 @@ impl<V: VringT<MemoryAtomic>> VringT<MemoryAtomic> for Vring<V> {
     }
 
     fn set_queue_next_avail(&self, base: u16) {
-        self.signalled.forget();
-        self.inner.set_queue_next_avail(base)
+        self.restart(|v| v.set_queue_next_avail(base))
     }
 
     fn set_queue_next_used(&self, idx: u16) {
-        self.signalled.forget();
-        self.inner.set_queue_next_used(idx)
+        self.restart(|v| v.set_queue_next_used(idx))
     }
 
     fn queue_used_idx(&self) -> Result<u16, VirtQueError> {
@@ -127,8 +153,7 @@ impl<V: VringT<MemoryAtomic>> VringT<MemoryAtomic> for Vring<V> {
     }
 
     fn set_queue_ready(&self, ready: bool) {
-        self.signalled.forget();
-        self.inner.set_queue_ready(ready)
+        self.restart(|v| v.set_queue_ready(ready))
     }
 
     fn set_kick(&self, file: Option<File>) {
@@ -141,8 +166,7 @@ impl<V: VringT<MemoryAtomic>> VringT<MemoryAtomic> for Vring<V> {
 
     fn set_call(&self, file: Option<File>) {
         // Interrupts for what was published before went to the old descriptor, if anywhere.
-        self.signalled.forget();
-        self.inner.set_call(file)
+        self.restart(|v| v.set_call(file))
     }
 
     fn set_err(&self, file: Option<File>) {
@@ -195,5 +219,53 @@ mod tests {
         let c = v.clone();
         c.set_queue_next_avail(0);
         assert!(!v.signalled().is_known());
+    }
+
+    /// A ring that starts (made ready, or given a call descriptor while it runs) interrupts
+    /// the guest once; a ring that does not run is left alone.
+    #[test]
+    fn a_ring_that_starts_interrupts_once() {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+        let v = vring();
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        let fd = call.try_clone().unwrap().into_raw_fd();
+        // SAFETY: `fd` is a descriptor of our own eventfd that nothing else owns now
+        // (into_raw_fd gave it up); the File takes it over and closes it once.
+        let file = unsafe { File::from_raw_fd(fd) };
+        v.set_call(Some(file));
+        assert!(
+            call.read().is_err(),
+            "a ring that does not run was interrupted"
+        );
+        v.set_queue_ready(true);
+        assert_eq!(
+            call.read().unwrap(),
+            1,
+            "one interrupt when the ring started"
+        );
+        v.set_queue_ready(false);
+        assert!(call.read().is_err(), "a ring that stops was interrupted");
+    }
+
+    /// A front-end message waits for the vring's lock while a batch holds it, and that batch
+    /// decides on its interrupt from the ring as it was (its interrupt goes to the old call
+    /// descriptor). Its decision must not use up the forgetting the message brings, or the
+    /// ring as the message leaves it is never interrupted unconditionally: the message's effect
+    /// comes first, then the forgetting.
+    #[test]
+    fn a_decision_made_while_a_restart_waits_for_the_lock_does_not_use_it_up() {
+        let v = vring();
+        v.signalled().set_known();
+        v.restart(|inner| {
+            // The batch in flight decides (the record's take) before the setter gets the lock.
+            v.signalled().set_known();
+            inner.set_call(None);
+        });
+        assert!(
+            !v.signalled().is_known(),
+            "a batch that decided for the old call descriptor used up the restart"
+        );
     }
 }
