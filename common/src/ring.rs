@@ -866,18 +866,25 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn event_idx_interrupts_only_when_used_event_is_passed() {
-        let mem = memory();
-        let mq = MockSplitQueue::new(&mem, 16);
+    /// A 16-entry ring with EVENT_IDX holding four device-writable chains of 64 bytes, the
+    /// guest's used_event at `used_event`.
+    fn four_receive_chains(mem: &Memory, used_event: u16) -> (MockSplitQueue<'_, Memory>, Queue) {
+        let mq = MockSplitQueue::new(mem, 16);
         let descs: Vec<_> = (0..4)
             .map(|i| desc(0x8000 + 0x100 * i, 64, DESC_F_WRITE, 0))
             .collect();
         mq.add_desc_chains(&descs, 0).unwrap();
         let mut q: Queue = queue(&mq);
         q.set_event_idx(true);
+        put_u16(mem, mq.avail_addr().unchecked_add(4 + 2 * 16), used_event);
+        (mq, q)
+    }
+
+    #[test]
+    fn event_idx_interrupts_only_when_used_event_is_passed() {
+        let mem = memory();
         // used_event = 2: the guest wants an interrupt once the used index passes 2.
-        put_u16(&mem, mq.avail_addr().unchecked_add(4 + 2 * 16), 2);
+        let (_mq, mut q) = four_receive_chains(&mem, 2);
         let mut ring = Ring::open(&q, &mem, &KNOWN).unwrap();
         for _ in 0..2 {
             let h = ring.pop().unwrap().unwrap();
@@ -928,16 +935,9 @@ mod tests {
     #[test]
     fn the_first_decision_after_a_ring_start_interrupts_past_used_event() {
         let mem = memory();
-        let mq = MockSplitQueue::new(&mem, 16);
-        let descs: Vec<_> = (0..4)
-            .map(|i| desc(0x8000 + 0x100 * i, 64, DESC_F_WRITE, 0))
-            .collect();
-        mq.add_desc_chains(&descs, 0).unwrap();
-        let mut q: Queue = queue(&mq);
-        q.set_event_idx(true);
         // used_event = 0: the guest asked to hear of the first entry. The dead process used
         // chain 0 (used index 1) and never interrupted.
-        put_u16(&mem, mq.avail_addr().unchecked_add(4 + 2 * 16), 0);
+        let (_mq, mut q) = four_receive_chains(&mem, 0);
         put_u16(&mem, USED.unchecked_add(2), 1);
         q.set_next_avail(1);
         q.set_next_used(1);
@@ -966,12 +966,7 @@ mod tests {
     #[test]
     fn an_empty_batch_keeps_the_record_forgotten() {
         let mem = memory();
-        let mq = MockSplitQueue::new(&mem, 16);
-        mq.add_desc_chains(&[desc(0x8000, 64, DESC_F_WRITE, 0)], 0)
-            .unwrap();
-        let mut q: Queue = queue(&mq);
-        q.set_event_idx(true);
-        put_u16(&mem, mq.avail_addr().unchecked_add(4 + 2 * 16), 7);
+        let (_mq, mut q) = four_receive_chains(&mem, 7);
         let signalled = Signalled::default();
         let mut ring = Ring::open(&q, &mem, &signalled).unwrap();
         assert!(!ring.needs_interrupt());
