@@ -1077,6 +1077,45 @@ fn the_host_port_refuses_the_uplinks_mac_and_a_guests() {
     }
 }
 
+/// A guest port given the uplink interface's own MAC would take the frames meant for this
+/// host: netmux refuses to start, names the port, and creates no socket.
+#[test]
+fn a_guest_port_with_the_uplinks_mac_is_refused() {
+    let ns = NetNs::new();
+    let uplink_mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", ns.host_if))
+        .unwrap()
+        .trim()
+        .to_string();
+    let dir = devshare_integration::qemu::ScratchDir::new("netmux-guestmac").unwrap();
+    let socket = dir.path().join("g1.sock");
+    let args = [
+        "--uplink".to_string(),
+        format!("af-packet:{}", ns.host_if),
+        "--port".into(),
+        format!(
+            "name=g0,socket={},mac=52:54:00:77:00:05",
+            dir.path().join("g0.sock").display()
+        ),
+        "--port".into(),
+        format!("name=g1,socket={},mac={uplink_mac}", socket.display()),
+    ];
+    let log = dir.path().join("netmux.log");
+    let mut p =
+        devshare_integration::process::BackendProcess::spawn("vhost-user-netmux", args, &log)
+            .unwrap();
+    let status = p.wait_exit(WAIT).unwrap();
+    assert!(!status.success(), "started with guest MAC {uplink_mac}");
+    let log = p.log();
+    assert!(
+        log.contains(&format!(
+            "port g1: MAC {uplink_mac} is the uplink {}'s own",
+            ns.host_if
+        )),
+        "{log}"
+    );
+    assert!(!socket.exists(), "a socket was made before the check");
+}
+
 /// The host port's MAC is its TAP interface's own, not the source of whatever the host side
 /// sends: frames the TAP passes on from other stations (as a TAP enslaved to a bridge does)
 /// are dropped and counted (`host/rx_spoofed`) and leave the MAC alone, and a new address

@@ -58,6 +58,20 @@ pub enum NetmuxError {
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    /// A guest port was given the uplink interface's own MAC: the frames for this host would
+    /// reach that guest too.
+    #[error(
+        "port {port}: MAC {mac} is the uplink {uplink}'s own (frames for this host would reach \
+         the guest); give the guest another one"
+    )]
+    PortHasUplinkMac {
+        /// Port name.
+        port: String,
+        /// The MAC both have.
+        mac: MacAddr,
+        /// The uplink interface.
+        uplink: String,
+    },
     /// A port's socket could not be served.
     #[error("port {port}: {source}")]
     Port {
@@ -158,10 +172,17 @@ pub fn run(config: Config) -> Result<(), NetmuxError> {
         config.mode,
         if config.anti_spoof { "on" } else { "off" }
     );
+    // An uplink that cannot tell its MAC (none is known to fail) is not refused for it.
+    let uplink_mac = uplink.hw_addr().ok();
+    if let Some(p) = uplink_mac.and_then(|mac| config.port_with(mac)) {
+        return Err(NetmuxError::PortHasUplinkMac {
+            port: p.name.clone(),
+            mac: p.mac,
+            uplink: config.uplink.ifname().to_string(),
+        });
+    }
     let host = match &config.host_port {
         Some(spec) => {
-            // An uplink that cannot tell its MAC (none is known to fail) is not refused for it.
-            let uplink_mac = uplink.hw_addr().ok();
             let (tap, mac) = open_host_port(&config, spec, uplink_mac)?;
             log::info!("host port {} (host MAC {mac})", tap.describe());
             Some((Box::new(tap) as Box<dyn Uplink>, mac))
