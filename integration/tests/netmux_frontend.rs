@@ -1039,10 +1039,7 @@ fn frames_the_kernel_drops_before_netmux_reads_them_are_counted() {
 #[test]
 fn the_host_port_refuses_the_uplinks_mac_and_a_guests() {
     let ns = NetNs::new();
-    let uplink_mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", ns.host_if))
-        .unwrap()
-        .trim()
-        .to_string();
+    let uplink_mac = interface_mac(&ns.host_if);
     let dir = devshare_integration::qemu::ScratchDir::new("netmux-hostmac").unwrap();
     let tap = ns.unique_name("nmhm");
     for (mac, why) in [
@@ -1062,13 +1059,7 @@ fn the_host_port_refuses_the_uplinks_mac_and_a_guests() {
             "--host-mac".into(),
             mac.to_string(),
         ];
-        let log = dir.path().join("netmux.log");
-        let mut p =
-            devshare_integration::process::BackendProcess::spawn("vhost-user-netmux", args, &log)
-                .unwrap();
-        let status = p.wait_exit(WAIT).unwrap();
-        assert!(!status.success(), "started with host MAC {mac}");
-        let log = p.log();
+        let log = refused_start(&dir, &args);
         assert!(log.contains(why), "host MAC {mac}: {log}");
         assert!(
             !std::path::Path::new(&format!("/sys/class/net/{tap}")).exists(),
@@ -1077,15 +1068,31 @@ fn the_host_port_refuses_the_uplinks_mac_and_a_guests() {
     }
 }
 
+/// The MAC of interface `ifname`, as sysfs writes it.
+fn interface_mac(ifname: &str) -> String {
+    std::fs::read_to_string(format!("/sys/class/net/{ifname}/address"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Starts netmux with `args` in `dir`, expects it to exit with an error, and returns its log.
+fn refused_start(dir: &devshare_integration::qemu::ScratchDir, args: &[String]) -> String {
+    let log = dir.path().join("netmux.log");
+    let mut p =
+        devshare_integration::process::BackendProcess::spawn("vhost-user-netmux", args, &log)
+            .unwrap();
+    let status = p.wait_exit(WAIT).unwrap();
+    assert!(!status.success(), "started with {args:?}");
+    p.log()
+}
+
 /// A guest port given the uplink interface's own MAC would take the frames meant for this
 /// host: netmux refuses to start, names the port, and creates no socket.
 #[test]
 fn a_guest_port_with_the_uplinks_mac_is_refused() {
     let ns = NetNs::new();
-    let uplink_mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", ns.host_if))
-        .unwrap()
-        .trim()
-        .to_string();
+    let uplink_mac = interface_mac(&ns.host_if);
     let dir = devshare_integration::qemu::ScratchDir::new("netmux-guestmac").unwrap();
     let socket = dir.path().join("g1.sock");
     let args = [
@@ -1099,13 +1106,7 @@ fn a_guest_port_with_the_uplinks_mac_is_refused() {
         "--port".into(),
         format!("name=g1,socket={},mac={uplink_mac}", socket.display()),
     ];
-    let log = dir.path().join("netmux.log");
-    let mut p =
-        devshare_integration::process::BackendProcess::spawn("vhost-user-netmux", args, &log)
-            .unwrap();
-    let status = p.wait_exit(WAIT).unwrap();
-    assert!(!status.success(), "started with guest MAC {uplink_mac}");
-    let log = p.log();
+    let log = refused_start(&dir, &args);
     assert!(
         log.contains(&format!(
             "port g1: MAC {uplink_mac} is the uplink {}'s own",
