@@ -149,9 +149,10 @@ impl Signalled {
         self.known.load(Ordering::Acquire)
     }
 
-    /// Marks it known; returns whether it was.
+    /// Marks it known; returns whether it was. Runs at every interrupt decision: a plain load
+    /// while the record is known (nearly always), the read-modify-write only after a restart.
     fn take(&self) -> bool {
-        self.known.swap(true, Ordering::AcqRel)
+        self.known.load(Ordering::Acquire) || self.known.swap(true, Ordering::AcqRel)
     }
 }
 
