@@ -130,15 +130,23 @@ fn oversized_memory_region_is_refused_and_every_vm_keeps_being_served() {
         "the refusal does not name the region: {log}"
     );
     drop(bad);
+    others_served_and_a_back(&mut backend, &dir, (&mut b, &mut b_client), b"a is back\n");
+}
 
-    // Nothing else noticed.
+/// After VM a's refused front-end left: the process runs, VM b (`b`) still moves data, and a
+/// front-end with a good table for VM a is served (it moves `a_msg`).
+fn others_served_and_a_back(
+    backend: &mut BackendProcess,
+    dir: &ScratchDir,
+    b: (&mut ConsoleGuest, &mut UnixStream),
+    a_msg: &[u8],
+) {
+    let p = |n: &str| -> PathBuf { dir.path().join(n) };
     assert!(backend.is_running());
-    moves_data(&mut b, &mut b_client, b"b after\n");
-
-    // The same VM comes back with a good table and is served.
+    moves_data(b.0, b.1, b"b after\n");
     let mut a = ConsoleGuest::connect(p("a.sock"), opts()).unwrap();
     let mut a_client = client(&p("a-con.sock"));
-    moves_data(&mut a, &mut a_client, b"a is back\n");
+    moves_data(&mut a, &mut a_client, a_msg);
     assert!(backend.is_running());
 }
 
@@ -187,14 +195,8 @@ fn memory_that_can_still_shrink_is_refused_and_every_vm_keeps_being_served() {
         "the refusal does not say which region and what to do: {log}"
     );
     drop(bad);
-    assert!(backend.is_running());
-    moves_data(&mut b, &mut b_client, b"b after\n");
-
     // QEMU's default, a sealed memfd (the harness seals like QEMU's seal=on), is served.
-    let mut a = ConsoleGuest::connect(p("a.sock"), opts()).unwrap();
-    let mut a_client = client(&p("a-con.sock"));
-    moves_data(&mut a, &mut a_client, b"a sealed\n");
-    assert!(backend.is_running());
+    others_served_and_a_back(&mut backend, &dir, (&mut b, &mut b_client), b"a sealed\n");
 }
 
 /// With `--allow-unsealed-memory` the operator accepts such memory (and the risk that a

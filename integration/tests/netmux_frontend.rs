@@ -1135,10 +1135,7 @@ fn the_host_port_takes_its_mac_from_the_interface_not_from_frames() {
     let mut g = HarnessGuest::attach(&nm, 0);
     g.post_rx(64);
     let host_mac = || nm.stats()["host"]["mac"].as_str().unwrap().to_string();
-    let tap_mac = std::fs::read_to_string(format!("/sys/class/net/{tap}/address"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let tap_mac = interface_mac(&tap);
     assert_eq!(host_mac(), tap_mac);
     let tap_bytes: Vec<u8> = tap_mac
         .split(':')
